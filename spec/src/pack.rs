@@ -1,0 +1,377 @@
+//! Object packs: the archives that carry a module's content objects. A pack is a POSIX ustar
+//! stream whose only entries are regular files named by their fs-verity digest, in strictly
+//! ascending name order, ended by two zero blocks and nothing after them. Standard `tar` can
+//! list and extract one; ironroot's reader accepts nothing else.
+//!
+//! The reader streams (memory is one header block plus the caller's buffer), checks every
+//! header field that matters, and hashes each object as it is read: an entry whose bytes do not
+//! match its name fails before the caller can commit it.
+
+use std::io::{self, Read, Write};
+
+use crate::digest::VerityDigest;
+use crate::verity::VerityHasher;
+
+const BLOCK: usize = 512;
+/// Largest size the 11-digit octal field holds; larger objects use the base-256 form.
+const OCTAL_MAX: u64 = 0o77_777_777_777;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    #[error("reading pack")]
+    Io(#[source] io::Error),
+    #[error("pack entry {index}: {reason}")]
+    Header { index: u64, reason: String },
+    #[error("pack entry {name:?} is a {kind}, only regular files are allowed")]
+    NotRegular { name: String, kind: &'static str },
+    #[error("pack entry {name:?} is not named by an fs-verity digest")]
+    BadName { name: String },
+    #[error("pack entry {name} appears twice")]
+    Duplicate { name: VerityDigest },
+    #[error("pack entry {name} is out of order (after {previous})")]
+    OutOfOrder { name: VerityDigest, previous: VerityDigest },
+    #[error("pack entry {name} is truncated: header says {declared} bytes, stream ended after {got}")]
+    Truncated { name: VerityDigest, declared: u64, got: u64 },
+    #[error("pack entry {name}: content has fs-verity digest {found}")]
+    DigestMismatch { name: VerityDigest, found: VerityDigest },
+    #[error("pack entry {name}: non-zero padding after its data")]
+    Padding { name: VerityDigest },
+    #[error("pack has {0} bytes of trailing garbage after its end marker (or more)")]
+    TrailingGarbage(usize),
+    #[error("pack ended without its end marker")]
+    NoEndMarker,
+    #[error("pack holds {found} {what}, its descriptor declares {declared}")]
+    Totals { what: &'static str, declared: u64, found: u64 },
+}
+
+impl From<io::Error> for PackError {
+    fn from(e: io::Error) -> Self {
+        // Digest mismatches raised inside `Read` travel as io::Error; unwrap them again.
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<PackError>()) {
+            Some(_) => match e.into_inner().map(|b| b.downcast::<PackError>()) {
+                Some(Ok(p)) => *p,
+                Some(Err(other)) => PackError::Io(io::Error::other(other)),
+                None => PackError::Io(io::Error::other("pack error")),
+            },
+            None => PackError::Io(e),
+        }
+    }
+}
+
+/// Writes a pack. Objects must be added in strictly ascending digest order.
+#[derive(Debug)]
+pub struct PackWriter<W: Write> {
+    out: W,
+    last: Option<VerityDigest>,
+    objects: u64,
+    bytes: u64,
+}
+
+impl<W: Write> PackWriter<W> {
+    pub fn new(out: W) -> Self {
+        Self { out, last: None, objects: 0, bytes: 0 }
+    }
+
+    /// Appends one object of exactly `size` bytes read from `data`.
+    pub fn add(&mut self, digest: VerityDigest, size: u64, data: &mut impl Read) -> io::Result<()> {
+        if let Some(prev) = self.last
+            && digest <= prev
+        {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("object {digest} added after {prev}")));
+        }
+        self.out.write_all(&header(&digest, size))?;
+        let copied = io::copy(&mut data.take(size), &mut self.out)?;
+        if copied != size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("object {digest}: source gave {copied} of {size} bytes"),
+            ));
+        }
+        let pad = (BLOCK - (size as usize % BLOCK)) % BLOCK;
+        self.out.write_all(&[0u8; BLOCK][..pad])?;
+        self.last = Some(digest);
+        self.objects += 1;
+        self.bytes += size;
+        Ok(())
+    }
+
+    /// Writes the end marker; returns the writer, the object count and the object bytes.
+    pub fn finish(mut self) -> io::Result<(W, u64, u64)> {
+        self.out.write_all(&[0u8; 2 * BLOCK])?;
+        self.out.flush()?;
+        Ok((self.out, self.objects, self.bytes))
+    }
+}
+
+fn header(digest: &VerityDigest, size: u64) -> [u8; BLOCK] {
+    let mut h = [0u8; BLOCK];
+    h[..64].copy_from_slice(digest.hex().as_bytes());
+    h[100..108].copy_from_slice(b"0000444\0");
+    h[108..116].copy_from_slice(b"0000000\0");
+    h[116..124].copy_from_slice(b"0000000\0");
+    if size <= OCTAL_MAX {
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    } else {
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    h
+}
+
+fn field_str(f: &[u8]) -> &[u8] {
+    f.split(|&b| b == 0).next().unwrap_or(&[])
+}
+
+fn parse_size(f: &[u8]) -> Option<u64> {
+    if f[0] & 0x80 != 0 {
+        if f[0] != 0x80 || f[1..4].iter().any(|&b| b != 0) {
+            return None;
+        }
+        return Some(u64::from_be_bytes(f[4..12].try_into().ok()?));
+    }
+    let digits: &[u8] = f.split(|&b| b == 0 || b == b' ').next()?;
+    if digits.is_empty() || !digits.iter().all(|b| (b'0'..=b'7').contains(b)) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 8).ok()
+}
+
+fn kind_name(flag: u8) -> &'static str {
+    match flag {
+        b'1' => "hard link",
+        b'2' => "symbolic link",
+        b'3' => "character device",
+        b'4' => "block device",
+        b'5' => "directory",
+        b'6' => "fifo",
+        b'7' => "contiguous file",
+        b'x' | b'g' => "pax extended header",
+        b'L' | b'K' => "GNU long name",
+        _ => "entry of unknown type",
+    }
+}
+
+fn printable(name: &[u8]) -> String {
+    String::from_utf8_lossy(name).chars().take(120).collect()
+}
+
+/// Reads a pack, yielding verified objects.
+#[derive(Debug)]
+pub struct PackReader<R: Read> {
+    input: R,
+    index: u64,
+    last: Option<VerityDigest>,
+    current: Option<Current>,
+    ended: bool,
+    objects: u64,
+    bytes: u64,
+}
+
+#[derive(Debug)]
+struct Current {
+    name: VerityDigest,
+    size: u64,
+    remaining: u64,
+    hasher: VerityHasher,
+    checked: bool,
+}
+
+/// One object being read. Its bytes come from `Read`; reading to the end checks the digest.
+#[derive(Debug)]
+pub struct Object<'a, R: Read> {
+    reader: &'a mut PackReader<R>,
+}
+
+impl<R: Read> PackReader<R> {
+    pub fn new(input: R) -> Self {
+        Self { input, index: 0, last: None, current: None, ended: false, objects: 0, bytes: 0 }
+    }
+
+    /// Objects and object bytes read so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.objects, self.bytes)
+    }
+
+    /// The next object, or `None` after the end marker (and a check that nothing follows it).
+    pub fn next_object(&mut self) -> Result<Option<Object<'_, R>>, PackError> {
+        self.finish_current()?;
+        if self.ended {
+            return Ok(None);
+        }
+        let mut h = [0u8; BLOCK];
+        if !read_full(&mut self.input, &mut h)? {
+            return Err(PackError::NoEndMarker);
+        }
+        if h.iter().all(|&b| b == 0) {
+            if !read_full(&mut self.input, &mut h)? || h.iter().any(|&b| b != 0) {
+                return Err(PackError::NoEndMarker);
+            }
+            let mut probe = [0u8; BLOCK];
+            let extra = self.input.read(&mut probe)?;
+            if extra > 0 {
+                return Err(PackError::TrailingGarbage(extra));
+            }
+            self.ended = true;
+            return Ok(None);
+        }
+        let name = self.check_header(&h)?;
+        let size = parse_size(&h[124..136])
+            .ok_or_else(|| PackError::Header { index: self.index, reason: "size field is not a number".into() })?;
+        self.index += 1;
+        self.current = Some(Current { name, size, remaining: size, hasher: VerityHasher::new(), checked: false });
+        Ok(Some(Object { reader: self }))
+    }
+
+    fn check_header(&self, h: &[u8; BLOCK]) -> Result<VerityDigest, PackError> {
+        let index = self.index;
+        let bad = |reason: &str| PackError::Header { index, reason: reason.to_owned() };
+        let stored = parse_size(&h[148..156]).ok_or_else(|| bad("checksum field is not a number"))?;
+        let sum: u64 = h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
+        if stored != sum {
+            return Err(bad("header checksum does not match"));
+        }
+        if &h[257..263] != b"ustar\0" || &h[263..265] != b"00" {
+            return Err(bad("not a POSIX ustar header"));
+        }
+        let raw_name = field_str(&h[..100]);
+        let prefix = field_str(&h[345..500]);
+        let shown = if prefix.is_empty() { printable(raw_name) } else { format!("{}/{}", printable(prefix), printable(raw_name)) };
+        let flag = h[156];
+        if flag != b'0' && flag != 0 {
+            return Err(PackError::NotRegular { name: shown, kind: kind_name(flag) });
+        }
+        if !field_str(&h[157..257]).is_empty() {
+            return Err(PackError::NotRegular { name: shown, kind: "link" });
+        }
+        if !prefix.is_empty() {
+            return Err(PackError::BadName { name: shown });
+        }
+        let name = std::str::from_utf8(raw_name)
+            .ok()
+            .and_then(|s| VerityDigest::parse_name(s).ok())
+            .ok_or(PackError::BadName { name: shown })?;
+        if let Some(prev) = self.last {
+            if name == prev {
+                return Err(PackError::Duplicate { name });
+            }
+            if name < prev {
+                return Err(PackError::OutOfOrder { name, previous: prev });
+            }
+        }
+        Ok(name)
+    }
+
+    fn read_data(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(cur) = self.current.as_mut() else { return Ok(0) };
+        if cur.remaining == 0 {
+            check_digest(cur)?;
+            return Ok(0);
+        }
+        let want = buf.len().min(usize::try_from(cur.remaining).unwrap_or(usize::MAX));
+        let n = self.input.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::other(PackError::Truncated {
+                name: cur.name,
+                declared: cur.size,
+                got: cur.size - cur.remaining,
+            }));
+        }
+        cur.hasher.update(&buf[..n]);
+        cur.remaining -= n as u64;
+        if cur.remaining == 0 {
+            check_digest(cur)?;
+        }
+        Ok(n)
+    }
+
+    fn finish_current(&mut self) -> Result<(), PackError> {
+        if self.current.is_none() {
+            return Ok(());
+        }
+        let mut sink = [0u8; 16 * 1024];
+        while self.read_data(&mut sink)? > 0 {}
+        let Some(cur) = self.current.take() else { return Ok(()) };
+        check_digest_owned(&cur)?;
+        let pad = (BLOCK - (cur.size as usize % BLOCK)) % BLOCK;
+        let mut padding = [0u8; BLOCK];
+        if !read_full(&mut self.input, &mut padding[..pad])? && pad > 0 {
+            return Err(PackError::Truncated { name: cur.name, declared: cur.size, got: cur.size });
+        }
+        if padding[..pad].iter().any(|&b| b != 0) {
+            return Err(PackError::Padding { name: cur.name });
+        }
+        self.last = Some(cur.name);
+        self.objects += 1;
+        self.bytes += cur.size;
+        Ok(())
+    }
+
+    /// Checks the totals a pack descriptor declares against what was read (call after `None`).
+    pub fn check_totals(&self, objects: u64, bytes: u64) -> Result<(), PackError> {
+        if self.objects != objects {
+            return Err(PackError::Totals { what: "objects", declared: objects, found: self.objects });
+        }
+        if self.bytes != bytes {
+            return Err(PackError::Totals { what: "object bytes", declared: bytes, found: self.bytes });
+        }
+        Ok(())
+    }
+}
+
+fn check_digest(cur: &mut Current) -> io::Result<()> {
+    if !cur.checked {
+        let found = std::mem::take(&mut cur.hasher).finish();
+        cur.checked = true;
+        if found != cur.name {
+            return Err(io::Error::other(PackError::DigestMismatch { name: cur.name, found }));
+        }
+    }
+    Ok(())
+}
+
+fn check_digest_owned(cur: &Current) -> Result<(), PackError> {
+    if cur.checked { Ok(()) } else { Err(PackError::Truncated { name: cur.name, declared: cur.size, got: cur.size - cur.remaining }) }
+}
+
+/// Fills `buf` completely; `Ok(false)` on a clean EOF before the first byte, an error on a
+/// partial fill.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, PackError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(PackError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "pack ends inside a block"))),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+impl<R: Read> Object<'_, R> {
+    pub fn digest(&self) -> VerityDigest {
+        self.reader.current.as_ref().map(|c| c.name).unwrap_or(VerityDigest::new([0; 32]))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.reader.current.as_ref().map_or(0, |c| c.size)
+    }
+}
+
+impl<R: Read> Read for Object<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read_data(buf)
+    }
+}
+
+#[cfg(test)]
+#[path = "pack_tests.rs"]
+mod tests;
