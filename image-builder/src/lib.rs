@@ -1,0 +1,13 @@
+//! ironroot-build: the image toolchain. Today: signing keys and modules (build a composefs
+//! image and its object packs into an OCI layout, push, sign cosign-compatibly, verify).
+//!
+//! - [`keys`]: key pair generation and loading;
+//! - [`module`]: build (source tree → EROFS image + packs + config + manifest), push, sign, verify;
+//! - [`progress`]: progress on a terminal, silence otherwise;
+//! - [`cli`]: the command line and its exit codes.
+
+pub mod cli;
+pub mod exit;
+pub mod keys;
+pub mod module;
+pub mod progress;

@@ -1,0 +1,8 @@
+//! Modules: build one from a tree, push it, sign it, verify it.
+
+pub mod build;
+pub mod dest;
+pub mod push;
+pub mod sign;
+pub mod tree;
+pub mod verify;

@@ -1,0 +1,291 @@
+//! Every byte fetched goes through here: a blob over its cap is refused before it is requested,
+//! a server that declares or sends a different size is cut off, each blob has a total deadline
+//! (a server trickling a byte every few seconds does not hold us), memory stays at one chunk,
+//! and data lands in `.partial` files renamed only after the digest checks.
+
+use std::io::{self, Read, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use ironroot_spec::manifest::{Descriptor, PackDescriptor};
+use ironroot_spec::pack::{PackError, PackReader};
+use ironroot_spec::OciDigest;
+use sha2::{Digest as _, Sha256};
+use tokio::time::Instant;
+
+use crate::layout::partial_path;
+use crate::source::{ModuleSource, SourceError};
+use crate::store::ObjectStore;
+
+/// Caps and deadlines for one verification or fetch.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest manifest (module or signature) read.
+    pub max_manifest: u64,
+    /// Largest blob fetched; a descriptor declaring more is refused before download.
+    pub max_blob: u64,
+    /// A fixed total deadline per blob; when `None`, `base_deadline + size / min_rate`.
+    pub blob_deadline: Option<Duration>,
+    pub base_deadline: Duration,
+    /// Slowest transfer rate (bytes/s) the derived deadline allows for.
+    pub min_rate: u64,
+    /// Blobs fetched at once.
+    pub parallel: usize,
+}
+
+impl Limits {
+    /// The defaults `dist/` documents: 4 MiB manifests, 16 GiB blobs, 60 s + 1 MiB/s.
+    pub fn standard() -> Self {
+        Self {
+            max_manifest: 4 << 20,
+            max_blob: 16 << 30,
+            blob_deadline: None,
+            base_deadline: Duration::from_secs(60),
+            min_rate: 1 << 20,
+            parallel: 2,
+        }
+    }
+
+    pub fn deadline_for(&self, size: u64) -> Duration {
+        self.blob_deadline
+            .unwrap_or_else(|| self.base_deadline + Duration::from_secs(size / self.min_rate.max(1)))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("blob {digest} declares {size} bytes, over the {cap}-byte cap (not downloaded)")]
+    OverCap { digest: OciDigest, size: u64, cap: u64 },
+    #[error("blob {digest}: server declares {served} bytes, the descriptor {declared}")]
+    DeclaredSize { digest: OciDigest, declared: u64, served: u64 },
+    #[error("blob {digest}: server sent more than the declared {declared} bytes")]
+    Oversize { digest: OciDigest, declared: u64 },
+    #[error("blob {digest}: stream ended after {got} of {declared} bytes")]
+    Short { digest: OciDigest, declared: u64, got: u64 },
+    #[error("blob {digest}: content has digest {found}")]
+    Digest { digest: OciDigest, found: OciDigest },
+    #[error("blob {digest}: deadline of {deadline:?} passed after {got} of {declared} bytes")]
+    Deadline { digest: OciDigest, deadline: Duration, got: u64, declared: u64 },
+    #[error("fetching blob {digest}")]
+    Source { digest: OciDigest, source: SourceError },
+    #[error("reading blob {digest}")]
+    Stream { digest: OciDigest, source: io::Error },
+    #[error("{op} {path}")]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+    #[error("pack {digest}")]
+    Pack { digest: OciDigest, source: PackError },
+}
+
+impl DownloadError {
+    /// Whether a retry might succeed (network trouble), as opposed to bad content or policy.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Deadline { .. } | Self::Source { .. } | Self::Stream { .. } | Self::Short { .. })
+    }
+}
+
+/// Streams blob `desc` through `sink`, enforcing cap, declared size, deadline and digest.
+/// Returns the number of bytes streamed (equal to `desc.size` on success).
+async fn stream_blob<S, F>(src: &S, desc: &Descriptor, limits: &Limits, mut sink: F) -> Result<u64, DownloadError>
+where
+    S: ModuleSource,
+    F: AsyncSink,
+{
+    let digest = desc.digest;
+    if desc.size > limits.max_blob {
+        return Err(DownloadError::OverCap { digest, size: desc.size, cap: limits.max_blob });
+    }
+    let deadline = limits.deadline_for(desc.size);
+    let until = Instant::now() + deadline;
+    let late = |got| DownloadError::Deadline { digest, deadline, got, declared: desc.size };
+    let blob = tokio::time::timeout_at(until, src.blob(&digest))
+        .await
+        .map_err(|_| late(0))?
+        .map_err(|source| DownloadError::Source { digest, source })?;
+    if let Some(served) = blob.declared_len
+        && served != desc.size
+    {
+        return Err(DownloadError::DeclaredSize { digest, declared: desc.size, served });
+    }
+    let mut stream = blob.stream;
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    loop {
+        let next = tokio::time::timeout_at(until, stream.next()).await.map_err(|_| late(got))?;
+        let Some(chunk) = next else { break };
+        let chunk = chunk.map_err(|source| DownloadError::Stream { digest, source })?;
+        got += chunk.len() as u64;
+        if got > desc.size {
+            return Err(DownloadError::Oversize { digest, declared: desc.size });
+        }
+        hasher.update(&chunk);
+        sink.accept(chunk).await?;
+    }
+    if got < desc.size {
+        return Err(DownloadError::Short { digest, declared: desc.size, got });
+    }
+    let found = OciDigest::new(hasher.finalize().into());
+    if found != digest {
+        return Err(DownloadError::Digest { digest, found });
+    }
+    Ok(got)
+}
+
+/// Where streamed chunks go.
+trait AsyncSink {
+    fn accept(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), DownloadError>>;
+}
+
+struct MemorySink(Vec<u8>);
+
+impl AsyncSink for MemorySink {
+    async fn accept(&mut self, chunk: Bytes) -> Result<(), DownloadError> {
+        self.0.extend_from_slice(&chunk);
+        Ok(())
+    }
+}
+
+struct FileSink {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl AsyncSink for FileSink {
+    async fn accept(&mut self, chunk: Bytes) -> Result<(), DownloadError> {
+        let path = &self.path;
+        self.file.write_all(&chunk)
+            .map_err(|source| DownloadError::Io { op: "writing", path: path.clone(), source })
+    }
+}
+
+/// Fetches a small blob (config, signature payload) into memory; `cap` bounds it.
+pub async fn fetch_small<S: ModuleSource>(src: &S, desc: &Descriptor, cap: u64, limits: &Limits) -> Result<Vec<u8>, DownloadError> {
+    let capped = Limits { max_blob: cap.min(limits.max_blob), ..limits.clone() };
+    let mut sink = MemorySink(Vec::with_capacity(usize::try_from(desc.size.min(cap)).unwrap_or(0)));
+    stream_blob(src, desc, &capped, &mut sink).await?;
+    Ok(sink.0)
+}
+
+impl<T: AsyncSink> AsyncSink for &mut T {
+    fn accept(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), DownloadError>> {
+        (**self).accept(chunk)
+    }
+}
+
+/// Fetches blob `desc` to `path` (through `path.partial`). A file already at `path` is taken as
+/// verified (it was only ever renamed there after its digest checked) and not fetched again.
+/// Returns the bytes downloaded.
+pub async fn fetch_to_file<S: ModuleSource>(src: &S, desc: &Descriptor, path: &Path, limits: &Limits) -> Result<u64, DownloadError> {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == desc.size) {
+        return Ok(0);
+    }
+    let partial = partial_path(path);
+    let file = std::fs::File::create(&partial).map_err(|source| DownloadError::Io { op: "creating", path: partial.clone(), source })?;
+    let mut sink = FileSink { file, path: partial.clone() };
+    let result = stream_blob(src, desc, limits, &mut sink).await;
+    let result = result.and_then(|n| {
+        sink.file.sync_all().map_err(|source| DownloadError::Io { op: "syncing", path: partial.clone(), source })?;
+        std::fs::rename(&partial, path).map_err(|source| DownloadError::Io { op: "renaming", path: partial.clone(), source })?;
+        Ok(n)
+    });
+    if result.is_err() {
+        // The partial file holds unverified bytes; it must not survive the failure.
+        if let Err(e) = std::fs::remove_file(&partial) {
+            tracing::warn!(path = %partial.display(), error = %e, "could not remove partial download");
+        }
+    }
+    result
+}
+
+/// Chunks handed from the download task to the unpacking thread; bounded, so memory is too.
+const PACK_PIPE_DEPTH: usize = 16;
+
+struct ChannelSink(tokio::sync::mpsc::Sender<Bytes>);
+
+impl AsyncSink for ChannelSink {
+    async fn accept(&mut self, chunk: Bytes) -> Result<(), DownloadError> {
+        // A closed channel means the unpacker stopped on an error; it reports that error.
+        let _ignored_closed = self.0.send(chunk).await;
+        Ok(())
+    }
+}
+
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Result of unpacking one pack.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PackStats {
+    pub downloaded: u64,
+    pub objects: u64,
+    pub new_objects: u64,
+}
+
+/// Streams pack `pack` straight into `store`: the download task checks the blob digest while
+/// a blocking thread reads the pack, checks every object's fs-verity digest and stages it.
+/// Staged objects enter the store only when both the pack digest and every object checked.
+pub async fn fetch_pack<S: ModuleSource>(src: &S, pack: &PackDescriptor, store: &ObjectStore, limits: &Limits) -> Result<PackStats, DownloadError> {
+    let digest = pack.descriptor.digest;
+    let staging = store.stage(&digest.hex()[..16]).map_err(|source| DownloadError::Io { op: "staging in", path: store.root().to_owned(), source })?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(PACK_PIPE_DEPTH);
+    let (objects, bytes) = (pack.objects, pack.object_bytes);
+    let store_for_thread = store.clone();
+    let unpacker = tokio::task::spawn_blocking(move || {
+        let mut staging = staging;
+        let result = unpack(ChannelReader { rx, current: Bytes::new() }, &store_for_thread, &mut staging, objects, bytes);
+        (staging, result)
+    });
+    let downloaded = stream_blob(src, &pack.descriptor, limits, ChannelSink(tx)).await;
+    let (staging, unpacked) = unpacker.await.map_err(|e| DownloadError::Io { op: "unpacking", path: store.root().to_owned(), source: io::Error::other(e) })?;
+    let outcome = match (downloaded, unpacked) {
+        (Ok(n), Ok(count)) => Ok((n, count)),
+        // The unpacker's error names the entry; prefer it unless the transfer itself failed.
+        (Ok(_), Err(e)) => Err(DownloadError::Pack { digest, source: e }),
+        (Err(e), _) => Err(e),
+    };
+    match outcome {
+        Ok((downloaded, objects)) => {
+            let new_objects = store.commit(staging).map_err(|source| DownloadError::Io { op: "committing into", path: store.root().to_owned(), source })? as u64;
+            Ok(PackStats { downloaded, objects, new_objects })
+        }
+        Err(e) => {
+            store.discard(staging);
+            Err(e)
+        }
+    }
+}
+
+fn unpack(input: impl Read, store: &ObjectStore, staging: &mut crate::store::Staging, objects: u64, bytes: u64) -> Result<u64, PackError> {
+    let mut reader = PackReader::new(io::BufReader::with_capacity(256 * 1024, input));
+    while let Some(mut obj) = reader.next_object()? {
+        let d = obj.digest();
+        if store.contains(&d) {
+            io::copy(&mut obj, &mut io::sink())?;
+            continue;
+        }
+        let path = staging.partial_path(&d);
+        let mut file = std::fs::File::create(&path)?;
+        io::copy(&mut obj, &mut file)?;
+        drop(file);
+        staging.accept(d)?;
+    }
+    reader.check_totals(objects, bytes)?;
+    Ok(reader.totals().0)
+}

@@ -1,0 +1,25 @@
+//! Moving ironroot modules between places and verifying them on the way.
+//!
+//! - [`reference`]: where a module is (a registry reference or an OCI layout directory);
+//! - [`registry`]: a distribution registry over HTTP(S) — bounded reads of our own, pushes
+//!   through `oci-client`;
+//! - [`layout`]: an OCI image layout directory, for offline use;
+//! - [`source`]: the small trait both implement for reading;
+//! - [`download`]: size caps, deadlines and `.partial` files for every byte fetched;
+//! - [`store`]: the flat, content-addressed object store packs unpack into;
+//! - [`verify`]: the trust chain, start to end; only it constructs a [`VerifiedModule`].
+//!
+//! Shared by `ironroot-build` (verify, push, sign) and the agent (fetch into its store).
+
+pub mod download;
+pub mod layout;
+pub mod reference;
+pub mod registry;
+pub mod source;
+pub mod store;
+pub mod verify;
+
+pub use download::Limits;
+pub use reference::Target;
+pub use registry::{Credentials, RegistryAccess};
+pub use verify::{VerifiedModule, VerifyError, VerifyOptions};

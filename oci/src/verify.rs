@@ -1,0 +1,280 @@
+//! The trust chain, start to end. Resolve the reference to a digest once; verify a signature
+//! over that digest with a trusted key before any module blob is fetched; then fetch only by
+//! digest: the config (serial, composefs digest), the EROFS image (its fs-verity digest must be
+//! the signed composefs digest), and the packs (every object's fs-verity digest checked as it
+//! streams into the store). Finally every object the image references must be in the store.
+//! Only this module constructs a [`VerifiedModule`].
+
+use std::path::PathBuf;
+
+use composefs::fsverity::{FsVerityHashValue, Sha256HashValue};
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use ironroot_spec::config::ConfigError;
+use ironroot_spec::manifest::{ImageManifest, ModuleManifest};
+use ironroot_spec::signing::{self, MAX_PAYLOAD_SIZE, SignatureError, SignedPayload};
+use ironroot_spec::{ManifestError, ModuleConfig, OciDigest, TrustedKey, VerityDigest, media};
+
+use crate::download::{self, DownloadError, Limits};
+use crate::source::{ModuleSource, SourceError};
+use crate::store::ObjectStore;
+
+/// Largest config blob read (a real one is under 1 KiB).
+const MAX_CONFIG_SIZE: u64 = 64 * 1024;
+/// Largest EROFS image loaded into memory to list the objects it references. Images hold
+/// metadata only; a full distribution root is a few tens of MiB.
+const MAX_IMAGE_SCAN: u64 = 512 << 20;
+
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    pub trust: Vec<TrustedKey>,
+    pub min_serial: Option<u64>,
+    pub limits: Limits,
+}
+
+/// A module whose whole chain checked: signature, manifest, config, image and objects.
+#[derive(Debug, Clone)]
+pub struct VerifiedModule {
+    digest: OciDigest,
+    config: ModuleConfig,
+    signature: SignedPayload,
+    image: PathBuf,
+    downloaded: u64,
+    new_objects: u64,
+}
+
+impl VerifiedModule {
+    /// Digest of the verified manifest.
+    pub fn digest(&self) -> OciDigest {
+        self.digest
+    }
+    pub fn config(&self) -> &ModuleConfig {
+        &self.config
+    }
+    pub fn signature(&self) -> &SignedPayload {
+        &self.signature
+    }
+    /// The verified EROFS image in the store's `images/`.
+    pub fn image_path(&self) -> &std::path::Path {
+        &self.image
+    }
+    /// Bytes fetched for this verification (0 when everything was already present).
+    pub fn downloaded(&self) -> u64 {
+        self.downloaded
+    }
+    pub fn new_objects(&self) -> u64 {
+        self.new_objects
+    }
+}
+
+/// What kind of failure; decides exit codes and whether retrying can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No trusted signature for this content.
+    Signature,
+    /// Bytes that do not match what was signed.
+    Content,
+    /// Refused by policy: cap, serial floor, index, urls, not a module.
+    Policy,
+    /// Network, registry or deadline trouble; a retry may succeed.
+    Transport,
+    /// Local I/O.
+    Local,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("{0} has no manifest")]
+    NotFound(String),
+    #[error("reading manifest from {place}")]
+    Manifest { place: String, source: SourceError },
+    #[error("manifest fetched by digest {expected} has digest {found}")]
+    ManifestDigest { expected: OciDigest, found: OciDigest },
+    #[error("signature check failed")]
+    Signature(#[from] SignatureError),
+    #[error("signature manifest {tag}: {source}")]
+    SignatureManifest { tag: String, source: ManifestError },
+    #[error("module manifest refused")]
+    Module(#[from] ManifestError),
+    #[error("module config refused")]
+    Config(#[from] ConfigError),
+    #[error("module {name} serial {serial} is below the minimum {min} (rollback refused)")]
+    Serial { name: String, serial: u64, min: u64 },
+    #[error("download refused or failed")]
+    Download(#[from] DownloadError),
+    #[error("EROFS image {digest} has fs-verity digest {found}, the signed config says {expected}")]
+    ImageDigest { digest: OciDigest, expected: VerityDigest, found: VerityDigest },
+    #[error("EROFS image {digest} is not a readable composefs image: {reason}")]
+    Image { digest: OciDigest, reason: String },
+    #[error("packs hold {found} {what}, the config declares {declared}")]
+    Totals { what: &'static str, declared: u64, found: u64 },
+    #[error("store lacks {missing} objects the image references (first: {first})")]
+    Incomplete { missing: usize, first: VerityDigest },
+    #[error("{op} {path}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+impl VerifyError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Self::Signature(_) | Self::SignatureManifest { .. } => FailureKind::Signature,
+            Self::ManifestDigest { .. } | Self::Config(_) | Self::ImageDigest { .. } | Self::Image { .. } | Self::Totals { .. } | Self::Incomplete { .. } => {
+                FailureKind::Content
+            }
+            Self::Module(_) | Self::Serial { .. } => FailureKind::Policy,
+            Self::NotFound(_) | Self::Manifest { .. } => FailureKind::Transport,
+            Self::Download(d) => match d {
+                DownloadError::OverCap { .. } => FailureKind::Policy,
+                DownloadError::DeclaredSize { .. } | DownloadError::Oversize { .. } | DownloadError::Digest { .. } | DownloadError::Pack { .. } => {
+                    FailureKind::Content
+                }
+                DownloadError::Io { .. } => FailureKind::Local,
+                _ => FailureKind::Transport,
+            },
+            Self::Io { .. } => FailureKind::Local,
+        }
+    }
+}
+
+/// Step 1: the digest the reference means, and the manifest bytes (which hash to it).
+async fn resolve<S: ModuleSource>(src: &S, tag: Option<&str>, digest: Option<OciDigest>, limits: &Limits) -> Result<(OciDigest, Vec<u8>), VerifyError> {
+    let reference = match (digest, tag) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(t)) => t.to_owned(),
+        (None, None) => "latest".to_owned(),
+    };
+    let place = format!("{}:{reference}", src.describe());
+    let bytes = src
+        .manifest(&reference, limits.max_manifest)
+        .await
+        .map_err(|source| VerifyError::Manifest { place: place.clone(), source })?
+        .ok_or(VerifyError::NotFound(place))?;
+    let found = OciDigest::of(&bytes);
+    if let Some(expected) = digest
+        && found != expected
+    {
+        return Err(VerifyError::ManifestDigest { expected, found });
+    }
+    Ok((found, bytes))
+}
+
+/// Step 2: some layer of the `.sig` manifest is a valid signature over `digest` by a trusted key.
+async fn verify_signatures<S: ModuleSource>(src: &S, digest: OciDigest, opts: &VerifyOptions) -> Result<SignedPayload, VerifyError> {
+    let tag = digest.signature_tag();
+    let bytes = src
+        .manifest(&tag, opts.limits.max_manifest)
+        .await
+        .map_err(|source| VerifyError::Manifest { place: format!("{}:{tag}", src.describe()), source })?
+        .ok_or(SignatureError::Missing(digest))?;
+    let sig_manifest = ImageManifest::parse(&bytes).map_err(|source| VerifyError::SignatureManifest { tag: tag.clone(), source })?;
+    let mut failures: Vec<SignatureError> = Vec::new();
+    for layer in sig_manifest.layers.iter().filter(|l| l.media_type == media::COSIGN_SIMPLESIGNING) {
+        let Some(sig) = layer.annotations.get(media::COSIGN_SIGNATURE_ANNOTATION) else {
+            failures.push(SignatureError::NoAnnotation);
+            continue;
+        };
+        let payload = download::fetch_small(src, layer, MAX_PAYLOAD_SIZE, &opts.limits).await?;
+        match signing::verify_signature(&payload, sig, &opts.trust, digest) {
+            Ok(signed) => return Ok(signed),
+            Err(e) => failures.push(e),
+        }
+    }
+    // Report the most telling failure: content copied from elsewhere, else the key reasons.
+    let pick = failures
+        .iter()
+        .position(|e| matches!(e, SignatureError::WrongDigest { .. }))
+        .map(|i| failures.swap_remove(i))
+        .or_else(|| failures.pop());
+    Err(pick.unwrap_or(SignatureError::Missing(digest)).into())
+}
+
+/// Verifies the module at `tag`/`digest` in `src` into `store`.
+pub async fn verify_module<S: ModuleSource>(
+    src: &S,
+    tag: Option<&str>,
+    digest: Option<OciDigest>,
+    store: &ObjectStore,
+    opts: &VerifyOptions,
+) -> Result<VerifiedModule, VerifyError> {
+    let limits = &opts.limits;
+    let (digest, manifest_bytes) = resolve(src, tag, digest, limits).await?;
+    tracing::debug!(module.digest = %digest, "resolved");
+    let signature = verify_signatures(src, digest, opts).await?;
+    tracing::debug!(module.digest = %digest, key = %signature.key_id, "signature verified");
+
+    let module = ModuleManifest::parse(&manifest_bytes)?;
+    if let Some(over) = module.blobs().find(|d| d.size > limits.max_blob) {
+        return Err(DownloadError::OverCap { digest: over.digest, size: over.size, cap: limits.max_blob }.into());
+    }
+    let config_bytes = download::fetch_small(src, &module.config, MAX_CONFIG_SIZE, limits).await?;
+    let config = ModuleConfig::parse(&config_bytes)?;
+    signature.check_agrees(&config.name, &config.version, config.serial)?;
+    if let Some(min) = opts.min_serial
+        && config.serial < min
+    {
+        return Err(VerifyError::Serial { name: config.name, serial: config.serial, min });
+    }
+
+    let image = store.images_dir().join(module.image.digest.hex());
+    let mut downloaded = download::fetch_to_file(src, &module.image, &image, limits).await?;
+    let image_bytes = read_image(&image, &module.image.digest)?;
+    let found = ironroot_spec::verity_digest(&image_bytes);
+    if found != config.composefs_digest {
+        remove_quietly(&image);
+        return Err(VerifyError::ImageDigest { digest: module.image.digest, expected: config.composefs_digest, found });
+    }
+
+    let stats: Vec<_> = futures_util::stream::iter(module.packs.iter())
+        .map(|pack| download::fetch_pack(src, pack, store, limits))
+        .buffer_unordered(limits.parallel.max(1))
+        .try_collect()
+        .await?;
+    let objects: u64 = module.packs.iter().map(|p| p.objects).sum();
+    let object_bytes: u64 = module.packs.iter().map(|p| p.object_bytes).sum();
+    if objects != config.objects {
+        return Err(VerifyError::Totals { what: "objects", declared: config.objects, found: objects });
+    }
+    if object_bytes != config.object_bytes {
+        return Err(VerifyError::Totals { what: "object bytes", declared: config.object_bytes, found: object_bytes });
+    }
+    check_complete(&image_bytes, module.image.digest, store)?;
+    downloaded += stats.iter().map(|s| s.downloaded).sum::<u64>();
+    Ok(VerifiedModule {
+        digest,
+        config,
+        signature,
+        image,
+        downloaded,
+        new_objects: stats.iter().map(|s| s.new_objects).sum(),
+    })
+}
+
+fn read_image(path: &std::path::Path, digest: &OciDigest) -> Result<Vec<u8>, VerifyError> {
+    let io = |source| VerifyError::Io { op: "reading", path: path.to_owned(), source };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > MAX_IMAGE_SCAN {
+        return Err(VerifyError::Image { digest: *digest, reason: format!("{len} bytes is over the {MAX_IMAGE_SCAN}-byte scan cap") });
+    }
+    std::fs::read(path).map_err(io)
+}
+
+fn remove_quietly(path: &std::path::Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove refused image");
+    }
+}
+
+/// Every object the EROFS image redirects to must be in the store.
+fn check_complete(image: &[u8], digest: OciDigest, store: &ObjectStore) -> Result<(), VerifyError> {
+    let referenced = composefs::erofs::reader::collect_objects::<Sha256HashValue>(image)
+        .map_err(|e| VerifyError::Image { digest, reason: e.to_string() })?;
+    let mut missing: Vec<VerityDigest> = referenced
+        .iter()
+        .filter_map(|id| id.to_hex().parse::<VerityDigest>().ok())
+        .filter(|d| !store.contains(d))
+        .collect();
+    missing.sort();
+    match missing.first() {
+        None => Ok(()),
+        Some(first) => Err(VerifyError::Incomplete { missing: missing.len(), first: *first }),
+    }
+}
