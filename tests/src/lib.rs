@@ -1,0 +1,18 @@
+//! The real-peer test tier: helpers that start and stop the real things ironroot talks to.
+//!
+//! - [`tools`]: finds cosign, mkcomposefs, docker-registry, openssl (installed by `just deps`);
+//! - [`registry`]: a distribution registry per test on 127.0.0.1, plain, TLS + htpasswd, or
+//!   token auth, killed on drop;
+//! - [`http`]: tiny loopback HTTP servers we control (a token endpoint, a hostile blob server);
+//! - [`tree`]: a generated tree holding everything a root filesystem has;
+//! - [`cli`]: running the `ironroot-build` binary;
+//! - [`craft`]: rewriting modules in a layout to build tampered (but validly signed) variants.
+//!
+//! A test that lacks a tool or root fails with the instruction to fix it; it never passes silently.
+
+pub mod cli;
+pub mod craft;
+pub mod http;
+pub mod registry;
+pub mod tools;
+pub mod tree;
