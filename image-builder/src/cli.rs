@@ -73,7 +73,7 @@ pub enum Hardlinks {
 
 #[derive(Debug, Subcommand)]
 pub enum ModuleCommand {
-    /// Build a module from a directory or an uncompressed tar into an OCI layout.
+    /// Build a module from a directory or a tar archive into an OCI layout.
     Build {
         #[arg(long)]
         from: PathBuf,

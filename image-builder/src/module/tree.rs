@@ -1,7 +1,8 @@
 //! Reading a source tree into a composefs filesystem, and making it reproducible.
 //!
-//! The tree comes from a directory, or from a tar archive unpacked (as root: with ownership,
-//! modes, xattrs and device nodes) into a scratch directory first. Normalisation knobs:
+//! The tree comes from a directory, or from a tar archive (any compression GNU tar detects)
+//! unpacked by GNU tar into a scratch directory first — as root, with ownership, modes, xattrs
+//! and device nodes intact. Normalisation knobs:
 //! - mtimes: every inode gets one fixed time (`--mtime`, default `SOURCE_DATE_EPOCH` or 0), or
 //!   the tree's own times are kept (`--mtime source`);
 //! - ownership: kept, or forced to one `UID:GID` (`--owner`);
@@ -48,14 +49,20 @@ impl SourceTree {
             return Ok(Self { root, _scratch: None });
         }
         let scratch = tempfile::Builder::new().prefix("ironroot-tree-").tempdir().context("creating scratch directory")?;
-        let file = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
-        let mut archive = tar::Archive::new(file);
-        archive.set_preserve_permissions(true);
-        archive.set_preserve_ownerships(rustix::process::geteuid().is_root());
-        archive.set_unpack_xattrs(true);
-        archive.set_preserve_mtime(true);
-        archive.set_overwrite(false);
-        archive.unpack(scratch.path()).with_context(|| format!("unpacking {} (only uncompressed tar is read)", from.display()))?;
+        // GNU tar, not the `tar` crate: the crate unpacks fifos and device nodes as regular
+        // files and drops directory xattrs, which silently changes a root filesystem.
+        let out = std::process::Command::new("tar")
+            .args(["--extract", "--preserve-permissions", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--no-overwrite-dir"])
+            .arg(if rustix::process::geteuid().is_root() { "--same-owner" } else { "--no-same-owner" })
+            .arg("--file")
+            .arg(from)
+            .arg("--directory")
+            .arg(scratch.path())
+            .output()
+            .with_context(|| format!("running tar to unpack {}", from.display()))?;
+        if !out.status.success() {
+            bail!("unpacking {}: {}", from.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
         Ok(Self { root: scratch.path().to_owned(), _scratch: Some(scratch) })
     }
 
