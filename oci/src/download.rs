@@ -76,6 +76,8 @@ pub enum DownloadError {
     Io { op: &'static str, path: PathBuf, source: io::Error },
     #[error("pack {digest}")]
     Pack { digest: OciDigest, source: PackError },
+    #[error("blob {digest}: the consumer stopped reading")]
+    SinkClosed { digest: OciDigest },
 }
 
 impl DownloadError {
@@ -201,13 +203,15 @@ pub async fn fetch_to_file<S: ModuleSource>(src: &S, desc: &Descriptor, path: &P
 /// Chunks handed from the download task to the unpacking thread; bounded, so memory is too.
 const PACK_PIPE_DEPTH: usize = 16;
 
-struct ChannelSink(tokio::sync::mpsc::Sender<Bytes>);
+struct ChannelSink {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    digest: OciDigest,
+}
 
 impl AsyncSink for ChannelSink {
     async fn accept(&mut self, chunk: Bytes) -> Result<(), DownloadError> {
-        // A closed channel means the unpacker stopped on an error; it reports that error.
-        let _ignored_closed = self.0.send(chunk).await;
-        Ok(())
+        // A closed channel means the unpacker stopped on an error: stop downloading now.
+        self.tx.send(chunk).await.map_err(|_| DownloadError::SinkClosed { digest: self.digest })
     }
 }
 
@@ -252,12 +256,12 @@ pub async fn fetch_pack<S: ModuleSource>(src: &S, pack: &PackDescriptor, store: 
         let result = unpack(ChannelReader { rx, current: Bytes::new() }, &store_for_thread, &mut staging, objects, bytes);
         (staging, result)
     });
-    let downloaded = stream_blob(src, &pack.descriptor, limits, ChannelSink(tx)).await;
+    let downloaded = stream_blob(src, &pack.descriptor, limits, ChannelSink { tx, digest }).await;
     let (staging, unpacked) = unpacker.await.map_err(|e| DownloadError::Io { op: "unpacking", path: store.root().to_owned(), source: io::Error::other(e) })?;
     let outcome = match (downloaded, unpacked) {
         (Ok(n), Ok(count)) => Ok((n, count)),
         // The unpacker's error names the entry; prefer it unless the transfer itself failed.
-        (Ok(_), Err(e)) => Err(DownloadError::Pack { digest, source: e }),
+        (Ok(_) | Err(DownloadError::SinkClosed { .. }), Err(e)) => Err(DownloadError::Pack { digest, source: e }),
         (Err(e), _) => Err(e),
     };
     match outcome {

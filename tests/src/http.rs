@@ -126,7 +126,7 @@ pub fn token_server(user: &str, password: &str) -> Server {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Misbehaviour {
-    /// Sends bytes forever, no Content-Length, until the client hangs up.
+    /// Sends the blob's real bytes, then more bytes forever; no Content-Length.
     Endless,
     /// Declares the right length, then sends one byte every two seconds.
     Trickle,
@@ -176,6 +176,10 @@ fn misbehave(conn: &mut TcpStream, layout: &std::path::Path, digest: &str, how: 
     match how {
         Misbehaviour::Endless => {
             if conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n").is_err() {
+                return;
+            }
+            let real = std::fs::read(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).unwrap_or_default();
+            if conn.write_all(&real).is_err() {
                 return;
             }
             let chunk = vec![0x5a_u8; 64 * 1024];
