@@ -15,7 +15,9 @@ impl Progress {
     /// A reporter that shows itself only on an interactive stderr.
     pub fn new(enabled: bool) -> Self {
         let show = enabled && std::io::stderr().is_terminal();
-        Self { bar: show.then(ProgressBar::no_length) }
+        Self {
+            bar: show.then(ProgressBar::no_length),
+        }
     }
 
     pub fn hidden() -> Self {
@@ -26,7 +28,10 @@ impl Progress {
     pub fn phase(&self, msg: &str) {
         if let Some(b) = &self.bar {
             b.reset();
-            b.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+            b.set_style(
+                ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
             b.set_message(msg.to_owned());
             b.enable_steady_tick(Duration::from_millis(120));
         }

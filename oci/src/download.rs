@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use ironroot_spec::OciDigest;
 use ironroot_spec::manifest::{Descriptor, PackDescriptor};
 use ironroot_spec::pack::{PackError, PackReader};
-use ironroot_spec::OciDigest;
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 
@@ -59,7 +59,11 @@ pub enum DownloadError {
     #[error("blob {digest} declares {size} bytes, over the {cap}-byte cap (not downloaded)")]
     OverCap { digest: OciDigest, size: u64, cap: u64 },
     #[error("blob {digest}: server declares {served} bytes, the descriptor {declared}")]
-    DeclaredSize { digest: OciDigest, declared: u64, served: u64 },
+    DeclaredSize {
+        digest: OciDigest,
+        declared: u64,
+        served: u64,
+    },
     #[error("blob {digest}: server sent more than the declared {declared} bytes")]
     Oversize { digest: OciDigest, declared: u64 },
     #[error("blob {digest}: stream ended after {got} of {declared} bytes")]
@@ -67,13 +71,22 @@ pub enum DownloadError {
     #[error("blob {digest}: content has digest {found}")]
     Digest { digest: OciDigest, found: OciDigest },
     #[error("blob {digest}: deadline of {deadline:?} passed after {got} of {declared} bytes")]
-    Deadline { digest: OciDigest, deadline: Duration, got: u64, declared: u64 },
+    Deadline {
+        digest: OciDigest,
+        deadline: Duration,
+        got: u64,
+        declared: u64,
+    },
     #[error("fetching blob {digest}")]
     Source { digest: OciDigest, source: SourceError },
     #[error("reading blob {digest}")]
     Stream { digest: OciDigest, source: io::Error },
     #[error("{op} {path}")]
-    Io { op: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("pack {digest}")]
     Pack { digest: OciDigest, source: PackError },
     #[error("blob {digest}: the consumer stopped reading")]
@@ -83,7 +96,10 @@ pub enum DownloadError {
 impl DownloadError {
     /// Whether a retry might succeed (network trouble), as opposed to bad content or policy.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Deadline { .. } | Self::Source { .. } | Self::Stream { .. } | Self::Short { .. })
+        matches!(
+            self,
+            Self::Deadline { .. } | Self::Source { .. } | Self::Stream { .. } | Self::Short { .. }
+        )
     }
 }
 
@@ -96,11 +112,20 @@ where
 {
     let digest = desc.digest;
     if desc.size > limits.max_blob {
-        return Err(DownloadError::OverCap { digest, size: desc.size, cap: limits.max_blob });
+        return Err(DownloadError::OverCap {
+            digest,
+            size: desc.size,
+            cap: limits.max_blob,
+        });
     }
     let deadline = limits.deadline_for(desc.size);
     let until = Instant::now() + deadline;
-    let late = |got| DownloadError::Deadline { digest, deadline, got, declared: desc.size };
+    let late = |got| DownloadError::Deadline {
+        digest,
+        deadline,
+        got,
+        declared: desc.size,
+    };
     let blob = tokio::time::timeout_at(until, src.blob(&digest))
         .await
         .map_err(|_| late(0))?
@@ -108,24 +133,37 @@ where
     if let Some(served) = blob.declared_len
         && served != desc.size
     {
-        return Err(DownloadError::DeclaredSize { digest, declared: desc.size, served });
+        return Err(DownloadError::DeclaredSize {
+            digest,
+            declared: desc.size,
+            served,
+        });
     }
     let mut stream = blob.stream;
     let mut hasher = Sha256::new();
     let mut got = 0u64;
     loop {
-        let next = tokio::time::timeout_at(until, stream.next()).await.map_err(|_| late(got))?;
+        let next = tokio::time::timeout_at(until, stream.next())
+            .await
+            .map_err(|_| late(got))?;
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|source| DownloadError::Stream { digest, source })?;
         got += chunk.len() as u64;
         if got > desc.size {
-            return Err(DownloadError::Oversize { digest, declared: desc.size });
+            return Err(DownloadError::Oversize {
+                digest,
+                declared: desc.size,
+            });
         }
         hasher.update(&chunk);
         sink.accept(chunk).await?;
     }
     if got < desc.size {
-        return Err(DownloadError::Short { digest, declared: desc.size, got });
+        return Err(DownloadError::Short {
+            digest,
+            declared: desc.size,
+            got,
+        });
     }
     let found = OciDigest::new(hasher.finalize().into());
     if found != digest {
@@ -156,14 +194,25 @@ struct FileSink {
 impl AsyncSink for FileSink {
     async fn accept(&mut self, chunk: Bytes) -> Result<(), DownloadError> {
         let path = &self.path;
-        self.file.write_all(&chunk)
-            .map_err(|source| DownloadError::Io { op: "writing", path: path.clone(), source })
+        self.file.write_all(&chunk).map_err(|source| DownloadError::Io {
+            op: "writing",
+            path: path.clone(),
+            source,
+        })
     }
 }
 
 /// Fetches a small blob (config, signature payload) into memory; `cap` bounds it.
-pub async fn fetch_small<S: ModuleSource>(src: &S, desc: &Descriptor, cap: u64, limits: &Limits) -> Result<Vec<u8>, DownloadError> {
-    let capped = Limits { max_blob: cap.min(limits.max_blob), ..limits.clone() };
+pub async fn fetch_small<S: ModuleSource>(
+    src: &S,
+    desc: &Descriptor,
+    cap: u64,
+    limits: &Limits,
+) -> Result<Vec<u8>, DownloadError> {
+    let capped = Limits {
+        max_blob: cap.min(limits.max_blob),
+        ..limits.clone()
+    };
     let mut sink = MemorySink(Vec::with_capacity(usize::try_from(desc.size.min(cap)).unwrap_or(0)));
     stream_blob(src, desc, &capped, &mut sink).await?;
     Ok(sink.0)
@@ -178,17 +227,37 @@ impl<T: AsyncSink> AsyncSink for &mut T {
 /// Fetches blob `desc` to `path` (through `path.partial`). A file already at `path` is taken as
 /// verified (it was only ever renamed there after its digest checked) and not fetched again.
 /// Returns the bytes downloaded.
-pub async fn fetch_to_file<S: ModuleSource>(src: &S, desc: &Descriptor, path: &Path, limits: &Limits) -> Result<u64, DownloadError> {
+pub async fn fetch_to_file<S: ModuleSource>(
+    src: &S,
+    desc: &Descriptor,
+    path: &Path,
+    limits: &Limits,
+) -> Result<u64, DownloadError> {
     if std::fs::metadata(path).is_ok_and(|m| m.len() == desc.size) {
         return Ok(0);
     }
     let partial = partial_path(path);
-    let file = std::fs::File::create(&partial).map_err(|source| DownloadError::Io { op: "creating", path: partial.clone(), source })?;
-    let mut sink = FileSink { file, path: partial.clone() };
+    let file = std::fs::File::create(&partial).map_err(|source| DownloadError::Io {
+        op: "creating",
+        path: partial.clone(),
+        source,
+    })?;
+    let mut sink = FileSink {
+        file,
+        path: partial.clone(),
+    };
     let result = stream_blob(src, desc, limits, &mut sink).await;
     let result = result.and_then(|n| {
-        sink.file.sync_all().map_err(|source| DownloadError::Io { op: "syncing", path: partial.clone(), source })?;
-        std::fs::rename(&partial, path).map_err(|source| DownloadError::Io { op: "renaming", path: partial.clone(), source })?;
+        sink.file.sync_all().map_err(|source| DownloadError::Io {
+            op: "syncing",
+            path: partial.clone(),
+            source,
+        })?;
+        std::fs::rename(&partial, path).map_err(|source| DownloadError::Io {
+            op: "renaming",
+            path: partial.clone(),
+            source,
+        })?;
         Ok(n)
     });
     if result.is_err() {
@@ -211,7 +280,10 @@ struct ChannelSink {
 impl AsyncSink for ChannelSink {
     async fn accept(&mut self, chunk: Bytes) -> Result<(), DownloadError> {
         // A closed channel means the unpacker stopped on an error: stop downloading now.
-        self.tx.send(chunk).await.map_err(|_| DownloadError::SinkClosed { digest: self.digest })
+        self.tx
+            .send(chunk)
+            .await
+            .map_err(|_| DownloadError::SinkClosed { digest: self.digest })
     }
 }
 
@@ -245,19 +317,41 @@ pub struct PackStats {
 /// Streams pack `pack` straight into `store`: the download task checks the blob digest while
 /// a blocking thread reads the pack, checks every object's fs-verity digest and stages it.
 /// Staged objects enter the store only when both the pack digest and every object checked.
-pub async fn fetch_pack<S: ModuleSource>(src: &S, pack: &PackDescriptor, store: &ObjectStore, limits: &Limits) -> Result<PackStats, DownloadError> {
+pub async fn fetch_pack<S: ModuleSource>(
+    src: &S,
+    pack: &PackDescriptor,
+    store: &ObjectStore,
+    limits: &Limits,
+) -> Result<PackStats, DownloadError> {
     let digest = pack.descriptor.digest;
-    let staging = store.stage(&digest.hex()[..16]).map_err(|source| DownloadError::Io { op: "staging in", path: store.root().to_owned(), source })?;
+    let staging = store.stage(&digest.hex()[..16]).map_err(|source| DownloadError::Io {
+        op: "staging in",
+        path: store.root().to_owned(),
+        source,
+    })?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(PACK_PIPE_DEPTH);
     let (objects, bytes) = (pack.objects, pack.object_bytes);
     let store_for_thread = store.clone();
     let unpacker = tokio::task::spawn_blocking(move || {
         let mut staging = staging;
-        let result = unpack(ChannelReader { rx, current: Bytes::new() }, &store_for_thread, &mut staging, objects, bytes);
+        let result = unpack(
+            ChannelReader {
+                rx,
+                current: Bytes::new(),
+            },
+            &store_for_thread,
+            &mut staging,
+            objects,
+            bytes,
+        );
         (staging, result)
     });
     let downloaded = stream_blob(src, &pack.descriptor, limits, ChannelSink { tx, digest }).await;
-    let (staging, unpacked) = unpacker.await.map_err(|e| DownloadError::Io { op: "unpacking", path: store.root().to_owned(), source: io::Error::other(e) })?;
+    let (staging, unpacked) = unpacker.await.map_err(|e| DownloadError::Io {
+        op: "unpacking",
+        path: store.root().to_owned(),
+        source: io::Error::other(e),
+    })?;
     let outcome = match (downloaded, unpacked) {
         (Ok(n), Ok(count)) => Ok((n, count)),
         // The unpacker's error names the entry; prefer it unless the transfer itself failed.
@@ -266,8 +360,16 @@ pub async fn fetch_pack<S: ModuleSource>(src: &S, pack: &PackDescriptor, store: 
     };
     match outcome {
         Ok((downloaded, objects)) => {
-            let new_objects = store.commit(staging).map_err(|source| DownloadError::Io { op: "committing into", path: store.root().to_owned(), source })? as u64;
-            Ok(PackStats { downloaded, objects, new_objects })
+            let new_objects = store.commit(staging).map_err(|source| DownloadError::Io {
+                op: "committing into",
+                path: store.root().to_owned(),
+                source,
+            })? as u64;
+            Ok(PackStats {
+                downloaded,
+                objects,
+                new_objects,
+            })
         }
         Err(e) => {
             store.discard(staging);
@@ -276,7 +378,13 @@ pub async fn fetch_pack<S: ModuleSource>(src: &S, pack: &PackDescriptor, store: 
     }
 }
 
-fn unpack(input: impl Read, store: &ObjectStore, staging: &mut crate::store::Staging, objects: u64, bytes: u64) -> Result<u64, PackError> {
+fn unpack(
+    input: impl Read,
+    store: &ObjectStore,
+    staging: &mut crate::store::Staging,
+    objects: u64,
+    bytes: u64,
+) -> Result<u64, PackError> {
     let mut reader = PackReader::new(io::BufReader::with_capacity(256 * 1024, input));
     while let Some(mut obj) = reader.next_object()? {
         let d = obj.digest();

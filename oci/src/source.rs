@@ -68,7 +68,11 @@ impl ModuleSource for RegistrySource {
     }
 
     async fn manifest(&self, reference: &str, cap: u64) -> Result<Option<Vec<u8>>, SourceError> {
-        Ok(self.registry.get_manifest(&self.repository, reference, ACCEPT_MANIFESTS, cap).await?.map(|(b, _)| b))
+        Ok(self
+            .registry
+            .get_manifest(&self.repository, reference, ACCEPT_MANIFESTS, cap)
+            .await?
+            .map(|(b, _)| b))
     }
 
     async fn blob(&self, digest: &OciDigest) -> Result<BlobStream, SourceError> {
@@ -90,7 +94,11 @@ impl ModuleSource for Layout {
             Err(_) => match self.resolve(reference)? {
                 Some(desc) => {
                     if desc.size > cap {
-                        return Err(SourceError::TooLarge { reference: reference.into(), size: desc.size, cap });
+                        return Err(SourceError::TooLarge {
+                            reference: reference.into(),
+                            size: desc.size,
+                            cap,
+                        });
                     }
                     desc.digest
                 }
@@ -101,19 +109,39 @@ impl ModuleSource for Layout {
         let meta = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(LayoutError::Io { op: "reading", path, source }.into()),
+            Err(source) => {
+                return Err(LayoutError::Io {
+                    op: "reading",
+                    path,
+                    source,
+                }
+                .into());
+            }
         };
         if meta.len() > cap {
-            return Err(SourceError::TooLarge { reference: reference.into(), size: meta.len(), cap });
+            return Err(SourceError::TooLarge {
+                reference: reference.into(),
+                size: meta.len(),
+                cap,
+            });
         }
-        std::fs::read(&path).map(Some).map_err(|source| LayoutError::Io { op: "reading", path, source }.into())
+        std::fs::read(&path).map(Some).map_err(|source| {
+            LayoutError::Io {
+                op: "reading",
+                path,
+                source,
+            }
+            .into()
+        })
     }
 
     async fn blob(&self, digest: &OciDigest) -> Result<BlobStream, SourceError> {
         let path = self.blob_path(digest);
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|source| LayoutError::Io { op: "opening", path: path.clone(), source })?;
+        let file = tokio::fs::File::open(&path).await.map_err(|source| LayoutError::Io {
+            op: "opening",
+            path: path.clone(),
+            source,
+        })?;
         let declared_len = file.metadata().await.ok().map(|m| m.len());
         let stream = futures_util::stream::unfold(Some(file), |state| async move {
             use tokio::io::AsyncReadExt as _;
@@ -136,7 +164,7 @@ impl ModuleSource for Layout {
 /// Whichever source a [`crate::Target`] names.
 #[derive(Debug)]
 pub enum AnySource {
-    Registry(RegistrySource),
+    Registry(Box<RegistrySource>),
     Layout(Layout),
 }
 
@@ -144,11 +172,11 @@ impl AnySource {
     /// Opens the place `target` names (no network I/O yet).
     pub fn open(target: &crate::Target, access: &crate::RegistryAccess) -> Result<Self, SourceError> {
         Ok(match target {
-            crate::Target::Registry(r) => Self::Registry(RegistrySource {
+            crate::Target::Registry(r) => Self::Registry(Box::new(RegistrySource {
                 registry: Registry::open(r.registry(), access)?,
                 host: r.registry().to_owned(),
                 repository: r.repository().to_owned(),
-            }),
+            })),
             crate::Target::Layout { dir, .. } => Self::Layout(Layout::open(dir)?),
         })
     }

@@ -51,7 +51,10 @@ impl ObjectStore {
             fs::remove_dir_all(&dir)?;
         }
         fs::create_dir_all(&dir)?;
-        Ok(Staging { dir, objects: Vec::new() })
+        Ok(Staging {
+            dir,
+            objects: Vec::new(),
+        })
     }
 
     /// Moves every staged object into place and removes the staging directory.

@@ -102,31 +102,47 @@ pub enum VerifyError {
     #[error("download refused or failed")]
     Download(#[from] DownloadError),
     #[error("EROFS image {digest} has fs-verity digest {found}, the signed config says {expected}")]
-    ImageDigest { digest: OciDigest, expected: VerityDigest, found: VerityDigest },
+    ImageDigest {
+        digest: OciDigest,
+        expected: VerityDigest,
+        found: VerityDigest,
+    },
     #[error("EROFS image {digest} is not a readable composefs image: {reason}")]
     Image { digest: OciDigest, reason: String },
     #[error("packs hold {found} {what}, the config declares {declared}")]
-    Totals { what: &'static str, declared: u64, found: u64 },
+    Totals {
+        what: &'static str,
+        declared: u64,
+        found: u64,
+    },
     #[error("store lacks {missing} objects the image references (first: {first})")]
     Incomplete { missing: usize, first: VerityDigest },
     #[error("{op} {path}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl VerifyError {
     pub fn kind(&self) -> FailureKind {
         match self {
             Self::Signature(_) | Self::SignatureManifest { .. } => FailureKind::Signature,
-            Self::ManifestDigest { .. } | Self::Config(_) | Self::ImageDigest { .. } | Self::Image { .. } | Self::Totals { .. } | Self::Incomplete { .. } => {
-                FailureKind::Content
-            }
+            Self::ManifestDigest { .. }
+            | Self::Config(_)
+            | Self::ImageDigest { .. }
+            | Self::Image { .. }
+            | Self::Totals { .. }
+            | Self::Incomplete { .. } => FailureKind::Content,
             Self::Module(_) | Self::Serial { .. } => FailureKind::Policy,
             Self::NotFound(_) | Self::Manifest { .. } => FailureKind::Transport,
             Self::Download(d) => match d {
                 DownloadError::OverCap { .. } => FailureKind::Policy,
-                DownloadError::DeclaredSize { .. } | DownloadError::Oversize { .. } | DownloadError::Digest { .. } | DownloadError::Pack { .. } => {
-                    FailureKind::Content
-                }
+                DownloadError::DeclaredSize { .. }
+                | DownloadError::Oversize { .. }
+                | DownloadError::Digest { .. }
+                | DownloadError::Pack { .. } => FailureKind::Content,
                 DownloadError::Io { .. } => FailureKind::Local,
                 _ => FailureKind::Transport,
             },
@@ -136,7 +152,12 @@ impl VerifyError {
 }
 
 /// Step 1: the digest the reference means, and the manifest bytes (which hash to it).
-async fn resolve<S: ModuleSource>(src: &S, tag: Option<&str>, digest: Option<OciDigest>, limits: &Limits) -> Result<(OciDigest, Vec<u8>), VerifyError> {
+async fn resolve<S: ModuleSource>(
+    src: &S,
+    tag: Option<&str>,
+    digest: Option<OciDigest>,
+    limits: &Limits,
+) -> Result<(OciDigest, Vec<u8>), VerifyError> {
     let reference = match (digest, tag) {
         (Some(d), _) => d.to_string(),
         (None, Some(t)) => t.to_owned(),
@@ -146,7 +167,10 @@ async fn resolve<S: ModuleSource>(src: &S, tag: Option<&str>, digest: Option<Oci
     let bytes = src
         .manifest(&reference, limits.max_manifest)
         .await
-        .map_err(|source| VerifyError::Manifest { place: place.clone(), source })?
+        .map_err(|source| VerifyError::Manifest {
+            place: place.clone(),
+            source,
+        })?
         .ok_or(VerifyError::NotFound(place))?;
     let found = OciDigest::of(&bytes);
     if let Some(expected) = digest
@@ -158,16 +182,30 @@ async fn resolve<S: ModuleSource>(src: &S, tag: Option<&str>, digest: Option<Oci
 }
 
 /// Step 2: some layer of the `.sig` manifest is a valid signature over `digest` by a trusted key.
-async fn verify_signatures<S: ModuleSource>(src: &S, digest: OciDigest, opts: &VerifyOptions) -> Result<SignedPayload, VerifyError> {
+async fn verify_signatures<S: ModuleSource>(
+    src: &S,
+    digest: OciDigest,
+    opts: &VerifyOptions,
+) -> Result<SignedPayload, VerifyError> {
     let tag = digest.signature_tag();
     let bytes = src
         .manifest(&tag, opts.limits.max_manifest)
         .await
-        .map_err(|source| VerifyError::Manifest { place: format!("{}:{tag}", src.describe()), source })?
+        .map_err(|source| VerifyError::Manifest {
+            place: format!("{}:{tag}", src.describe()),
+            source,
+        })?
         .ok_or(SignatureError::Missing(digest))?;
-    let sig_manifest = ImageManifest::parse(&bytes).map_err(|source| VerifyError::SignatureManifest { tag: tag.clone(), source })?;
+    let sig_manifest = ImageManifest::parse(&bytes).map_err(|source| VerifyError::SignatureManifest {
+        tag: tag.clone(),
+        source,
+    })?;
     let mut failures: Vec<SignatureError> = Vec::new();
-    for layer in sig_manifest.layers.iter().filter(|l| l.media_type == media::COSIGN_SIMPLESIGNING) {
+    for layer in sig_manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type == media::COSIGN_SIMPLESIGNING)
+    {
         let Some(sig) = layer.annotations.get(media::COSIGN_SIGNATURE_ANNOTATION) else {
             failures.push(SignatureError::NoAnnotation);
             continue;
@@ -203,7 +241,12 @@ pub async fn verify_module<S: ModuleSource>(
 
     let module = ModuleManifest::parse(&manifest_bytes)?;
     if let Some(over) = module.blobs().find(|d| d.size > limits.max_blob) {
-        return Err(DownloadError::OverCap { digest: over.digest, size: over.size, cap: limits.max_blob }.into());
+        return Err(DownloadError::OverCap {
+            digest: over.digest,
+            size: over.size,
+            cap: limits.max_blob,
+        }
+        .into());
     }
     let config_bytes = download::fetch_small(src, &module.config, MAX_CONFIG_SIZE, limits).await?;
     let config = ModuleConfig::parse(&config_bytes)?;
@@ -211,7 +254,11 @@ pub async fn verify_module<S: ModuleSource>(
     if let Some(min) = opts.min_serial
         && config.serial < min
     {
-        return Err(VerifyError::Serial { name: config.name, serial: config.serial, min });
+        return Err(VerifyError::Serial {
+            name: config.name,
+            serial: config.serial,
+            min,
+        });
     }
 
     let image = store.images_dir().join(module.image.digest.hex());
@@ -220,7 +267,11 @@ pub async fn verify_module<S: ModuleSource>(
     let found = ironroot_spec::verity_digest(&image_bytes);
     if found != config.composefs_digest {
         remove_quietly(&image);
-        return Err(VerifyError::ImageDigest { digest: module.image.digest, expected: config.composefs_digest, found });
+        return Err(VerifyError::ImageDigest {
+            digest: module.image.digest,
+            expected: config.composefs_digest,
+            found,
+        });
     }
 
     let stats: Vec<_> = futures_util::stream::iter(module.packs.iter())
@@ -231,10 +282,18 @@ pub async fn verify_module<S: ModuleSource>(
     let objects: u64 = module.packs.iter().map(|p| p.objects).sum();
     let object_bytes: u64 = module.packs.iter().map(|p| p.object_bytes).sum();
     if objects != config.objects {
-        return Err(VerifyError::Totals { what: "objects", declared: config.objects, found: objects });
+        return Err(VerifyError::Totals {
+            what: "objects",
+            declared: config.objects,
+            found: objects,
+        });
     }
     if object_bytes != config.object_bytes {
-        return Err(VerifyError::Totals { what: "object bytes", declared: config.object_bytes, found: object_bytes });
+        return Err(VerifyError::Totals {
+            what: "object bytes",
+            declared: config.object_bytes,
+            found: object_bytes,
+        });
     }
     check_complete(&image_bytes, module.image.digest, store)?;
     downloaded += stats.iter().map(|s| s.downloaded).sum::<u64>();
@@ -249,10 +308,17 @@ pub async fn verify_module<S: ModuleSource>(
 }
 
 fn read_image(path: &std::path::Path, digest: &OciDigest) -> Result<Vec<u8>, VerifyError> {
-    let io = |source| VerifyError::Io { op: "reading", path: path.to_owned(), source };
+    let io = |source| VerifyError::Io {
+        op: "reading",
+        path: path.to_owned(),
+        source,
+    };
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > MAX_IMAGE_SCAN {
-        return Err(VerifyError::Image { digest: *digest, reason: format!("{len} bytes is over the {MAX_IMAGE_SCAN}-byte scan cap") });
+        return Err(VerifyError::Image {
+            digest: *digest,
+            reason: format!("{len} bytes is over the {MAX_IMAGE_SCAN}-byte scan cap"),
+        });
     }
     std::fs::read(path).map_err(io)
 }
@@ -265,8 +331,11 @@ fn remove_quietly(path: &std::path::Path) {
 
 /// Every object the EROFS image redirects to must be in the store.
 fn check_complete(image: &[u8], digest: OciDigest, store: &ObjectStore) -> Result<(), VerifyError> {
-    let referenced = composefs::erofs::reader::collect_objects::<Sha256HashValue>(image)
-        .map_err(|e| VerifyError::Image { digest, reason: e.to_string() })?;
+    let referenced =
+        composefs::erofs::reader::collect_objects::<Sha256HashValue>(image).map_err(|e| VerifyError::Image {
+            digest,
+            reason: e.to_string(),
+        })?;
     let mut missing: Vec<VerityDigest> = referenced
         .iter()
         .filter_map(|id| id.to_hex().parse::<VerityDigest>().ok())
@@ -275,6 +344,9 @@ fn check_complete(image: &[u8], digest: OciDigest, store: &ObjectStore) -> Resul
     missing.sort();
     match missing.first() {
         None => Ok(()),
-        Some(first) => Err(VerifyError::Incomplete { missing: missing.len(), first: *first }),
+        Some(first) => Err(VerifyError::Incomplete {
+            missing: missing.len(),
+            first: *first,
+        }),
     }
 }

@@ -67,8 +67,13 @@ pub enum ConfigError {
 pub fn validate_name(name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -81,8 +86,7 @@ pub fn validate_name(name: &str) -> Result<(), ConfigError> {
 
 /// Versions: 1–128 printable ASCII characters without spaces.
 pub fn validate_version(version: &str) -> Result<(), ConfigError> {
-    if !version.is_empty() && version.len() <= 128 && version.bytes().all(|b| b.is_ascii_graphic())
-    {
+    if !version.is_empty() && version.len() <= 128 && version.bytes().all(|b| b.is_ascii_graphic()) {
         Ok(())
     } else {
         Err(ConfigError::Field {
@@ -96,11 +100,16 @@ fn validate_unit(unit: &str) -> Result<(), ConfigError> {
     let suffixes = [".service", ".socket", ".target", ".timer", ".mount", ".path"];
     let ok = unit.len() <= 256
         && suffixes.iter().any(|s| unit.len() > s.len() && unit.ends_with(s))
-        && unit.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.@\\".contains(&b));
+        && unit
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":-_.@\\".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::Field { field: "restartUnits", reason: format!("{unit:?} is not a unit name") })
+        Err(ConfigError::Field {
+            field: "restartUnits",
+            reason: format!("{unit:?} is not a unit name"),
+        })
     }
 }
 
@@ -123,7 +132,10 @@ fn validate_created(created: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::Field { field: "created", reason: format!("{created:?} is not YYYY-MM-DDTHH:MM:SSZ") })
+        Err(ConfigError::Field {
+            field: "created",
+            reason: format!("{created:?} is not YYYY-MM-DDTHH:MM:SSZ"),
+        })
     }
 }
 
@@ -148,8 +160,7 @@ impl ModuleConfig {
 
     /// Parses and validates a config blob.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let config: Self =
-            serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
+        let config: Self = serde_json::from_slice(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -174,7 +185,12 @@ pub fn format_epoch(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -208,7 +224,8 @@ mod tests {
 
     #[test]
     fn refuses_bad_fields_by_name() {
-        let cases: Vec<(fn(&mut ModuleConfig), &str)> = vec![
+        type Case = (fn(&mut ModuleConfig), &'static str);
+        let cases: Vec<Case> = vec![
             (|c| c.name = "../etc".into(), "name"),
             (|c| c.name = "Base".into(), "name"),
             (|c| c.version = "1 0".into(), "version"),

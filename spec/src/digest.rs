@@ -111,7 +111,9 @@ impl VerityDigest {
 impl FromStr for VerityDigest {
     type Err = DigestError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_hex32(s).map(Self).ok_or_else(|| DigestError::BadVerity(s.chars().take(100).collect()))
+        parse_hex32(s)
+            .map(Self)
+            .ok_or_else(|| DigestError::BadVerity(s.chars().take(100).collect()))
     }
 }
 

@@ -86,8 +86,7 @@ impl ImageManifest {
             media_type: Option<String>,
             manifests: Option<serde_json::Value>,
         }
-        let peek: Peek =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let peek: Peek = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
         match peek.media_type.as_deref() {
             Some(t @ (media::OCI_INDEX | media::DOCKER_MANIFEST_LIST)) => {
                 return Err(ManifestError::ImageIndex(t.to_owned()));
@@ -98,8 +97,7 @@ impl ImageManifest {
             Some(media::OCI_MANIFEST) | None => {}
             Some(other) => return Err(ManifestError::MediaType(other.to_owned())),
         }
-        let m: Self =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let m: Self = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
         if m.schema_version != 2 {
             return Err(ManifestError::SchemaVersion(m.schema_version));
         }
@@ -153,13 +151,19 @@ impl ModuleManifest {
             return Err(not("manifest has no layers".into()));
         };
         if image.media_type != media::EROFS_IMAGE {
-            return Err(not(format!("layer 0 media type is {:?}, not the EROFS image", image.media_type)));
+            return Err(not(format!(
+                "layer 0 media type is {:?}, not the EROFS image",
+                image.media_type
+            )));
         }
         let packs = packs
             .iter()
             .map(|d| {
                 if d.media_type != media::OBJECT_PACK {
-                    return Err(not(format!("layer {} media type is {:?}, not an object pack", d.digest, d.media_type)));
+                    return Err(not(format!(
+                        "layer {} media type is {:?}, not an object pack",
+                        d.digest, d.media_type
+                    )));
                 }
                 let num = |key: &'static str| {
                     d.annotations
@@ -174,7 +178,12 @@ impl ModuleManifest {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { config: manifest.config.clone(), image: image.clone(), packs, manifest })
+        Ok(Self {
+            config: manifest.config.clone(),
+            image: image.clone(),
+            packs,
+            manifest,
+        })
     }
 
     /// Every blob the module needs, config first, with its declared size.
@@ -189,8 +198,10 @@ mod tests {
 
     fn module() -> ImageManifest {
         let mut pack = Descriptor::of(media::OBJECT_PACK, b"pack");
-        pack.annotations.insert(media::ANNOTATION_PACK_OBJECTS.into(), "1".into());
-        pack.annotations.insert(media::ANNOTATION_PACK_BYTES.into(), "100".into());
+        pack.annotations
+            .insert(media::ANNOTATION_PACK_OBJECTS.into(), "1".into());
+        pack.annotations
+            .insert(media::ANNOTATION_PACK_BYTES.into(), "100".into());
         ImageManifest {
             schema_version: 2,
             media_type: Some(media::OCI_MANIFEST.into()),
@@ -216,7 +227,10 @@ mod tests {
         let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
         assert!(matches!(ImageManifest::parse(index), Err(ManifestError::ImageIndex(_))));
         let bare_index = br#"{"schemaVersion":2,"manifests":[]}"#;
-        assert!(matches!(ImageManifest::parse(bare_index), Err(ManifestError::ImageIndex(_))));
+        assert!(matches!(
+            ImageManifest::parse(bare_index),
+            Err(ManifestError::ImageIndex(_))
+        ));
 
         let mut m = module();
         m.layers[1].urls = Some(vec!["http://elsewhere/blob".into()]);
@@ -225,7 +239,10 @@ mod tests {
 
         let mut m = module();
         m.layers.swap(0, 1);
-        assert!(matches!(ModuleManifest::parse(&m.to_bytes()), Err(ManifestError::NotModule(_))));
+        assert!(matches!(
+            ModuleManifest::parse(&m.to_bytes()),
+            Err(ManifestError::NotModule(_))
+        ));
 
         let mut m = module();
         m.layers[1].annotations.clear();
@@ -236,6 +253,9 @@ mod tests {
 
         let mut m = module();
         m.schema_version = 1;
-        assert!(matches!(ImageManifest::parse(&m.to_bytes()), Err(ManifestError::SchemaVersion(1))));
+        assert!(matches!(
+            ImageManifest::parse(&m.to_bytes()),
+            Err(ManifestError::SchemaVersion(1))
+        ));
     }
 }

@@ -53,7 +53,11 @@ pub enum SignatureError {
     #[error("signature is for {signed}, not for {expected} (copied from other content)")]
     WrongDigest { signed: String, expected: OciDigest },
     #[error("signed payload field {field} says {signed:?} but the module config says {actual:?}")]
-    Disagrees { field: &'static str, signed: String, actual: String },
+    Disagrees {
+        field: &'static str,
+        signed: String,
+        actual: String,
+    },
     #[error("no signature verifies with the trusted keys: {0}")]
     Untrusted(String),
 }
@@ -80,8 +84,12 @@ impl SimpleSigningPayload {
         optional.insert(media::PAYLOAD_SERIAL.into(), serial.into());
         Self {
             critical: Critical {
-                identity: Identity { docker_reference: repository.to_owned() },
-                image: Image { docker_manifest_digest: digest.to_string() },
+                identity: Identity {
+                    docker_reference: repository.to_owned(),
+                },
+                image: Image {
+                    docker_manifest_digest: digest.to_string(),
+                },
                 kind: media::COSIGN_SIGNATURE_TYPE.to_owned(),
             },
             optional: Some(optional),
@@ -94,11 +102,17 @@ impl SimpleSigningPayload {
 
     pub fn parse(bytes: &[u8]) -> Result<Self, SignatureError> {
         if bytes.len() as u64 > MAX_PAYLOAD_SIZE {
-            return Err(SignatureError::Payload(format!("{} bytes is over the {MAX_PAYLOAD_SIZE}-byte cap", bytes.len())));
+            return Err(SignatureError::Payload(format!(
+                "{} bytes is over the {MAX_PAYLOAD_SIZE}-byte cap",
+                bytes.len()
+            )));
         }
         let p: Self = serde_json::from_slice(bytes).map_err(|e| SignatureError::Payload(e.to_string()))?;
         if p.critical.kind != media::COSIGN_SIGNATURE_TYPE {
-            return Err(SignatureError::Payload(format!("critical.type is {:?}", p.critical.kind)));
+            return Err(SignatureError::Payload(format!(
+                "critical.type is {:?}",
+                p.critical.kind
+            )));
         }
         Ok(p)
     }
@@ -149,9 +163,10 @@ pub fn verify_signature(
         });
     }
     let serial = match p.optional_str(media::PAYLOAD_SERIAL) {
-        Some(s) => Some(s.parse::<u64>().map_err(|_| {
-            SignatureError::Payload(format!("{} is {s:?}, not a number", media::PAYLOAD_SERIAL))
-        })?),
+        Some(s) => Some(
+            s.parse::<u64>()
+                .map_err(|_| SignatureError::Payload(format!("{} is {s:?}, not a number", media::PAYLOAD_SERIAL)))?,
+        ),
         None => None,
     };
     Ok(SignedPayload {
@@ -199,7 +214,10 @@ mod tests {
         assert_eq!(got.serial, Some(7));
         assert_eq!(got.name.as_deref(), Some("base"));
         got.check_agrees("base", "1.0", 7).unwrap();
-        assert!(matches!(got.check_agrees("base", "1.0", 6), Err(SignatureError::Disagrees { field: "serial", .. })));
+        assert!(matches!(
+            got.check_agrees("base", "1.0", 6),
+            Err(SignatureError::Disagrees { field: "serial", .. })
+        ));
     }
 
     #[test]
@@ -223,6 +241,9 @@ mod tests {
         let err = verify_signature(&payload, &STANDARD.encode(&sig), &keys, digest).unwrap_err();
         assert!(err.to_string().contains("does not verify"), "{err}");
 
-        assert_eq!(verify_signature(&payload, "%%%", &keys, digest).unwrap_err(), SignatureError::Base64);
+        assert_eq!(
+            verify_signature(&payload, "%%%", &keys, digest).unwrap_err(),
+            SignatureError::Base64
+        );
     }
 }

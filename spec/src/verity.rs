@@ -22,7 +22,12 @@ struct Level {
 
 impl Level {
     fn new() -> Self {
-        Self { ctx: Sha256::new(), filled: 0, received: 0, last: [0; HASH_SIZE] }
+        Self {
+            ctx: Sha256::new(),
+            filled: 0,
+            received: 0,
+            last: [0; HASH_SIZE],
+        }
     }
 }
 
@@ -35,7 +40,9 @@ pub struct VerityHasher {
 
 impl std::fmt::Debug for VerityHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerityHasher").field("size", &self.size).finish_non_exhaustive()
+        f.debug_struct("VerityHasher")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
     }
 }
 
@@ -47,7 +54,11 @@ impl Default for VerityHasher {
 
 impl VerityHasher {
     pub fn new() -> Self {
-        Self { levels: Vec::new(), partial: Vec::with_capacity(BLOCK_SIZE), size: 0 }
+        Self {
+            levels: Vec::new(),
+            partial: Vec::with_capacity(BLOCK_SIZE),
+            size: 0,
+        }
     }
 
     /// Bytes fed so far.
@@ -159,6 +170,20 @@ pub fn verity_digest(data: &[u8]) -> VerityDigest {
     h.finish()
 }
 
+/// The fs-verity digest of everything `reader` yields, read in 1 MiB chunks.
+pub fn verity_digest_of(mut reader: impl io::Read) -> io::Result<VerityDigest> {
+    let mut h = VerityHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return Ok(h.finish()),
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,9 +193,18 @@ mod tests {
     #[test]
     fn known_answers() {
         let cases: [(Vec<u8>, &str); 4] = [
-            (vec![], "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af95"),
-            (b"hello world\n".to_vec(), "37061ef2ac4c21bec68489b56138c5780306a4ad7fe6676236ecdf2c9027cd92"),
-            (vec![0x5a; 4096 * 129 + 5], "c36e9f55258ad680239bd69e27201656ca3753220daa0cf28eba7bac26c8d92c"),
+            (
+                vec![],
+                "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af95",
+            ),
+            (
+                b"hello world\n".to_vec(),
+                "37061ef2ac4c21bec68489b56138c5780306a4ad7fe6676236ecdf2c9027cd92",
+            ),
+            (
+                vec![0x5a; 4096 * 129 + 5],
+                "c36e9f55258ad680239bd69e27201656ca3753220daa0cf28eba7bac26c8d92c",
+            ),
             (
                 (0..4096usize * 128 * 130 + 3).map(|i| (i % 251) as u8).collect(),
                 "1145a5aa06f9f9144cbb976f83f7ed5c0ff4970066d383b23e90dae5f5de4f20",

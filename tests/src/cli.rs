@@ -6,9 +6,16 @@ use std::process::{Command, Output};
 /// The built `ironroot-build` binary (target/<profile>/ironroot-build).
 pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
     let bin = profile_dir.join("ironroot-build");
-    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace` (or `just test`)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or `just test`)",
+        bin.display()
+    );
     bin
 }
 
@@ -22,13 +29,21 @@ pub struct Run {
 impl Run {
     /// Panics with the command's output unless it exited 0; returns stdout trimmed.
     pub fn ok(&self) -> String {
-        assert_eq!(self.code, 0, "command failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "command failed:\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
         self.stdout.trim().to_owned()
     }
 
     /// Asserts a refusal with `code` whose message contains `needle`.
     pub fn refused(&self, code: i32, needle: &str) {
-        assert_eq!(self.code, code, "expected exit {code} mentioning {needle:?}\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, code,
+            "expected exit {code} mentioning {needle:?}\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
         assert!(self.stderr.contains(needle), "expected {needle:?} in:\n{}", self.stderr);
     }
 }
@@ -45,5 +60,9 @@ impl From<Output> for Run {
 
 /// Runs `ironroot-build ARGS…`.
 pub fn build_cmd(args: &[&str]) -> Run {
-    Command::new(binary()).args(args).output().expect("running ironroot-build").into()
+    Command::new(binary())
+        .args(args)
+        .output()
+        .expect("running ironroot-build")
+        .into()
 }

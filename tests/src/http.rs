@@ -52,7 +52,11 @@ impl Server {
                             r.push(format!("{} {}", req.method, req.path));
                         }
                         handler(&req, &mut conn);
-                        if req.headers.get("connection").is_some_and(|c| c.eq_ignore_ascii_case("close")) {
+                        if req
+                            .headers
+                            .get("connection")
+                            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+                        {
                             break;
                         }
                     }
@@ -106,7 +110,10 @@ fn read_request(conn: &mut TcpStream) -> Option<Request> {
 }
 
 pub fn respond(conn: &mut TcpStream, status: &str, content_type: &str, body: &[u8]) {
-    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len());
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
     // A client that hung up is not the server's failure.
     let _client_gone = conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(body));
 }
@@ -114,12 +121,25 @@ pub fn respond(conn: &mut TcpStream, status: &str, content_type: &str, body: &[u
 /// A token endpoint that issues `{"token": …}` only to `user:password` basic auth.
 pub fn token_server(user: &str, password: &str) -> Server {
     use base64::Engine as _;
-    let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    );
     Server::start(move |req, conn| {
         if req.headers.get("authorization") == Some(&expected) {
-            respond(conn, "200 OK", "application/json", br#"{"token":"ironroot-test-token","expires_in":300}"#);
+            respond(
+                conn,
+                "200 OK",
+                "application/json",
+                br#"{"token":"ironroot-test-token","expires_in":300}"#,
+            );
         } else {
-            respond(conn, "401 Unauthorized", "application/json", br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
+            respond(
+                conn,
+                "401 Unauthorized",
+                "application/json",
+                br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+            );
         }
     })
 }
@@ -139,7 +159,9 @@ pub fn hostile_registry(layout: PathBuf, victim: String, how: Misbehaviour) -> S
         if path == "/v2/" {
             return respond(conn, "200 OK", "application/json", b"{}");
         }
-        let Some(rest) = path.strip_prefix("/v2/") else { return respond(conn, "404 Not Found", "text/plain", b"") };
+        let Some(rest) = path.strip_prefix("/v2/") else {
+            return respond(conn, "404 Not Found", "text/plain", b"");
+        };
         let (kind, reference) = match rest.rsplit_once("/manifests/") {
             Some((_, r)) => ("manifests", r.to_owned()),
             None => match rest.rsplit_once("/blobs/") {
@@ -150,13 +172,24 @@ pub fn hostile_registry(layout: PathBuf, victim: String, how: Misbehaviour) -> S
         let digest = if reference.starts_with("sha256:") {
             reference.clone()
         } else {
-            let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap_or_default()).unwrap_or_default();
+            let index: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap_or_default())
+                    .unwrap_or_default();
             let found = index["manifests"].as_array().and_then(|ms| {
-                ms.iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == reference.as_str()).and_then(|m| m["digest"].as_str().map(str::to_owned))
+                ms.iter()
+                    .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == reference.as_str())
+                    .and_then(|m| m["digest"].as_str().map(str::to_owned))
             });
             match found {
                 Some(d) => d,
-                None => return respond(conn, "404 Not Found", "application/json", br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#),
+                None => {
+                    return respond(
+                        conn,
+                        "404 Not Found",
+                        "application/json",
+                        br#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#,
+                    );
+                }
             }
         };
         if kind == "blobs" && digest == victim {
@@ -164,10 +197,19 @@ pub fn hostile_registry(layout: PathBuf, victim: String, how: Misbehaviour) -> S
         }
         match std::fs::read(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))) {
             Ok(bytes) => {
-                let ct = if kind == "manifests" { "application/vnd.oci.image.manifest.v1+json" } else { "application/octet-stream" };
+                let ct = if kind == "manifests" {
+                    "application/vnd.oci.image.manifest.v1+json"
+                } else {
+                    "application/octet-stream"
+                };
                 respond(conn, "200 OK", ct, &bytes)
             }
-            Err(_) => respond(conn, "404 Not Found", "application/json", br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#),
+            Err(_) => respond(
+                conn,
+                "404 Not Found",
+                "application/json",
+                br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
+            ),
         }
     })
 }
@@ -175,10 +217,14 @@ pub fn hostile_registry(layout: PathBuf, victim: String, how: Misbehaviour) -> S
 fn misbehave(conn: &mut TcpStream, layout: &std::path::Path, digest: &str, how: Misbehaviour) {
     match how {
         Misbehaviour::Endless => {
-            if conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n").is_err() {
+            if conn
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
+                .is_err()
+            {
                 return;
             }
-            let real = std::fs::read(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).unwrap_or_default();
+            let real = std::fs::read(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:")))
+                .unwrap_or_default();
             if conn.write_all(&real).is_err() {
                 return;
             }
@@ -186,8 +232,10 @@ fn misbehave(conn: &mut TcpStream, layout: &std::path::Path, digest: &str, how: 
             while conn.write_all(&chunk).is_ok() {}
         }
         Misbehaviour::Trickle => {
-            let size = std::fs::metadata(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).map_or(0, |m| m.len());
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n");
+            let size = std::fs::metadata(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:")))
+                .map_or(0, |m| m.len());
+            let head =
+                format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n");
             if conn.write_all(head.as_bytes()).is_err() {
                 return;
             }

@@ -10,6 +10,12 @@
 //!
 //! A test that lacks a tool or root fails with the instruction to fix it; it never passes silently.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test support: a failed setup step should stop the test loudly"
+)]
+
 pub mod cli;
 pub mod craft;
 pub mod http;

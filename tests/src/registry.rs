@@ -35,7 +35,9 @@ pub enum Auth<'a> {
     /// TLS with a fresh CA, and htpasswd basic auth for this user and password.
     TlsBasic(&'a str, &'a str),
     /// Bearer challenges pointing at `realm` (distribution's "silly" token auth).
-    Token { realm: &'a str },
+    Token {
+        realm: &'a str,
+    },
 }
 
 impl TestRegistry {
@@ -44,7 +46,10 @@ impl TestRegistry {
     }
 
     pub fn start_with(auth: Auth<'_>) -> Self {
-        let dir = tempfile::Builder::new().prefix("ironroot-registry-").tempdir().expect("registry temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("ironroot-registry-")
+            .tempdir()
+            .expect("registry temp dir");
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("storage dir");
         let mut config = format!(
@@ -57,17 +62,29 @@ impl TestRegistry {
             Auth::None => {}
             Auth::TlsBasic(user, pass) => {
                 let (ca, cert, key) = make_tls(dir.path());
-                config.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()));
+                config.push_str(&format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    cert.display(),
+                    key.display()
+                ));
                 let htpasswd = dir.path().join("htpasswd");
-                let out = Command::new(tool("htpasswd")).args(["-Bbn", user, pass]).output().expect("htpasswd");
+                let out = Command::new(tool("htpasswd"))
+                    .args(["-Bbn", user, pass])
+                    .output()
+                    .expect("htpasswd");
                 assert!(out.status.success(), "htpasswd failed");
                 std::fs::write(&htpasswd, out.stdout).expect("write htpasswd");
-                config.push_str(&format!("auth:\n  htpasswd:\n    realm: ironroot-test\n    path: {}\n", htpasswd.display()));
+                config.push_str(&format!(
+                    "auth:\n  htpasswd:\n    realm: ironroot-test\n    path: {}\n",
+                    htpasswd.display()
+                ));
                 ca_pem = Some(ca);
                 credentials = Some((user.to_owned(), pass.to_owned()));
             }
             Auth::Token { realm } => {
-                config.push_str(&format!("auth:\n  silly:\n    realm: {realm}\n    service: ironroot-test\n"));
+                config.push_str(&format!(
+                    "auth:\n  silly:\n    realm: {realm}\n    service: ironroot-test\n"
+                ));
             }
         }
         let config_path = dir.path().join("config.yml");
@@ -81,15 +98,26 @@ impl TestRegistry {
             .expect("starting docker-registry (run `just deps`)");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
-        for pipe in [child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>), child.stdout.take().map(|p| Box::new(p) as _)]
-            .into_iter()
-            .flatten()
+        for pipe in [
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child.stdout.take().map(|p| Box::new(p) as _),
+        ]
+        .into_iter()
+        .flatten()
         {
             let log = Arc::clone(&log);
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if let Some(port) = line.split("listening on 127.0.0.1:").nth(1).and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()).and_then(|p| p.parse::<u16>().ok()) {
+                    if let Some(port) = line
+                        .split("listening on 127.0.0.1:")
+                        .nth(1)
+                        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                        .and_then(|p| p.parse::<u16>().ok())
+                    {
                         let _unused_if_test_ended = tx.send(port);
                     }
                     if let Ok(mut l) = log.lock() {
@@ -105,11 +133,24 @@ impl TestRegistry {
                 break p;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("docker-registry exited with {status}: {}", log.lock().map(|l| l.clone()).unwrap_or_default());
+                panic!(
+                    "docker-registry exited with {status}: {}",
+                    log.lock().map(|l| l.clone()).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "docker-registry did not report its address in time");
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not report its address in time"
+            );
         };
-        Self { child, port, dir, log, ca_pem, credentials }
+        Self {
+            child,
+            port,
+            dir,
+            log,
+            ca_pem,
+            credentials,
+        }
     }
 
     /// `127.0.0.1:PORT`
@@ -120,7 +161,10 @@ impl TestRegistry {
     /// The registry's file for blob `digest` (`sha256:…`), to corrupt content behind its back.
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
-        self.dir.path().join(format!("storage/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+        self.dir.path().join(format!(
+            "storage/docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
     }
 
     /// Everything the registry logged so far (includes its access log).
@@ -148,12 +192,73 @@ impl Drop for TestRegistry {
 /// A CA and a server certificate for 127.0.0.1 signed by it (P-256), made with openssl.
 fn make_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let run = |args: &[&str]| {
-        let out = Command::new(tool("openssl")).args(args).current_dir(dir).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(tool("openssl"))
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=ironroot test CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign"]);
-    run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").expect("ext.cnf");
-    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ironroot test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext.cnf");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
     (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
 }

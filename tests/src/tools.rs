@@ -30,5 +30,8 @@ pub fn tool(name: &str) -> PathBuf {
 
 /// Panics unless running as root (mounts, device nodes, trusted xattrs, ownership).
 pub fn require_root() {
-    assert!(rustix::process::geteuid().is_root(), "this test needs root (device nodes, ownership, trusted.* xattrs): run it as root");
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root (device nodes, ownership, trusted.* xattrs): run it as root"
+    );
 }

@@ -2,6 +2,12 @@
 //! real registry (plain, TLS + htpasswd, bearer token), offline through OCI layouts, and
 //! signature interoperability with the real cosign CLI in both directions for both key types.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests stop loudly on a failed setup step"
+)]
+
 use std::path::Path;
 use std::process::Command;
 
@@ -16,7 +22,19 @@ fn s(p: &Path) -> String {
 }
 
 fn build(tree: &Path, out: &Path, extra: &[&str]) -> String {
-    let mut args = vec!["module", "build", "--from", &*Box::leak(s(tree).into_boxed_str()), "--name", "base", "--version", "1.0", "--serial", "5", "--out"];
+    let mut args = vec![
+        "module",
+        "build",
+        "--from",
+        &*Box::leak(s(tree).into_boxed_str()),
+        "--name",
+        "base",
+        "--version",
+        "1.0",
+        "--serial",
+        "5",
+        "--out",
+    ];
     let out = s(out);
     args.push(&out);
     args.extend_from_slice(extra);
@@ -38,22 +56,48 @@ fn cosign(args: &[&str]) -> std::process::Output {
 fn builds_are_reproducible_from_dirs_and_tars() {
     let tmp = tempfile::tempdir().expect("tmp");
     let tree = tmp.path().join("tree");
-    generate(&tree, &TreeOptions { hardlinks: true, devices: true });
+    generate(
+        &tree,
+        &TreeOptions {
+            hardlinks: true,
+            devices: true,
+        },
+    );
     let a = build(&tree, &tmp.path().join("a"), &[]);
     let b = build(&tree, &tmp.path().join("b"), &[]);
     assert_eq!(a, b, "two builds of one tree differ");
 
     // A copy made at another time, in another order, has other mtimes and inode numbers.
     let copy = tmp.path().join("copy");
-    let st = Command::new("cp").args(["-a", "--no-preserve=timestamps"]).arg(&tree).arg(&copy).status().expect("cp");
+    let st = Command::new("cp")
+        .args(["-a", "--no-preserve=timestamps"])
+        .arg(&tree)
+        .arg(&copy)
+        .status()
+        .expect("cp");
     assert!(st.success());
-    assert_eq!(build(&copy, &tmp.path().join("c"), &[]), a, "mtimes or inode order leaked into the build");
+    assert_eq!(
+        build(&copy, &tmp.path().join("c"), &[]),
+        a,
+        "mtimes or inode order leaked into the build"
+    );
 
     // The same tree as a tar archive.
     let tar = tmp.path().join("tree.tar");
-    let st = Command::new("tar").args(["--xattrs", "--xattrs-include=*", "-C"]).arg(&tree).args(["-cf"]).arg(&tar).arg(".").status().expect("tar");
+    let st = Command::new("tar")
+        .args(["--xattrs", "--xattrs-include=*", "-C"])
+        .arg(&tree)
+        .args(["-cf"])
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .expect("tar");
     assert!(st.success());
-    assert_eq!(build(&tar, &tmp.path().join("d"), &[]), a, "tar input differs from directory input");
+    assert_eq!(
+        build(&tar, &tmp.path().join("d"), &[]),
+        a,
+        "tar input differs from directory input"
+    );
 
     // Knobs change the result, as documented.
     assert_ne!(build(&tree, &tmp.path().join("e"), &["--mtime", "86400"]), a);
@@ -65,7 +109,13 @@ fn push_sign_verify_through_a_registry_and_cosign_both_ways() {
     let reg = TestRegistry::start();
     let tmp = tempfile::tempdir().expect("tmp");
     let tree = tmp.path().join("tree");
-    generate(&tree, &TreeOptions { hardlinks: true, devices: false });
+    generate(
+        &tree,
+        &TreeOptions {
+            hardlinks: true,
+            devices: false,
+        },
+    );
     let layout = tmp.path().join("layout");
     build(&tree, &layout, &[]);
 
@@ -81,9 +131,29 @@ fn push_sign_verify_through_a_registry_and_cosign_both_ways() {
         let pinned = build_cmd(&["module", "push", &s(&layout), &format!("{repo}:1.0")]).ok();
         assert!(pinned.starts_with(&format!("{repo}@sha256:")), "{pinned}");
         build_cmd(&["module", "sign", &pinned, "--key", &key]).ok();
-        let out = cosign(&["verify", "--key", &public, "--insecure-ignore-tlog", "--allow-http-registry", &pinned]);
-        assert!(out.status.success(), "cosign rejected our {alg} signature: {}", String::from_utf8_lossy(&out.stderr));
-        let verified = build_cmd(&["module", "verify", &format!("{repo}:1.0"), "--trust", &public, "--output", "json"]).ok();
+        let out = cosign(&[
+            "verify",
+            "--key",
+            &public,
+            "--insecure-ignore-tlog",
+            "--allow-http-registry",
+            &pinned,
+        ]);
+        assert!(
+            out.status.success(),
+            "cosign rejected our {alg} signature: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let verified = build_cmd(&[
+            "module",
+            "verify",
+            &format!("{repo}:1.0"),
+            "--trust",
+            &public,
+            "--output",
+            "json",
+        ])
+        .ok();
         let v: serde_json::Value = serde_json::from_str(&verified).expect("json");
         assert_eq!(v["serial"], 5);
         assert_eq!(v["reference"], pinned);
@@ -99,9 +169,25 @@ fn push_sign_verify_through_a_registry_and_cosign_both_ways() {
         } else {
             cosign(&["generate-key-pair", "--output-key-prefix", &prefix])
         };
-        assert!(out.status.success(), "cosign key pair ({alg}): {}", String::from_utf8_lossy(&out.stderr));
-        let out = cosign(&["sign", "--key", &format!("{prefix}.key"), "--tlog-upload=false", "--allow-http-registry", "-y", &pinned2]);
-        assert!(out.status.success(), "cosign sign ({alg}): {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cosign key pair ({alg}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = cosign(&[
+            "sign",
+            "--key",
+            &format!("{prefix}.key"),
+            "--tlog-upload=false",
+            "--allow-http-registry",
+            "-y",
+            &pinned2,
+        ]);
+        assert!(
+            out.status.success(),
+            "cosign sign ({alg}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         build_cmd(&["module", "verify", &pinned2, "--trust", &format!("{prefix}.pub")]).ok();
         if alg == "ed25519" {
             // The imported key is ours: our public key verifies cosign's signature too.
@@ -122,26 +208,53 @@ fn push_sign_verify_through_a_registry_and_cosign_both_ways() {
 fn offline_through_oci_layouts() {
     let tmp = tempfile::tempdir().expect("tmp");
     let tree = tmp.path().join("tree");
-    generate(&tree, &TreeOptions { hardlinks: false, devices: false });
+    generate(
+        &tree,
+        &TreeOptions {
+            hardlinks: false,
+            devices: false,
+        },
+    );
     let layout = tmp.path().join("layout");
     let digest = build(&tree, &layout, &[]);
     let keys = tmp.path().join("keys");
     build_cmd(&["keys", "generate", "--out", &s(&keys)]).ok();
     let pinned = format!("oci:{}@{digest}", layout.display());
     build_cmd(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))]).ok();
-    build_cmd(&["module", "verify", &format!("oci:{}:1.0", layout.display()), "--trust", &s(&keys.join("ironroot.pub"))]).ok();
+    build_cmd(&[
+        "module",
+        "verify",
+        &format!("oci:{}:1.0", layout.display()),
+        "--trust",
+        &s(&keys.join("ironroot.pub")),
+    ])
+    .ok();
 
     // Copy to a second layout: the signature travels with the module.
     let copy = tmp.path().join("copy");
     let out = build_cmd(&["module", "push", &s(&layout), &format!("oci:{}:stable", copy.display())]).ok();
     assert!(out.ends_with(&digest), "{out}");
-    build_cmd(&["module", "verify", &format!("oci:{}:stable", copy.display()), "--trust", &s(&keys.join("ironroot.pub"))]).ok();
+    build_cmd(&[
+        "module",
+        "verify",
+        &format!("oci:{}:stable", copy.display()),
+        "--trust",
+        &s(&keys.join("ironroot.pub")),
+    ])
+    .ok();
 
     // And from a signed layout to a registry, offline-signed content verifies online.
     let reg = TestRegistry::start();
     let repo = format!("{}/ironroot/offline", reg.host());
     build_cmd(&["module", "push", &s(&layout), &format!("{repo}:1.0")]).ok();
-    build_cmd(&["module", "verify", &format!("{repo}:1.0"), "--trust", &s(&keys.join("ironroot.pub"))]).ok();
+    build_cmd(&[
+        "module",
+        "verify",
+        &format!("{repo}:1.0"),
+        "--trust",
+        &s(&keys.join("ironroot.pub")),
+    ])
+    .ok();
 }
 
 #[test]
@@ -150,7 +263,13 @@ fn tls_with_a_custom_ca_and_basic_auth() {
     let ca = reg.ca_pem.clone().expect("ca");
     let tmp = tempfile::tempdir().expect("tmp");
     let tree = tmp.path().join("tree");
-    generate(&tree, &TreeOptions { hardlinks: false, devices: false });
+    generate(
+        &tree,
+        &TreeOptions {
+            hardlinks: false,
+            devices: false,
+        },
+    );
     let layout = tmp.path().join("layout");
     build(&tree, &layout, &[]);
     let keys = tmp.path().join("keys");
@@ -166,14 +285,32 @@ fn tls_with_a_custom_ca_and_basic_auth() {
             .into()
     };
     let pinned = run(&["module", "push", &s(&layout), &format!("{repo}:1.0")], "s3cret").ok();
-    run(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))], "s3cret").ok();
-    run(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))], "s3cret").ok();
+    run(
+        &["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))],
+        "s3cret",
+    )
+    .ok();
+    run(
+        &["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))],
+        "s3cret",
+    )
+    .ok();
     // Wrong password: a clear authentication failure, classed as transport.
-    let bad = run(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))], "wrong");
+    let bad = run(
+        &["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))],
+        "wrong",
+    );
     assert_eq!(bad.code, 13, "{}", bad.stderr);
     assert!(bad.stderr.contains("401"), "{}", bad.stderr);
     // Without the CA the registry's certificate is not trusted.
-    let untrusted = build_cmd(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub")), "--registry-tls"]);
+    let untrusted = build_cmd(&[
+        "module",
+        "verify",
+        &pinned,
+        "--trust",
+        &s(&keys.join("ironroot.pub")),
+        "--registry-tls",
+    ]);
     assert_eq!(untrusted.code, 13, "{}", untrusted.stderr);
 }
 
@@ -184,7 +321,13 @@ fn bearer_token_auth() {
     let reg = TestRegistry::start_with(Auth::Token { realm: &realm });
     let tmp = tempfile::tempdir().expect("tmp");
     let tree = tmp.path().join("tree");
-    generate(&tree, &TreeOptions { hardlinks: false, devices: false });
+    generate(
+        &tree,
+        &TreeOptions {
+            hardlinks: false,
+            devices: false,
+        },
+    );
     let layout = tmp.path().join("layout");
     build(&tree, &layout, &[]);
     let keys = tmp.path().join("keys");
@@ -202,6 +345,13 @@ fn bearer_token_auth() {
     let pinned = run(&["module", "push", &s(&layout), &format!("{repo}:1.0")]).ok();
     run(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))]).ok();
     run(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))]).ok();
-    let scopes: Vec<_> = tokens.requests().into_iter().filter(|r| r.contains("scope=repository")).collect();
-    assert!(scopes.iter().any(|r| r.contains("pull")), "the verifier never asked the token endpoint: {scopes:?}");
+    let scopes: Vec<_> = tokens
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("scope=repository"))
+        .collect();
+    assert!(
+        scopes.iter().any(|r| r.contains("pull")),
+        "the verifier never asked the token endpoint: {scopes:?}"
+    );
 }

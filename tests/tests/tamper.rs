@@ -3,6 +3,12 @@
 //! an OCI layout (re-signed where the case needs a valid signature to reach its check), pushed
 //! to a real registry, and verified from there.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests stop loudly on a failed setup step"
+)]
+
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -37,16 +43,47 @@ impl Fixture {
         let tree = tmp.path().join("tree");
         std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
         for i in 0..5u8 {
-            std::fs::write(tree.join(format!("etc/file{i}")), vec![b'a' + i; 1000 * (i as usize + 1)]).expect("write");
+            std::fs::write(
+                tree.join(format!("etc/file{i}")),
+                vec![b'a' + i; 1000 * (i as usize + 1)],
+            )
+            .expect("write");
         }
         std::fs::write(tree.join("etc/small"), b"tiny").expect("write");
         let layout = tmp.path().join("layout");
-        let out = build_cmd(&["module", "build", "--from", &s(&tree), "--name", "base", "--version", "1", "--serial", "7", "--out", &s(&layout)]).ok();
+        let out = build_cmd(&[
+            "module",
+            "build",
+            "--from",
+            &s(&tree),
+            "--name",
+            "base",
+            "--version",
+            "1",
+            "--serial",
+            "7",
+            "--out",
+            &s(&layout),
+        ])
+        .ok();
         let digest = out.rsplit('@').next().expect("digest").parse().expect("digest parses");
         for (dir, alg) in [("keys", "ed25519"), ("other", "ed25519"), ("p256", "p256")] {
-            build_cmd(&["keys", "generate", "--out", &s(&tmp.path().join(dir)), "--algorithm", alg]).ok();
+            build_cmd(&[
+                "keys",
+                "generate",
+                "--out",
+                &s(&tmp.path().join(dir)),
+                "--algorithm",
+                alg,
+            ])
+            .ok();
         }
-        Self { reg, tmp, layout, digest }
+        Self {
+            reg,
+            tmp,
+            layout,
+            digest,
+        }
     }
 
     fn key(&self, dir: &str) -> PathBuf {
@@ -58,12 +95,23 @@ impl Fixture {
     }
 
     fn layout_target(&self) -> Target {
-        Target::Layout { dir: self.layout.clone(), tag: None, digest: None }
+        Target::Layout {
+            dir: self.layout.clone(),
+            tag: None,
+            digest: None,
+        }
     }
 
     /// Signs `digest` in the layout with key `dir` (a module payload naming that digest).
     fn sign(&self, digest: OciDigest, dir: &str) {
-        build_cmd(&["module", "sign", &format!("oci:{}@{digest}", self.layout.display()), "--key", &s(&self.key(dir))]).ok();
+        build_cmd(&[
+            "module",
+            "sign",
+            &format!("oci:{}@{digest}", self.layout.display()),
+            "--key",
+            &s(&self.key(dir)),
+        ])
+        .ok();
     }
 
     /// Signs arbitrary content (a crafted manifest or index) in the layout.
@@ -74,7 +122,13 @@ impl Fixture {
     /// Pushes layout tag `tag` (and its signature) to the registry; returns `REPO:tag`.
     fn push(&self, tag: &str) -> String {
         let repo = format!("{}/ironroot/tamper", self.reg.host());
-        build_cmd(&["module", "push", &format!("oci:{}:{tag}", self.layout.display()), &format!("{repo}:{tag}")]).ok();
+        build_cmd(&[
+            "module",
+            "push",
+            &format!("oci:{}:{tag}", self.layout.display()),
+            &format!("{repo}:{tag}"),
+        ])
+        .ok();
         format!("{repo}:{tag}")
     }
 
@@ -104,8 +158,12 @@ impl Fixture {
         let layout = ironroot_oci::layout::Layout::open(&self.layout).expect("layout");
         let mut m = self.manifest();
         craft::replace_layer(&layout, &mut m, 1, pack);
-        m.layers[1].annotations.insert(media::ANNOTATION_PACK_OBJECTS.into(), objects.to_string());
-        m.layers[1].annotations.insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
+        m.layers[1]
+            .annotations
+            .insert(media::ANNOTATION_PACK_OBJECTS.into(), objects.to_string());
+        m.layers[1]
+            .annotations
+            .insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
         let digest = craft::store(&layout, "1", &m);
         self.sign(digest, "keys");
         self.push("1")
@@ -124,7 +182,10 @@ fn flipped_signature_byte() {
     let f = Fixture::new();
     f.sign(f.digest, "keys");
     let mut sig = f.sig_manifest(f.digest);
-    let ann = sig.layers[0].annotations.get_mut(media::COSIGN_SIGNATURE_ANNOTATION).expect("annotation");
+    let ann = sig.layers[0]
+        .annotations
+        .get_mut(media::COSIGN_SIGNATURE_ANNOTATION)
+        .expect("annotation");
     let mut raw = base64::engine::general_purpose::STANDARD.decode(&*ann).expect("base64");
     raw[10] ^= 0x01;
     *ann = base64::engine::general_purpose::STANDARD.encode(raw);
@@ -139,7 +200,9 @@ fn edited_payload() {
     let layout = ironroot_oci::layout::Layout::open(&f.layout).expect("layout");
     let mut sig = f.sig_manifest(f.digest);
     let payload = std::fs::read(layout.blob_path(&sig.layers[0].digest)).expect("payload");
-    let edited = String::from_utf8(payload).expect("utf8").replace("\"io.ironroot.module.serial\":7", "\"io.ironroot.module.serial\":9");
+    let edited = String::from_utf8(payload)
+        .expect("utf8")
+        .replace("\"io.ironroot.module.serial\":7", "\"io.ironroot.module.serial\":9");
     craft::replace_layer(&layout, &mut sig, 0, edited.as_bytes());
     f.store_sig(f.digest, &sig);
     f.verify(&f.push("1"), &[]).refused(SIGNATURE, "does not verify");
@@ -151,10 +214,13 @@ fn signature_copied_onto_other_content() {
     f.sign(f.digest, "keys");
     let layout = ironroot_oci::layout::Layout::open(&f.layout).expect("layout");
     let mut other = f.manifest();
-    other.annotations.insert("org.example.note".into(), "other content".into());
+    other
+        .annotations
+        .insert("org.example.note".into(), "other content".into());
     let other_digest = craft::store(&layout, "other", &other);
     f.store_sig(other_digest, &f.sig_manifest(f.digest));
-    f.verify(&f.push("other"), &[]).refused(SIGNATURE, "copied from other content");
+    f.verify(&f.push("other"), &[])
+        .refused(SIGNATURE, "copied from other content");
 }
 
 #[test]
@@ -167,7 +233,8 @@ fn missing_signature() {
 fn wrong_key() {
     let f = Fixture::new();
     f.sign(f.digest, "other");
-    f.verify(&f.push("1"), &[]).refused(SIGNATURE, "does not verify with ed25519 key");
+    f.verify(&f.push("1"), &[])
+        .refused(SIGNATURE, "does not verify with ed25519 key");
 }
 
 #[test]
@@ -181,13 +248,27 @@ fn wrong_key_type() {
     let rsa = f.tmp.path().join("rsa.pub");
     let key = f.tmp.path().join("rsa.key");
     let ok = std::process::Command::new(ironroot_tests::tools::tool("openssl"))
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
         .arg(&key)
         .stderr(std::process::Stdio::null())
         .status()
         .expect("openssl")
         .success()
-        && std::process::Command::new(ironroot_tests::tools::tool("openssl")).args(["pkey", "-pubout", "-in"]).arg(&key).arg("-out").arg(&rsa).status().expect("openssl").success();
+        && std::process::Command::new(ironroot_tests::tools::tool("openssl"))
+            .args(["pkey", "-pubout", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&rsa)
+            .status()
+            .expect("openssl")
+            .success();
     assert!(ok, "openssl could not make an RSA key");
     build_cmd(&["module", "verify", &reference, "--trust", &s(&rsa)]).refused(1, "key type RSA is not accepted");
 }
@@ -203,7 +284,8 @@ fn layer_corrupted_on_the_registry_disk() {
     bytes[600] ^= 0xff;
     std::fs::write(&file, bytes).expect("corrupt");
     let store = f.tmp.path().join("store");
-    f.verify(&reference, &["--store", &s(&store)]).refused(CONTENT, &format!("blob {pack}: content has digest"));
+    f.verify(&reference, &["--store", &s(&store)])
+        .refused(CONTENT, &format!("blob {pack}: content has digest"));
     assert_eq!(objects_in(&store), 0, "objects from a refused pack entered the store");
 
     let image = f.manifest().layers[0].digest;
@@ -211,14 +293,23 @@ fn layer_corrupted_on_the_registry_disk() {
     let mut bytes = std::fs::read(&file).expect("registry blob");
     bytes[1100] ^= 0xff;
     std::fs::write(&file, bytes).expect("corrupt");
-    f.verify(&reference, &[]).refused(CONTENT, &format!("blob {image}: content has digest"));
+    f.verify(&reference, &[])
+        .refused(CONTENT, &format!("blob {image}: content has digest"));
 }
 
 /// Object files in a store, staging directories included.
 fn objects_in(store: &Path) -> usize {
     fn walk(p: &Path) -> usize {
         std::fs::read_dir(p).map_or(0, |rd| {
-            rd.map(|e| e.expect("entry").path()).map(|p| if p.is_dir() { walk(&p) } else { usize::from(p.parent().and_then(|d| d.file_name()) != Some("images".as_ref())) }).sum()
+            rd.map(|e| e.expect("entry").path())
+                .map(|p| {
+                    if p.is_dir() {
+                        walk(&p)
+                    } else {
+                        usize::from(p.parent().and_then(|d| d.file_name()) != Some("images".as_ref()))
+                    }
+                })
+                .sum()
         })
     }
     walk(store)
@@ -234,7 +325,8 @@ fn object_whose_bytes_do_not_match_its_name() {
     let (pack, n, bytes) = w.finish().expect("pack");
     let store = f.tmp.path().join("store");
     let reference = f.with_pack(&pack, n, bytes);
-    f.verify(&reference, &["--store", &s(&store)]).refused(CONTENT, &format!("pack entry {liar}: content has fs-verity digest"));
+    f.verify(&reference, &["--store", &s(&store)])
+        .refused(CONTENT, &format!("pack entry {liar}: content has fs-verity digest"));
     assert_eq!(objects_in(&store), 0, "an object from a refused pack entered the store");
 }
 
@@ -247,26 +339,84 @@ fn every_bad_pack_entry_kind() {
     let end = vec![0u8; 1024];
     let entry = |n: &[u8], flag: u8, link: &[u8], data: &[u8]| craft::raw_entry(n, flag, link, data);
     let cases: Vec<(&str, Vec<u8>, String)> = vec![
-        ("symlink", [entry(name.as_bytes(), b'2', b"/etc/shadow", b""), end.clone()].concat(), format!("pack entry {name:?} is a symbolic link")),
-        ("hardlink", [entry(name.as_bytes(), b'1', b"other", b""), end.clone()].concat(), format!("pack entry {name:?} is a hard link")),
-        ("char device", [entry(name.as_bytes(), b'3', b"", b""), end.clone()].concat(), "is a character device".into()),
-        ("block device", [entry(name.as_bytes(), b'4', b"", b""), end.clone()].concat(), "is a block device".into()),
-        ("directory", [entry(name.as_bytes(), b'5', b"", b""), end.clone()].concat(), "is a directory".into()),
-        ("fifo", [entry(name.as_bytes(), b'6', b"", b""), end.clone()].concat(), "is a fifo".into()),
-        ("slash", [entry(b"/", b'0', b"", good), end.clone()].concat(), "pack entry \"/\" is not named by an fs-verity digest".into()),
-        ("dotdot", [entry(b"../../etc/passwd", b'0', b"", good), end.clone()].concat(), "\"../../etc/passwd\" is not named by an fs-verity digest".into()),
-        ("duplicate", [entry(name.as_bytes(), b'0', b"", good), entry(name.as_bytes(), b'0', b"", good), end.clone()].concat(), format!("pack entry {name} appears twice")),
-        ("size disagrees", {
-            let mut e = entry(name.as_bytes(), b'0', b"", good);
-            e.truncate(512 + 10);
-            e
-        }, format!("pack entry {name} is truncated")),
-        ("trailing garbage", [entry(name.as_bytes(), b'0', b"", good), end.clone(), b"garbage".to_vec()].concat(), "trailing garbage".into()),
+        (
+            "symlink",
+            [entry(name.as_bytes(), b'2', b"/etc/shadow", b""), end.clone()].concat(),
+            format!("pack entry {name:?} is a symbolic link"),
+        ),
+        (
+            "hardlink",
+            [entry(name.as_bytes(), b'1', b"other", b""), end.clone()].concat(),
+            format!("pack entry {name:?} is a hard link"),
+        ),
+        (
+            "char device",
+            [entry(name.as_bytes(), b'3', b"", b""), end.clone()].concat(),
+            "is a character device".into(),
+        ),
+        (
+            "block device",
+            [entry(name.as_bytes(), b'4', b"", b""), end.clone()].concat(),
+            "is a block device".into(),
+        ),
+        (
+            "directory",
+            [entry(name.as_bytes(), b'5', b"", b""), end.clone()].concat(),
+            "is a directory".into(),
+        ),
+        (
+            "fifo",
+            [entry(name.as_bytes(), b'6', b"", b""), end.clone()].concat(),
+            "is a fifo".into(),
+        ),
+        (
+            "slash",
+            [entry(b"/", b'0', b"", good), end.clone()].concat(),
+            "pack entry \"/\" is not named by an fs-verity digest".into(),
+        ),
+        (
+            "dotdot",
+            [entry(b"../../etc/passwd", b'0', b"", good), end.clone()].concat(),
+            "\"../../etc/passwd\" is not named by an fs-verity digest".into(),
+        ),
+        (
+            "duplicate",
+            [
+                entry(name.as_bytes(), b'0', b"", good),
+                entry(name.as_bytes(), b'0', b"", good),
+                end.clone(),
+            ]
+            .concat(),
+            format!("pack entry {name} appears twice"),
+        ),
+        (
+            "size disagrees",
+            {
+                let mut e = entry(name.as_bytes(), b'0', b"", good);
+                e.truncate(512 + 10);
+                e
+            },
+            format!("pack entry {name} is truncated"),
+        ),
+        (
+            "trailing garbage",
+            [
+                entry(name.as_bytes(), b'0', b"", good),
+                end.clone(),
+                b"garbage".to_vec(),
+            ]
+            .concat(),
+            "trailing garbage".into(),
+        ),
     ];
     for (label, pack, needle) in cases {
         let run = f.verify(&f.with_pack(&pack, 1, good.len() as u64), &[]);
         assert_eq!(run.code, CONTENT, "{label}: {}", run.stderr);
-        assert!(run.stderr.contains(&needle), "{label}: expected {needle:?} in {}", run.stderr);
+        assert!(
+            run.stderr.contains(&needle),
+            "{label}: expected {needle:?} in {}",
+            run.stderr
+        );
     }
 }
 
@@ -281,7 +431,10 @@ fn declared_size_differs_from_actual() {
     let declared = m.layers[1].size;
     // From the layout (the registry may refuse such a manifest; the verifier must too).
     let run = f.verify(&format!("oci:{}:1", f.layout.display()), &[]);
-    run.refused(CONTENT, &format!("server declares {} bytes, the descriptor {declared}", declared - 1));
+    run.refused(
+        CONTENT,
+        &format!("server declares {} bytes, the descriptor {declared}", declared - 1),
+    );
 }
 
 #[test]
@@ -294,11 +447,25 @@ fn declared_size_over_the_cap_is_refused_before_download() {
     assert!(pack.size > image.size, "fixture: the pack must be the largest blob");
     let cap = image.size.to_string();
     let before = f.reg.log().len();
-    f.verify(&reference, &["--max-blob-size", &cap])
-        .refused(POLICY, &format!("blob {} declares {} bytes, over the {cap}-byte cap (not downloaded)", pack.digest, pack.size));
+    f.verify(&reference, &["--max-blob-size", &cap]).refused(
+        POLICY,
+        &format!(
+            "blob {} declares {} bytes, over the {cap}-byte cap (not downloaded)",
+            pack.digest, pack.size
+        ),
+    );
     let during = f.reg.log()[before..].to_owned();
-    assert!(during.contains(&format!("GET /v2/ironroot/tamper/manifests/{}", f.digest.signature_tag())), "registry access log not captured:\n{during}");
-    assert!(!during.contains(&format!("GET /v2/ironroot/tamper/blobs/{}", pack.digest)), "the over-cap blob was requested:\n{during}");
+    assert!(
+        during.contains(&format!(
+            "GET /v2/ironroot/tamper/manifests/{}",
+            f.digest.signature_tag()
+        )),
+        "registry access log not captured:\n{during}"
+    );
+    assert!(
+        !during.contains(&format!("GET /v2/ironroot/tamper/blobs/{}", pack.digest)),
+        "the over-cap blob was requested:\n{during}"
+    );
 }
 
 #[test]
@@ -325,9 +492,12 @@ fn image_index() {
     })
     .to_string();
     let digest = layout.write_blob(index.as_bytes()).expect("index");
-    layout.set_tag("idx", Descriptor::new(media::OCI_INDEX, digest, index.len() as u64)).expect("tag");
+    layout
+        .set_tag("idx", Descriptor::new(media::OCI_INDEX, digest, index.len() as u64))
+        .expect("tag");
     f.sign_raw(digest);
-    f.verify(&format!("oci:{}:idx", f.layout.display()), &[]).refused(POLICY, "resolves to an image index");
+    f.verify(&format!("oci:{}:idx", f.layout.display()), &[])
+        .refused(POLICY, "resolves to an image index");
 }
 
 #[test]
@@ -336,7 +506,8 @@ fn serial_below_the_floor() {
     f.sign(f.digest, "keys");
     let reference = f.push("1");
     f.verify(&reference, &["--min-serial", "7"]).ok();
-    f.verify(&reference, &["--min-serial", "8"]).refused(POLICY, "module base serial 7 is below the minimum 8 (rollback refused)");
+    f.verify(&reference, &["--min-serial", "8"])
+        .refused(POLICY, "module base serial 7 is below the minimum 8 (rollback refused)");
 }
 
 #[test]
@@ -351,11 +522,16 @@ fn unknown_object_names_fail_completeness() {
     let layout = ironroot_oci::layout::Layout::open(&f.layout).expect("layout");
     let mut m = f.manifest();
     craft::replace_layer(&layout, &mut m, 1, &pack);
-    m.layers[1].annotations.insert(media::ANNOTATION_PACK_OBJECTS.into(), n.to_string());
-    m.layers[1].annotations.insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
+    m.layers[1]
+        .annotations
+        .insert(media::ANNOTATION_PACK_OBJECTS.into(), n.to_string());
+    m.layers[1]
+        .annotations
+        .insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
     // Fix the config totals too, so the completeness check is what refuses it.
     let config_path = layout.blob_path(&m.config.digest);
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(config_path).expect("config")).expect("json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(config_path).expect("config")).expect("json");
     config["objects"] = n.into();
     config["objectBytes"] = bytes.into();
     let config_bytes = serde_json::to_vec(&config).expect("json");
@@ -363,5 +539,6 @@ fn unknown_object_names_fail_completeness() {
     m.config.size = config_bytes.len() as u64;
     let digest = craft::store(&layout, "1", &m);
     f.sign(digest, "keys");
-    f.verify(&f.push("1"), &[]).refused(CONTENT, "store lacks 5 objects the image references");
+    f.verify(&f.push("1"), &[])
+        .refused(CONTENT, "store lacks 5 objects the image references");
 }

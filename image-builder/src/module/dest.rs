@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use ironroot_oci::layout::Layout;
 use ironroot_oci::registry::Registry;
 use ironroot_oci::{RegistryAccess, Target};
-use ironroot_spec::manifest::Descriptor;
 use ironroot_spec::OciDigest;
+use ironroot_spec::manifest::Descriptor;
 
 #[derive(Debug)]
 pub enum Destination {
@@ -29,7 +29,9 @@ impl Destination {
     /// Stores a blob from a file whose digest the caller knows; returns whether bytes moved.
     pub async fn put_blob_file(&self, path: &Path, digest: &OciDigest, size: u64) -> anyhow::Result<bool> {
         match self {
-            Self::Registry { registry, repository } => Ok(registry.push_blob_file(repository, path, digest, size).await?),
+            Self::Registry { registry, repository } => {
+                Ok(registry.push_blob_file(repository, path, digest, size).await?)
+            }
             Self::Layout(l) => {
                 if l.has_blob(digest) {
                     return Ok(false);
@@ -53,7 +55,9 @@ impl Destination {
     pub async fn put_manifest(&self, tag: &str, bytes: Vec<u8>, media_type: &str) -> anyhow::Result<OciDigest> {
         let digest = OciDigest::of(&bytes);
         match self {
-            Self::Registry { registry, repository } => registry.push_manifest(repository, tag, bytes, media_type).await?,
+            Self::Registry { registry, repository } => {
+                registry.push_manifest(repository, tag, bytes, media_type).await?
+            }
             Self::Layout(l) => {
                 let size = bytes.len() as u64;
                 l.write_blob(&bytes)?;

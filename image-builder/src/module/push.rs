@@ -25,23 +25,45 @@ pub struct PushOutput {
 
 /// Parses the LAYOUT argument: a directory, or `oci:DIR[:TAG]`.
 pub fn layout_target(arg: &str) -> anyhow::Result<(Layout, Option<String>)> {
-    let target = if arg.starts_with("oci:") { Target::parse(arg)? } else { Target::Layout { dir: arg.into(), tag: None, digest: None } };
-    let Target::Layout { dir, tag, .. } = target else { bail!("{arg} is not a layout") };
+    let target = if arg.starts_with("oci:") {
+        Target::parse(arg)?
+    } else {
+        Target::Layout {
+            dir: arg.into(),
+            tag: None,
+            digest: None,
+        }
+    };
+    let Target::Layout { dir, tag, .. } = target else {
+        bail!("{arg} is not a layout")
+    };
     Ok((Layout::open(&dir)?, tag))
 }
 
-pub async fn push(layout_arg: &str, dest_ref: &str, access: &RegistryAccess, progress: &Progress) -> anyhow::Result<PushOutput> {
+pub async fn push(
+    layout_arg: &str,
+    dest_ref: &str,
+    access: &RegistryAccess,
+    progress: &Progress,
+) -> anyhow::Result<PushOutput> {
     let (layout, tag) = layout_target(layout_arg)?;
     let (tag, desc) = match tag {
         Some(t) => {
-            let d = layout.resolve(&t)?.with_context(|| format!("layout {} has no tag {t}", layout.dir().display()))?;
+            let d = layout
+                .resolve(&t)?
+                .with_context(|| format!("layout {} has no tag {t}", layout.dir().display()))?;
             (t, d)
         }
         None => {
             let mut tags = layout.module_tags()?;
             if tags.len() != 1 {
                 let names: Vec<_> = tags.iter().map(|(t, _)| t.as_str()).collect();
-                bail!("layout {} holds {} manifests ({}); name one as oci:DIR:TAG", layout.dir().display(), tags.len(), names.join(", "));
+                bail!(
+                    "layout {} holds {} manifests ({}); name one as oci:DIR:TAG",
+                    layout.dir().display(),
+                    tags.len(),
+                    names.join(", ")
+                );
             }
             tags.remove(0)
         }
@@ -71,24 +93,40 @@ pub async fn push(layout_arg: &str, dest_ref: &str, access: &RegistryAccess, pro
     Ok(out)
 }
 
-async fn copy_manifest(layout: &Layout, dest: &Destination, digest: OciDigest, tag: &str, out: &mut PushOutput, progress: &Progress) -> anyhow::Result<()> {
+async fn copy_manifest(
+    layout: &Layout,
+    dest: &Destination,
+    digest: OciDigest,
+    tag: &str,
+    out: &mut PushOutput,
+    progress: &Progress,
+) -> anyhow::Result<()> {
     let path = layout.blob_path(&digest);
     let bytes = std::fs::read(&path).with_context(|| format!("reading manifest {}", path.display()))?;
     if OciDigest::of(&bytes) != digest {
         bail!("layout blob {} does not match its digest", path.display());
     }
     let manifest = ImageManifest::parse(&bytes).with_context(|| format!("manifest {digest}"))?;
-    let total: u64 = std::iter::once(&manifest.config).chain(&manifest.layers).map(|d| d.size).sum();
+    let total: u64 = std::iter::once(&manifest.config)
+        .chain(&manifest.layers)
+        .map(|d| d.size)
+        .sum();
     progress.bytes(&format!("pushing {tag}"), total);
     for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
         let path = layout.blob_path(&blob.digest);
-        if dest.put_blob_file(&path, &blob.digest, blob.size).await.with_context(|| format!("pushing blob {}", blob.digest))? {
+        if dest
+            .put_blob_file(&path, &blob.digest, blob.size)
+            .await
+            .with_context(|| format!("pushing blob {}", blob.digest))?
+        {
             out.blobs_uploaded += 1;
         } else {
             out.blobs_present += 1;
         }
         progress.advance(blob.size);
     }
-    dest.put_manifest(tag, bytes, media::OCI_MANIFEST).await.with_context(|| format!("pushing manifest {tag}"))?;
+    dest.put_manifest(tag, bytes, media::OCI_MANIFEST)
+        .await
+        .with_context(|| format!("pushing manifest {tag}"))?;
     Ok(())
 }

@@ -51,14 +51,22 @@ pub enum VerifyCommandError {
 }
 
 /// Verifies `target`; objects land in `store` or a scratch directory.
-pub async fn verify(target: &Target, store: Option<PathBuf>, opts: &VerifyOptions, access: &RegistryAccess) -> Result<VerifyOutput, VerifyCommandError> {
+pub async fn verify(
+    target: &Target,
+    store: Option<PathBuf>,
+    opts: &VerifyOptions,
+    access: &RegistryAccess,
+) -> Result<VerifyOutput, VerifyCommandError> {
     let open = |e: anyhow::Error| VerifyCommandError::Open(target.to_string(), e);
     let src = AnySource::open(target, access).map_err(|e| open(e.into()))?;
     let scratch;
     let root = match store {
         Some(p) => p,
         None => {
-            scratch = tempfile::Builder::new().prefix("ironroot-verify-").tempdir().map_err(|e| open(e.into()))?;
+            scratch = tempfile::Builder::new()
+                .prefix("ironroot-verify-")
+                .tempdir()
+                .map_err(|e| open(e.into()))?;
             scratch.path().to_owned()
         }
     };
