@@ -386,18 +386,41 @@ fn unpack(
     bytes: u64,
 ) -> Result<u64, PackError> {
     let mut reader = PackReader::new(io::BufReader::with_capacity(256 * 1024, input));
+    let mut buf = vec![0u8; 256 * 1024];
     while let Some(mut obj) = reader.next_object()? {
         let d = obj.digest();
         if store.contains(&d) {
-            io::copy(&mut obj, &mut io::sink())?;
+            copy_large(&mut obj, &mut io::sink(), &mut buf)?;
             continue;
         }
         let path = staging.partial_path(&d);
         let mut file = std::fs::File::create(&path)?;
-        io::copy(&mut obj, &mut file)?;
+        copy_large(&mut obj, &mut file, &mut buf)?;
         drop(file);
         staging.accept(d)?;
     }
     reader.check_totals(objects, bytes)?;
     Ok(reader.totals().0)
+}
+
+/// Copies through a caller-owned buffer, filling it before each write: network chunks are
+/// small, and one write per chunk would cost a syscall every few KiB.
+fn copy_large(r: &mut impl Read, w: &mut impl io::Write, buf: &mut [u8]) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        let mut filled = 0;
+        while filled < buf.len() {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        w.write_all(&buf[..filled])?;
+        total += filled as u64;
+    }
 }

@@ -206,11 +206,15 @@ fn write_pack(
 ) -> anyhow::Result<Descriptor> {
     let tmp = partial_path(&layout.dir().join(format!("blobs/sha256/pack-{index}")));
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut pack = PackWriter::new(HashingWriter {
-        inner: BufWriter::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
-        len: 0,
-    });
+    // BufWriter outermost: io::copy then moves 1 MiB at a time and the hash sees large chunks.
+    let mut pack = PackWriter::new(BufWriter::with_capacity(
+        1 << 20,
+        HashingWriter {
+            inner: file,
+            hasher: Sha256::new(),
+            len: 0,
+        },
+    ));
     for (digest, obj) in group {
         let mut src = std::fs::OpenOptions::new()
             .read(true)
@@ -233,9 +237,13 @@ fn write_pack(
             .with_context(|| format!("packing {}", obj.path.display()))?;
         progress.advance(obj.size);
     }
-    let (mut w, objects, bytes) = pack.finish().with_context(|| format!("writing {}", tmp.display()))?;
-    w.flush()?;
-    w.inner.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let (w, objects, bytes) = pack.finish().with_context(|| format!("writing {}", tmp.display()))?;
+    // No fsync: a torn pack after a crash fails its digest on the next push or verify, and a
+    // build is cheap to repeat; syncing hundreds of MiB would double the build time.
+    let w = w
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(|| format!("writing {}", tmp.display()))?;
     let digest = OciDigest::new(w.hasher.finalize().into());
     std::fs::rename(&tmp, layout.blob_path(&digest)).with_context(|| format!("renaming {}", tmp.display()))?;
     let mut desc = Descriptor::new(media::OBJECT_PACK, digest, w.len);

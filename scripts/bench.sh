@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# `just bench`: ironroot's module toolchain against its baselines, measured in the same run.
+# Prints ratios; asserts nothing (targets are goals, not test conditions).
+#
+#   module build      ironroot-build module build      vs mkcomposefs --min-version=1 --digest-store   target <= 1.0 (time ratio)
+#   fs-verity digest  ironroot-build verity            vs openssl dgst -sha256 (SHA extensions)       target >= 0.8 (throughput ratio)
+#   module verify     ironroot-build module verify     vs openssl dgst -sha256 of the same blob bytes target >= 0.5 (throughput ratio)
+#
+# BENCH_MB sets the tree size (default 384). Every run takes the best of BENCH_RUNS (default 3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TOOLS=${IRONROOT_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/ironroot/tools}
+export PATH="$TOOLS/bin:$PATH"
+MB=${BENCH_MB:-384}
+RUNS=${BENCH_RUNS:-3}
+BIN=target/release/ironroot-build
+WORK=$(mktemp -d /var/tmp/ironroot-bench.XXXXXX)
+REG_PID=
+cleanup() {
+    [ -n "$REG_PID" ] && kill "$REG_PID" 2>/dev/null && wait "$REG_PID" 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+# best_of CMD...: prints the fastest wall time of $RUNS runs of CMD (a shell snippet).
+best_of() {
+    local best= t0 t1 d
+    for _ in $(seq "$RUNS"); do
+        t0=$(now); bash -c "$1" >/dev/null 2>&1 || { echo "bench: failed: $1" >&2; exit 1; }; t1=$(now)
+        d=$(echo "$t1 - $t0" | bc -l)
+        if [ -z "$best" ] || [ "$(echo "$d < $best" | bc -l)" = 1 ]; then best=$d; fi
+    done
+    printf '%s' "$best"
+}
+
+echo "bench: generating a ${MB} MiB tree" >&2
+python3 - "$WORK/tree" "$MB" <<'PY'
+import os, random, sys
+root, total = sys.argv[1], int(sys.argv[2]) << 20
+rng = random.Random(7)
+written, i = 0, 0
+while written < total:
+    d = os.path.join(root, f"d{i // 100:03d}")
+    os.makedirs(d, exist_ok=True)
+    size = rng.choice([40, 900, 4096, 16 << 10, 64 << 10, 300 << 10, 2 << 20, 8 << 20])
+    with open(os.path.join(d, f"f{i:05d}"), "wb") as f:
+        f.write(os.urandom(size))
+    written += size
+    i += 1
+print(f"{i} files", file=sys.stderr)
+PY
+
+# 1. module build vs mkcomposefs --digest-store
+t_ours=$(best_of "rm -rf $WORK/layout && $BIN module build --from $WORK/tree --name bench --version 1 --serial 1 --out $WORK/layout --hardlinks break")
+t_theirs=$(best_of "rm -rf $WORK/cstore $WORK/c.img && mkcomposefs --min-version=1 --digest-store=$WORK/cstore $WORK/tree $WORK/c.img")
+
+# 2. fs-verity digest vs openssl sha256 on the same files
+bytes_tree=$(du -sb "$WORK/tree" | cut -f1)
+t_verity=$(best_of "find $WORK/tree -type f -print0 | xargs -0 $BIN verity")
+t_sha=$(best_of "find $WORK/tree -type f -print0 | xargs -0 openssl dgst -sha256")
+
+# 3. module verify from a loopback registry vs openssl sha256 of the same bytes
+mkdir -p "$WORK/reg"
+cat >"$WORK/reg.yml" <<YML
+version: 0.1
+log:
+  level: info
+storage:
+  filesystem:
+    rootdirectory: $WORK/reg
+http:
+  addr: 127.0.0.1:0
+YML
+docker-registry serve "$WORK/reg.yml" >"$WORK/reg.log" 2>&1 &
+REG_PID=$!
+for _ in $(seq 100); do grep -q 'listening on' "$WORK/reg.log" && break; sleep 0.1; done
+PORT=$(grep -o "listening on 127.0.0.1:[0-9]*" "$WORK/reg.log" | head -n1 | cut -d: -f2 || true)
+[ -n "$PORT" ] || { echo "bench: registry did not start" >&2; cat "$WORK/reg.log" >&2; exit 1; }
+$BIN keys generate --out "$WORK/keys" >/dev/null
+REF=$($BIN module push "$WORK/layout" "127.0.0.1:$PORT/bench/module:1")
+$BIN module sign "$REF" --key "$WORK/keys/ironroot.key" >/dev/null
+blobs=$(python3 - "$WORK/layout" "${REF#*@}" <<'PY'
+import json, sys
+layout, digest = sys.argv[1], sys.argv[2]
+m = json.load(open(f"{layout}/blobs/sha256/{digest[7:]}"))
+print(" ".join(f"{layout}/blobs/sha256/{d['digest'][7:]}" for d in [m["config"], *m["layers"]]))
+PY
+)
+bytes_module=$(du -cb $blobs | tail -n1 | cut -f1)
+t_verify=$(best_of "rm -rf $WORK/store && $BIN module verify $REF --trust $WORK/keys/ironroot.pub --store $WORK/store")
+t_sha_mod=$(best_of "openssl dgst -sha256 $blobs")
+
+ratio() { echo "scale=2; $1 / $2" | bc -l; }
+mbps() { echo "scale=0; $1 / 1048576 / $2" | bc -l; }
+printf '\n%-18s %14s %14s %8s  %s\n' "benchmark" "ironroot" "baseline" "ratio" "target"
+printf '%-18s %13.2fs %13.2fs %8s  %s\n' "module build" "$t_ours" "$t_theirs" "$(ratio "$t_ours" "$t_theirs")" "<= 1.0 (time; mkcomposefs --digest-store)"
+printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "fs-verity digest" "$(mbps "$bytes_tree" "$t_verity")" "$(mbps "$bytes_tree" "$t_sha")" "$(ratio "$t_sha" "$t_verity")" ">= 0.8 (throughput; openssl dgst -sha256)"
+printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "module verify" "$(mbps "$bytes_module" "$t_verify")" "$(mbps "$bytes_module" "$t_sha_mod")" "$(ratio "$t_sha_mod" "$t_verify")" ">= 0.5 (throughput; openssl dgst -sha256, same bytes)"
+printf '\n(%s MiB tree, %s MiB of module blobs, best of %s runs each)\n' "$((bytes_tree >> 20))" "$((bytes_module >> 20))" "$RUNS"
