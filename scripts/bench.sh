@@ -90,6 +90,9 @@ PY
 )
 bytes_module=$(du -cb $blobs | tail -n1 | cut -f1)
 t_verify=$(best_of "rm -rf $WORK/store && $BIN module verify $REF --trust $WORK/keys/ironroot.pub --store $WORK/store")
+RAMSTORE=/dev/shm/ironroot-bench-store.$$
+t_verify_ram=$(best_of "rm -rf $RAMSTORE && $BIN module verify $REF --trust $WORK/keys/ironroot.pub --store $RAMSTORE")
+rm -rf "$RAMSTORE"
 t_sha_mod=$(best_of "openssl dgst -sha256 $blobs")
 
 ratio() { echo "scale=2; $1 / $2" | bc -l; }
@@ -97,5 +100,6 @@ mbps() { echo "scale=0; $1 / 1048576 / $2" | bc -l; }
 printf '\n%-18s %14s %14s %8s  %s\n' "benchmark" "ironroot" "baseline" "ratio" "target"
 printf '%-18s %13.2fs %13.2fs %8s  %s\n' "module build" "$t_ours" "$t_theirs" "$(ratio "$t_ours" "$t_theirs")" "<= 1.0 (time; mkcomposefs --digest-store)"
 printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "fs-verity digest" "$(mbps "$bytes_tree" "$t_verity")" "$(mbps "$bytes_tree" "$t_sha")" "$(ratio "$t_sha" "$t_verity")" ">= 0.8 (throughput; openssl dgst -sha256)"
-printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "module verify" "$(mbps "$bytes_module" "$t_verify")" "$(mbps "$bytes_module" "$t_sha_mod")" "$(ratio "$t_sha_mod" "$t_verify")" ">= 0.5 (throughput; openssl dgst -sha256, same bytes)"
+printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "module verify" "$(mbps "$bytes_module" "$t_verify")" "$(mbps "$bytes_module" "$t_sha_mod")" "$(ratio "$t_sha_mod" "$t_verify")" ">= 0.5 (throughput; openssl dgst -sha256, same bytes; store on disk)"
+printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "  ... RAM store" "$(mbps "$bytes_module" "$t_verify_ram")" "$(mbps "$bytes_module" "$t_sha_mod")" "$(ratio "$t_sha_mod" "$t_verify_ram")" ">= 0.5 (same, store in /dev/shm as on a diskless node)"
 printf '\n(%s MiB tree, %s MiB of module blobs, best of %s runs each)\n' "$((bytes_tree >> 20))" "$((bytes_module >> 20))" "$RUNS"

@@ -270,7 +270,7 @@ pub async fn fetch_to_file<S: ModuleSource>(
 }
 
 /// Chunks handed from the download task to the unpacking thread; bounded, so memory is too.
-const PACK_PIPE_DEPTH: usize = 16;
+const PACK_PIPE_DEPTH: usize = 64;
 
 struct ChannelSink {
     tx: tokio::sync::mpsc::Sender<Bytes>,

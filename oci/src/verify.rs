@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use composefs::fsverity::{FsVerityHashValue, Sha256HashValue};
+use composefs::fsverity::{FsVerityHashValue as _, Sha256HashValue};
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use ironroot_spec::config::ConfigError;
 use ironroot_spec::manifest::{ImageManifest, ModuleManifest};
@@ -274,11 +274,6 @@ pub async fn verify_module<S: ModuleSource>(
         });
     }
 
-    let stats: Vec<_> = futures_util::stream::iter(module.packs.iter())
-        .map(|pack| download::fetch_pack(src, pack, store, limits))
-        .buffer_unordered(limits.parallel.max(1))
-        .try_collect()
-        .await?;
     let objects: u64 = module.packs.iter().map(|p| p.objects).sum();
     let object_bytes: u64 = module.packs.iter().map(|p| p.object_bytes).sum();
     if objects != config.objects {
@@ -295,7 +290,26 @@ pub async fn verify_module<S: ModuleSource>(
             found: object_bytes,
         });
     }
-    check_complete(&image_bytes, module.image.digest, store)?;
+    let referenced = referenced_objects(&image_bytes, module.image.digest)?;
+    // A warm store already holds every object the verified image names (each was checked when
+    // it entered): the packs would bring nothing, so they are not fetched.
+    let stats: Vec<_> = if missing(&referenced, store).is_empty() {
+        tracing::debug!(module.digest = %digest, "store is warm; packs not fetched");
+        Vec::new()
+    } else {
+        futures_util::stream::iter(module.packs.iter())
+            .map(|pack| download::fetch_pack(src, pack, store, limits))
+            .buffer_unordered(limits.parallel.max(1))
+            .try_collect()
+            .await?
+    };
+    let lacking = missing(&referenced, store);
+    if let Some(first) = lacking.first() {
+        return Err(VerifyError::Incomplete {
+            missing: lacking.len(),
+            first: *first,
+        });
+    }
     downloaded += stats.iter().map(|s| s.downloaded).sum::<u64>();
     Ok(VerifiedModule {
         digest,
@@ -329,24 +343,19 @@ fn remove_quietly(path: &std::path::Path) {
     }
 }
 
-/// Every object the EROFS image redirects to must be in the store.
-fn check_complete(image: &[u8], digest: OciDigest, store: &ObjectStore) -> Result<(), VerifyError> {
+/// Every object the EROFS image redirects to, sorted.
+fn referenced_objects(image: &[u8], digest: OciDigest) -> Result<Vec<VerityDigest>, VerifyError> {
     let referenced =
         composefs::erofs::reader::collect_objects::<Sha256HashValue>(image).map_err(|e| VerifyError::Image {
             digest,
             reason: e.to_string(),
         })?;
-    let mut missing: Vec<VerityDigest> = referenced
-        .iter()
-        .filter_map(|id| id.to_hex().parse::<VerityDigest>().ok())
-        .filter(|d| !store.contains(d))
-        .collect();
-    missing.sort();
-    match missing.first() {
-        None => Ok(()),
-        Some(first) => Err(VerifyError::Incomplete {
-            missing: missing.len(),
-            first: *first,
-        }),
-    }
+    let mut out: Vec<VerityDigest> = referenced.iter().filter_map(|id| id.to_hex().parse().ok()).collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The referenced objects the store lacks.
+fn missing(referenced: &[VerityDigest], store: &ObjectStore) -> Vec<VerityDigest> {
+    referenced.iter().filter(|d| !store.contains(d)).copied().collect()
 }

@@ -355,3 +355,64 @@ fn bearer_token_auth() {
         "the verifier never asked the token endpoint: {scopes:?}"
     );
 }
+
+#[test]
+fn a_warm_store_fetches_no_packs() {
+    let reg = TestRegistry::start();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tree = tmp.path().join("tree");
+    generate(
+        &tree,
+        &TreeOptions {
+            hardlinks: false,
+            devices: false,
+        },
+    );
+    let layout = tmp.path().join("layout");
+    build(&tree, &layout, &[]);
+    let keys = tmp.path().join("keys");
+    build_cmd(&["keys", "generate", "--out", &s(&keys)]).ok();
+    let repo = format!("{}/ironroot/warm", reg.host());
+    let pinned = build_cmd(&["module", "push", &s(&layout), &format!("{repo}:1.0")]).ok();
+    build_cmd(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))]).ok();
+    let store = s(&tmp.path().join("store"));
+    let verify = || -> serde_json::Value {
+        let out = build_cmd(&[
+            "module",
+            "verify",
+            &pinned,
+            "--trust",
+            &s(&keys.join("ironroot.pub")),
+            "--store",
+            &store,
+            "--output",
+            "json",
+        ])
+        .ok();
+        serde_json::from_str(&out).expect("json")
+    };
+    let cold = verify();
+    assert!(cold["downloaded_bytes"].as_u64().unwrap_or(0) > 0);
+    let before = reg.log().len();
+    let warm = verify();
+    assert_eq!(warm["downloaded_bytes"], 0, "{warm}");
+    // The registry's own record: the second run read manifests and the signature, no blobs
+    // beyond the small signature payload and config.
+    let manifest = ironroot_spec::manifest::ModuleManifest::parse(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(pinned.rsplit(':').next().expect("hex")),
+        )
+        .expect("manifest"),
+    )
+    .expect("module");
+    let during = reg.log()[before..].to_owned();
+    for layer in &manifest.manifest.layers {
+        assert!(
+            !during.contains(&format!("blobs/{}", layer.digest)),
+            "warm verify fetched {}:\n{during}",
+            layer.digest
+        );
+    }
+}
