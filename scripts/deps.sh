@@ -65,7 +65,7 @@ apt_install docker-registry apache2-utils openssl ca-certificates python3-pip bc
 # 2. just
 if ! command -v just >/dev/null 2>&1; then
     step "pip install rust-just"
-    pip install --quiet rust-just 2>/dev/null || pip install --quiet --break-system-packages rust-just
+    python3 -m pip install --quiet rust-just 2>/dev/null || python3 -m pip install --quiet --break-system-packages rust-just
 fi
 
 # 3. cosign 2.x from trixie.

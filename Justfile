@@ -1,0 +1,32 @@
+# ironroot: the one entry point. `just --list` shows every recipe.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Install every external tool the tests, demo and benchmarks use (idempotent, cached).
+deps:
+    bash scripts/deps.sh
+
+# The whole suite: unit tests and the real-peer tier (registry, cosign, mkcomposefs). Needs root.
+test: deps
+    cargo test --workspace --locked
+
+# Sign, push and verify a module against a local registry, end to end, with ironroot and cosign.
+demo: deps
+    cargo build --release --locked -p ironroot-build
+    bash scripts/demo.sh
+
+# Benchmarks against their baselines, measured in the same run (ratios printed, not asserted).
+bench: deps
+    cargo build --release --locked -p ironroot-build
+    bash scripts/bench.sh
+
+# Release build of every binary.
+build:
+    cargo build --release --locked --workspace
+
+fmt:
+    cargo fmt --all
+
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --all-targets --locked -- -D warnings
