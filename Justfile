@@ -7,7 +7,10 @@ deps:
     bash scripts/deps.sh
 
 # The whole suite: unit tests and the real-peer tier (registry, cosign, mkcomposefs). Needs root.
+# The binaries are built first: the real-peer tests run them, and `cargo test` alone builds
+# only the binaries of packages that have integration tests of their own.
 test: deps
+    cargo build --workspace --locked
     cargo test --workspace --locked
 
 # Sign, push and verify a module against a local registry, end to end, with ironroot and cosign.

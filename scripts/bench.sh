@@ -10,15 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TOOLS=${IRONROOT_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/ironroot/tools}
-export PATH="$TOOLS/bin:$PATH"
+. scripts/registry.sh
 MB=${BENCH_MB:-384}
 RUNS=${BENCH_RUNS:-3}
 BIN=target/release/ironroot-build
 WORK=$(mktemp -d /var/tmp/ironroot-bench.XXXXXX)
-REG_PID=
 cleanup() {
-    if [ -n "$REG_PID" ]; then kill "$REG_PID" 2>/dev/null || true; wait "$REG_PID" 2>/dev/null || true; fi
+    stop_registry
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -62,22 +60,8 @@ t_verity=$(best_of "find $WORK/tree -type f -print0 | xargs -0 $BIN verity")
 t_sha=$(best_of "find $WORK/tree -type f -print0 | xargs -0 openssl dgst -sha256")
 
 # 3. module verify from a loopback registry vs openssl sha256 of the same bytes
-mkdir -p "$WORK/reg"
-cat >"$WORK/reg.yml" <<YML
-version: 0.1
-log:
-  level: info
-storage:
-  filesystem:
-    rootdirectory: $WORK/reg
-http:
-  addr: 127.0.0.1:0
-YML
-docker-registry serve "$WORK/reg.yml" >"$WORK/reg.log" 2>&1 &
-REG_PID=$!
-for _ in $(seq 100); do grep -q 'listening on' "$WORK/reg.log" && break; sleep 0.1; done
-PORT=$(grep -o "listening on 127.0.0.1:[0-9]*" "$WORK/reg.log" | head -n1 | cut -d: -f2 || true)
-[ -n "$PORT" ] || { echo "bench: registry did not start" >&2; cat "$WORK/reg.log" >&2; exit 1; }
+start_registry "$WORK/reg"
+PORT=$REG_PORT
 $BIN keys generate --out "$WORK/keys" >/dev/null
 REF=$($BIN module push "$WORK/layout" "127.0.0.1:$PORT/bench/module:1")
 $BIN module sign "$REF" --key "$WORK/keys/ironroot.key" >/dev/null

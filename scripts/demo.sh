@@ -6,35 +6,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TOOLS=${IRONROOT_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/ironroot/tools}
-export PATH="$TOOLS/bin:$PATH"
+. scripts/registry.sh
 BIN=target/release/ironroot-build
 WORK=$(mktemp -d /var/tmp/ironroot-demo.XXXXXX)
-REG_PID=
 cleanup() {
-    if [ -n "$REG_PID" ]; then kill "$REG_PID" 2>/dev/null || true; wait "$REG_PID" 2>/dev/null || true; fi
+    stop_registry
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "starting a registry on 127.0.0.1"
-mkdir -p "$WORK/registry"
-cat >"$WORK/registry.yml" <<YML
-version: 0.1
-log:
-  level: info
-storage:
-  filesystem:
-    rootdirectory: $WORK/registry
-http:
-  addr: 127.0.0.1:0
-YML
-docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
-REG_PID=$!
-for _ in $(seq 100); do grep -q 'listening on' "$WORK/registry.log" && break; sleep 0.1; done
-PORT=$(grep -o 'listening on 127.0.0.1:[0-9]*' "$WORK/registry.log" | head -n1 | cut -d: -f2 || true)
-[ -n "$PORT" ] || { echo "demo: the registry did not start:" >&2; cat "$WORK/registry.log" >&2; exit 1; }
+start_registry "$WORK/registry"
+PORT=$REG_PORT
 echo "registry at 127.0.0.1:$PORT"
 
 say "ironroot-build keys generate"

@@ -20,10 +20,6 @@ impl Progress {
         }
     }
 
-    pub fn hidden() -> Self {
-        Self { bar: None }
-    }
-
     /// Starts a phase with a spinner and a message.
     pub fn phase(&self, msg: &str) {
         if let Some(b) = &self.bar {

@@ -93,16 +93,6 @@ pub enum DownloadError {
     SinkClosed { digest: OciDigest },
 }
 
-impl DownloadError {
-    /// Whether a retry might succeed (network trouble), as opposed to bad content or policy.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Deadline { .. } | Self::Source { .. } | Self::Stream { .. } | Self::Short { .. }
-        )
-    }
-}
-
 /// Streams blob `desc` through `sink`, enforcing cap, declared size, deadline and digest.
 /// Returns the number of bytes streamed (equal to `desc.size` on success).
 async fn stream_blob<S, F>(src: &S, desc: &Descriptor, limits: &Limits, mut sink: F) -> Result<u64, DownloadError>

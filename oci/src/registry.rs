@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine as _;
-use futures_util::StreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use ironroot_spec::OciDigest;
 use oci_client::Reference;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
@@ -286,6 +286,26 @@ impl Registry {
         Reference::with_tag(self.host.clone(), repository.to_owned(), "latest".to_owned())
     }
 
+    fn push_error(&self, repository: &str, reason: String) -> RegistryError {
+        RegistryError::Push {
+            reference: format!("{}/{repository}", self.host),
+            reason,
+        }
+    }
+
+    /// Authorizes a push to `repository` and says whether blob `digest` is already there.
+    async fn blob_present(&self, repository: &str, digest: &OciDigest) -> Result<bool, RegistryError> {
+        let image = self.reference(repository);
+        self.push
+            .auth(&image, &self.push_auth(), oci_client::RegistryOperation::Push)
+            .await
+            .map_err(|e| self.push_error(repository, e.to_string()))?;
+        self.push
+            .blob_exists(&image, &digest.to_string())
+            .await
+            .map_err(|e| self.push_error(repository, e.to_string()))
+    }
+
     /// Uploads the file at `path` as blob `digest` unless the registry already has it.
     /// Returns whether bytes were sent.
     pub async fn push_blob_file(
@@ -295,21 +315,7 @@ impl Registry {
         digest: &OciDigest,
         size: u64,
     ) -> Result<bool, RegistryError> {
-        let image = self.reference(repository);
-        let push_err = |reason: String| RegistryError::Push {
-            reference: format!("{}/{repository}", self.host),
-            reason,
-        };
-        self.push
-            .auth(&image, &self.push_auth(), oci_client::RegistryOperation::Push)
-            .await
-            .map_err(|e| push_err(e.to_string()))?;
-        if self
-            .push
-            .blob_exists(&image, &digest.to_string())
-            .await
-            .map_err(|e| push_err(e.to_string()))?
-        {
+        if self.blob_present(repository, digest).await? {
             return Ok(false);
         }
         let file = tokio::fs::File::open(path)
@@ -318,36 +324,23 @@ impl Registry {
                 path: path.display().to_string(),
                 source,
             })?;
-        let stream = tokio_util_stream(file);
+        let stream =
+            crate::source::file_chunks(file, 1 << 20).map_err(oci_client::errors::OciDistributionError::IoError);
         self.push
-            .push_blob_stream(&image, stream, &digest.to_string(), Some(size))
+            .push_blob_stream(&self.reference(repository), stream, &digest.to_string(), Some(size))
             .await
-            .map_err(|e| push_err(format!("blob {digest}: {e}")))?;
+            .map_err(|e| self.push_error(repository, format!("blob {digest}: {e}")))?;
         Ok(true)
     }
 
-    /// Uploads a small blob held in memory.
+    /// Uploads a small blob held in memory unless the registry already has it.
     pub async fn push_blob_bytes(&self, repository: &str, bytes: Vec<u8>) -> Result<OciDigest, RegistryError> {
         let digest = OciDigest::of(&bytes);
-        let image = self.reference(repository);
-        let push_err = |reason: String| RegistryError::Push {
-            reference: format!("{}/{repository}", self.host),
-            reason,
-        };
-        self.push
-            .auth(&image, &self.push_auth(), oci_client::RegistryOperation::Push)
-            .await
-            .map_err(|e| push_err(e.to_string()))?;
-        if !self
-            .push
-            .blob_exists(&image, &digest.to_string())
-            .await
-            .map_err(|e| push_err(e.to_string()))?
-        {
+        if !self.blob_present(repository, &digest).await? {
             self.push
-                .push_blob(&image, bytes, &digest.to_string())
+                .push_blob(&self.reference(repository), bytes, &digest.to_string())
                 .await
-                .map_err(|e| push_err(format!("blob {digest}: {e}")))?;
+                .map_err(|e| self.push_error(repository, format!("blob {digest}: {e}")))?;
         }
         Ok(digest)
     }
@@ -365,39 +358,21 @@ impl Registry {
         } else {
             Reference::with_tag(self.host.clone(), repository.to_owned(), reference.to_owned())
         };
-        let push_err = |reason: String| RegistryError::Push {
+        let fail = |e: String| RegistryError::Push {
             reference: image.whole(),
-            reason,
+            reason: e,
         };
         self.push
             .auth(&image, &self.push_auth(), oci_client::RegistryOperation::Push)
             .await
-            .map_err(|e| push_err(e.to_string()))?;
-        let content_type = HeaderValue::from_str(media_type).map_err(|e| push_err(e.to_string()))?;
+            .map_err(|e| fail(e.to_string()))?;
+        let content_type = HeaderValue::from_str(media_type).map_err(|e| fail(e.to_string()))?;
         self.push
             .push_manifest_raw(&image, bytes, content_type)
             .await
-            .map_err(|e| push_err(e.to_string()))?;
+            .map_err(|e| fail(e.to_string()))?;
         Ok(())
     }
-}
-
-fn tokio_util_stream(
-    file: tokio::fs::File,
-) -> impl futures_util::Stream<Item = Result<bytes::Bytes, oci_client::errors::OciDistributionError>> + Send + 'static {
-    use tokio::io::AsyncReadExt as _;
-    futures_util::stream::unfold(Some(file), |state| async move {
-        let mut file = state?;
-        let mut buf = vec![0u8; 1 << 20];
-        match file.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(bytes::Bytes::from(buf)), Some(file)))
-            }
-            Err(e) => Some((Err(oci_client::errors::OciDistributionError::IoError(e)), None)),
-        }
-    })
 }
 
 async fn check_status(resp: Response, url: &str) -> Result<Response, RegistryError> {

@@ -143,22 +143,29 @@ impl ModuleSource for Layout {
             source,
         })?;
         let declared_len = file.metadata().await.ok().map(|m| m.len());
-        let stream = futures_util::stream::unfold(Some(file), |state| async move {
-            use tokio::io::AsyncReadExt as _;
-            let mut file = state?;
-            let mut buf = vec![0u8; 256 * 1024];
-            match file.read(&mut buf).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(Bytes::from(buf)), Some(file)))
-                }
-                Err(e) => Some((Err(e), None)),
-            }
-        })
-        .boxed();
+        let stream = file_chunks(file, 256 * 1024).boxed();
         Ok(BlobStream { declared_len, stream })
     }
+}
+
+/// A file as a stream of chunks of at most `chunk` bytes.
+pub(crate) fn file_chunks(
+    file: tokio::fs::File,
+    chunk: usize,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    futures_util::stream::unfold(Some(file), move |state| async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut file = state?;
+        let mut buf = vec![0u8; chunk];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), Some(file)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    })
 }
 
 /// Whichever source a [`crate::Target`] names.

@@ -97,12 +97,4 @@ impl Staging {
         self.objects.push(digest);
         Ok(())
     }
-
-    pub fn len(&self) -> usize {
-        self.objects.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
-    }
 }

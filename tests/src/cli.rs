@@ -1,4 +1,4 @@
-//! Running the `ironroot-build` binary that `cargo test --workspace` built beside the tests.
+//! Running the `ironroot-build` binary built beside the tests (`cargo build --workspace`).
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -13,7 +13,7 @@ pub fn binary() -> PathBuf {
     let bin = profile_dir.join("ironroot-build");
     assert!(
         bin.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or `just test`)",
+        "{} is missing: run `cargo build --workspace` first (`./just test` does)",
         bin.display()
     );
     bin

@@ -42,6 +42,38 @@ fn build(tree: &Path, out: &Path, extra: &[&str]) -> String {
     printed.rsplit('@').next().expect("digest").to_owned()
 }
 
+/// A module built from a generated tree (no hard links, no devices) into a layout, and a key pair.
+struct Built {
+    tmp: tempfile::TempDir,
+    layout: std::path::PathBuf,
+    keys: std::path::PathBuf,
+    digest: String,
+}
+
+impl Built {
+    fn new(algorithm: &str) -> Self {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let tree = tmp.path().join("tree");
+        generate(
+            &tree,
+            &TreeOptions {
+                hardlinks: false,
+                devices: false,
+            },
+        );
+        let layout = tmp.path().join("layout");
+        let digest = build(&tree, &layout, &[]);
+        let keys = tmp.path().join("keys");
+        build_cmd(&["keys", "generate", "--out", &s(&keys), "--algorithm", algorithm]).ok();
+        Self {
+            tmp,
+            layout,
+            keys,
+            digest,
+        }
+    }
+}
+
 fn cosign(args: &[&str]) -> std::process::Output {
     Command::new(tool("cosign"))
         .args(args)
@@ -206,19 +238,9 @@ fn push_sign_verify_through_a_registry_and_cosign_both_ways() {
 
 #[test]
 fn offline_through_oci_layouts() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let tree = tmp.path().join("tree");
-    generate(
-        &tree,
-        &TreeOptions {
-            hardlinks: false,
-            devices: false,
-        },
-    );
-    let layout = tmp.path().join("layout");
-    let digest = build(&tree, &layout, &[]);
-    let keys = tmp.path().join("keys");
-    build_cmd(&["keys", "generate", "--out", &s(&keys)]).ok();
+    let built = Built::new("ed25519");
+    let (tmp, layout, keys) = (&built.tmp, built.layout.clone(), built.keys.clone());
+    let digest = built.digest.clone();
     let pinned = format!("oci:{}@{digest}", layout.display());
     build_cmd(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))]).ok();
     build_cmd(&[
@@ -261,19 +283,8 @@ fn offline_through_oci_layouts() {
 fn tls_with_a_custom_ca_and_basic_auth() {
     let reg = TestRegistry::start_with(Auth::TlsBasic("builder", "s3cret"));
     let ca = reg.ca_pem.clone().expect("ca");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let tree = tmp.path().join("tree");
-    generate(
-        &tree,
-        &TreeOptions {
-            hardlinks: false,
-            devices: false,
-        },
-    );
-    let layout = tmp.path().join("layout");
-    build(&tree, &layout, &[]);
-    let keys = tmp.path().join("keys");
-    build_cmd(&["keys", "generate", "--out", &s(&keys), "--algorithm", "p256"]).ok();
+    let built = Built::new("p256");
+    let (layout, keys) = (built.layout.clone(), built.keys.clone());
     let repo = format!("{}/ironroot/tls", reg.host());
     let run = |args: &[&str], password: &str| -> ironroot_tests::cli::Run {
         Command::new(ironroot_tests::cli::binary())
@@ -319,19 +330,8 @@ fn bearer_token_auth() {
     let tokens = token_server("builder", "tok-pass");
     let realm = format!("http://{}/token", tokens.addr());
     let reg = TestRegistry::start_with(Auth::Token { realm: &realm });
-    let tmp = tempfile::tempdir().expect("tmp");
-    let tree = tmp.path().join("tree");
-    generate(
-        &tree,
-        &TreeOptions {
-            hardlinks: false,
-            devices: false,
-        },
-    );
-    let layout = tmp.path().join("layout");
-    build(&tree, &layout, &[]);
-    let keys = tmp.path().join("keys");
-    build_cmd(&["keys", "generate", "--out", &s(&keys)]).ok();
+    let built = Built::new("ed25519");
+    let (layout, keys) = (built.layout.clone(), built.keys.clone());
     let repo = format!("{}/ironroot/token", reg.host());
     let run = |args: &[&str]| -> ironroot_tests::cli::Run {
         Command::new(ironroot_tests::cli::binary())
@@ -359,19 +359,8 @@ fn bearer_token_auth() {
 #[test]
 fn a_warm_store_fetches_no_packs() {
     let reg = TestRegistry::start();
-    let tmp = tempfile::tempdir().expect("tmp");
-    let tree = tmp.path().join("tree");
-    generate(
-        &tree,
-        &TreeOptions {
-            hardlinks: false,
-            devices: false,
-        },
-    );
-    let layout = tmp.path().join("layout");
-    build(&tree, &layout, &[]);
-    let keys = tmp.path().join("keys");
-    build_cmd(&["keys", "generate", "--out", &s(&keys)]).ok();
+    let built = Built::new("ed25519");
+    let (tmp, layout, keys) = (&built.tmp, built.layout.clone(), built.keys.clone());
     let repo = format!("{}/ironroot/warm", reg.host());
     let pinned = build_cmd(&["module", "push", &s(&layout), &format!("{repo}:1.0")]).ok();
     build_cmd(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))]).ok();

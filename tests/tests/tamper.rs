@@ -152,11 +152,13 @@ impl Fixture {
         craft::store(&layout, &digest.signature_tag(), m);
     }
 
-    /// Replaces the first pack with `pack` (fixing its annotations as given), stores the
-    /// manifest under tag "1", signs it and pushes; returns the registry reference.
+    /// Replaces the first pack with `pack`, makes its annotations and the config's totals say
+    /// `objects`/`bytes` (so the pack reader is what judges it), stores the manifest under tag
+    /// "1", signs it and pushes; returns the registry reference.
     fn with_pack(&self, pack: &[u8], objects: u64, bytes: u64) -> String {
         let layout = ironroot_oci::layout::Layout::open(&self.layout).expect("layout");
         let mut m = self.manifest();
+        m.layers.truncate(2);
         craft::replace_layer(&layout, &mut m, 1, pack);
         m.layers[1]
             .annotations
@@ -164,6 +166,14 @@ impl Fixture {
         m.layers[1]
             .annotations
             .insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
+        let config_path = layout.blob_path(&m.config.digest);
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(config_path).expect("config")).expect("json");
+        config["objects"] = objects.into();
+        config["objectBytes"] = bytes.into();
+        let config_bytes = serde_json::to_vec(&config).expect("json");
+        m.config.digest = layout.write_blob(&config_bytes).expect("config");
+        m.config.size = config_bytes.len() as u64;
         let digest = craft::store(&layout, "1", &m);
         self.sign(digest, "keys");
         self.push("1")
@@ -512,33 +522,14 @@ fn serial_below_the_floor() {
 
 #[test]
 fn unknown_object_names_fail_completeness() {
-    // A pack that verifies but lacks objects the image references: the store is incomplete.
+    // A pack that verifies but lacks the objects the image references: the store is incomplete.
     let f = Fixture::new();
     let extra = b"an object no image references";
     let d: VerityDigest = verity_digest(extra);
     let mut w = PackWriter::new(Vec::new());
     w.add(d, extra.len() as u64, &mut &extra[..]).expect("pack");
     let (pack, n, bytes) = w.finish().expect("pack");
-    let layout = ironroot_oci::layout::Layout::open(&f.layout).expect("layout");
-    let mut m = f.manifest();
-    craft::replace_layer(&layout, &mut m, 1, &pack);
-    m.layers[1]
-        .annotations
-        .insert(media::ANNOTATION_PACK_OBJECTS.into(), n.to_string());
-    m.layers[1]
-        .annotations
-        .insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
-    // Fix the config totals too, so the completeness check is what refuses it.
-    let config_path = layout.blob_path(&m.config.digest);
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(config_path).expect("config")).expect("json");
-    config["objects"] = n.into();
-    config["objectBytes"] = bytes.into();
-    let config_bytes = serde_json::to_vec(&config).expect("json");
-    m.config.digest = layout.write_blob(&config_bytes).expect("config");
-    m.config.size = config_bytes.len() as u64;
-    let digest = craft::store(&layout, "1", &m);
-    f.sign(digest, "keys");
-    f.verify(&f.push("1"), &[])
+    let reference = f.with_pack(&pack, n, bytes);
+    f.verify(&reference, &[])
         .refused(CONTENT, "store lacks 5 objects the image references");
 }
