@@ -139,6 +139,9 @@ pub enum ModuleCommand {
         store: Option<PathBuf>,
         #[arg(long, default_value_t = Limits::standard().max_manifest)]
         max_manifest_size: u64,
+        /// Total seconds allowed per manifest request.
+        #[arg(long, default_value_t = Limits::standard().manifest_deadline.as_secs())]
+        manifest_deadline: u64,
         #[arg(long, default_value_t = Limits::standard().max_blob)]
         max_blob_size: u64,
         /// Total seconds allowed per blob (default: 60 s + 1 s per MiB declared).
@@ -327,6 +330,7 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
             min_serial,
             store,
             max_manifest_size,
+            manifest_deadline,
             max_blob_size,
             blob_deadline,
             parallel,
@@ -338,6 +342,7 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
                 .collect::<anyhow::Result<_>>()?;
             let limits = Limits {
                 max_manifest: max_manifest_size,
+                manifest_deadline: Duration::from_secs(manifest_deadline),
                 max_blob: max_blob_size,
                 blob_deadline: blob_deadline.map(Duration::from_secs),
                 parallel: parallel.max(1),

@@ -24,6 +24,8 @@ use crate::store::ObjectStore;
 pub struct Limits {
     /// Largest manifest (module or signature) read.
     pub max_manifest: u64,
+    /// Total time for one manifest request, authentication included.
+    pub manifest_deadline: Duration,
     /// Largest blob fetched; a descriptor declaring more is refused before download.
     pub max_blob: u64,
     /// A fixed total deadline per blob; when `None`, `base_deadline + size / min_rate`.
@@ -36,10 +38,11 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The defaults `dist/` documents: 4 MiB manifests, 16 GiB blobs, 60 s + 1 MiB/s.
+    /// The defaults: 4 MiB and 30 s per manifest; 16 GiB per blob, 60 s + 1 s per MiB.
     pub fn standard() -> Self {
         Self {
             max_manifest: 4 << 20,
+            manifest_deadline: Duration::from_secs(30),
             max_blob: 16 << 30,
             blob_deadline: None,
             base_deadline: Duration::from_secs(60),
@@ -56,6 +59,10 @@ impl Limits {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
+    #[error("reading manifest {place}")]
+    Manifest { place: String, source: SourceError },
+    #[error("manifest {place}: deadline of {deadline:?} passed")]
+    ManifestDeadline { place: String, deadline: Duration },
     #[error("blob {digest} declares {size} bytes, over the {cap}-byte cap (not downloaded)")]
     OverCap { digest: OciDigest, size: u64, cap: u64 },
     #[error("blob {digest}: server declares {served} bytes, the descriptor {declared}")]
@@ -160,6 +167,30 @@ where
         return Err(DownloadError::Digest { digest, found });
     }
     Ok(got)
+}
+
+impl DownloadError {
+    /// A failure of the transfer itself (size, time, network, disk), as opposed to bad content.
+    fn is_transfer_failure(&self) -> bool {
+        !matches!(self, Self::Digest { .. } | Self::Pack { .. } | Self::SinkClosed { .. })
+    }
+}
+
+/// The manifest at `reference` (tag or digest) in `src`, capped and deadline-bound; `None`
+/// when there is none.
+pub async fn fetch_manifest<S: ModuleSource>(
+    src: &S,
+    reference: &str,
+    limits: &Limits,
+) -> Result<Option<Vec<u8>>, DownloadError> {
+    let place = || format!("{}:{reference}", src.describe());
+    tokio::time::timeout(limits.manifest_deadline, src.manifest(reference, limits.max_manifest))
+        .await
+        .map_err(|_| DownloadError::ManifestDeadline {
+            place: place(),
+            deadline: limits.manifest_deadline,
+        })?
+        .map_err(|source| DownloadError::Manifest { place: place(), source })
 }
 
 /// Where streamed chunks go.
@@ -344,9 +375,11 @@ pub async fn fetch_pack<S: ModuleSource>(
     })?;
     let outcome = match (downloaded, unpacked) {
         (Ok(n), Ok(count)) => Ok((n, count)),
-        // The unpacker's error names the entry; prefer it unless the transfer itself failed.
-        (Ok(_) | Err(DownloadError::SinkClosed { .. }), Err(e)) => Err(DownloadError::Pack { digest, source: e }),
-        (Err(e), _) => Err(e),
+        // Both sides may fail on one corruption, in either order; report deterministically:
+        // the transfer's own failure if it had one, else the unpacker's, which names the entry.
+        (Err(e), _) if e.is_transfer_failure() => Err(e),
+        (_, Err(e)) => Err(DownloadError::Pack { digest, source: e }),
+        (Err(e), Ok(_)) => Err(e),
     };
     match outcome {
         Ok((downloaded, objects)) => {

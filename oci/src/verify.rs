@@ -15,6 +15,7 @@ use ironroot_spec::signing::{self, MAX_PAYLOAD_SIZE, SignatureError, SignedPaylo
 use ironroot_spec::{ManifestError, ModuleConfig, OciDigest, TrustedKey, VerityDigest, media};
 
 use crate::download::{self, DownloadError, Limits};
+use crate::registry::RegistryError;
 use crate::source::{ModuleSource, SourceError};
 use crate::store::ObjectStore;
 
@@ -85,8 +86,6 @@ pub enum FailureKind {
 pub enum VerifyError {
     #[error("{0} has no manifest")]
     NotFound(String),
-    #[error("reading manifest from {place}")]
-    Manifest { place: String, source: SourceError },
     #[error("manifest fetched by digest {expected} has digest {found}")]
     ManifestDigest { expected: OciDigest, found: OciDigest },
     #[error("signature check failed")]
@@ -136,9 +135,13 @@ impl VerifyError {
             | Self::Totals { .. }
             | Self::Incomplete { .. } => FailureKind::Content,
             Self::Module(_) | Self::Serial { .. } => FailureKind::Policy,
-            Self::NotFound(_) | Self::Manifest { .. } => FailureKind::Transport,
+            Self::NotFound(_) => FailureKind::Transport,
             Self::Download(d) => match d {
-                DownloadError::OverCap { .. } => FailureKind::Policy,
+                DownloadError::OverCap { .. }
+                | DownloadError::Manifest {
+                    source: SourceError::TooLarge { .. } | SourceError::Registry(RegistryError::TooLarge { .. }),
+                    ..
+                } => FailureKind::Policy,
                 DownloadError::DeclaredSize { .. }
                 | DownloadError::Oversize { .. }
                 | DownloadError::Digest { .. }
@@ -163,15 +166,9 @@ async fn resolve<S: ModuleSource>(
         (None, Some(t)) => t.to_owned(),
         (None, None) => "latest".to_owned(),
     };
-    let place = format!("{}:{reference}", src.describe());
-    let bytes = src
-        .manifest(&reference, limits.max_manifest)
-        .await
-        .map_err(|source| VerifyError::Manifest {
-            place: place.clone(),
-            source,
-        })?
-        .ok_or(VerifyError::NotFound(place))?;
+    let bytes = download::fetch_manifest(src, &reference, limits)
+        .await?
+        .ok_or_else(|| VerifyError::NotFound(format!("{}:{reference}", src.describe())))?;
     let found = OciDigest::of(&bytes);
     if let Some(expected) = digest
         && found != expected
@@ -188,13 +185,8 @@ async fn verify_signatures<S: ModuleSource>(
     opts: &VerifyOptions,
 ) -> Result<SignedPayload, VerifyError> {
     let tag = digest.signature_tag();
-    let bytes = src
-        .manifest(&tag, opts.limits.max_manifest)
-        .await
-        .map_err(|source| VerifyError::Manifest {
-            place: format!("{}:{tag}", src.describe()),
-            source,
-        })?
+    let bytes = download::fetch_manifest(src, &tag, &opts.limits)
+        .await?
         .ok_or(SignatureError::Missing(digest))?;
     let sig_manifest = ImageManifest::parse(&bytes).map_err(|source| VerifyError::SignatureManifest {
         tag: tag.clone(),

@@ -152,7 +152,12 @@ pub enum Misbehaviour {
     Trickle,
 }
 
-/// A read-only registry front for the OCI layout at `layout` that misbehaves on blob `victim`.
+fn victim_size(layout: &std::path::Path, digest: &str) -> u64 {
+    std::fs::metadata(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).map_or(0, |m| m.len())
+}
+
+/// A read-only registry front for the OCI layout at `layout` that misbehaves on `victim`: a
+/// blob digest, or a manifest tag or digest.
 pub fn hostile_registry(layout: PathBuf, victim: String, how: Misbehaviour) -> Server {
     Server::start(move |req, conn| {
         let path = req.path.split('?').next().unwrap_or("");
@@ -192,7 +197,7 @@ pub fn hostile_registry(layout: PathBuf, victim: String, how: Misbehaviour) -> S
                 }
             }
         };
-        if kind == "blobs" && digest == victim {
+        if digest == victim || reference == victim {
             return misbehave(conn, &layout, &digest, how);
         }
         match std::fs::read(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))) {
@@ -232,8 +237,7 @@ fn misbehave(conn: &mut TcpStream, layout: &std::path::Path, digest: &str, how: 
             while conn.write_all(&chunk).is_ok() {}
         }
         Misbehaviour::Trickle => {
-            let size = std::fs::metadata(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:")))
-                .map_or(0, |m| m.len());
+            let size = victim_size(layout, digest);
             let head =
                 format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n\r\n");
             if conn.write_all(head.as_bytes()).is_err() {

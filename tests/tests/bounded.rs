@@ -141,3 +141,25 @@ fn a_trickling_blob_hits_its_deadline() {
     assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
     assert!(peak < 96 << 20, "peak RSS {} MiB", peak >> 20);
 }
+
+#[test]
+fn a_trickling_manifest_hits_its_deadline() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (layout, _, _, public) = signed_module(tmp.path(), 1 << 20);
+    let server = hostile_registry(layout, "1".into(), Misbehaviour::Trickle);
+    let reference = format!("{}/ironroot/big:1", server.addr());
+    let (run, _, elapsed) = run_measured(&[
+        "module",
+        "verify",
+        &reference,
+        "--trust",
+        &public,
+        "--manifest-deadline",
+        "4",
+    ]);
+    run.refused(
+        13,
+        &format!("manifest {}/ironroot/big:1: deadline of 4s passed", server.addr()),
+    );
+    assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
+}

@@ -295,7 +295,7 @@ fn layer_corrupted_on_the_registry_disk() {
     std::fs::write(&file, bytes).expect("corrupt");
     let store = f.tmp.path().join("store");
     f.verify(&reference, &["--store", &s(&store)])
-        .refused(CONTENT, &format!("blob {pack}: content has digest"));
+        .refused(CONTENT, &format!("pack {pack}: pack entry "));
     assert_eq!(objects_in(&store), 0, "objects from a refused pack entered the store");
 
     let image = f.manifest().layers[0].digest;

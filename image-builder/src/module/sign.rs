@@ -6,7 +6,7 @@
 use anyhow::{Context as _, bail};
 use base64::Engine as _;
 use ironroot_oci::download::{self, Limits};
-use ironroot_oci::source::{AnySource, ModuleSource as _};
+use ironroot_oci::source::AnySource;
 use ironroot_oci::{RegistryAccess, Target};
 use ironroot_spec::manifest::{Descriptor, ImageManifest, ModuleManifest};
 use ironroot_spec::{ModuleConfig, OciDigest, SigningKey, SimpleSigningPayload, media};
@@ -32,8 +32,7 @@ pub async fn sign(target: &Target, key: &SigningKey, access: &RegistryAccess) ->
     };
     let limits = Limits::standard();
     let src = AnySource::open(target, access)?;
-    let bytes = src
-        .manifest(&digest.to_string(), limits.max_manifest)
+    let bytes = download::fetch_manifest(&src, &digest.to_string(), &limits)
         .await?
         .with_context(|| format!("{target} has no manifest"))?;
     if OciDigest::of(&bytes) != digest {
@@ -64,7 +63,7 @@ pub async fn attach_signature(
 ) -> anyhow::Result<SignOutput> {
     let tag = digest.signature_tag();
     let key_id = key.trusted_key()?.id().to_owned();
-    let existing = match src.manifest(&tag, Limits::standard().max_manifest).await? {
+    let existing = match download::fetch_manifest(src, &tag, &Limits::standard()).await? {
         Some(b) => {
             ImageManifest::parse(&b)
                 .with_context(|| format!("existing signature manifest {tag}"))?
