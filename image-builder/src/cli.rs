@@ -39,6 +39,7 @@ pub enum Output {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process; boxing buys nothing")]
 pub enum Command {
     /// Signing keys.
     #[command(subcommand)]
@@ -134,7 +135,7 @@ pub enum ModuleCommand {
         trust: Vec<PathBuf>,
         #[arg(long)]
         min_serial: Option<u64>,
-        /// Keep the verified image and objects here (default: a scratch directory).
+        /// Install the verified image and objects here (default: check them, keep nothing).
         #[arg(long)]
         store: Option<PathBuf>,
         #[arg(long, default_value_t = Limits::standard().max_manifest)]

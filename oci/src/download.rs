@@ -416,10 +416,12 @@ fn unpack(
             copy_large(&mut obj, &mut io::sink(), &mut buf)?;
             continue;
         }
-        let path = staging.partial_path(&d);
-        let mut file = std::fs::File::create(&path)?;
-        copy_large(&mut obj, &mut file, &mut buf)?;
-        drop(file);
+        if staging.keeps_bytes() {
+            let mut file = std::fs::File::create(staging.partial_path(&d))?;
+            copy_large(&mut obj, &mut file, &mut buf)?;
+        } else {
+            copy_large(&mut obj, &mut io::sink(), &mut buf)?;
+        }
         staging.accept(d)?;
     }
     reader.check_totals(objects, bytes)?;

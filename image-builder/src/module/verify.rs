@@ -1,5 +1,5 @@
 //! `module verify REF --trust PUB…`: the whole trust chain from `ironroot_oci::verify`, into a
-//! store directory (kept with `--store`, else a scratch directory removed afterwards).
+//! store directory with `--store`, else checking every object without keeping it.
 
 use std::path::PathBuf;
 
@@ -59,18 +59,20 @@ pub async fn verify(
 ) -> Result<VerifyOutput, VerifyCommandError> {
     let open = |e: anyhow::Error| VerifyCommandError::Open(target.to_string(), e);
     let src = AnySource::open(target, access).map_err(|e| open(e.into()))?;
+    // Without --store nothing is installed: objects are checked as they stream and only their
+    // digests are kept; the scratch directory holds the (small) image while it is checked.
     let scratch;
-    let root = match store {
-        Some(p) => p,
+    let store = match store {
+        Some(p) => ObjectStore::open(&p),
         None => {
             scratch = tempfile::Builder::new()
                 .prefix("ironroot-verify-")
                 .tempdir()
                 .map_err(|e| open(e.into()))?;
-            scratch.path().to_owned()
+            ObjectStore::check_only(scratch.path())
         }
-    };
-    let store = ObjectStore::open(&root).map_err(|e| open(e.into()))?;
+    }
+    .map_err(|e| open(e.into()))?;
     let module = verify::verify_module(&src, target.tag(), target.digest(), &store, opts)
         .await
         .map_err(|e| VerifyCommandError::Verify(target.to_string(), e))?;
