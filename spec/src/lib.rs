@@ -13,6 +13,7 @@ pub mod media;
 pub mod pack;
 pub mod signing;
 pub mod verity;
+pub mod wire;
 
 pub use config::{ModuleConfig, MountRole};
 pub use digest::{DigestError, OciDigest, VerityDigest};

@@ -1,0 +1,8 @@
+//! ironroot-plane: the reference control plane. The plane side of the wire API in
+//! `ironroot_spec::wire` — CA and bootstrap tokens, enrollment, node lifecycle, heartbeats,
+//! desired state, a task queue, the audit journal — plus the operator CLI.
+
+pub mod audit;
+pub mod ca;
+pub mod db;
+pub mod lifecycle;

@@ -1,0 +1,150 @@
+//! The plane API's wire types (HTTP/JSON), shared by the reference plane and the agent.
+//! docs/interfaces/plane-api.md is the prose form of this file. Unknown fields are refused on
+//! requests so a typo is an error, not a silently ignored setting.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::OciDigest;
+
+/// Largest request body the plane reads.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What a node says about itself when it enrolls; every field optional, each bounded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smbios_uuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token: String,
+    /// PKCS#10 CSR, PEM.
+    pub csr: String,
+    #[serde(default)]
+    pub identity: Identity,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub node_id: String,
+    /// The node certificate followed by the plane CA certificate, PEM.
+    pub certificate: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub csr: String,
+}
+
+/// Handshake (once per boot) and heartbeat (periodic) carry the same report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeReport {
+    pub boot_id: String,
+    pub agent_version: String,
+    /// Boot phase (`discover`, `enroll`, …) or `ready` once the agent runs under systemd.
+    pub phase: String,
+    #[serde(default)]
+    pub phase_timings_ms: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub module_digests: Vec<OciDigest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reconcile: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_summary: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportResponse {
+    pub node_id: String,
+    pub state: String,
+    /// Desired-state generation; fetch `desired` when it changes.
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredModule {
+    pub name: String,
+    /// `registry/repository@sha256:…`
+    pub reference: String,
+    pub digest: OciDigest,
+    pub serial: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    pub modules: Vec<DesiredModule>,
+    /// Node intents: `drain`, `vet`, …
+    #[serde(default)]
+    pub intents: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TaskSpec {
+    Exec { argv: Vec<String> },
+    Drain,
+    Probe,
+    ModuleUpdate { reference: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub spec: TaskSpec,
+    /// Lease expiry, seconds since the epoch; an unfinished task is redelivered after it.
+    pub lease_until: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskResult {
+    pub exit_code: i32,
+    #[serde(default)]
+    pub output: String,
+}
+
+/// One record a node submits to the journal; `seq` is the node's own sequence number
+/// (records are deduplicated by it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAuditRecord {
+    pub seq: u64,
+    pub time: u64,
+    pub kind: String,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditBatch {
+    pub records: Vec<NodeAuditRecord>,
+}
+
+/// Every error body: a short machine code and a message naming what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}
+
+/// The SAN URI prefix of node certificates: `urn:ironroot:node:<node id>`.
+pub const NODE_URI_PREFIX: &str = "urn:ironroot:node:";
+/// The SAN URI prefix of operator certificates: `urn:ironroot:operator:<name>`.
+pub const OPERATOR_URI_PREFIX: &str = "urn:ironroot:operator:";
