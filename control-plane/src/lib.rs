@@ -5,4 +5,7 @@
 pub mod audit;
 pub mod ca;
 pub mod db;
+pub mod enroll;
 pub mod lifecycle;
+pub mod store;
+pub mod work;

@@ -1,0 +1,276 @@
+//! Templates and desired state (named module sets pinned by digest; assigning or changing one
+//! bumps the node's generation), and the task queue (leases that expire and are redelivered,
+//! results idempotent by task id).
+
+use ironroot_spec::wire::{DesiredModule, DesiredState, Task, TaskResult, TaskSpec};
+use rusqlite::{OptionalExtension as _, params};
+use serde::Serialize;
+
+use crate::audit;
+use crate::store::{Refusal, Store, now, secs};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskView {
+    pub id: String,
+    pub node_id: String,
+    pub spec: serde_json::Value,
+    pub state: String,
+    pub deliveries: i64,
+    pub result: serde_json::Value,
+}
+
+/// Parses `REGISTRY/REPO@sha256:…[,serial=N]` into a pinned module.
+pub fn parse_module(arg: &str) -> Result<DesiredModule, Refusal> {
+    let bad = |m: String| Refusal::new(400, "bad_module", m);
+    let (reference, serial) = match arg.split_once(",serial=") {
+        Some((r, s)) => (
+            r,
+            s.parse::<u64>()
+                .map_err(|_| bad(format!("serial in {arg:?} is not a number")))?,
+        ),
+        None => (arg, 0),
+    };
+    let (repo, digest) = reference
+        .split_once('@')
+        .ok_or_else(|| bad(format!("{reference:?} is not pinned by @sha256:…")))?;
+    let digest = digest
+        .parse()
+        .map_err(|e: ironroot_spec::DigestError| bad(e.to_string()))?;
+    let name = repo
+        .rsplit('/')
+        .next()
+        .unwrap_or(repo)
+        .split(':')
+        .next()
+        .unwrap_or(repo)
+        .to_owned();
+    Ok(DesiredModule {
+        name,
+        reference: reference.to_owned(),
+        digest,
+        serial,
+    })
+}
+
+impl Store {
+    pub fn template_create(&self, name: &str, modules: &[DesiredModule], actor: &str) -> Result<(), Refusal> {
+        if name.is_empty() || name.len() > 128 {
+            return Err(Refusal::new(
+                400,
+                "bad_template",
+                "template name must be 1-128 characters",
+            ));
+        }
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let json = serde_json::to_string(modules).unwrap_or_default();
+        tx.execute(
+            "INSERT INTO templates (name, modules, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET modules = excluded.modules",
+            params![name, json, now()],
+        )?;
+        // Nodes on this template now want something else.
+        tx.execute(
+            "UPDATE nodes SET generation = generation + 1 WHERE template = ?1",
+            [name],
+        )?;
+        audit::append(
+            &tx,
+            now(),
+            actor,
+            "template.set",
+            name,
+            &serde_json::to_value(modules).unwrap_or_default(),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn template_assign(&self, node: &str, template: &str, actor: &str) -> Result<(), Refusal> {
+        let id = self.node(node)?.id;
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let exists: Option<String> = tx
+            .query_row("SELECT name FROM templates WHERE name = ?1", [template], |r| r.get(0))
+            .optional()?;
+        if exists.is_none() {
+            return Err(Refusal::new(
+                404,
+                "unknown_template",
+                format!("no template {template:?}"),
+            ));
+        }
+        tx.execute(
+            "UPDATE nodes SET template = ?1, generation = generation + 1 WHERE id = ?2",
+            params![template, id],
+        )?;
+        audit::append(
+            &tx,
+            now(),
+            actor,
+            "template.assign",
+            &id,
+            &serde_json::json!({"template": template}),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn desired(&self, node_id: &str) -> Result<DesiredState, Refusal> {
+        let conn = self.conn();
+        let (template, generation, state): (Option<String>, i64, String) = conn
+            .query_row(
+                "SELECT template, generation, state FROM nodes WHERE id = ?1",
+                [node_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?
+            .ok_or_else(|| Refusal::new(404, "unknown_node", format!("no node {node_id:?}")))?;
+        let modules = match &template {
+            Some(t) => {
+                let json: String =
+                    conn.query_row("SELECT modules FROM templates WHERE name = ?1", [t], |r| r.get(0))?;
+                serde_json::from_str(&json).unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        let intents = if state == "draining" {
+            vec!["drain".to_owned()]
+        } else {
+            Vec::new()
+        };
+        Ok(DesiredState {
+            generation: generation.max(0) as u64,
+            template,
+            modules,
+            intents,
+        })
+    }
+
+    pub fn enqueue(&self, node: &str, spec: &TaskSpec, actor: &str) -> Result<String, Refusal> {
+        let node_id = self.node(node)?.id;
+        let id = format!("t-{}", hex::encode(rand::random::<[u8; 8]>()));
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let json = serde_json::to_string(spec).unwrap_or_default();
+        tx.execute(
+            "INSERT INTO tasks (id, node_id, spec, state, created_at) VALUES (?1, ?2, ?3, 'queued', ?4)",
+            params![id, node_id, json, now()],
+        )?;
+        audit::append(
+            &tx,
+            now(),
+            actor,
+            "task.enqueue",
+            &id,
+            &serde_json::json!({"node": node_id, "spec": spec}),
+        )?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Leases the oldest task that is queued, or whose lease expired (redelivery).
+    pub fn lease(&self, node_id: &str) -> Result<Option<Task>, Refusal> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let t = now();
+        let row: Option<(String, String, i64)> = tx
+            .query_row(
+                "SELECT id, spec, deliveries FROM tasks WHERE node_id = ?1
+                   AND (state = 'queued' OR (state = 'leased' AND lease_until <= ?2))
+                 ORDER BY created_at, id LIMIT 1",
+                params![node_id, t],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((id, spec, deliveries)) = row else {
+            return Ok(None);
+        };
+        let lease_until = t + secs(self.settings.task_lease);
+        tx.execute(
+            "UPDATE tasks SET state = 'leased', lease_until = ?1, deliveries = deliveries + 1 WHERE id = ?2",
+            params![lease_until, id],
+        )?;
+        let kind = if deliveries > 0 { "task.redeliver" } else { "task.lease" };
+        audit::append(
+            &tx,
+            t,
+            &format!("node:{node_id}"),
+            kind,
+            &id,
+            &serde_json::json!({"delivery": deliveries + 1}),
+        )?;
+        tx.commit()?;
+        let spec: TaskSpec = serde_json::from_str(&spec).map_err(|e| Refusal::new(500, "internal", e.to_string()))?;
+        Ok(Some(Task {
+            id,
+            spec,
+            lease_until: lease_until.max(0) as u64,
+        }))
+    }
+
+    /// Records a result; a repeated result for a finished task is accepted and changes nothing.
+    pub fn task_result(&self, node_id: &str, task_id: &str, result: &TaskResult) -> Result<bool, Refusal> {
+        if result.output.len() > 48 * 1024 {
+            return Err(Refusal::new(400, "bad_result", "task output is over 48 KiB"));
+        }
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let row: Option<(String, String)> = tx
+            .query_row("SELECT node_id, state FROM tasks WHERE id = ?1", [task_id], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()?;
+        let Some((owner, state)) = row else {
+            return Err(Refusal::new(404, "unknown_task", format!("no task {task_id:?}")));
+        };
+        if owner != node_id {
+            return Err(Refusal::new(
+                403,
+                "wrong_node",
+                format!("task {task_id} belongs to another node"),
+            ));
+        }
+        if state == "done" {
+            return Ok(false);
+        }
+        let json = serde_json::to_string(result).unwrap_or_default();
+        tx.execute(
+            "UPDATE tasks SET state = 'done', result = ?1, finished_at = ?2 WHERE id = ?3",
+            params![json, now(), task_id],
+        )?;
+        audit::append(
+            &tx,
+            now(),
+            &format!("node:{node_id}"),
+            "task.result",
+            task_id,
+            &serde_json::json!({"exit_code": result.exit_code}),
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    pub fn tasks(&self, node: &str) -> Result<Vec<TaskView>, Refusal> {
+        let node_id = self.node(node)?.id;
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, node_id, spec, state, deliveries, result FROM tasks WHERE node_id = ?1 ORDER BY created_at, id",
+        )?;
+        let json = |s: Option<String>| {
+            s.and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or(serde_json::Value::Null)
+        };
+        let rows = stmt.query_map([node_id], |r| {
+            Ok(TaskView {
+                id: r.get(0)?,
+                node_id: r.get(1)?,
+                spec: json(r.get(2)?),
+                state: r.get(3)?,
+                deliveries: r.get(4)?,
+                result: json(r.get(5)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
