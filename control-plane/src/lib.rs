@@ -2,10 +2,15 @@
 //! `ironroot_spec::wire` — CA and bootstrap tokens, enrollment, node lifecycle, heartbeats,
 //! desired state, a task queue, the audit journal — plus the operator CLI.
 
+pub mod api;
 pub mod audit;
 pub mod ca;
+pub mod cli;
+pub mod client;
 pub mod db;
 pub mod enroll;
 pub mod lifecycle;
+pub mod operator_api;
+pub mod server;
 pub mod store;
 pub mod work;

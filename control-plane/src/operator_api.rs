@@ -1,0 +1,231 @@
+//! Operator routes (`/v1/operator/...`): only an operator certificate may call them; a node
+//! certificate is refused as the wrong kind, and the refusal is journaled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use ironroot_spec::wire::TaskSpec;
+use serde::Deserialize;
+
+use crate::api::{ApiError, ApiResult, body, refuse, run};
+use crate::ca::Peer;
+use crate::server::{Conn, Plane};
+use crate::store::Refusal;
+
+fn operator(plane: &Plane, conn: &Conn, what: &str) -> Result<String, ApiError> {
+    match &conn.peer {
+        Some(Peer::Operator { name }) => Ok(format!("operator:{name}")),
+        Some(Peer::Node { .. }) => Err(refuse(
+            plane,
+            conn,
+            what,
+            Refusal::new(
+                403,
+                "wrong_certificate_kind",
+                "a node certificate cannot act as an operator",
+            ),
+        )),
+        None => Err(refuse(
+            plane,
+            conn,
+            what,
+            Refusal::new(
+                401,
+                "no_client_certificate",
+                "an operator client certificate is required",
+            ),
+        )),
+    }
+}
+
+pub fn router() -> Router {
+    Router::new()
+        .route("/v1/operator/tokens", post(token_create))
+        .route("/v1/operator/nodes", get(nodes))
+        .route("/v1/operator/nodes/{id}", get(node))
+        .route("/v1/operator/nodes/{id}/template", post(assign))
+        .route("/v1/operator/nodes/{id}/revoke", post(revoke))
+        .route("/v1/operator/nodes/{id}/reprovision", post(reprovision))
+        .route("/v1/operator/nodes/{id}/state", post(set_state))
+        .route("/v1/operator/nodes/{id}/tasks", post(enqueue).get(tasks))
+        .route("/v1/operator/templates", post(template_create))
+        .route("/v1/operator/audit", get(audit_list))
+        .route("/v1/operator/audit/verify", get(audit_verify))
+}
+
+type P = Extension<Arc<Plane>>;
+type C = Extension<Conn>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    node: Option<String>,
+    mac: Option<String>,
+    smbios_uuid: Option<String>,
+    ttl_s: Option<u64>,
+}
+
+async fn token_create(Extension(plane): P, Extension(conn): C, raw: Body) -> ApiResult<serde_json::Value> {
+    let actor = operator(&plane, &conn, "token_create")?;
+    let req: TokenRequest = body(&plane, &conn, "token_create", raw).await?;
+    run(&plane, &conn, "token_create", move |p| {
+        let bind = crate::api::parse_binding(req.node, req.mac, req.smbios_uuid);
+        p.store.create_token(req.ttl_s.map(Duration::from_secs), &bind, &actor)
+    })
+    .await
+    .map(|token| Json(serde_json::json!({"token": token})))
+}
+
+async fn nodes(Extension(plane): P, Extension(conn): C) -> ApiResult<Vec<crate::store::NodeView>> {
+    operator(&plane, &conn, "nodes")?;
+    run(&plane, &conn, "nodes", |p| p.store.nodes()).await.map(Json)
+}
+
+async fn node(Extension(plane): P, Extension(conn): C, Path(id): Path<String>) -> ApiResult<crate::store::NodeView> {
+    operator(&plane, &conn, "node")?;
+    run(&plane, &conn, "node", move |p| p.store.node(&id)).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AssignRequest {
+    template: String,
+}
+
+async fn assign(
+    Extension(plane): P,
+    Extension(conn): C,
+    Path(id): Path<String>,
+    raw: Body,
+) -> ApiResult<serde_json::Value> {
+    let actor = operator(&plane, &conn, "assign")?;
+    let req: AssignRequest = body(&plane, &conn, "assign", raw).await?;
+    run(&plane, &conn, "assign", move |p| {
+        p.store.template_assign(&id, &req.template, &actor)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"assigned": true})))
+}
+
+async fn revoke(Extension(plane): P, Extension(conn): C, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+    let actor = operator(&plane, &conn, "revoke")?;
+    run(&plane, &conn, "revoke", move |p| {
+        let id = p.store.node(&id)?.id;
+        p.store.revoke(&id, &actor)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"revoked": true})))
+}
+
+async fn reprovision(Extension(plane): P, Extension(conn): C, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+    let actor = operator(&plane, &conn, "reprovision")?;
+    run(&plane, &conn, "reprovision", move |p| {
+        let id = p.store.node(&id)?.id;
+        p.store.reprovision(&id, &actor)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"reprovisioned": true})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateRequest {
+    state: String,
+}
+
+async fn set_state(
+    Extension(plane): P,
+    Extension(conn): C,
+    Path(id): Path<String>,
+    raw: Body,
+) -> ApiResult<serde_json::Value> {
+    let actor = operator(&plane, &conn, "set_state")?;
+    let req: StateRequest = body(&plane, &conn, "set_state", raw).await?;
+    let state = run(&plane, &conn, "set_state", move |p| {
+        let id = p.store.node(&id)?.id;
+        p.store.set_state(&id, crate::api::parse_state(&req.state)?, &actor)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"state": state.to_string()})))
+}
+
+async fn enqueue(
+    Extension(plane): P,
+    Extension(conn): C,
+    Path(id): Path<String>,
+    raw: Body,
+) -> ApiResult<serde_json::Value> {
+    let actor = operator(&plane, &conn, "enqueue")?;
+    let spec: TaskSpec = body(&plane, &conn, "enqueue", raw).await?;
+    let (task, node) = run(&plane, &conn, "enqueue", move |p| {
+        let node = p.store.node(&id)?.id;
+        if spec == TaskSpec::Drain {
+            p.store
+                .set_state(&node, crate::lifecycle::NodeState::Draining, &actor)?;
+        }
+        Ok((p.store.enqueue(&node, &spec, &actor)?, node))
+    })
+    .await?;
+    crate::api::notify_node(&plane, &node);
+    Ok(Json(serde_json::json!({"task": task})))
+}
+
+async fn tasks(
+    Extension(plane): P,
+    Extension(conn): C,
+    Path(id): Path<String>,
+) -> ApiResult<Vec<crate::work::TaskView>> {
+    operator(&plane, &conn, "tasks")?;
+    run(&plane, &conn, "tasks", move |p| p.store.tasks(&id)).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TemplateRequest {
+    name: String,
+    modules: Vec<String>,
+}
+
+async fn template_create(Extension(plane): P, Extension(conn): C, raw: Body) -> ApiResult<serde_json::Value> {
+    let actor = operator(&plane, &conn, "template_create")?;
+    let req: TemplateRequest = body(&plane, &conn, "template_create", raw).await?;
+    run(&plane, &conn, "template_create", move |p| {
+        let modules = req
+            .modules
+            .iter()
+            .map(|m| crate::work::parse_module(m))
+            .collect::<Result<Vec<_>, _>>()?;
+        p.store.template_create(&req.name, &modules, &actor)
+    })
+    .await?;
+    Ok(Json(serde_json::json!({"created": true})))
+}
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+async fn audit_list(
+    Extension(plane): P,
+    Extension(conn): C,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Vec<crate::audit::Record>> {
+    operator(&plane, &conn, "audit")?;
+    let (after, limit) = (q.after.unwrap_or(0), q.limit.unwrap_or(1000).clamp(1, 10_000));
+    run(&plane, &conn, "audit", move |p| p.store.audit_list(after, limit))
+        .await
+        .map(Json)
+}
+
+async fn audit_verify(Extension(plane): P, Extension(conn): C) -> ApiResult<crate::audit::ChainReport> {
+    operator(&plane, &conn, "audit_verify")?;
+    run(&plane, &conn, "audit_verify", |p| p.store.audit_verify())
+        .await
+        .map(Json)
+}
