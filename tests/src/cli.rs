@@ -5,12 +5,17 @@ use std::process::{Command, Output};
 
 /// The built `ironroot-build` binary (target/<profile>/ironroot-build).
 pub fn binary() -> PathBuf {
+    binary_named("ironroot-build")
+}
+
+/// A workspace binary built beside the tests (target/<profile>/NAME).
+pub fn binary_named(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile>/deps");
-    let bin = profile_dir.join("ironroot-build");
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build --workspace` first (`./just test` does)",
