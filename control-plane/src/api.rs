@@ -27,7 +27,7 @@ use crate::store::Refusal;
 /// Longest a task long-poll waits.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// Enrollment attempts per remote address: a burst of 10, then one every 2 s.
+/// A token bucket per remote address.
 #[derive(Debug)]
 pub struct RateLimiter {
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
@@ -36,11 +36,11 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
-    pub fn standard() -> Self {
+    pub fn new(burst: u32, per_second: f64) -> Self {
         Self {
             buckets: Mutex::default(),
-            burst: 10.0,
-            per_second: 0.5,
+            burst: f64::from(burst.max(1)),
+            per_second,
         }
     }
 
@@ -152,8 +152,8 @@ pub(crate) async fn body<T: DeserializeOwned>(
 }
 
 pub fn journal_tls_refusal(plane: &Plane, remote: SocketAddr, error: &str) {
-    // Bounded by the same per-address limiter as enrollment, so a scanner cannot flood the journal.
-    if plane.limiter.allow(remote.ip()) {
+    // Bounded per address, so a scanner cannot flood the journal.
+    if plane.tls_journal_limiter.allow(remote.ip()) {
         let r = Refusal::new(401, "tls", format!("TLS handshake refused: {error}"));
         plane.store.journal_refusal(
             &format!("remote:{}", remote.ip()),

@@ -79,6 +79,11 @@ pub struct ServeArgs {
     silent_after: Duration,
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     task_lease: Duration,
+    /// Enrollment attempts allowed per remote address at once, then --enroll-rate per second.
+    #[arg(long, default_value_t = 10)]
+    enroll_burst: u32,
+    #[arg(long, default_value_t = 0.5)]
+    enroll_rate: f64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,7 +117,11 @@ pub enum NodeCommand {
     /// Allow a node to enroll again (its old certificates stop working).
     Reprovision { id: String },
     /// Move a node through its lifecycle (draining, terminated, quarantined, …).
-    State { id: String, state: String },
+    State {
+        id: String,
+        #[arg(value_name = "STATE")]
+        to: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,6 +207,8 @@ async fn serve(state: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
         suspect_after: args.suspect_after,
         silent_after: args.silent_after,
         task_lease: args.task_lease,
+        enroll_burst: args.enroll_burst,
+        enroll_per_second: args.enroll_rate,
     };
     let mut names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
     names.extend(args.names);
@@ -292,9 +303,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .await?;
             println!("{id} may enroll again with a new token");
         }
-        Command::Node(NodeCommand::State { id, state }) => {
+        Command::Node(NodeCommand::State { id, to }) => {
             let v: Value = client
-                .post(&format!("/v1/operator/nodes/{id}/state"), &json!({"state": state}))
+                .post(&format!("/v1/operator/nodes/{id}/state"), &json!({"state": to}))
                 .await?;
             println!("{id} is {}", v["state"].as_str().unwrap_or(""));
         }

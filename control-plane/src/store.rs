@@ -26,6 +26,9 @@ pub struct Settings {
     /// ... and this long, `silent`.
     pub silent_after: Duration,
     pub task_lease: Duration,
+    /// Enrollment attempts per remote address: a burst, then this many per second.
+    pub enroll_burst: u32,
+    pub enroll_per_second: f64,
 }
 
 impl Settings {
@@ -37,6 +40,8 @@ impl Settings {
             suspect_after: Duration::from_secs(95),
             silent_after: Duration::from_secs(300),
             task_lease: Duration::from_secs(120),
+            enroll_burst: 10,
+            enroll_per_second: 0.5,
         }
     }
 }

@@ -206,3 +206,312 @@ fn openssl_text(pem: &str) -> String {
     child.stdin.take().unwrap().write_all(pem.as_bytes()).unwrap();
     String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).into_owned()
 }
+
+/// Asserts a refusal: status, error code, and a journal record of kind `refused.<what>`.
+fn refused(p: &TestPlane, (status, body): (u16, Value), want_status: u16, code: &str, what: &str) {
+    assert_eq!(status, want_status, "{code}: {body}");
+    assert_eq!(body["error"], code, "{body}");
+    assert!(!body["message"].as_str().unwrap_or("").is_empty(), "{body}");
+    let records = p.journal(&format!("refused.{what}"));
+    assert!(
+        records.iter().any(|r| r.as_str().unwrap_or("").contains(code)),
+        "no journal record for {code}: {records:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_refusal_is_clear_and_journaled() {
+    let p = TestPlane::start(&["--enroll-burst", "1000"]);
+    let anon = p.anonymous();
+
+    // Malformed JSON, and a body over the cap.
+    let r = anon
+        .post(p.url("/v1/enroll"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    refused(
+        &p,
+        (r.status().as_u16(), r.json().await.unwrap()),
+        400,
+        "bad_json",
+        "enroll",
+    );
+    let huge = json!({"token": "x".repeat(100 * 1024), "csr": ""});
+    refused(&p, enroll_raw(&p, &huge).await, 413, "body_too_large", "enroll");
+
+    // A CSR whose self-signature does not verify.
+    let key = NodeKey::ed25519();
+    let csr = key.csr(&[]);
+    let mut der = rustls_pki_der(&csr);
+    let last = der.len() - 3;
+    der[last] ^= 0x55;
+    let bad = pem_encode("CERTIFICATE REQUEST", &der);
+    let token = p.op(&["token", "create"]).ok();
+    refused(
+        &p,
+        enroll_raw(&p, &json!({"token": token, "csr": bad})).await,
+        400,
+        "bad_csr",
+        "enroll",
+    );
+    // The token was not consumed by a refused enrollment.
+    let (s, _) = enroll_raw(
+        &p,
+        &json!({"token": token, "csr": key.csr(&[]), "identity": {"name": "n-ok"}}),
+    )
+    .await;
+    assert_eq!(s, 200);
+    // Replayed.
+    refused(
+        &p,
+        enroll_raw(&p, &json!({"token": token, "csr": key.csr(&[])})).await,
+        401,
+        "token_used",
+        "enroll",
+    );
+    // Expired.
+    let short = p.op(&["token", "create", "--ttl", "1s"]).ok();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    refused(
+        &p,
+        enroll_raw(&p, &json!({"token": short, "csr": key.csr(&[])})).await,
+        401,
+        "token_expired",
+        "enroll",
+    );
+    // Unknown, and bound to another identity.
+    refused(
+        &p,
+        enroll_raw(&p, &json!({"token": "irt_nope", "csr": key.csr(&[])})).await,
+        401,
+        "token_unknown",
+        "enroll",
+    );
+    let bound = p
+        .op(&["token", "create", "--node", "n-bound", "--mac", "52:54:00:12:34:56"])
+        .ok();
+    let wrong =
+        json!({"token": bound, "csr": key.csr(&[]), "identity": {"name": "n-bound", "mac": "52:54:00:00:00:01"}});
+    refused(&p, enroll_raw(&p, &wrong).await, 403, "identity_mismatch", "enroll");
+    // An RSA key is not accepted.
+    let rsa_csr = openssl_rsa_csr();
+    let t = p.op(&["token", "create"]).ok();
+    refused(
+        &p,
+        enroll_raw(&p, &json!({"token": t, "csr": rsa_csr})).await,
+        400,
+        "bad_csr",
+        "enroll",
+    );
+
+    // The same token in two concurrent enrollments: exactly one succeeds.
+    let t = p.op(&["token", "create"]).ok();
+    let (k1, k2) = (NodeKey::ed25519(), NodeKey::p256());
+    let b1 = json!({"token": t, "csr": k1.csr(&[]), "identity": {"name": "race-1"}});
+    let b2 = json!({"token": t, "csr": k2.csr(&[]), "identity": {"name": "race-2"}});
+    let (r1, r2) = tokio::join!(enroll_raw(&p, &b1), enroll_raw(&p, &b2));
+    let mut statuses = [r1.0, r2.0];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 401], "{r1:?} {r2:?}");
+
+    // A second enrollment for an active node is refused until the operator re-provisions it.
+    let a = enroll(&p, "n-active", &NodeKey::ed25519()).await;
+    let t = p.op(&["token", "create", "--node", "n-active"]).ok();
+    let again = json!({"token": t, "csr": NodeKey::ed25519().csr(&[]), "identity": {"name": "n-active"}});
+    refused(&p, enroll_raw(&p, &again).await, 409, "already_enrolled", "enroll");
+
+    // Node certificates: on another node's path, as an operator, and after revocation.
+    let b = enroll(&p, "n-other", &NodeKey::ed25519()).await;
+    let hb = Some(report("ready"));
+    refused(
+        &p,
+        call(
+            &a.client,
+            &p,
+            "POST",
+            &format!("/v1/nodes/{}/heartbeat", b.id),
+            hb.clone(),
+        )
+        .await,
+        403,
+        "wrong_node",
+        "heartbeat",
+    );
+    refused(
+        &p,
+        call(&a.client, &p, "GET", "/v1/operator/nodes", None).await,
+        403,
+        "wrong_certificate_kind",
+        "nodes",
+    );
+    refused(
+        &p,
+        call(
+            &p.operator_client(),
+            &p,
+            "POST",
+            &format!("/v1/nodes/{}/heartbeat", a.id),
+            hb.clone(),
+        )
+        .await,
+        403,
+        "wrong_certificate_kind",
+        "heartbeat",
+    );
+    refused(
+        &p,
+        call(&anon, &p, "POST", &format!("/v1/nodes/{}/heartbeat", a.id), hb.clone()).await,
+        401,
+        "no_client_certificate",
+        "heartbeat",
+    );
+    assert_eq!(
+        call(
+            &a.client,
+            &p,
+            "POST",
+            &format!("/v1/nodes/{}/heartbeat", a.id),
+            hb.clone()
+        )
+        .await
+        .0,
+        200
+    );
+    p.op(&["node", "revoke", &a.id]).ok();
+    refused(
+        &p,
+        call(
+            &a.client,
+            &p,
+            "POST",
+            &format!("/v1/nodes/{}/heartbeat", a.id),
+            hb.clone(),
+        )
+        .await,
+        403,
+        "revoked",
+        "heartbeat",
+    );
+    // Re-provisioned, it enrolls again; the old certificate stays dead.
+    p.op(&["node", "reprovision", &a.id]).ok();
+    let t = p.op(&["token", "create", "--node", "n-active"]).ok();
+    let (s, body) = enroll_raw(
+        &p,
+        &json!({"token": t, "csr": NodeKey::ed25519().csr(&[]), "identity": {"name": "n-active"}}),
+    )
+    .await;
+    assert_eq!((s, body["node_id"].as_str()), (200, Some(a.id.as_str())), "{body}");
+    assert_eq!(
+        call(
+            &a.client,
+            &p,
+            "POST",
+            &format!("/v1/nodes/{}/heartbeat", a.id),
+            hb.clone()
+        )
+        .await
+        .0,
+        403
+    );
+    let _ = &a.cert;
+
+    // A client certificate from another CA never gets past TLS, and the attempt is journaled.
+    let (foreign_cert, foreign_key) = foreign_node_cert(&b.id);
+    let foreign = p.with_identity(&foreign_cert, &foreign_key);
+    let (s, e) = call(&foreign, &p, "POST", &format!("/v1/nodes/{}/heartbeat", b.id), hb).await;
+    assert_eq!(s, 0, "a foreign certificate was accepted: {e}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!p.journal("refused.tls").is_empty(), "TLS refusal not journaled");
+
+    // A name full of SQL metacharacters is stored and returned verbatim.
+    let evil = "x'); DROP TABLE nodes;-- \"%_\\";
+    let n = enroll(&p, evil, &NodeKey::ed25519()).await;
+    let shown: Value = serde_json::from_str(&p.op(&["node", "show", &n.id, "--json"]).ok()).unwrap();
+    assert_eq!(shown["name"], evil);
+    assert!(p.op(&["node", "list"]).ok().contains("n-other"));
+
+    // An invalid lifecycle move is refused with the current state and reason.
+    let out = p.op(&["node", "state", &b.id, "provisioning"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr
+            .contains("node is bootstrapping; provisioning is not reachable"),
+        "{}",
+        out.stderr
+    );
+    assert!(p.op(&["audit", "verify"]).ok().starts_with("audit chain intact"));
+}
+
+fn rustls_pki_der(pem: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD.decode(body).unwrap()
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+}
+
+fn openssl_rsa_csr() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("rsa.key");
+    let ok = std::process::Command::new(ironroot_tests::tools::tool("openssl"))
+        .args([
+            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=rsa", "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(dir.path().join("rsa.csr"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "openssl req");
+    std::fs::read_to_string(dir.path().join("rsa.csr")).unwrap()
+}
+
+/// A certificate naming node `id`, signed by a CA the plane has never seen.
+fn foreign_node_cert(id: &str) -> (String, String) {
+    let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("urn:ironroot:node:{id}").try_into().unwrap(),
+    )];
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    (leaf.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_attempts_are_rate_limited() {
+    let p = TestPlane::start(&["--enroll-burst", "5", "--enroll-rate", "0.1"]);
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(enroll_raw(&p, &json!({"token": "irt_spam", "csr": ""})).await.0);
+    }
+    assert_eq!(
+        codes,
+        [401, 401, 401, 401, 401, 429, 429, 429],
+        "burst of 5, then refused"
+    );
+    refused(
+        &p,
+        enroll_raw(&p, &json!({"token": "irt_spam", "csr": ""})).await,
+        429,
+        "rate_limited",
+        "enroll",
+    );
+}
