@@ -166,6 +166,9 @@ pub enum AuditCommand {
     Verify,
 }
 
+/// Journal records fetched per request by `audit list`.
+const AUDIT_PAGE: i64 = 1000;
+
 /// `90`, `90s`, `30m`, `1h`, `3d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
@@ -326,17 +329,28 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Task(cmd) => task(&client, cmd).await?,
         Command::Audit(AuditCommand::List { after }) => {
-            let records: Value = client.get(&format!("/v1/operator/audit?after={after}")).await?;
-            for r in records.as_array().into_iter().flatten() {
-                println!(
-                    "{:>6} {} {:<24} {:<28} {} {}",
-                    r["seq"],
-                    r["time"],
-                    r["actor"].as_str().unwrap_or(""),
-                    r["kind"].as_str().unwrap_or(""),
-                    r["subject"].as_str().unwrap_or(""),
-                    r["data"]
-                );
+            // The server pages; walk every page.
+            let mut after = after;
+            loop {
+                let records: Value = client
+                    .get(&format!("/v1/operator/audit?after={after}&limit={AUDIT_PAGE}"))
+                    .await?;
+                let page = records.as_array().cloned().unwrap_or_default();
+                for r in &page {
+                    println!(
+                        "{:>6} {} {:<24} {:<28} {} {}",
+                        r["seq"],
+                        r["time"],
+                        r["actor"].as_str().unwrap_or(""),
+                        r["kind"].as_str().unwrap_or(""),
+                        r["subject"].as_str().unwrap_or(""),
+                        r["data"]
+                    );
+                }
+                match page.last().and_then(|r| r["seq"].as_i64()) {
+                    Some(last) if page.len() as i64 == AUDIT_PAGE => after = last,
+                    _ => break,
+                }
             }
         }
         Command::Audit(AuditCommand::Verify) => {

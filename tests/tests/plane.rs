@@ -515,3 +515,189 @@ async fn enrollment_attempts_are_rate_limited() {
         "enroll",
     );
 }
+
+fn node_state(p: &TestPlane, id: &str) -> String {
+    let shown: Value = serde_json::from_str(&p.op(&["node", "show", id, "--json"]).ok()).unwrap();
+    shown["state"].as_str().unwrap_or("").to_owned()
+}
+
+async fn wait_for_state(p: &TestPlane, id: &str, want: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let s = node_state(p, id);
+        if s == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node {id} is {s}, never became {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_node_becomes_suspect_then_silent() {
+    let p = TestPlane::start(&[
+        "--heartbeat-interval",
+        "1s",
+        "--suspect-after",
+        "2s",
+        "--silent-after",
+        "4s",
+    ]);
+    let n = enroll(&p, "quiet", &NodeKey::ed25519()).await;
+    let (s, _) = call(
+        &n.client,
+        &p,
+        "POST",
+        &format!("/v1/nodes/{}/handshake", n.id),
+        Some(report("ready")),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(node_state(&p, &n.id), "running");
+    wait_for_state(&p, &n.id, "suspect", Duration::from_secs(10)).await;
+    wait_for_state(&p, &n.id, "silent", Duration::from_secs(10)).await;
+    let sweeps: Vec<_> = p
+        .journal("node.transition")
+        .into_iter()
+        .filter(|r| r.as_str().unwrap_or("").contains("plane:sweep"))
+        .collect();
+    assert_eq!(sweeps.len(), 2, "{sweeps:?}");
+    // A heartbeat brings it back.
+    let (_, r) = call(
+        &n.client,
+        &p,
+        "POST",
+        &format!("/v1/nodes/{}/heartbeat", n.id),
+        Some(report("ready")),
+    )
+    .await;
+    assert_eq!(r["state"], "running");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unfinished_lease_is_redelivered() {
+    let p = TestPlane::start(&["--task-lease", "1s"]);
+    let n = enroll(&p, "worker", &NodeKey::p256()).await;
+    let task = p.op(&["task", "probe", "worker"]).ok();
+    let path = format!("/v1/nodes/{}/tasks", n.id);
+    let (_, first) = call(&n.client, &p, "GET", &path, None).await;
+    assert_eq!(first["id"], task.as_str());
+    // Leased: nothing else to hand out right now.
+    let r = n.client.get(p.url(&path)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, again) = call(&n.client, &p, "GET", &path, None).await;
+    assert_eq!(again["id"], task.as_str(), "an expired lease is redelivered");
+    let tasks: Value = serde_json::from_str(&p.op(&["task", "list", "worker"]).ok()).unwrap();
+    assert_eq!(tasks[0]["deliveries"], 2);
+    assert_eq!(p.journal("task.redeliver").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_writes_survive_kill_9() {
+    let mut p = TestPlane::start(&["--enroll-burst", "100"]);
+    let mut nodes = Vec::new();
+    for i in 0..4 {
+        nodes.push(enroll(&p, &format!("durable-{i}"), &NodeKey::ed25519()).await);
+    }
+    let mut tasks = Vec::new();
+    for n in &nodes {
+        for _ in 0..5 {
+            tasks.push((n.id.clone(), p.op(&["task", "exec", &n.id, "--", "true"]).ok()));
+        }
+    }
+    // Load: every node heartbeats, submits audit records and finishes tasks as fast as it can;
+    // each loop remembers what the plane acknowledged.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loops = Vec::new();
+    for n in &nodes {
+        let (client, id, url, stop) = (n.client.clone(), n.id.clone(), p.url(""), std::sync::Arc::clone(&stop));
+        loops.push(tokio::spawn(async move {
+            let (mut beats, mut audited, mut results) = (0u64, Vec::new(), Vec::new());
+            let mut seq = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let ok = |r: Result<reqwest::Response, reqwest::Error>| r.ok().filter(|r| r.status().is_success());
+                if ok(client
+                    .post(format!("{url}/v1/nodes/{id}/heartbeat"))
+                    .json(&report("ready"))
+                    .send()
+                    .await)
+                .is_some()
+                {
+                    beats += 1;
+                }
+                seq += 1;
+                let batch = json!({"records": [{"seq": seq, "time": seq, "kind": "load", "data": {"n": seq}}]});
+                if ok(client
+                    .post(format!("{url}/v1/nodes/{id}/audit"))
+                    .json(&batch)
+                    .send()
+                    .await)
+                .is_some()
+                {
+                    audited.push(seq);
+                }
+                if let Some(r) = ok(client.get(format!("{url}/v1/nodes/{id}/tasks")).send().await)
+                    && r.status().as_u16() == 200
+                    && let Ok(task) = r.json::<Value>().await
+                {
+                    let tid = task["id"].as_str().unwrap_or("").to_owned();
+                    let res = client
+                        .post(format!("{url}/v1/tasks/{tid}/result"))
+                        .json(&json!({"exit_code": 0, "output": "ok"}))
+                        .send()
+                        .await;
+                    if ok(res).is_some() {
+                        results.push(tid);
+                    }
+                }
+            }
+            (id, beats, audited, results)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    p.kill9_and_restart();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut acked = Vec::new();
+    for l in loops {
+        acked.push(l.await.unwrap());
+    }
+    let journal = p.op(&["audit", "list"]).ok();
+    let mut total_beats = 0;
+    for (id, beats, audited, results) in &acked {
+        total_beats += beats;
+        let shown: Value = serde_json::from_str(&p.op(&["node", "show", id, "--json"]).ok()).unwrap();
+        assert!(
+            shown["heartbeats"].as_u64().unwrap() >= *beats,
+            "{id}: {} stored, {beats} acknowledged",
+            shown["heartbeats"]
+        );
+        for seq in audited {
+            let needle = format!("\"seq\":{seq}}}");
+            assert!(
+                journal
+                    .lines()
+                    .any(|l| l.contains(id.as_str()) && l.contains("node.load") && l.contains(&needle)),
+                "{id}: audit record {seq} lost"
+            );
+        }
+        let listed: Value = serde_json::from_str(&p.op(&["task", "list", id]).ok()).unwrap();
+        for tid in results {
+            let t = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["id"] == tid.as_str())
+                .unwrap();
+            assert_eq!(t["state"], "done", "{id}: acknowledged result for {tid} lost");
+        }
+    }
+    assert!(
+        total_beats > 20,
+        "the load was too light to mean anything: {total_beats} heartbeats"
+    );
+    assert!(p.op(&["audit", "verify"]).ok().starts_with("audit chain intact"));
+}
