@@ -20,7 +20,7 @@ demo: deps
 
 # Benchmarks against their baselines, measured in the same run (ratios printed, not asserted).
 bench: deps
-    cargo build --release --locked -p ironroot-build
+    cargo build --release --locked -p ironroot-build -p ironroot-plane -p ironroot-tests
     bash scripts/bench.sh
 
 # Release build of every binary.

@@ -5,6 +5,9 @@
 #   module build      ironroot-build module build      vs mkcomposefs --min-version=1 --digest-store   target <= 1.0 (time ratio)
 #   fs-verity digest  ironroot-build verity            vs openssl dgst -sha256 (SHA extensions)       target >= 0.8 (throughput ratio)
 #   module verify     ironroot-build module verify     vs openssl dgst -sha256 of the same blob bytes target >= 0.5 (throughput ratio)
+#   plane fan-in      BENCH_NODES (10000) persistent mTLS connections heartbeating every 30 s for
+#                     BENCH_PLANE_SECONDS (60): p50/p99 latency and plane CPU (targets p99 <= 20 ms,
+#                     <= 0.5 core), then SIGKILL + restart and time until all re-handshake (<= 60 s)
 #
 # BENCH_MB sets the tree size (default 384). Each figure is the best of BENCH_RUNS runs (default 5).
 set -euo pipefail
@@ -85,3 +88,7 @@ printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "fs-verity digest" "$(mbps "$bytes_
 printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "module verify" "$(mbps "$bytes_module" "$t_verify")" "$(mbps "$bytes_module" "$t_sha_mod")" "$(ratio "$t_sha_mod" "$t_verify")" ">= 0.5 (throughput; openssl dgst -sha256, same bytes)"
 printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "  ... into a store" "$(mbps "$bytes_module" "$t_verify_store")" "$(mbps "$bytes_module" "$t_sha_mod")" "$(ratio "$t_sha_mod" "$t_verify_store")" "(informational: --store on disk adds the copy of every object)"
 printf '\n(%s MiB tree, %s MiB of module blobs, best of %s runs each)\n' "$((bytes_tree >> 20))" "$((bytes_module >> 20))" "$RUNS"
+
+echo
+echo "bench: plane heartbeat fan-in (${BENCH_NODES:-10000} nodes, ${BENCH_PLANE_SECONDS:-60} s)" >&2
+target/release/ironroot-plane-load target/release/ironroot-plane "${BENCH_NODES:-10000}" "${BENCH_PLANE_SECONDS:-60}" 30

@@ -155,10 +155,21 @@ fn time_now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
+/// 16 random bytes whose first byte is 0x40..=0x7f: positive, and with no leading zero byte
+/// for DER's minimal encoding to drop (which would change the serial a peer presents).
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
-    bytes[0] &= 0x7f; // positive
+    bytes[0] = (bytes[0] & 0x3f) | 0x40;
     SerialNumber::from_slice(&bytes)
+}
+
+/// A serial number in one canonical text form: hex without leading zero bytes.
+pub fn serial_hex(bytes: &[u8]) -> String {
+    let first = bytes
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(bytes.len().saturating_sub(1));
+    hex::encode(&bytes[first..])
 }
 
 fn issue_error(e: rcgen::Error) -> CaError {
@@ -277,7 +288,7 @@ impl Authority {
         let serial = params
             .serial_number
             .as_ref()
-            .map(|s| hex::encode(s.to_bytes()))
+            .map(|s| serial_hex(&s.to_bytes()))
             .unwrap_or_default();
         let not_after = params.not_after.unix_timestamp().max(0) as u64;
         let cert = params.signed_by(&key, &self.issuer).map_err(issue_error)?;
@@ -288,7 +299,7 @@ impl Authority {
 /// Who a verified client certificate (DER) names, from its SAN URI; `None` for anything else.
 pub fn peer_of(der: &[u8]) -> Option<Peer> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let serial = hex::encode(cert.raw_serial());
+    let serial = serial_hex(cert.raw_serial());
     let san = cert.subject_alternative_name().ok()??;
     let mut found = None;
     for name in &san.value.general_names {
@@ -310,4 +321,47 @@ pub fn peer_of(der: &[u8]) -> Option<Peer> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_have_one_canonical_form() {
+        assert_eq!(serial_hex(&[0, 0, 0x12, 0x34]), "1234");
+        assert_eq!(serial_hex(&[0x12, 0x00]), "1200");
+        assert_eq!(serial_hex(&[0]), "00");
+        for _ in 0..1000 {
+            let s = random_serial().to_bytes();
+            assert!((0x40..=0x7f).contains(&s[0]));
+        }
+    }
+
+    #[test]
+    fn issued_node_certificates_name_the_serial_that_was_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::open_or_create(dir.path()).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let csr = CertificateParams::new(vec!["evil.example".to_owned()])
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        for _ in 0..300 {
+            let (chain, serial, _) = ca.issue_node("n-1", &csr, Duration::from_secs(60)).unwrap().unwrap();
+            let der = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+                .next()
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                peer_of(&der),
+                Some(Peer::Node {
+                    id: "n-1".into(),
+                    serial
+                })
+            );
+        }
+    }
 }
