@@ -701,3 +701,97 @@ async fn acknowledged_writes_survive_kill_9() {
     );
     assert!(p.op(&["audit", "verify"]).ok().starts_with("audit chain intact"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renewal_and_drain() {
+    let p = TestPlane::start(&[]);
+    let n = enroll(&p, "renewer", &NodeKey::ed25519()).await;
+    let (s, _) = call(
+        &n.client,
+        &p,
+        "POST",
+        &format!("/v1/nodes/{}/handshake", n.id),
+        Some(report("ready")),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // Renewal: a new key, authenticated by the current certificate; the new certificate works.
+    let fresh = NodeKey::p256();
+    let (s, body) = call(
+        &n.client,
+        &p,
+        "POST",
+        &format!("/v1/nodes/{}/renew", n.id),
+        Some(json!({"csr": fresh.csr(&["other.example"])})),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    let renewed = p.with_identity(body["certificate"].as_str().unwrap(), &fresh.key_pem());
+    let (s, _) = call(
+        &renewed,
+        &p,
+        "POST",
+        &format!("/v1/nodes/{}/heartbeat", n.id),
+        Some(report("ready")),
+    )
+    .await;
+    assert_eq!(s, 200);
+    assert_eq!(p.journal("cert.renew").len(), 1);
+    // Renewing needs a node certificate: the anonymous client is refused.
+    let r = call(
+        &p.anonymous(),
+        &p,
+        "POST",
+        &format!("/v1/nodes/{}/renew", n.id),
+        Some(json!({"csr": fresh.csr(&[])})),
+    )
+    .await;
+    refused(&p, r, 401, "no_client_certificate", "renew");
+
+    // Drain: the node is draining, its desired state says so, and a heartbeat does not undo it.
+    let task = p.op(&["task", "drain", "renewer"]).ok();
+    assert!(task.starts_with("t-"), "{task}");
+    assert_eq!(node_state(&p, &n.id), "draining");
+    let (_, d) = call(&renewed, &p, "GET", &format!("/v1/nodes/{}/desired", n.id), None).await;
+    assert_eq!(d["intents"], json!(["drain"]));
+    let (_, r) = call(
+        &renewed,
+        &p,
+        "POST",
+        &format!("/v1/nodes/{}/heartbeat", n.id),
+        Some(report("ready")),
+    )
+    .await;
+    assert_eq!(r["state"], "draining");
+    let (_, t) = call(&renewed, &p, "GET", &format!("/v1/nodes/{}/tasks", n.id), None).await;
+    assert_eq!(t["spec"], json!({"kind": "drain"}));
+    p.op(&["node", "state", &n.id, "terminated"]).ok();
+    assert_eq!(node_state(&p, &n.id), "terminated");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_verify_names_the_first_edited_record() {
+    let p = TestPlane::start(&[]);
+    for _ in 0..3 {
+        p.op(&["token", "create"]).ok();
+    }
+    assert!(
+        p.op(&["audit", "verify"])
+            .ok()
+            .starts_with("audit chain intact: 3 records")
+    );
+    // Someone with access to the database file rewrites history behind the plane's back.
+    let db = rusqlite::Connection::open(p.dir().join("plane.db")).unwrap();
+    db.execute("UPDATE audit SET actor = 'operator:someone-else' WHERE seq = 2", [])
+        .unwrap();
+    drop(db);
+    let out = p.op(&["audit", "verify"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr
+            .contains("audit chain broken at record 2: hash does not match the record's contents (edited)"),
+        "{}",
+        out.stderr
+    );
+}
