@@ -143,6 +143,31 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Lets this process (and the plane it starts, which inherits it) hold one descriptor per node
+/// connection: the soft limit goes to the hard limit, and as root to at least 65536. Only the
+/// benchmark does this; the product's defaults are untouched.
+fn raise_fd_limit(nodes: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let current = getrlimit(Resource::Nofile);
+    let want = (nodes as u64 * 2 + 1024).max(current.maximum.unwrap_or(0));
+    let raised = Rlimit {
+        current: Some(want),
+        maximum: Some(want.max(current.maximum.unwrap_or(want))),
+    };
+    if setrlimit(Resource::Nofile, raised).is_err() {
+        let soft = Rlimit {
+            current: current.maximum,
+            maximum: current.maximum,
+        };
+        let _best_effort = setrlimit(Resource::Nofile, soft);
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(0);
+    assert!(
+        now >= nodes as u64 + 256,
+        "descriptor limit {now} is too low for {nodes} connections; raise it (ulimit -n) or use fewer nodes"
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -153,6 +178,7 @@ async fn main() {
     let nodes: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let seconds: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(60);
     let interval: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(30);
+    raise_fd_limit(nodes);
 
     let state = tempfile::Builder::new()
         .prefix("ironroot-plane-bench-")
