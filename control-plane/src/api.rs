@@ -37,11 +37,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(burst: u32, per_second: f64) -> Self {
-        Self {
-            buckets: Mutex::default(),
-            burst: f64::from(burst.max(1)),
-            per_second,
-        }
+        Self { buckets: Mutex::default(), burst: f64::from(burst.max(1)), per_second }
     }
 
     fn allow(&self, ip: IpAddr) -> bool {
@@ -78,14 +74,7 @@ pub(crate) struct ApiError(Refusal);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (
-            status,
-            Json(ErrorBody {
-                error: self.0.code.to_owned(),
-                message: self.0.message,
-            }),
-        )
-            .into_response()
+        (status, Json(ErrorBody { error: self.0.code.to_owned(), message: self.0.message })).into_response()
     }
 }
 
@@ -115,9 +104,7 @@ pub(crate) async fn run<T: Send + 'static>(
 
 pub(crate) fn refuse(plane: &Plane, conn: &Conn, what: &str, r: Refusal) -> ApiError {
     if r.status >= 400 {
-        plane
-            .store
-            .journal_refusal(&actor(conn), &format!("refused.{what}"), &conn.remote.to_string(), &r);
+        plane.store.journal_refusal(&actor(conn), &format!("refused.{what}"), &conn.remote.to_string(), &r);
     }
     ApiError(r)
 }
@@ -134,33 +121,18 @@ pub(crate) async fn body<T: DeserializeOwned>(
             plane,
             conn,
             what,
-            Refusal::new(
-                413,
-                "body_too_large",
-                format!("request body is over {} bytes", wire::MAX_BODY),
-            ),
+            Refusal::new(413, "body_too_large", format!("request body is over {} bytes", wire::MAX_BODY)),
         )
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        refuse(
-            plane,
-            conn,
-            what,
-            Refusal::new(400, "bad_json", format!("request body: {e}")),
-        )
-    })
+    serde_json::from_slice(&bytes)
+        .map_err(|e| refuse(plane, conn, what, Refusal::new(400, "bad_json", format!("request body: {e}"))))
 }
 
 pub fn journal_tls_refusal(plane: &Plane, remote: SocketAddr, error: &str) {
     // Bounded per address, so a scanner cannot flood the journal.
     if plane.tls_journal_limiter.allow(remote.ip()) {
         let r = Refusal::new(401, "tls", format!("TLS handshake refused: {error}"));
-        plane.store.journal_refusal(
-            &format!("remote:{}", remote.ip()),
-            "refused.tls",
-            &remote.to_string(),
-            &r,
-        );
+        plane.store.journal_refusal(&format!("remote:{}", remote.ip()), "refused.tls", &remote.to_string(), &r);
     }
 }
 
@@ -194,9 +166,7 @@ async fn enroll(
     }
     let req: EnrollRequest = body(&plane, &conn, "enroll", raw).await?;
     let remote = conn.remote.to_string();
-    run(&plane, &conn, "enroll", move |p| p.store.enroll(&req, &remote))
-        .await
-        .map(Json)
+    run(&plane, &conn, "enroll", move |p| p.store.enroll(&req, &remote)).await.map(Json)
 }
 
 async fn node_call<T: Send + 'static>(
@@ -222,10 +192,7 @@ async fn renew(
 ) -> ApiResult<wire::EnrollResponse> {
     let req: RenewRequest = body(&plane, &conn, "renew", raw).await?;
     node_call(&plane, &conn, &id, "renew", move |p, id| {
-        p.store.renew(id, &req.csr).map(|certificate| wire::EnrollResponse {
-            node_id: id.to_owned(),
-            certificate,
-        })
+        p.store.renew(id, &req.csr).map(|certificate| wire::EnrollResponse { node_id: id.to_owned(), certificate })
     })
     .await
     .map(Json)
@@ -238,11 +205,7 @@ async fn handshake(
     raw: Body,
 ) -> ApiResult<wire::ReportResponse> {
     let report: NodeReport = body(&plane, &conn, "handshake", raw).await?;
-    node_call(&plane, &conn, &id, "handshake", move |p, id| {
-        p.store.report(id, &report, true)
-    })
-    .await
-    .map(Json)
+    node_call(&plane, &conn, &id, "handshake", move |p, id| p.store.report(id, &report, true)).await.map(Json)
 }
 
 async fn heartbeat(
@@ -252,11 +215,7 @@ async fn heartbeat(
     raw: Body,
 ) -> ApiResult<wire::ReportResponse> {
     let report: NodeReport = body(&plane, &conn, "heartbeat", raw).await?;
-    node_call(&plane, &conn, &id, "heartbeat", move |p, id| {
-        p.store.report(id, &report, false)
-    })
-    .await
-    .map(Json)
+    node_call(&plane, &conn, &id, "heartbeat", move |p, id| p.store.report(id, &report, false)).await.map(Json)
 }
 
 async fn desired(
@@ -264,9 +223,7 @@ async fn desired(
     Extension(conn): Extension<Conn>,
     Path(id): Path<String>,
 ) -> ApiResult<wire::DesiredState> {
-    node_call(&plane, &conn, &id, "desired", |p, id| p.store.desired(id))
-        .await
-        .map(Json)
+    node_call(&plane, &conn, &id, "desired", |p, id| p.store.desired(id)).await.map(Json)
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,11 +259,9 @@ async fn node_audit(
     raw: Body,
 ) -> ApiResult<serde_json::Value> {
     let batch: AuditBatch = body(&plane, &conn, "audit", raw).await?;
-    node_call(&plane, &conn, &id, "audit", move |p, id| {
-        p.store.node_audit(id, &batch.records)
-    })
-    .await
-    .map(|added| Json(serde_json::json!({"accepted": added})))
+    node_call(&plane, &conn, &id, "audit", move |p, id| p.store.node_audit(id, &batch.records))
+        .await
+        .map(|added| Json(serde_json::json!({"accepted": added})))
 }
 
 async fn task_result(
@@ -320,11 +275,9 @@ async fn task_result(
         Some(Peer::Node { id, .. }) => id.clone(),
         _ => String::new(),
     };
-    node_call(&plane, &conn, &node, "task_result", move |p, id| {
-        p.store.task_result(id, &task, &result)
-    })
-    .await
-    .map(|recorded| Json(serde_json::json!({"recorded": recorded})))
+    node_call(&plane, &conn, &node, "task_result", move |p, id| p.store.task_result(id, &task, &result))
+        .await
+        .map(|recorded| Json(serde_json::json!({"recorded": recorded})))
 }
 
 pub(crate) fn notify_node(plane: &Plane, node: &str) {
@@ -332,11 +285,7 @@ pub(crate) fn notify_node(plane: &Plane, node: &str) {
 }
 
 pub(crate) fn parse_binding(node: Option<String>, mac: Option<String>, smbios_uuid: Option<String>) -> TokenBinding {
-    TokenBinding {
-        node_name: node,
-        mac,
-        smbios_uuid,
-    }
+    TokenBinding { node_name: node, mac, smbios_uuid }
 }
 
 pub(crate) fn parse_state(s: &str) -> Result<NodeState, Refusal> {

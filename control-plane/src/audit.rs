@@ -41,9 +41,7 @@ pub fn append(
     data: &serde_json::Value,
 ) -> rusqlite::Result<i64> {
     let last: Option<(i64, String)> = tx
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let (seq, prev) = last.map_or((1, GENESIS.to_owned()), |(s, h)| (s + 1, h));
     let data = data.to_string();
@@ -95,9 +93,7 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<ChainReport> {
             (r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?);
         count += 1;
         let problem = if seq != expected_seq {
-            Some(format!(
-                "sequence {seq} where {expected_seq} was expected (a record is missing)"
-            ))
+            Some(format!("sequence {seq} where {expected_seq} was expected (a record is missing)"))
         } else if prev != expected_prev {
             Some("previous-hash link does not match the record before it".to_owned())
         } else if hash != hash_of(&prev, seq, time, &actor, &kind, &subject, &data) {
@@ -106,18 +102,12 @@ pub fn verify(conn: &Connection) -> rusqlite::Result<ChainReport> {
             None
         };
         if let Some(p) = problem {
-            return Ok(ChainReport {
-                records: count,
-                broken: Some((seq, p)),
-            });
+            return Ok(ChainReport { records: count, broken: Some((seq, p)) });
         }
         expected_prev = hash;
         expected_seq += 1;
     }
-    Ok(ChainReport {
-        records: count,
-        broken: None,
-    })
+    Ok(ChainReport { records: count, broken: None })
 }
 
 #[cfg(test)]
@@ -134,26 +124,11 @@ mod tests {
     fn chain_verifies_and_names_the_first_broken_record() {
         let c = db();
         for i in 0..5 {
-            append(
-                &c,
-                100 + i,
-                "operator:admin",
-                "token.create",
-                "t",
-                &serde_json::json!({"i": i}),
-            )
-            .unwrap();
+            append(&c, 100 + i, "operator:admin", "token.create", "t", &serde_json::json!({"i": i})).unwrap();
         }
-        assert_eq!(
-            verify(&c).unwrap(),
-            ChainReport {
-                records: 5,
-                broken: None
-            }
-        );
+        assert_eq!(verify(&c).unwrap(), ChainReport { records: 5, broken: None });
 
-        c.execute("UPDATE audit SET data = '{\"i\":99}' WHERE seq = 3", [])
-            .unwrap();
+        c.execute("UPDATE audit SET data = '{\"i\":99}' WHERE seq = 3", []).unwrap();
         let r = verify(&c).unwrap();
         assert_eq!(r.broken.as_ref().map(|b| b.0), Some(3));
         assert!(r.broken.unwrap().1.contains("edited"));

@@ -24,11 +24,7 @@ const OPERATOR_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("certificate material in {path} is not usable: {reason}")]
     Material { path: PathBuf, reason: String },
     #[error("issuing a certificate: {0}")]
@@ -81,12 +77,7 @@ fn csr_key(pem: &str) -> Result<CsrKey, CsrError> {
     let alg = match oid.as_str() {
         "1.3.101.112" => &rcgen::PKCS_ED25519,
         "1.2.840.10045.2.1" => {
-            let curve = spki
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| p.as_oid().ok())
-                .map(|o| o.to_id_string());
+            let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string());
             if curve.as_deref() != Some("1.2.840.10045.3.1.7") {
                 return Err(CsrError::KeyType(format!("EC curve {}", curve.unwrap_or_default())));
             }
@@ -95,10 +86,7 @@ fn csr_key(pem: &str) -> Result<CsrKey, CsrError> {
         "1.2.840.113549.1.1.1" => return Err(CsrError::KeyType("RSA".into())),
         other => return Err(CsrError::KeyType(other.to_owned())),
     };
-    Ok(CsrKey {
-        raw: spki.subject_public_key.data.to_vec(),
-        alg,
-    })
+    Ok(CsrKey { raw: spki.subject_public_key.data.to_vec(), alg })
 }
 
 use rustls_pki_types::pem::PemObject as _;
@@ -116,11 +104,7 @@ impl std::fmt::Debug for Authority {
 }
 
 fn read(path: &Path) -> Result<String, CaError> {
-    std::fs::read_to_string(path).map_err(|source| CaError::Io {
-        op: "reading",
-        path: path.to_owned(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| CaError::Io { op: "reading", path: path.to_owned(), source })
 }
 
 /// Writes `text` to `path` with `mode`, through a `.partial` file and a rename.
@@ -128,11 +112,7 @@ pub fn write_secret(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let partial = path.with_extension("partial");
-    let io = |op, source| CaError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    };
+    let io = |op, source| CaError::Io { op, path: path.to_owned(), source };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -165,10 +145,7 @@ fn random_serial() -> SerialNumber {
 
 /// A serial number in one canonical text form: hex without leading zero bytes.
 pub fn serial_hex(bytes: &[u8]) -> String {
-    let first = bytes
-        .iter()
-        .position(|&b| b != 0)
-        .unwrap_or(bytes.len().saturating_sub(1));
+    let first = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len().saturating_sub(1));
     hex::encode(&bytes[first..])
 }
 
@@ -182,14 +159,10 @@ impl Authority {
         let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
         if cert_path.exists() || key_path.exists() {
             let cert_pem = read(&cert_path)?;
-            let key = KeyPair::from_pem(&read(&key_path)?).map_err(|e| CaError::Material {
-                path: key_path.clone(),
-                reason: e.to_string(),
-            })?;
-            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| CaError::Material {
-                path: cert_path.clone(),
-                reason: e.to_string(),
-            })?;
+            let key = KeyPair::from_pem(&read(&key_path)?)
+                .map_err(|e| CaError::Material { path: key_path.clone(), reason: e.to_string() })?;
+            let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+                .map_err(|e| CaError::Material { path: cert_path.clone(), reason: e.to_string() })?;
             return Ok(Self { cert_pem, issuer });
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(issue_error)?;
@@ -197,20 +170,14 @@ impl Authority {
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, "ironroot plane CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.serial_number = Some(random_serial());
         validity(&mut params, CA_VALIDITY);
         let cert = params.self_signed(&key).map_err(issue_error)?;
         write_secret(&key_path, &key.serialize_pem(), 0o600)?;
         write_secret(&cert_path, &cert.pem(), 0o644)?;
-        Ok(Self {
-            cert_pem: cert.pem(),
-            issuer: Issuer::new(params, key),
-        })
+        Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -256,12 +223,8 @@ impl Authority {
     pub fn issue_operator(&self, name: &str) -> Result<(String, String), CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(issue_error)?;
         let uri = format!("{OPERATOR_URI_PREFIX}{name}").try_into().map_err(issue_error)?;
-        let params = self.leaf(
-            vec![SanType::URI(uri)],
-            name,
-            ExtendedKeyUsagePurpose::ClientAuth,
-            OPERATOR_VALIDITY,
-        )?;
+        let params =
+            self.leaf(vec![SanType::URI(uri)], name, ExtendedKeyUsagePurpose::ClientAuth, OPERATOR_VALIDITY)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(issue_error)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
@@ -279,17 +242,8 @@ impl Authority {
             Err(e) => return Ok(Err(e)),
         };
         let uri = format!("{NODE_URI_PREFIX}{node_id}").try_into().map_err(issue_error)?;
-        let params = self.leaf(
-            vec![SanType::URI(uri)],
-            node_id,
-            ExtendedKeyUsagePurpose::ClientAuth,
-            lifetime,
-        )?;
-        let serial = params
-            .serial_number
-            .as_ref()
-            .map(|s| serial_hex(&s.to_bytes()))
-            .unwrap_or_default();
+        let params = self.leaf(vec![SanType::URI(uri)], node_id, ExtendedKeyUsagePurpose::ClientAuth, lifetime)?;
+        let serial = params.serial_number.as_ref().map(|s| serial_hex(&s.to_bytes())).unwrap_or_default();
         let not_after = params.not_after.unix_timestamp().max(0) as u64;
         let cert = params.signed_by(&key, &self.issuer).map_err(issue_error)?;
         Ok(Ok((format!("{}{}", cert.pem(), self.cert_pem), serial, not_after)))
@@ -305,10 +259,7 @@ pub fn peer_of(der: &[u8]) -> Option<Peer> {
     for name in &san.value.general_names {
         if let x509_parser::extensions::GeneralName::URI(uri) = name {
             let peer = if let Some(id) = uri.strip_prefix(NODE_URI_PREFIX) {
-                Peer::Node {
-                    id: id.to_owned(),
-                    serial: serial.clone(),
-                }
+                Peer::Node { id: id.to_owned(), serial: serial.clone() }
             } else if let Some(name) = uri.strip_prefix(OPERATOR_URI_PREFIX) {
                 Peer::Operator { name: name.to_owned() }
             } else {
@@ -351,17 +302,8 @@ mod tests {
             .unwrap();
         for _ in 0..300 {
             let (chain, serial, _) = ca.issue_node("n-1", &csr, Duration::from_secs(60)).unwrap().unwrap();
-            let der = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
-                .next()
-                .unwrap()
-                .unwrap();
-            assert_eq!(
-                peer_of(&der),
-                Some(Peer::Node {
-                    id: "n-1".into(),
-                    serial
-                })
-            );
+            let der = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes()).next().unwrap().unwrap();
+            assert_eq!(peer_of(&der), Some(Peer::Node { id: "n-1".into(), serial }));
         }
     }
 }

@@ -15,11 +15,7 @@ use crate::client::{ClientConfig, OperatorClient};
 use crate::store::Settings;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "ironroot-plane",
-    version,
-    about = "The ironroot reference control plane and its operator CLI"
-)]
+#[command(name = "ironroot-plane", version, about = "The ironroot reference control plane and its operator CLI")]
 pub struct Cli {
     #[command(flatten)]
     pub target: Target,
@@ -172,9 +168,7 @@ const AUDIT_PAGE: i64 = 1000;
 /// `90`, `90s`, `30m`, `1h`, `3d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("duration {s:?} is not like 90s, 30m, 1h, 3d"))?;
+    let n: u64 = num.parse().map_err(|_| format!("duration {s:?} is not like 90s, 30m, 1h, 3d"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -216,15 +210,10 @@ async fn serve(state: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     let mut names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
     names.extend(args.names);
     let (plane, tls) = crate::server::open_state(&state, &names, settings)?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr().context("local address")?;
-    crate::ca::write_secret(
-        &crate::server::StateDir(state.clone()).address(),
-        &format!("{addr}\n"),
-        0o644,
-    )?;
+    crate::ca::write_secret(&crate::server::StateDir(state.clone()).address(), &format!("{addr}\n"), 0o644)?;
     tracing::info!(%addr, state = %state.display(), "plane listening");
     crate::server::serve(Arc::new(plane), tls, listener).await
 }
@@ -239,21 +228,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         return serve(state, args).await;
     }
     let t = cli.target;
-    let client = OperatorClient::connect(&ClientConfig {
-        state: t.state,
-        plane: t.plane,
-        cert: t.cert,
-        key: t.key,
-        ca: t.ca,
-    })?;
+    let client =
+        OperatorClient::connect(&ClientConfig { state: t.state, plane: t.plane, cert: t.cert, key: t.key, ca: t.ca })?;
     match cli.command {
         Command::Serve(_) => bail!("serve was handled above"),
-        Command::Token(TokenCommand::Create {
-            node,
-            mac,
-            smbios_uuid,
-            ttl,
-        }) => {
+        Command::Token(TokenCommand::Create { node, mac, smbios_uuid, ttl }) => {
             let v: Value = client
                 .post(
                     "/v1/operator/tokens",
@@ -267,10 +246,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json(&nodes);
             } else {
-                println!(
-                    "{:<20} {:<24} {:<14} {:>5} {:<10} last seen",
-                    "ID", "NAME", "STATE", "GEN", "PHASE"
-                );
+                println!("{:<20} {:<24} {:<14} {:>5} {:<10} last seen", "ID", "NAME", "STATE", "GEN", "PHASE");
                 for n in nodes.as_array().into_iter().flatten() {
                     println!(
                         "{:<20} {:<24} {:<14} {:>5} {:<10} {}",
@@ -295,36 +271,24 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Node(NodeCommand::Revoke { id }) => {
-            let _: Value = client
-                .post(&format!("/v1/operator/nodes/{id}/revoke"), &json!({}))
-                .await?;
+            let _: Value = client.post(&format!("/v1/operator/nodes/{id}/revoke"), &json!({})).await?;
             println!("revoked {id}");
         }
         Command::Node(NodeCommand::Reprovision { id }) => {
-            let _: Value = client
-                .post(&format!("/v1/operator/nodes/{id}/reprovision"), &json!({}))
-                .await?;
+            let _: Value = client.post(&format!("/v1/operator/nodes/{id}/reprovision"), &json!({})).await?;
             println!("{id} may enroll again with a new token");
         }
         Command::Node(NodeCommand::State { id, to }) => {
-            let v: Value = client
-                .post(&format!("/v1/operator/nodes/{id}/state"), &json!({"state": to}))
-                .await?;
+            let v: Value = client.post(&format!("/v1/operator/nodes/{id}/state"), &json!({"state": to})).await?;
             println!("{id} is {}", v["state"].as_str().unwrap_or(""));
         }
         Command::Template(TemplateCommand::Create { name, modules }) => {
-            let _: Value = client
-                .post("/v1/operator/templates", &json!({"name": name, "modules": modules}))
-                .await?;
+            let _: Value = client.post("/v1/operator/templates", &json!({"name": name, "modules": modules})).await?;
             println!("template {name}: {} modules", modules.len());
         }
         Command::Template(TemplateCommand::Assign { node, template }) => {
-            let _: Value = client
-                .post(
-                    &format!("/v1/operator/nodes/{node}/template"),
-                    &json!({"template": template}),
-                )
-                .await?;
+            let _: Value =
+                client.post(&format!("/v1/operator/nodes/{node}/template"), &json!({"template": template})).await?;
             println!("{node} now follows {template}");
         }
         Command::Task(cmd) => task(&client, cmd).await?,
@@ -332,9 +296,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             // The server pages; walk every page.
             let mut after = after;
             loop {
-                let records: Value = client
-                    .get(&format!("/v1/operator/audit?after={after}&limit={AUDIT_PAGE}"))
-                    .await?;
+                let records: Value =
+                    client.get(&format!("/v1/operator/audit?after={after}&limit={AUDIT_PAGE}")).await?;
                 let page = records.as_array().cloned().unwrap_or_default();
                 for r in &page {
                     println!(

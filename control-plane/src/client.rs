@@ -58,17 +58,11 @@ impl OperatorClient {
             .timeout(std::time::Duration::from_secs(60))
             .build()
             .context("building the client")?;
-        Ok(Self {
-            http,
-            base: format!("https://{address}"),
-        })
+        Ok(Self { http, base: format!("https://{address}") })
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("reaching the plane at {}", self.base))?;
+        let resp = req.send().await.with_context(|| format!("reaching the plane at {}", self.base))?;
         let status = resp.status();
         let bytes = resp.bytes().await.context("reading the plane's answer")?;
         if !status.is_success() {
@@ -85,7 +79,6 @@ impl OperatorClient {
     }
 
     pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
-            .await
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body)).await
     }
 }

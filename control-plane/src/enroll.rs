@@ -27,12 +27,7 @@ pub struct TokenBinding {
 }
 
 fn check_identity(id: &Identity) -> Result<(), Refusal> {
-    for (field, v) in [
-        ("name", &id.name),
-        ("mac", &id.mac),
-        ("smbios_uuid", &id.smbios_uuid),
-        ("serial", &id.serial),
-    ] {
+    for (field, v) in [("name", &id.name), ("mac", &id.mac), ("smbios_uuid", &id.smbios_uuid), ("serial", &id.serial)] {
         if let Some(v) = v
             && (v.len() > MAX_IDENTITY_FIELD || v.chars().any(char::is_control))
         {
@@ -105,11 +100,7 @@ impl Store {
             if let Some(bound) = bound
                 && !claimed.as_deref().is_some_and(|c| same(c, bound))
             {
-                return Err(Refusal::new(
-                    403,
-                    "identity_mismatch",
-                    format!("token is bound to another {field}"),
-                ));
+                return Err(Refusal::new(403, "identity_mismatch", format!("token is bound to another {field}")));
             }
         }
         let name = bound_name.or_else(|| req.identity.name.clone());
@@ -137,20 +128,13 @@ impl Store {
             }
             None => format!("n-{}", hex::encode(rand::random::<[u8; 8]>())),
         };
-        let issued = self
-            .ca
-            .issue_node(&node_id, &req.csr, self.settings.cert_ttl)
-            .map_err(|e| {
-                tracing::error!(error = %e, "issuing a node certificate");
-                Refusal::new(500, "internal", "the plane could not issue a certificate")
-            })?;
+        let issued = self.ca.issue_node(&node_id, &req.csr, self.settings.cert_ttl).map_err(|e| {
+            tracing::error!(error = %e, "issuing a node certificate");
+            Refusal::new(500, "internal", "the plane could not issue a certificate")
+        })?;
         let (chain, serial, not_after) = issued.map_err(|e| Refusal::new(400, "bad_csr", e.to_string()))?;
         // Single use, even under concurrent enrollments: only one UPDATE can see used_at NULL.
-        if tx.execute(
-            "UPDATE tokens SET used_at = ?1 WHERE hash = ?2 AND used_at IS NULL",
-            params![t, hash],
-        )? != 1
-        {
+        if tx.execute("UPDATE tokens SET used_at = ?1 WHERE hash = ?2 AND used_at IS NULL", params![t, hash])? != 1 {
             return Err(Refusal::new(401, "token_used", "bootstrap token was already used"));
         }
         let actor = format!("node:{node_id}");
@@ -162,10 +146,7 @@ impl Store {
             Self::transition(&tx, &node_id, NodeState::Provisioning, &actor, "enrollment")?;
         } else {
             tx.execute("UPDATE certs SET revoked = 1 WHERE node_id = ?1", [&node_id])?;
-            tx.execute(
-                "UPDATE nodes SET may_reenroll = 0, revoked = 0 WHERE id = ?1",
-                [&node_id],
-            )?;
+            tx.execute("UPDATE nodes SET may_reenroll = 0, revoked = 0 WHERE id = ?1", [&node_id])?;
             Self::transition(&tx, &node_id, NodeState::Provisioning, &actor, "re-enrollment")?;
         }
         Self::transition(&tx, &node_id, NodeState::Bootstrapping, &actor, "enrolled")?;
@@ -176,10 +157,7 @@ impl Store {
         let data = serde_json::json!({"remote": remote, "identity": req.identity, "certificate_serial": serial, "token": &hash[..16]});
         audit::append(&tx, t, &actor, "enroll.accepted", &node_id, &data)?;
         tx.commit()?;
-        Ok(EnrollResponse {
-            node_id,
-            certificate: chain,
-        })
+        Ok(EnrollResponse { node_id, certificate: chain })
     }
 
     /// Whether `peer` may act on node `path_id`: a node certificate for exactly that node,
@@ -195,19 +173,11 @@ impl Store {
                 ));
             }
             None => {
-                return Err(Refusal::new(
-                    401,
-                    "no_client_certificate",
-                    "a node client certificate is required",
-                ));
+                return Err(Refusal::new(401, "no_client_certificate", "a node client certificate is required"));
             }
         };
         if id != path_id {
-            return Err(Refusal::new(
-                403,
-                "wrong_node",
-                format!("certificate is for node {id}, not {path_id}"),
-            ));
+            return Err(Refusal::new(403, "wrong_node", format!("certificate is for node {id}, not {path_id}")));
         }
         let conn = self.conn();
         let row: Option<(i64, i64)> = conn
@@ -218,11 +188,7 @@ impl Store {
             )
             .optional()?;
         match row {
-            None => Err(Refusal::new(
-                403,
-                "unknown_certificate",
-                "certificate was not issued for this node",
-            )),
+            None => Err(Refusal::new(403, "unknown_certificate", "certificate was not issued for this node")),
             Some((c, n)) if c != 0 || n != 0 => Err(Refusal::new(403, "revoked", "certificate has been revoked")),
             Some(_) => Ok(()),
         }
@@ -261,14 +227,7 @@ impl Store {
         Self::node_state(&tx, node_id)?;
         tx.execute("UPDATE nodes SET revoked = 1 WHERE id = ?1", [node_id])?;
         let n = tx.execute("UPDATE certs SET revoked = 1 WHERE node_id = ?1", [node_id])?;
-        audit::append(
-            &tx,
-            now(),
-            actor,
-            "node.revoke",
-            node_id,
-            &serde_json::json!({"certificates": n}),
-        )?;
+        audit::append(&tx, now(), actor, "node.revoke", node_id, &serde_json::json!({"certificates": n}))?;
         Self::transition(&tx, node_id, NodeState::Terminated, actor, "revoked")?;
         tx.commit()?;
         Ok(())
@@ -281,14 +240,7 @@ impl Store {
         let state = Self::node_state(&tx, node_id)?;
         tx.execute("UPDATE nodes SET may_reenroll = 1 WHERE id = ?1", [node_id])?;
         tx.execute("UPDATE certs SET revoked = 1 WHERE node_id = ?1", [node_id])?;
-        audit::append(
-            &tx,
-            now(),
-            actor,
-            "node.reprovision",
-            node_id,
-            &serde_json::json!({"was": state.to_string()}),
-        )?;
+        audit::append(&tx, now(), actor, "node.reprovision", node_id, &serde_json::json!({"was": state.to_string()}))?;
         tx.commit()?;
         Ok(())
     }
@@ -301,11 +253,7 @@ impl Store {
         let mut added = 0;
         for r in records {
             if r.kind.len() > 64 {
-                return Err(Refusal::new(
-                    400,
-                    "bad_audit",
-                    format!("record {} kind is too long", r.seq),
-                ));
+                return Err(Refusal::new(400, "bad_audit", format!("record {} kind is too long", r.seq)));
             }
             let seq =
                 i64::try_from(r.seq).map_err(|_| Refusal::new(400, "bad_audit", "sequence number out of range"))?;
@@ -315,14 +263,7 @@ impl Store {
             )? == 1
             {
                 let data = serde_json::json!({"seq": r.seq, "node_time": r.time, "data": r.data});
-                audit::append(
-                    &tx,
-                    now(),
-                    &format!("node:{node_id}"),
-                    &format!("node.{}", r.kind),
-                    node_id,
-                    &data,
-                )?;
+                audit::append(&tx, now(), &format!("node:{node_id}"), &format!("node.{}", r.kind), node_id, &data)?;
                 added += 1;
             }
         }

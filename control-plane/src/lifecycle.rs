@@ -44,11 +44,7 @@ impl fmt::Display for NodeState {
 impl FromStr for NodeState {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        NAMES
-            .iter()
-            .find(|(_, n)| *n == s)
-            .map(|(st, _)| *st)
-            .ok_or_else(|| format!("unknown node state {s:?}"))
+        NAMES.iter().find(|(_, n)| *n == s).map(|(st, _)| *st).ok_or_else(|| format!("unknown node state {s:?}"))
     }
 }
 

@@ -23,21 +23,13 @@ fn operator(plane: &Plane, conn: &Conn, what: &str) -> Result<String, ApiError> 
             plane,
             conn,
             what,
-            Refusal::new(
-                403,
-                "wrong_certificate_kind",
-                "a node certificate cannot act as an operator",
-            ),
+            Refusal::new(403, "wrong_certificate_kind", "a node certificate cannot act as an operator"),
         )),
         None => Err(refuse(
             plane,
             conn,
             what,
-            Refusal::new(
-                401,
-                "no_client_certificate",
-                "an operator client certificate is required",
-            ),
+            Refusal::new(401, "no_client_certificate", "an operator client certificate is required"),
         )),
     }
 }
@@ -104,10 +96,7 @@ async fn assign(
 ) -> ApiResult<serde_json::Value> {
     let actor = operator(&plane, &conn, "assign")?;
     let req: AssignRequest = body(&plane, &conn, "assign", raw).await?;
-    run(&plane, &conn, "assign", move |p| {
-        p.store.template_assign(&id, &req.template, &actor)
-    })
-    .await?;
+    run(&plane, &conn, "assign", move |p| p.store.template_assign(&id, &req.template, &actor)).await?;
     Ok(Json(serde_json::json!({"assigned": true})))
 }
 
@@ -164,8 +153,7 @@ async fn enqueue(
     let (task, node) = run(&plane, &conn, "enqueue", move |p| {
         let node = p.store.node(&id)?.id;
         if spec == TaskSpec::Drain {
-            p.store
-                .set_state(&node, crate::lifecycle::NodeState::Draining, &actor)?;
+            p.store.set_state(&node, crate::lifecycle::NodeState::Draining, &actor)?;
         }
         Ok((p.store.enqueue(&node, &spec, &actor)?, node))
     })
@@ -194,11 +182,7 @@ async fn template_create(Extension(plane): P, Extension(conn): C, raw: Body) -> 
     let actor = operator(&plane, &conn, "template_create")?;
     let req: TemplateRequest = body(&plane, &conn, "template_create", raw).await?;
     run(&plane, &conn, "template_create", move |p| {
-        let modules = req
-            .modules
-            .iter()
-            .map(|m| crate::work::parse_module(m))
-            .collect::<Result<Vec<_>, _>>()?;
+        let modules = req.modules.iter().map(|m| crate::work::parse_module(m)).collect::<Result<Vec<_>, _>>()?;
         p.store.template_create(&req.name, &modules, &actor)
     })
     .await?;
@@ -218,14 +202,10 @@ async fn audit_list(
 ) -> ApiResult<Vec<crate::audit::Record>> {
     operator(&plane, &conn, "audit")?;
     let (after, limit) = (q.after.unwrap_or(0), q.limit.unwrap_or(1000).clamp(1, 10_000));
-    run(&plane, &conn, "audit", move |p| p.store.audit_list(after, limit))
-        .await
-        .map(Json)
+    run(&plane, &conn, "audit", move |p| p.store.audit_list(after, limit)).await.map(Json)
 }
 
 async fn audit_verify(Extension(plane): P, Extension(conn): C) -> ApiResult<crate::audit::ChainReport> {
     operator(&plane, &conn, "audit_verify")?;
-    run(&plane, &conn, "audit_verify", |p| p.store.audit_verify())
-        .await
-        .map(Json)
+    run(&plane, &conn, "audit_verify", |p| p.store.audit_verify()).await.map(Json)
 }

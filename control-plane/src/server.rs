@@ -83,10 +83,8 @@ pub fn open_state(dir: &Path, names: &[String], settings: Settings) -> anyhow::R
     for cert in CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()) {
         roots.add(cert.context("CA certificate")?).context("trusting the CA")?;
     }
-    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-        .allow_unauthenticated()
-        .build()
-        .context("client verifier")?;
+    let verifier =
+        WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().context("client verifier")?;
     let chain = CertificateDer::pem_file_iter(&server_cert)
         .with_context(|| format!("reading {}", server_cert.display()))?
         .collect::<Result<Vec<_>, _>>()
@@ -100,15 +98,7 @@ pub fn open_state(dir: &Path, names: &[String], settings: Settings) -> anyhow::R
     let store = Store::open(&dir.join("plane.db"), ca, settings).context("opening the database")?;
     let limiter = crate::api::RateLimiter::new(store.settings.enroll_burst, store.settings.enroll_per_second);
     let tls_journal_limiter = crate::api::RateLimiter::new(10, 1.0);
-    Ok((
-        Plane {
-            store,
-            limiter,
-            tls_journal_limiter,
-            waiters: Default::default(),
-        },
-        tls,
-    ))
+    Ok((Plane { store, limiter, tls_journal_limiter, waiters: Default::default() }, tls))
 }
 
 /// Serves until the process ends: accepts TLS connections on `listener`, and sweeps for
@@ -137,18 +127,10 @@ pub async fn serve(plane: Arc<Plane>, tls: rustls::ServerConfig, listener: TcpLi
                 }
                 Err(_) => return,
             };
-            let peer = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| crate::ca::peer_of(c));
+            let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::ca::peer_of(c));
             let service = router.layer(axum::Extension(Conn { peer, remote }));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(service))
-                .await
-            {
+            if let Err(e) = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service)).await {
                 tracing::debug!(error = %e, %remote, "connection ended");
             }
         });

@@ -57,11 +57,7 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self { status, code, message: message.into() }
     }
 }
 
@@ -80,16 +76,12 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("settings", &self.settings)
-            .finish_non_exhaustive()
+        f.debug_struct("Store").field("settings", &self.settings).finish_non_exhaustive()
     }
 }
 
 pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 pub(crate) fn secs(d: Duration) -> i64 {
@@ -116,11 +108,7 @@ pub struct NodeView {
 
 impl Store {
     pub fn open(db_path: &Path, ca: Authority, settings: Settings) -> rusqlite::Result<Self> {
-        Ok(Self {
-            conn: Mutex::new(crate::db::open(db_path)?),
-            ca,
-            settings,
-        })
+        Ok(Self { conn: Mutex::new(crate::db::open(db_path)?), ca, settings })
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -139,9 +127,8 @@ impl Store {
     }
 
     pub(crate) fn node_state(conn: &Connection, id: &str) -> Result<NodeState, Refusal> {
-        let state: Option<String> = conn
-            .query_row("SELECT state FROM nodes WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?;
+        let state: Option<String> =
+            conn.query_row("SELECT state FROM nodes WHERE id = ?1", [id], |r| r.get(0)).optional()?;
         let state = state.ok_or_else(|| Refusal::new(404, "unknown_node", format!("no node {id:?}")))?;
         state.parse().map_err(|e: String| Refusal::new(500, "internal", e))
     }
@@ -178,11 +165,7 @@ impl Store {
     /// before it is ready.
     pub fn report(&self, id: &str, report: &NodeReport, handshake: bool) -> Result<ReportResponse, Refusal> {
         if report.boot_id.len() > 128 || report.agent_version.len() > 128 || report.phase.len() > 64 {
-            return Err(Refusal::new(
-                400,
-                "bad_report",
-                "boot_id, agent_version or phase is too long",
-            ));
+            return Err(Refusal::new(400, "bad_report", "boot_id, agent_version or phase is too long"));
         }
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
@@ -197,13 +180,7 @@ impl Store {
         {
             state // an operator's hold is not lifted by a heartbeat
         } else {
-            Self::transition(
-                &tx,
-                id,
-                target,
-                &actor,
-                if handshake { "handshake" } else { "heartbeat" },
-            )?
+            Self::transition(&tx, id, target, &actor, if handshake { "handshake" } else { "heartbeat" })?
         };
         tx.execute(
             "UPDATE nodes SET last_seen = ?1, boot_id = ?2, agent_version = ?3, phase = ?4,
@@ -254,8 +231,7 @@ impl Store {
             let mut stmt = tx.prepare(
                 "SELECT id, state, last_seen FROM nodes WHERE state IN ('running', 'suspect') AND last_seen < ?1",
             )?;
-            stmt.query_map([suspect_before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?
+            stmt.query_map([suspect_before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
         };
         for (id, state, last_seen) in stale {
             let why = format!("no heartbeat for {} s", at - last_seen);
@@ -278,10 +254,7 @@ impl Store {
             "SELECT id, name, state, revoked, template, generation, last_seen, boot_id, agent_version, phase,
                     phase_timings, module_digests, last_reconcile, heartbeats FROM nodes ORDER BY created_at, id",
         )?;
-        let json = |s: Option<String>| {
-            s.and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or(serde_json::Value::Null)
-        };
+        let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(serde_json::Value::Null);
         let rows = stmt.query_map([], |r| {
             Ok(NodeView {
                 id: r.get(0)?,

@@ -23,43 +23,20 @@ pub struct TaskView {
 pub fn parse_module(arg: &str) -> Result<DesiredModule, Refusal> {
     let bad = |m: String| Refusal::new(400, "bad_module", m);
     let (reference, serial) = match arg.split_once(",serial=") {
-        Some((r, s)) => (
-            r,
-            s.parse::<u64>()
-                .map_err(|_| bad(format!("serial in {arg:?} is not a number")))?,
-        ),
+        Some((r, s)) => (r, s.parse::<u64>().map_err(|_| bad(format!("serial in {arg:?} is not a number")))?),
         None => (arg, 0),
     };
-    let (repo, digest) = reference
-        .split_once('@')
-        .ok_or_else(|| bad(format!("{reference:?} is not pinned by @sha256:…")))?;
-    let digest = digest
-        .parse()
-        .map_err(|e: ironroot_spec::DigestError| bad(e.to_string()))?;
-    let name = repo
-        .rsplit('/')
-        .next()
-        .unwrap_or(repo)
-        .split(':')
-        .next()
-        .unwrap_or(repo)
-        .to_owned();
-    Ok(DesiredModule {
-        name,
-        reference: reference.to_owned(),
-        digest,
-        serial,
-    })
+    let (repo, digest) =
+        reference.split_once('@').ok_or_else(|| bad(format!("{reference:?} is not pinned by @sha256:…")))?;
+    let digest = digest.parse().map_err(|e: ironroot_spec::DigestError| bad(e.to_string()))?;
+    let name = repo.rsplit('/').next().unwrap_or(repo).split(':').next().unwrap_or(repo).to_owned();
+    Ok(DesiredModule { name, reference: reference.to_owned(), digest, serial })
 }
 
 impl Store {
     pub fn template_create(&self, name: &str, modules: &[DesiredModule], actor: &str) -> Result<(), Refusal> {
         if name.is_empty() || name.len() > 128 {
-            return Err(Refusal::new(
-                400,
-                "bad_template",
-                "template name must be 1-128 characters",
-            ));
+            return Err(Refusal::new(400, "bad_template", "template name must be 1-128 characters"));
         }
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
@@ -70,18 +47,8 @@ impl Store {
             params![name, json, now()],
         )?;
         // Nodes on this template now want something else.
-        tx.execute(
-            "UPDATE nodes SET generation = generation + 1 WHERE template = ?1",
-            [name],
-        )?;
-        audit::append(
-            &tx,
-            now(),
-            actor,
-            "template.set",
-            name,
-            &serde_json::to_value(modules).unwrap_or_default(),
-        )?;
+        tx.execute("UPDATE nodes SET generation = generation + 1 WHERE template = ?1", [name])?;
+        audit::append(&tx, now(), actor, "template.set", name, &serde_json::to_value(modules).unwrap_or_default())?;
         tx.commit()?;
         Ok(())
     }
@@ -90,28 +57,13 @@ impl Store {
         let id = self.node(node)?.id;
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
-        let exists: Option<String> = tx
-            .query_row("SELECT name FROM templates WHERE name = ?1", [template], |r| r.get(0))
-            .optional()?;
+        let exists: Option<String> =
+            tx.query_row("SELECT name FROM templates WHERE name = ?1", [template], |r| r.get(0)).optional()?;
         if exists.is_none() {
-            return Err(Refusal::new(
-                404,
-                "unknown_template",
-                format!("no template {template:?}"),
-            ));
+            return Err(Refusal::new(404, "unknown_template", format!("no template {template:?}")));
         }
-        tx.execute(
-            "UPDATE nodes SET template = ?1, generation = generation + 1 WHERE id = ?2",
-            params![template, id],
-        )?;
-        audit::append(
-            &tx,
-            now(),
-            actor,
-            "template.assign",
-            &id,
-            &serde_json::json!({"template": template}),
-        )?;
+        tx.execute("UPDATE nodes SET template = ?1, generation = generation + 1 WHERE id = ?2", params![template, id])?;
+        audit::append(&tx, now(), actor, "template.assign", &id, &serde_json::json!({"template": template}))?;
         tx.commit()?;
         Ok(())
     }
@@ -119,11 +71,9 @@ impl Store {
     pub fn desired(&self, node_id: &str) -> Result<DesiredState, Refusal> {
         let conn = self.conn();
         let (template, generation, state): (Option<String>, i64, String) = conn
-            .query_row(
-                "SELECT template, generation, state FROM nodes WHERE id = ?1",
-                [node_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .query_row("SELECT template, generation, state FROM nodes WHERE id = ?1", [node_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()?
             .ok_or_else(|| Refusal::new(404, "unknown_node", format!("no node {node_id:?}")))?;
         let modules = match &template {
@@ -134,17 +84,8 @@ impl Store {
             }
             None => Vec::new(),
         };
-        let intents = if state == "draining" {
-            vec!["drain".to_owned()]
-        } else {
-            Vec::new()
-        };
-        Ok(DesiredState {
-            generation: generation.max(0) as u64,
-            template,
-            modules,
-            intents,
-        })
+        let intents = if state == "draining" { vec!["drain".to_owned()] } else { Vec::new() };
+        Ok(DesiredState { generation: generation.max(0) as u64, template, modules, intents })
     }
 
     pub fn enqueue(&self, node: &str, spec: &TaskSpec, actor: &str) -> Result<String, Refusal> {
@@ -157,14 +98,7 @@ impl Store {
             "INSERT INTO tasks (id, node_id, spec, state, created_at) VALUES (?1, ?2, ?3, 'queued', ?4)",
             params![id, node_id, json, now()],
         )?;
-        audit::append(
-            &tx,
-            now(),
-            actor,
-            "task.enqueue",
-            &id,
-            &serde_json::json!({"node": node_id, "spec": spec}),
-        )?;
+        audit::append(&tx, now(), actor, "task.enqueue", &id, &serde_json::json!({"node": node_id, "spec": spec}))?;
         tx.commit()?;
         Ok(id)
     }
@@ -192,21 +126,10 @@ impl Store {
             params![lease_until, id],
         )?;
         let kind = if deliveries > 0 { "task.redeliver" } else { "task.lease" };
-        audit::append(
-            &tx,
-            t,
-            &format!("node:{node_id}"),
-            kind,
-            &id,
-            &serde_json::json!({"delivery": deliveries + 1}),
-        )?;
+        audit::append(&tx, t, &format!("node:{node_id}"), kind, &id, &serde_json::json!({"delivery": deliveries + 1}))?;
         tx.commit()?;
         let spec: TaskSpec = serde_json::from_str(&spec).map_err(|e| Refusal::new(500, "internal", e.to_string()))?;
-        Ok(Some(Task {
-            id,
-            spec,
-            lease_until: lease_until.max(0) as u64,
-        }))
+        Ok(Some(Task { id, spec, lease_until: lease_until.max(0) as u64 }))
     }
 
     /// Records a result; a repeated result for a finished task is accepted and changes nothing.
@@ -217,19 +140,13 @@ impl Store {
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         let row: Option<(String, String)> = tx
-            .query_row("SELECT node_id, state FROM tasks WHERE id = ?1", [task_id], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row("SELECT node_id, state FROM tasks WHERE id = ?1", [task_id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let Some((owner, state)) = row else {
             return Err(Refusal::new(404, "unknown_task", format!("no task {task_id:?}")));
         };
         if owner != node_id {
-            return Err(Refusal::new(
-                403,
-                "wrong_node",
-                format!("task {task_id} belongs to another node"),
-            ));
+            return Err(Refusal::new(403, "wrong_node", format!("task {task_id} belongs to another node")));
         }
         if state == "done" {
             return Ok(false);
@@ -257,10 +174,7 @@ impl Store {
         let mut stmt = conn.prepare(
             "SELECT id, node_id, spec, state, deliveries, result FROM tasks WHERE node_id = ?1 ORDER BY created_at, id",
         )?;
-        let json = |s: Option<String>| {
-            s.and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or(serde_json::Value::Null)
-        };
+        let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(serde_json::Value::Null);
         let rows = stmt.query_map([node_id], |r| {
             Ok(TaskView {
                 id: r.get(0)?,

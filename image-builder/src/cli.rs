@@ -19,11 +19,7 @@ use crate::module::verify::VerifyCommandError;
 use crate::progress::Progress;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "ironroot-build",
-    version,
-    about = "Build, push, sign and verify ironroot modules"
-)]
+#[command(name = "ironroot-build", version, about = "Build, push, sign and verify ironroot modules")]
 pub struct Cli {
     /// Result format on stdout.
     #[arg(long, value_enum, default_value_t = Output::Plain, global = true)]
@@ -164,12 +160,7 @@ pub struct RegistryOpts {
     /// User name for registry basic or token auth; the password comes from $IRONROOT_REGISTRY_PASSWORD.
     #[arg(long = "registry-user")]
     user: Option<String>,
-    #[arg(
-        long = "registry-password",
-        env = "IRONROOT_REGISTRY_PASSWORD",
-        hide_env_values = true,
-        hide = true
-    )]
+    #[arg(long = "registry-password", env = "IRONROOT_REGISTRY_PASSWORD", hide_env_values = true, hide = true)]
     password: Option<String>,
     /// A bearer token to send as is.
     #[arg(long = "registry-token", env = "IRONROOT_REGISTRY_TOKEN", hide_env_values = true)]
@@ -188,17 +179,12 @@ impl RegistryOpts {
             .collect::<anyhow::Result<_>>()?;
         let credentials = match (&self.token, &self.user) {
             (Some(t), _) => Credentials::Bearer(t.clone()),
-            (None, Some(u)) => Credentials::Basic {
-                user: u.clone(),
-                password: self.password.clone().unwrap_or_default(),
-            },
+            (None, Some(u)) => {
+                Credentials::Basic { user: u.clone(), password: self.password.clone().unwrap_or_default() }
+            }
             (None, None) => Credentials::Anonymous,
         };
-        Ok(RegistryAccess {
-            ca_pem,
-            credentials,
-            force_tls: self.tls,
-        })
+        Ok(RegistryAccess { ca_pem, credentials, force_tls: self.tls })
     }
 }
 
@@ -281,48 +267,28 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
                 pack_size: pack_size.max(1),
             };
             let built = tokio::task::block_in_place(|| build(&args, progress))?;
-            emit(output, &built, |b| {
-                format!("oci:{}:{}@{}", out.display(), b.tag, b.digest)
-            });
+            emit(output, &built, |b| format!("oci:{}:{}@{}", out.display(), b.tag, b.digest));
         }
         Command::Verity { files } => {
             for file in files {
                 let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
                 let digest = ironroot_spec::verity::verity_digest_of(f)
                     .with_context(|| format!("reading {}", file.display()))?;
-                emit(
-                    output,
-                    &serde_json::json!({"file": file, "verity": digest.to_string()}),
-                    |_| format!("{digest}  {}", file.display()),
-                );
+                emit(output, &serde_json::json!({"file": file, "verity": digest.to_string()}), |_| {
+                    format!("{digest}  {}", file.display())
+                });
             }
         }
-        Command::Module(ModuleCommand::Push {
-            layout,
-            reference,
-            registry,
-        }) => {
+        Command::Module(ModuleCommand::Push { layout, reference, registry }) => {
             let pushed = crate::module::push::push(&layout, &reference, &registry.access()?, progress).await?;
             emit(output, &pushed, |p| p.reference.clone());
         }
-        Command::Module(ModuleCommand::Sign {
-            reference,
-            key,
-            registry,
-        }) => {
+        Command::Module(ModuleCommand::Sign { reference, key, registry }) => {
             let key = crate::keys::load_signing_key(&key)?;
             let target = Target::parse(&reference)?;
             let signed = crate::module::sign::sign(&target, &key, &registry.access()?).await?;
             emit(output, &signed, |s| {
-                format!(
-                    "{} {}",
-                    s.signature_tag,
-                    if s.added {
-                        "signed"
-                    } else {
-                        "already signed by this key"
-                    }
-                )
+                format!("{} {}", s.signature_tag, if s.added { "signed" } else { "already signed by this key" })
             });
         }
         Command::Module(ModuleCommand::Verify {
@@ -337,10 +303,7 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
             parallel,
             registry,
         }) => {
-            let trust = trust
-                .iter()
-                .map(|p| crate::keys::load_trusted_key(p))
-                .collect::<anyhow::Result<_>>()?;
+            let trust = trust.iter().map(|p| crate::keys::load_trusted_key(p)).collect::<anyhow::Result<_>>()?;
             let limits = Limits {
                 max_manifest: max_manifest_size,
                 manifest_deadline: Duration::from_secs(manifest_deadline),
@@ -349,20 +312,13 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
                 parallel: parallel.max(1),
                 ..Limits::standard()
             };
-            let opts = VerifyOptions {
-                trust,
-                min_serial,
-                limits,
-            };
+            let opts = VerifyOptions { trust, min_serial, limits };
             let target = Target::parse(&reference)?;
             progress.phase(&format!("verifying {target}"));
             let verified = crate::module::verify::verify(&target, store, &opts, &registry.access()?).await?;
             progress.finish();
             emit(output, &verified, |v| {
-                format!(
-                    "{}\n{} {} serial {} verified by key {}",
-                    v.reference, v.name, v.version, v.serial, v.key_id
-                )
+                format!("{}\n{} {} serial {} verified by key {}", v.reference, v.name, v.version, v.serial, v.key_id)
             });
         }
     }

@@ -30,8 +30,7 @@ pub fn generate(dir: &Path, alg: KeyAlgorithm) -> anyhow::Result<(PathBuf, PathB
             .mode(mode)
             .open(path)
             .with_context(|| format!("creating {}", path.display()))?;
-        f.write_all(text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", path.display()))
     };
     write(&key_path, 0o600, &key.to_pkcs8_pem()?)?;

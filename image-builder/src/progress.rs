@@ -15,9 +15,7 @@ impl Progress {
     /// A reporter that shows itself only on an interactive stderr.
     pub fn new(enabled: bool) -> Self {
         let show = enabled && std::io::stderr().is_terminal();
-        Self {
-            bar: show.then(ProgressBar::no_length),
-        }
+        Self { bar: show.then(ProgressBar::no_length) }
     }
 
     /// Starts a phase with a spinner and a message.

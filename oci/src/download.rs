@@ -52,8 +52,7 @@ impl Limits {
     }
 
     pub fn deadline_for(&self, size: u64) -> Duration {
-        self.blob_deadline
-            .unwrap_or_else(|| self.base_deadline + Duration::from_secs(size / self.min_rate.max(1)))
+        self.blob_deadline.unwrap_or_else(|| self.base_deadline + Duration::from_secs(size / self.min_rate.max(1)))
     }
 }
 
@@ -66,11 +65,7 @@ pub enum DownloadError {
     #[error("blob {digest} declares {size} bytes, over the {cap}-byte cap (not downloaded)")]
     OverCap { digest: OciDigest, size: u64, cap: u64 },
     #[error("blob {digest}: server declares {served} bytes, the descriptor {declared}")]
-    DeclaredSize {
-        digest: OciDigest,
-        declared: u64,
-        served: u64,
-    },
+    DeclaredSize { digest: OciDigest, declared: u64, served: u64 },
     #[error("blob {digest}: server sent more than the declared {declared} bytes")]
     Oversize { digest: OciDigest, declared: u64 },
     #[error("blob {digest}: stream ended after {got} of {declared} bytes")]
@@ -78,22 +73,13 @@ pub enum DownloadError {
     #[error("blob {digest}: content has digest {found}")]
     Digest { digest: OciDigest, found: OciDigest },
     #[error("blob {digest}: deadline of {deadline:?} passed after {got} of {declared} bytes")]
-    Deadline {
-        digest: OciDigest,
-        deadline: Duration,
-        got: u64,
-        declared: u64,
-    },
+    Deadline { digest: OciDigest, deadline: Duration, got: u64, declared: u64 },
     #[error("fetching blob {digest}")]
     Source { digest: OciDigest, source: SourceError },
     #[error("reading blob {digest}")]
     Stream { digest: OciDigest, source: io::Error },
     #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: io::Error },
     #[error("pack {digest}")]
     Pack { digest: OciDigest, source: PackError },
     #[error("blob {digest}: the consumer stopped reading")]
@@ -109,20 +95,11 @@ where
 {
     let digest = desc.digest;
     if desc.size > limits.max_blob {
-        return Err(DownloadError::OverCap {
-            digest,
-            size: desc.size,
-            cap: limits.max_blob,
-        });
+        return Err(DownloadError::OverCap { digest, size: desc.size, cap: limits.max_blob });
     }
     let deadline = limits.deadline_for(desc.size);
     let until = Instant::now() + deadline;
-    let late = |got| DownloadError::Deadline {
-        digest,
-        deadline,
-        got,
-        declared: desc.size,
-    };
+    let late = |got| DownloadError::Deadline { digest, deadline, got, declared: desc.size };
     let blob = tokio::time::timeout_at(until, src.blob(&digest))
         .await
         .map_err(|_| late(0))?
@@ -130,37 +107,24 @@ where
     if let Some(served) = blob.declared_len
         && served != desc.size
     {
-        return Err(DownloadError::DeclaredSize {
-            digest,
-            declared: desc.size,
-            served,
-        });
+        return Err(DownloadError::DeclaredSize { digest, declared: desc.size, served });
     }
     let mut stream = blob.stream;
     let mut hasher = Sha256::new();
     let mut got = 0u64;
     loop {
-        let next = tokio::time::timeout_at(until, stream.next())
-            .await
-            .map_err(|_| late(got))?;
+        let next = tokio::time::timeout_at(until, stream.next()).await.map_err(|_| late(got))?;
         let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|source| DownloadError::Stream { digest, source })?;
         got += chunk.len() as u64;
         if got > desc.size {
-            return Err(DownloadError::Oversize {
-                digest,
-                declared: desc.size,
-            });
+            return Err(DownloadError::Oversize { digest, declared: desc.size });
         }
         hasher.update(&chunk);
         sink.accept(chunk).await?;
     }
     if got < desc.size {
-        return Err(DownloadError::Short {
-            digest,
-            declared: desc.size,
-            got,
-        });
+        return Err(DownloadError::Short { digest, declared: desc.size, got });
     }
     let found = OciDigest::new(hasher.finalize().into());
     if found != digest {
@@ -186,10 +150,7 @@ pub async fn fetch_manifest<S: ModuleSource>(
     let place = || format!("{}:{reference}", src.describe());
     tokio::time::timeout(limits.manifest_deadline, src.manifest(reference, limits.max_manifest))
         .await
-        .map_err(|_| DownloadError::ManifestDeadline {
-            place: place(),
-            deadline: limits.manifest_deadline,
-        })?
+        .map_err(|_| DownloadError::ManifestDeadline { place: place(), deadline: limits.manifest_deadline })?
         .map_err(|source| DownloadError::Manifest { place: place(), source })
 }
 
@@ -215,11 +176,7 @@ struct FileSink {
 impl AsyncSink for FileSink {
     async fn accept(&mut self, chunk: Bytes) -> Result<(), DownloadError> {
         let path = &self.path;
-        self.file.write_all(&chunk).map_err(|source| DownloadError::Io {
-            op: "writing",
-            path: path.clone(),
-            source,
-        })
+        self.file.write_all(&chunk).map_err(|source| DownloadError::Io { op: "writing", path: path.clone(), source })
     }
 }
 
@@ -230,10 +187,7 @@ pub async fn fetch_small<S: ModuleSource>(
     cap: u64,
     limits: &Limits,
 ) -> Result<Vec<u8>, DownloadError> {
-    let capped = Limits {
-        max_blob: cap.min(limits.max_blob),
-        ..limits.clone()
-    };
+    let capped = Limits { max_blob: cap.min(limits.max_blob), ..limits.clone() };
     let mut sink = MemorySink(Vec::with_capacity(usize::try_from(desc.size.min(cap)).unwrap_or(0)));
     stream_blob(src, desc, &capped, &mut sink).await?;
     Ok(sink.0)
@@ -263,17 +217,10 @@ pub async fn fetch_to_file<S: ModuleSource>(
         path: partial.clone(),
         source,
     })?;
-    let mut sink = FileSink {
-        file,
-        path: partial.clone(),
-    };
+    let mut sink = FileSink { file, path: partial.clone() };
     let result = stream_blob(src, desc, limits, &mut sink).await;
     let result = result.and_then(|n| {
-        sink.file.sync_all().map_err(|source| DownloadError::Io {
-            op: "syncing",
-            path: partial.clone(),
-            source,
-        })?;
+        sink.file.sync_all().map_err(|source| DownloadError::Io { op: "syncing", path: partial.clone(), source })?;
         std::fs::rename(&partial, path).map_err(|source| DownloadError::Io {
             op: "renaming",
             path: partial.clone(),
@@ -301,10 +248,7 @@ struct ChannelSink {
 impl AsyncSink for ChannelSink {
     async fn accept(&mut self, chunk: Bytes) -> Result<(), DownloadError> {
         // A closed channel means the unpacker stopped on an error: stop downloading now.
-        self.tx
-            .send(chunk)
-            .await
-            .map_err(|_| DownloadError::SinkClosed { digest: self.digest })
+        self.tx.send(chunk).await.map_err(|_| DownloadError::SinkClosed { digest: self.digest })
     }
 }
 
@@ -355,16 +299,8 @@ pub async fn fetch_pack<S: ModuleSource>(
     let store_for_thread = store.clone();
     let unpacker = tokio::task::spawn_blocking(move || {
         let mut staging = staging;
-        let result = unpack(
-            ChannelReader {
-                rx,
-                current: Bytes::new(),
-            },
-            &store_for_thread,
-            &mut staging,
-            objects,
-            bytes,
-        );
+        let result =
+            unpack(ChannelReader { rx, current: Bytes::new() }, &store_for_thread, &mut staging, objects, bytes);
         (staging, result)
     });
     let downloaded = stream_blob(src, &pack.descriptor, limits, ChannelSink { tx, digest }).await;
@@ -388,11 +324,7 @@ pub async fn fetch_pack<S: ModuleSource>(
                 path: store.root().to_owned(),
                 source,
             })? as u64;
-            Ok(PackStats {
-                downloaded,
-                objects,
-                new_objects,
-            })
+            Ok(PackStats { downloaded, objects, new_objects })
         }
         Err(e) => {
             store.discard(staging);

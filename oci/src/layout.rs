@@ -29,21 +29,13 @@ pub enum LayoutError {
     #[error("{path} is not an OCI image layout (no oci-layout file)")]
     NotLayout { path: PathBuf },
     #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: io::Error },
     #[error("{path} is not a valid index.json: {reason}")]
     Index { path: PathBuf, reason: String },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LayoutError + use<'a> {
-    move |source| LayoutError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
+    move |source| LayoutError::Io { op, path: path.to_owned(), source }
 }
 
 /// Writes `bytes` to `path` through `path.partial` and a rename.
@@ -135,18 +127,13 @@ impl Layout {
     fn read_index(&self) -> Result<Index, LayoutError> {
         let path = self.index_path();
         let bytes = fs::read(&path).map_err(io_err("reading", &path))?;
-        serde_json::from_slice(&bytes).map_err(|e| LayoutError::Index {
-            path,
-            reason: e.to_string(),
-        })
+        serde_json::from_slice(&bytes).map_err(|e| LayoutError::Index { path, reason: e.to_string() })
     }
 
     fn write_index(&self, index: &Index) -> Result<(), LayoutError> {
         let path = self.index_path();
-        let bytes = serde_json::to_vec(index).map_err(|e| LayoutError::Index {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let bytes =
+            serde_json::to_vec(index).map_err(|e| LayoutError::Index { path: path.clone(), reason: e.to_string() })?;
         write_atomic(&path, &bytes).map_err(io_err("writing", &path))
     }
 
@@ -154,17 +141,11 @@ impl Layout {
     /// sorted by tag so the index is reproducible.
     pub fn set_tag(&self, tag: &str, mut descriptor: Descriptor) -> Result<(), LayoutError> {
         let mut index = self.read_index()?;
-        index
-            .manifests
-            .retain(|d| d.annotations.get(media::ANNOTATION_REF_NAME).map(String::as_str) != Some(tag));
-        descriptor
-            .annotations
-            .insert(media::ANNOTATION_REF_NAME.into(), tag.into());
+        index.manifests.retain(|d| d.annotations.get(media::ANNOTATION_REF_NAME).map(String::as_str) != Some(tag));
+        descriptor.annotations.insert(media::ANNOTATION_REF_NAME.into(), tag.into());
         index.manifests.push(descriptor);
         index.manifests.sort_by(|a, b| {
-            a.annotations
-                .get(media::ANNOTATION_REF_NAME)
-                .cmp(&b.annotations.get(media::ANNOTATION_REF_NAME))
+            a.annotations.get(media::ANNOTATION_REF_NAME).cmp(&b.annotations.get(media::ANNOTATION_REF_NAME))
         });
         self.write_index(&index)
     }

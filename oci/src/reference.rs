@@ -9,11 +9,7 @@ use oci_client::Reference;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Registry(Reference),
-    Layout {
-        dir: PathBuf,
-        tag: Option<String>,
-        digest: Option<OciDigest>,
-    },
+    Layout { dir: PathBuf, tag: Option<String>, digest: Option<OciDigest> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,18 +38,12 @@ impl Target {
             if dir.is_empty() {
                 return Err(ReferenceError::NoDir(s.into()));
             }
-            return Ok(Self::Layout {
-                dir: dir.into(),
-                tag,
-                digest,
-            });
+            return Ok(Self::Layout { dir: dir.into(), tag, digest });
         }
-        let r: Reference = s
-            .parse()
-            .map_err(|e: oci_client::ParseError| ReferenceError::Registry(s.into(), e.to_string()))?;
+        let r: Reference =
+            s.parse().map_err(|e: oci_client::ParseError| ReferenceError::Registry(s.into(), e.to_string()))?;
         if let Some(d) = r.digest() {
-            d.parse::<OciDigest>()
-                .map_err(|e| ReferenceError::Digest(s.into(), e))?;
+            d.parse::<OciDigest>().map_err(|e| ReferenceError::Digest(s.into(), e))?;
         }
         Ok(Self::Registry(r))
     }
@@ -82,11 +72,7 @@ impl Target {
                 r.repository().to_owned(),
                 digest.to_string(),
             )),
-            Self::Layout { dir, .. } => Self::Layout {
-                dir: dir.clone(),
-                tag: None,
-                digest: Some(digest),
-            },
+            Self::Layout { dir, .. } => Self::Layout { dir: dir.clone(), tag: None, digest: Some(digest) },
         }
     }
 
@@ -135,27 +121,16 @@ mod tests {
         let d = OciDigest::of(b"x");
         assert_eq!(
             Target::parse("oci:/tmp/a:b/lay:v1").unwrap(),
-            Target::Layout {
-                dir: "/tmp/a:b/lay".into(),
-                tag: Some("v1".into()),
-                digest: None
-            }
+            Target::Layout { dir: "/tmp/a:b/lay".into(), tag: Some("v1".into()), digest: None }
         );
         assert_eq!(
             Target::parse(&format!("oci:rel/dir@{d}")).unwrap(),
-            Target::Layout {
-                dir: "rel/dir".into(),
-                tag: None,
-                digest: Some(d)
-            }
+            Target::Layout { dir: "rel/dir".into(), tag: None, digest: Some(d) }
         );
         let r = Target::parse("127.0.0.1:5000/ironroot/base:1.0").unwrap();
         assert_eq!(r.tag(), Some("1.0"));
         assert_eq!(r.repository(), "127.0.0.1:5000/ironroot/base");
-        assert_eq!(
-            r.with_digest(d).to_string(),
-            format!("127.0.0.1:5000/ironroot/base@{d}")
-        );
+        assert_eq!(r.with_digest(d).to_string(), format!("127.0.0.1:5000/ironroot/base@{d}"));
         assert!(Target::parse("127.0.0.1:5000/x@sha256:abc").is_err());
         assert!(Target::parse("oci::tag").is_err());
     }

@@ -63,11 +63,7 @@ pub enum RegistryError {
     #[error("request to {url} failed")]
     Request { url: String, source: reqwest::Error },
     #[error("{url} answered {status}: {body}")]
-    Status {
-        url: String,
-        status: StatusCode,
-        body: String,
-    },
+    Status { url: String, status: StatusCode, body: String },
     #[error("registry authentication for {repository}: {reason}")]
     Auth { repository: String, reason: String },
     #[error("{what} is {size} bytes, over the {cap}-byte cap")]
@@ -116,18 +112,11 @@ impl Registry {
         }
         let http = builder.build().map_err(RegistryError::Client)?;
         let push = oci_client::Client::new(ClientConfig {
-            protocol: if tls {
-                ClientProtocol::Https
-            } else {
-                ClientProtocol::Http
-            },
+            protocol: if tls { ClientProtocol::Https } else { ClientProtocol::Http },
             extra_root_certificates: access
                 .ca_pem
                 .iter()
-                .map(|pem| Certificate {
-                    encoding: CertificateEncoding::Pem,
-                    data: pem.clone(),
-                })
+                .map(|pem| Certificate { encoding: CertificateEncoding::Pem, data: pem.clone() })
                 .collect(),
             connect_timeout: Some(CONNECT_TIMEOUT),
             platform_resolver: None,
@@ -165,19 +154,11 @@ impl Registry {
             if let Some(auth) = self.cached_auth(repository) {
                 req = req.header(AUTHORIZATION, auth);
             }
-            let resp = req.send().await.map_err(|source| RegistryError::Request {
-                url: url.to_owned(),
-                source,
-            })?;
+            let resp = req.send().await.map_err(|source| RegistryError::Request { url: url.to_owned(), source })?;
             if resp.status() != StatusCode::UNAUTHORIZED || answered {
                 return Ok(resp);
             }
-            let challenge = resp
-                .headers()
-                .get(WWW_AUTHENTICATE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_owned();
+            let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
             let header = self.answer_challenge(&challenge, repository).await?;
             if let Ok(mut cache) = self.auth.lock() {
                 cache.insert(repository.to_owned(), header);
@@ -187,10 +168,7 @@ impl Registry {
     }
 
     async fn answer_challenge(&self, challenge: &str, repository: &str) -> Result<HeaderValue, RegistryError> {
-        let fail = |reason: String| RegistryError::Auth {
-            repository: repository.to_owned(),
-            reason,
-        };
+        let fail = |reason: String| RegistryError::Auth { repository: repository.to_owned(), reason };
         let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
         let params = parse_challenge_params(params);
         let basic = match &self.credentials {
@@ -206,23 +184,15 @@ impl Registry {
                 HeaderValue::from_str(&b).map_err(|e| fail(e.to_string()))
             }
             "bearer" => {
-                let realm = params
-                    .get("realm")
-                    .ok_or_else(|| fail("bearer challenge without realm".into()))?;
-                let mut req = self
-                    .http
-                    .get(realm)
-                    .query(&[("scope", format!("repository:{repository}:pull"))]);
+                let realm = params.get("realm").ok_or_else(|| fail("bearer challenge without realm".into()))?;
+                let mut req = self.http.get(realm).query(&[("scope", format!("repository:{repository}:pull"))]);
                 if let Some(service) = params.get("service") {
                     req = req.query(&[("service", service)]);
                 }
                 if let Some(b) = basic {
                     req = req.header(AUTHORIZATION, b);
                 }
-                let resp = req.send().await.map_err(|source| RegistryError::Request {
-                    url: realm.clone(),
-                    source,
-                })?;
+                let resp = req.send().await.map_err(|source| RegistryError::Request { url: realm.clone(), source })?;
                 if !resp.status().is_success() {
                     return Err(fail(format!("token endpoint answered {}", resp.status())));
                 }
@@ -233,10 +203,7 @@ impl Registry {
                     access_token: Option<String>,
                 }
                 let t: Token = serde_json::from_slice(&body).map_err(|e| fail(format!("token response: {e}")))?;
-                let token = t
-                    .token
-                    .or(t.access_token)
-                    .ok_or_else(|| fail("token response has no token".into()))?;
+                let token = t.token.or(t.access_token).ok_or_else(|| fail("token response has no token".into()))?;
                 HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| fail(e.to_string()))
             }
             other => Err(fail(format!("unsupported challenge scheme {other:?}"))),
@@ -258,11 +225,7 @@ impl Registry {
             return Ok(None);
         }
         let resp = check_status(resp, &url).await?;
-        let content_type = resp
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let body = read_capped(resp, cap, &format!("manifest {repository}:{reference}")).await?;
         Ok(Some((body, content_type)))
     }
@@ -287,10 +250,7 @@ impl Registry {
     }
 
     fn push_error(&self, repository: &str, reason: String) -> RegistryError {
-        RegistryError::Push {
-            reference: format!("{}/{repository}", self.host),
-            reason,
-        }
+        RegistryError::Push { reference: format!("{}/{repository}", self.host), reason }
     }
 
     /// Authorizes a push to `repository` and says whether blob `digest` is already there.
@@ -300,10 +260,7 @@ impl Registry {
             .auth(&image, &self.push_auth(), oci_client::RegistryOperation::Push)
             .await
             .map_err(|e| self.push_error(repository, e.to_string()))?;
-        self.push
-            .blob_exists(&image, &digest.to_string())
-            .await
-            .map_err(|e| self.push_error(repository, e.to_string()))
+        self.push.blob_exists(&image, &digest.to_string()).await.map_err(|e| self.push_error(repository, e.to_string()))
     }
 
     /// Uploads the file at `path` as blob `digest` unless the registry already has it.
@@ -320,10 +277,7 @@ impl Registry {
         }
         let file = tokio::fs::File::open(path)
             .await
-            .map_err(|source| RegistryError::File {
-                path: path.display().to_string(),
-                source,
-            })?;
+            .map_err(|source| RegistryError::File { path: path.display().to_string(), source })?;
         let stream =
             crate::source::file_chunks(file, 1 << 20).map_err(oci_client::errors::OciDistributionError::IoError);
         self.push
@@ -358,19 +312,13 @@ impl Registry {
         } else {
             Reference::with_tag(self.host.clone(), repository.to_owned(), reference.to_owned())
         };
-        let fail = |e: String| RegistryError::Push {
-            reference: image.whole(),
-            reason: e,
-        };
+        let fail = |e: String| RegistryError::Push { reference: image.whole(), reason: e };
         self.push
             .auth(&image, &self.push_auth(), oci_client::RegistryOperation::Push)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let content_type = HeaderValue::from_str(media_type).map_err(|e| fail(e.to_string()))?;
-        self.push
-            .push_manifest_raw(&image, bytes, content_type)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        self.push.push_manifest_raw(&image, bytes, content_type).await.map_err(|e| fail(e.to_string()))?;
         Ok(())
     }
 }
@@ -380,17 +328,11 @@ async fn check_status(resp: Response, url: &str) -> Result<Response, RegistryErr
         return Ok(resp);
     }
     let status = resp.status();
-    let body = read_capped(resp, MAX_ERROR_BODY, "error body")
-        .await
-        .unwrap_or_default();
+    let body = read_capped(resp, MAX_ERROR_BODY, "error body").await.unwrap_or_default();
     Err(RegistryError::Status {
         url: url.to_owned(),
         status,
-        body: String::from_utf8_lossy(&body)
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(300)
-            .collect(),
+        body: String::from_utf8_lossy(&body).chars().filter(|c| !c.is_control()).take(300).collect(),
     })
 }
 
@@ -400,20 +342,13 @@ pub async fn read_capped(resp: Response, cap: u64, what: &str) -> Result<Vec<u8>
     if let Some(len) = resp.content_length()
         && len > cap
     {
-        return Err(RegistryError::TooLarge {
-            what: what.to_owned(),
-            size: len,
-            cap,
-        });
+        return Err(RegistryError::TooLarge { what: what.to_owned(), size: len, cap });
     }
     let url = resp.url().to_string();
     let mut body = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|source| RegistryError::Request {
-            url: url.clone(),
-            source,
-        })?;
+        let chunk = chunk.map_err(|source| RegistryError::Request { url: url.clone(), source })?;
         if body.len() as u64 + chunk.len() as u64 > cap {
             return Err(RegistryError::TooLarge {
                 what: what.to_owned(),
@@ -467,12 +402,7 @@ mod tests {
         for h in ["127.0.0.1:5000", "localhost:80", "[::1]:5000", "127.8.9.1"] {
             assert!(is_loopback(h), "{h}");
         }
-        for h in [
-            "10.0.2.2:5000",
-            "registry.example:443",
-            "[2001:db8::1]:5000",
-            "localhost.evil",
-        ] {
+        for h in ["10.0.2.2:5000", "registry.example:443", "[2001:db8::1]:5000", "localhost.evil"] {
             assert!(!is_loopback(h), "{h}");
         }
     }

@@ -68,11 +68,7 @@ impl ModuleSource for RegistrySource {
     }
 
     async fn manifest(&self, reference: &str, cap: u64) -> Result<Option<Vec<u8>>, SourceError> {
-        Ok(self
-            .registry
-            .get_manifest(&self.repository, reference, ACCEPT_MANIFESTS, cap)
-            .await?
-            .map(|(b, _)| b))
+        Ok(self.registry.get_manifest(&self.repository, reference, ACCEPT_MANIFESTS, cap).await?.map(|(b, _)| b))
     }
 
     async fn blob(&self, digest: &OciDigest) -> Result<BlobStream, SourceError> {
@@ -94,11 +90,7 @@ impl ModuleSource for Layout {
             Err(_) => match self.resolve(reference)? {
                 Some(desc) => {
                     if desc.size > cap {
-                        return Err(SourceError::TooLarge {
-                            reference: reference.into(),
-                            size: desc.size,
-                            cap,
-                        });
+                        return Err(SourceError::TooLarge { reference: reference.into(), size: desc.size, cap });
                     }
                     desc.digest
                 }
@@ -110,29 +102,13 @@ impl ModuleSource for Layout {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
-                return Err(LayoutError::Io {
-                    op: "reading",
-                    path,
-                    source,
-                }
-                .into());
+                return Err(LayoutError::Io { op: "reading", path, source }.into());
             }
         };
         if meta.len() > cap {
-            return Err(SourceError::TooLarge {
-                reference: reference.into(),
-                size: meta.len(),
-                cap,
-            });
+            return Err(SourceError::TooLarge { reference: reference.into(), size: meta.len(), cap });
         }
-        std::fs::read(&path).map(Some).map_err(|source| {
-            LayoutError::Io {
-                op: "reading",
-                path,
-                source,
-            }
-            .into()
-        })
+        std::fs::read(&path).map(Some).map_err(|source| LayoutError::Io { op: "reading", path, source }.into())
     }
 
     async fn blob(&self, digest: &OciDigest) -> Result<BlobStream, SourceError> {

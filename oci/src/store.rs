@@ -41,19 +41,13 @@ impl ObjectStore {
     /// A store of object files under `root` (created if missing).
     pub fn open(root: &Path) -> io::Result<Self> {
         fs::create_dir_all(root.join("images"))?;
-        Ok(Self {
-            root: root.to_owned(),
-            objects: Objects::Files,
-        })
+        Ok(Self { root: root.to_owned(), objects: Objects::Files })
     }
 
     /// A store that checks objects and keeps only their digests; images go under `scratch`.
     pub fn check_only(scratch: &Path) -> io::Result<Self> {
         fs::create_dir_all(scratch.join("images"))?;
-        Ok(Self {
-            root: scratch.to_owned(),
-            objects: Objects::Seen(Arc::default()),
-        })
+        Ok(Self { root: scratch.to_owned(), objects: Objects::Seen(Arc::default()) })
     }
 
     pub fn root(&self) -> &Path {
@@ -85,11 +79,7 @@ impl ObjectStore {
             }
             fs::create_dir_all(&dir)?;
         }
-        Ok(Staging {
-            dir,
-            keeps_bytes,
-            objects: Vec::new(),
-        })
+        Ok(Staging { dir, keeps_bytes, objects: Vec::new() })
     }
 
     /// Moves every staged object into place and removes the staging directory.

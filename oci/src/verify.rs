@@ -101,27 +101,15 @@ pub enum VerifyError {
     #[error("download refused or failed")]
     Download(#[from] DownloadError),
     #[error("EROFS image {digest} has fs-verity digest {found}, the signed config says {expected}")]
-    ImageDigest {
-        digest: OciDigest,
-        expected: VerityDigest,
-        found: VerityDigest,
-    },
+    ImageDigest { digest: OciDigest, expected: VerityDigest, found: VerityDigest },
     #[error("EROFS image {digest} is not a readable composefs image: {reason}")]
     Image { digest: OciDigest, reason: String },
     #[error("packs hold {found} {what}, the config declares {declared}")]
-    Totals {
-        what: &'static str,
-        declared: u64,
-        found: u64,
-    },
+    Totals { what: &'static str, declared: u64, found: u64 },
     #[error("store lacks {missing} objects the image references (first: {first})")]
     Incomplete { missing: usize, first: VerityDigest },
     #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
 }
 
 impl VerifyError {
@@ -185,19 +173,11 @@ async fn verify_signatures<S: ModuleSource>(
     opts: &VerifyOptions,
 ) -> Result<SignedPayload, VerifyError> {
     let tag = digest.signature_tag();
-    let bytes = download::fetch_manifest(src, &tag, &opts.limits)
-        .await?
-        .ok_or(SignatureError::Missing(digest))?;
-    let sig_manifest = ImageManifest::parse(&bytes).map_err(|source| VerifyError::SignatureManifest {
-        tag: tag.clone(),
-        source,
-    })?;
+    let bytes = download::fetch_manifest(src, &tag, &opts.limits).await?.ok_or(SignatureError::Missing(digest))?;
+    let sig_manifest =
+        ImageManifest::parse(&bytes).map_err(|source| VerifyError::SignatureManifest { tag: tag.clone(), source })?;
     let mut failures: Vec<SignatureError> = Vec::new();
-    for layer in sig_manifest
-        .layers
-        .iter()
-        .filter(|l| l.media_type == media::COSIGN_SIMPLESIGNING)
-    {
+    for layer in sig_manifest.layers.iter().filter(|l| l.media_type == media::COSIGN_SIMPLESIGNING) {
         let Some(sig) = layer.annotations.get(media::COSIGN_SIGNATURE_ANNOTATION) else {
             failures.push(SignatureError::NoAnnotation);
             continue;
@@ -233,12 +213,7 @@ pub async fn verify_module<S: ModuleSource>(
 
     let module = ModuleManifest::parse(&manifest_bytes)?;
     if let Some(over) = module.blobs().find(|d| d.size > limits.max_blob) {
-        return Err(DownloadError::OverCap {
-            digest: over.digest,
-            size: over.size,
-            cap: limits.max_blob,
-        }
-        .into());
+        return Err(DownloadError::OverCap { digest: over.digest, size: over.size, cap: limits.max_blob }.into());
     }
     let config_bytes = download::fetch_small(src, &module.config, MAX_CONFIG_SIZE, limits).await?;
     let config = ModuleConfig::parse(&config_bytes)?;
@@ -246,11 +221,7 @@ pub async fn verify_module<S: ModuleSource>(
     if let Some(min) = opts.min_serial
         && config.serial < min
     {
-        return Err(VerifyError::Serial {
-            name: config.name,
-            serial: config.serial,
-            min,
-        });
+        return Err(VerifyError::Serial { name: config.name, serial: config.serial, min });
     }
 
     let image = store.images_dir().join(module.image.digest.hex());
@@ -259,28 +230,16 @@ pub async fn verify_module<S: ModuleSource>(
     let found = ironroot_spec::verity_digest(&image_bytes);
     if found != config.composefs_digest {
         remove_quietly(&image);
-        return Err(VerifyError::ImageDigest {
-            digest: module.image.digest,
-            expected: config.composefs_digest,
-            found,
-        });
+        return Err(VerifyError::ImageDigest { digest: module.image.digest, expected: config.composefs_digest, found });
     }
 
     let objects: u64 = module.packs.iter().map(|p| p.objects).sum();
     let object_bytes: u64 = module.packs.iter().map(|p| p.object_bytes).sum();
     if objects != config.objects {
-        return Err(VerifyError::Totals {
-            what: "objects",
-            declared: config.objects,
-            found: objects,
-        });
+        return Err(VerifyError::Totals { what: "objects", declared: config.objects, found: objects });
     }
     if object_bytes != config.object_bytes {
-        return Err(VerifyError::Totals {
-            what: "object bytes",
-            declared: config.object_bytes,
-            found: object_bytes,
-        });
+        return Err(VerifyError::Totals { what: "object bytes", declared: config.object_bytes, found: object_bytes });
     }
     let referenced = referenced_objects(&image_bytes, module.image.digest)?;
     // A warm store already holds every object the verified image names (each was checked when
@@ -297,10 +256,7 @@ pub async fn verify_module<S: ModuleSource>(
     };
     let lacking = missing(&referenced, store);
     if let Some(first) = lacking.first() {
-        return Err(VerifyError::Incomplete {
-            missing: lacking.len(),
-            first: *first,
-        });
+        return Err(VerifyError::Incomplete { missing: lacking.len(), first: *first });
     }
     downloaded += stats.iter().map(|s| s.downloaded).sum::<u64>();
     Ok(VerifiedModule {
@@ -314,11 +270,7 @@ pub async fn verify_module<S: ModuleSource>(
 }
 
 fn read_image(path: &std::path::Path, digest: &OciDigest) -> Result<Vec<u8>, VerifyError> {
-    let io = |source| VerifyError::Io {
-        op: "reading",
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| VerifyError::Io { op: "reading", path: path.to_owned(), source };
     let len = std::fs::metadata(path).map_err(io)?.len();
     if len > MAX_IMAGE_SCAN {
         return Err(VerifyError::Image {
@@ -337,11 +289,8 @@ fn remove_quietly(path: &std::path::Path) {
 
 /// Every object the EROFS image redirects to, sorted.
 fn referenced_objects(image: &[u8], digest: OciDigest) -> Result<Vec<VerityDigest>, VerifyError> {
-    let referenced =
-        composefs::erofs::reader::collect_objects::<Sha256HashValue>(image).map_err(|e| VerifyError::Image {
-            digest,
-            reason: e.to_string(),
-        })?;
+    let referenced = composefs::erofs::reader::collect_objects::<Sha256HashValue>(image)
+        .map_err(|e| VerifyError::Image { digest, reason: e.to_string() })?;
     let mut out: Vec<VerityDigest> = referenced.iter().filter_map(|id| id.to_hex().parse().ok()).collect();
     out.sort();
     Ok(out)

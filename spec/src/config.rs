@@ -67,13 +67,8 @@ pub enum ConfigError {
 pub fn validate_name(name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -100,16 +95,11 @@ fn validate_unit(unit: &str) -> Result<(), ConfigError> {
     let suffixes = [".service", ".socket", ".target", ".timer", ".mount", ".path"];
     let ok = unit.len() <= 256
         && suffixes.iter().any(|s| unit.len() > s.len() && unit.ends_with(s))
-        && unit
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b":-_.@\\".contains(&b));
+        && unit.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.@\\".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::Field {
-            field: "restartUnits",
-            reason: format!("{unit:?} is not a unit name"),
-        })
+        Err(ConfigError::Field { field: "restartUnits", reason: format!("{unit:?} is not a unit name") })
     }
 }
 
@@ -132,10 +122,7 @@ fn validate_created(created: &str) -> Result<(), ConfigError> {
     if ok {
         Ok(())
     } else {
-        Err(ConfigError::Field {
-            field: "created",
-            reason: format!("{created:?} is not YYYY-MM-DDTHH:MM:SSZ"),
-        })
+        Err(ConfigError::Field { field: "created", reason: format!("{created:?} is not YYYY-MM-DDTHH:MM:SSZ") })
     }
 }
 
@@ -185,12 +172,7 @@ pub fn format_epoch(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]

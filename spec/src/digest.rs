@@ -111,9 +111,7 @@ impl VerityDigest {
 impl FromStr for VerityDigest {
     type Err = DigestError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        parse_hex32(s)
-            .map(Self)
-            .ok_or_else(|| DigestError::BadVerity(s.chars().take(100).collect()))
+        parse_hex32(s).map(Self).ok_or_else(|| DigestError::BadVerity(s.chars().take(100).collect()))
     }
 }
 
@@ -155,10 +153,7 @@ mod tests {
     fn oci_digest_round_trips_and_rejects_bad_forms() {
         let d = OciDigest::of(b"hello");
         let text = d.to_string();
-        assert_eq!(
-            text,
-            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
-        );
+        assert_eq!(text, "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
         assert_eq!(text.parse::<OciDigest>().unwrap(), d);
         for bad in [
             "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",

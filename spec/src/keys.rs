@@ -63,10 +63,7 @@ pub enum VerifyError {
 fn pem_der(pem: &str, expected: &'static str) -> Result<Vec<u8>, KeyError> {
     let (label, der) = spki::der::pem::decode_vec(pem.trim().as_bytes()).map_err(|e| KeyError::Pem(e.to_string()))?;
     if label != expected {
-        return Err(KeyError::Label {
-            found: label.to_owned(),
-            expected,
-        });
+        return Err(KeyError::Label { found: label.to_owned(), expected });
     }
     Ok(der)
 }
@@ -104,10 +101,7 @@ impl TrustedKey {
                 ed25519_dalek::VerifyingKey::from_public_key_der(der).map_err(|e| KeyError::Decode(e.to_string()))?,
             ),
             OID_EC_PUBLIC_KEY => {
-                let curve = spki
-                    .algorithm
-                    .parameters_oid()
-                    .map_err(|e| KeyError::Decode(e.to_string()))?;
+                let curve = spki.algorithm.parameters_oid().map_err(|e| KeyError::Decode(e.to_string()))?;
                 if curve != OID_P256 {
                     return Err(KeyError::Unsupported(format!("EC curve {curve}")));
                 }
@@ -117,10 +111,7 @@ impl TrustedKey {
             }
             other => return Err(KeyError::Unsupported(algorithm_name(other))),
         };
-        Ok(Self {
-            key,
-            id: hex::encode(&Sha256::digest(der)[..8]),
-        })
+        Ok(Self { key, id: hex::encode(&Sha256::digest(der)[..8]) })
     }
 
     pub fn algorithm(&self) -> KeyAlgorithm {
@@ -140,10 +131,7 @@ impl TrustedKey {
         use ed25519_dalek::Verifier as _;
         let alg = self.algorithm();
         let malformed = |reason: String| VerifyError::Malformed { alg, reason };
-        let mismatch = || VerifyError::Mismatch {
-            alg,
-            key_id: self.id.clone(),
-        };
+        let mismatch = || VerifyError::Mismatch { alg, key_id: self.id.clone() };
         match &self.key {
             PublicKey::Ed25519(k) => {
                 let sig = ed25519_dalek::Signature::from_slice(signature)
@@ -197,10 +185,7 @@ impl SigningKey {
                 .map(Self::Ed25519)
                 .map_err(|e| KeyError::Decode(e.to_string())),
             OID_EC_PUBLIC_KEY => {
-                let curve = info
-                    .algorithm
-                    .parameters_oid()
-                    .map_err(|e| KeyError::Decode(e.to_string()))?;
+                let curve = info.algorithm.parameters_oid().map_err(|e| KeyError::Decode(e.to_string()))?;
                 if curve != OID_P256 {
                     return Err(KeyError::Unsupported(format!("EC curve {curve}")));
                 }
@@ -268,10 +253,7 @@ mod tests {
             assert_eq!(trusted.algorithm(), alg);
             let sig = key.sign(b"payload");
             trusted.verify(b"payload", &sig).unwrap();
-            assert!(matches!(
-                trusted.verify(b"payloaD", &sig),
-                Err(VerifyError::Mismatch { .. })
-            ));
+            assert!(matches!(trusted.verify(b"payloaD", &sig), Err(VerifyError::Mismatch { .. })));
         }
     }
 

@@ -151,10 +151,7 @@ impl ModuleManifest {
             return Err(not("manifest has no layers".into()));
         };
         if image.media_type != media::EROFS_IMAGE {
-            return Err(not(format!(
-                "layer 0 media type is {:?}, not the EROFS image",
-                image.media_type
-            )));
+            return Err(not(format!("layer 0 media type is {:?}, not the EROFS image", image.media_type)));
         }
         let packs = packs
             .iter()
@@ -178,12 +175,7 @@ impl ModuleManifest {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self {
-            config: manifest.config.clone(),
-            image: image.clone(),
-            packs,
-            manifest,
-        })
+        Ok(Self { config: manifest.config.clone(), image: image.clone(), packs, manifest })
     }
 
     /// Every blob the module needs, config first, with its declared size.
@@ -198,10 +190,8 @@ mod tests {
 
     fn module() -> ImageManifest {
         let mut pack = Descriptor::of(media::OBJECT_PACK, b"pack");
-        pack.annotations
-            .insert(media::ANNOTATION_PACK_OBJECTS.into(), "1".into());
-        pack.annotations
-            .insert(media::ANNOTATION_PACK_BYTES.into(), "100".into());
+        pack.annotations.insert(media::ANNOTATION_PACK_OBJECTS.into(), "1".into());
+        pack.annotations.insert(media::ANNOTATION_PACK_BYTES.into(), "100".into());
         ImageManifest {
             schema_version: 2,
             media_type: Some(media::OCI_MANIFEST.into()),
@@ -227,10 +217,7 @@ mod tests {
         let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
         assert!(matches!(ImageManifest::parse(index), Err(ManifestError::ImageIndex(_))));
         let bare_index = br#"{"schemaVersion":2,"manifests":[]}"#;
-        assert!(matches!(
-            ImageManifest::parse(bare_index),
-            Err(ManifestError::ImageIndex(_))
-        ));
+        assert!(matches!(ImageManifest::parse(bare_index), Err(ManifestError::ImageIndex(_))));
 
         let mut m = module();
         m.layers[1].urls = Some(vec!["http://elsewhere/blob".into()]);
@@ -239,23 +226,14 @@ mod tests {
 
         let mut m = module();
         m.layers.swap(0, 1);
-        assert!(matches!(
-            ModuleManifest::parse(&m.to_bytes()),
-            Err(ManifestError::NotModule(_))
-        ));
+        assert!(matches!(ModuleManifest::parse(&m.to_bytes()), Err(ManifestError::NotModule(_))));
 
         let mut m = module();
         m.layers[1].annotations.clear();
-        assert!(matches!(
-            ModuleManifest::parse(&m.to_bytes()),
-            Err(ManifestError::PackAnnotation { .. })
-        ));
+        assert!(matches!(ModuleManifest::parse(&m.to_bytes()), Err(ManifestError::PackAnnotation { .. })));
 
         let mut m = module();
         m.schema_version = 1;
-        assert!(matches!(
-            ImageManifest::parse(&m.to_bytes()),
-            Err(ManifestError::SchemaVersion(1))
-        ));
+        assert!(matches!(ImageManifest::parse(&m.to_bytes()), Err(ManifestError::SchemaVersion(1))));
     }
 }

@@ -31,11 +31,7 @@ pub enum PackError {
     #[error("pack entry {name} is out of order (after {previous})")]
     OutOfOrder { name: VerityDigest, previous: VerityDigest },
     #[error("pack entry {name} is truncated: header says {declared} bytes, stream ended after {got}")]
-    Truncated {
-        name: VerityDigest,
-        declared: u64,
-        got: u64,
-    },
+    Truncated { name: VerityDigest, declared: u64, got: u64 },
     #[error("pack entry {name}: content has fs-verity digest {found}")]
     DigestMismatch { name: VerityDigest, found: VerityDigest },
     #[error("pack entry {name}: non-zero padding after its data")]
@@ -45,11 +41,7 @@ pub enum PackError {
     #[error("pack ended without its end marker")]
     NoEndMarker,
     #[error("pack holds {found} {what}, its descriptor declares {declared}")]
-    Totals {
-        what: &'static str,
-        declared: u64,
-        found: u64,
-    },
+    Totals { what: &'static str, declared: u64, found: u64 },
 }
 
 impl From<io::Error> for PackError {
@@ -77,12 +69,7 @@ pub struct PackWriter<W: Write> {
 
 impl<W: Write> PackWriter<W> {
     pub fn new(out: W) -> Self {
-        Self {
-            out,
-            last: None,
-            objects: 0,
-            bytes: 0,
-        }
+        Self { out, last: None, objects: 0, bytes: 0 }
     }
 
     /// Appends one object of exactly `size` bytes read from `data`.
@@ -90,10 +77,7 @@ impl<W: Write> PackWriter<W> {
         if let Some(prev) = self.last
             && digest <= prev
         {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("object {digest} added after {prev}"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("object {digest} added after {prev}")));
         }
         self.out.write_all(&header(&digest, size))?;
         let copied = io::copy(&mut data.take(size), &mut self.out)?;
@@ -207,15 +191,7 @@ pub struct Object<'a, R: Read> {
 
 impl<R: Read> PackReader<R> {
     pub fn new(input: R) -> Self {
-        Self {
-            input,
-            index: 0,
-            last: None,
-            current: None,
-            ended: false,
-            objects: 0,
-            bytes: 0,
-        }
+        Self { input, index: 0, last: None, current: None, ended: false, objects: 0, bytes: 0 }
     }
 
     /// Objects and object bytes read so far.
@@ -246,33 +222,19 @@ impl<R: Read> PackReader<R> {
             return Ok(None);
         }
         let name = self.check_header(&h)?;
-        let size = parse_size(&h[124..136]).ok_or_else(|| PackError::Header {
-            index: self.index,
-            reason: "size field is not a number".into(),
-        })?;
+        let size = parse_size(&h[124..136])
+            .ok_or_else(|| PackError::Header { index: self.index, reason: "size field is not a number".into() })?;
         self.index += 1;
-        self.current = Some(Current {
-            name,
-            size,
-            remaining: size,
-            hasher: VerityHasher::new(),
-            checked: false,
-        });
+        self.current = Some(Current { name, size, remaining: size, hasher: VerityHasher::new(), checked: false });
         Ok(Some(Object { reader: self }))
     }
 
     fn check_header(&self, h: &[u8; BLOCK]) -> Result<VerityDigest, PackError> {
         let index = self.index;
-        let bad = |reason: &str| PackError::Header {
-            index,
-            reason: reason.to_owned(),
-        };
+        let bad = |reason: &str| PackError::Header { index, reason: reason.to_owned() };
         let stored = parse_size(&h[148..156]).ok_or_else(|| bad("checksum field is not a number"))?;
-        let sum: u64 = h
-            .iter()
-            .enumerate()
-            .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) })
-            .sum();
+        let sum: u64 =
+            h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
         if stored != sum {
             return Err(bad("header checksum does not match"));
         }
@@ -288,16 +250,10 @@ impl<R: Read> PackReader<R> {
         };
         let flag = h[156];
         if flag != b'0' && flag != 0 {
-            return Err(PackError::NotRegular {
-                name: shown,
-                kind: kind_name(flag),
-            });
+            return Err(PackError::NotRegular { name: shown, kind: kind_name(flag) });
         }
         if !field_str(&h[157..257]).is_empty() {
-            return Err(PackError::NotRegular {
-                name: shown,
-                kind: "link",
-            });
+            return Err(PackError::NotRegular { name: shown, kind: "link" });
         }
         if !prefix.is_empty() {
             return Err(PackError::BadName { name: shown });
@@ -351,11 +307,7 @@ impl<R: Read> PackReader<R> {
         let pad = (BLOCK - (cur.size as usize % BLOCK)) % BLOCK;
         let mut padding = [0u8; BLOCK];
         if !read_full(&mut self.input, &mut padding[..pad])? && pad > 0 {
-            return Err(PackError::Truncated {
-                name: cur.name,
-                declared: cur.size,
-                got: cur.size,
-            });
+            return Err(PackError::Truncated { name: cur.name, declared: cur.size, got: cur.size });
         }
         if padding[..pad].iter().any(|&b| b != 0) {
             return Err(PackError::Padding { name: cur.name });
@@ -369,18 +321,10 @@ impl<R: Read> PackReader<R> {
     /// Checks the totals a pack descriptor declares against what was read (call after `None`).
     pub fn check_totals(&self, objects: u64, bytes: u64) -> Result<(), PackError> {
         if self.objects != objects {
-            return Err(PackError::Totals {
-                what: "objects",
-                declared: objects,
-                found: self.objects,
-            });
+            return Err(PackError::Totals { what: "objects", declared: objects, found: self.objects });
         }
         if self.bytes != bytes {
-            return Err(PackError::Totals {
-                what: "object bytes",
-                declared: bytes,
-                found: self.bytes,
-            });
+            return Err(PackError::Totals { what: "object bytes", declared: bytes, found: self.bytes });
         }
         Ok(())
     }
@@ -401,11 +345,7 @@ fn check_digest_owned(cur: &Current) -> Result<(), PackError> {
     if cur.checked {
         Ok(())
     } else {
-        Err(PackError::Truncated {
-            name: cur.name,
-            declared: cur.size,
-            got: cur.size - cur.remaining,
-        })
+        Err(PackError::Truncated { name: cur.name, declared: cur.size, got: cur.size - cur.remaining })
     }
 }
 
@@ -417,10 +357,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, PackError> {
         match r.read(&mut buf[got..]) {
             Ok(0) if got == 0 => return Ok(false),
             Ok(0) => {
-                return Err(PackError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "pack ends inside a block",
-                )));
+                return Err(PackError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "pack ends inside a block")));
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -432,11 +369,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> Result<bool, PackError> {
 
 impl<R: Read> Object<'_, R> {
     pub fn digest(&self) -> VerityDigest {
-        self.reader
-            .current
-            .as_ref()
-            .map(|c| c.name)
-            .unwrap_or(VerityDigest::new([0; 32]))
+        self.reader.current.as_ref().map(|c| c.name).unwrap_or(VerityDigest::new([0; 32]))
     }
 
     pub fn size(&self) -> u64 {

@@ -66,17 +66,8 @@ fn round_trip_and_totals() {
     assert_eq!(n, 5);
     let bytes: u64 = objs.iter().map(|(_, d)| d.len() as u64).sum();
     r.check_totals(5, bytes).unwrap();
-    assert!(matches!(
-        r.check_totals(4, bytes),
-        Err(PackError::Totals { what: "objects", .. })
-    ));
-    assert!(matches!(
-        r.check_totals(5, bytes + 1),
-        Err(PackError::Totals {
-            what: "object bytes",
-            ..
-        })
-    ));
+    assert!(matches!(r.check_totals(4, bytes), Err(PackError::Totals { what: "objects", .. })));
+    assert!(matches!(r.check_totals(5, bytes + 1), Err(PackError::Totals { what: "object bytes", .. })));
     assert_eq!(read_all(&pack).unwrap(), objs);
 }
 
@@ -128,21 +119,12 @@ fn bad_names_are_refused() {
         });
         let err = read_all(&stream(&[(h, &data)])).unwrap_err();
         assert!(matches!(err, PackError::BadName { .. }), "{name:?}: {err}");
-        assert!(
-            err.to_string().contains(&String::from_utf8_lossy(name).to_string()),
-            "{err}"
-        );
+        assert!(err.to_string().contains(&String::from_utf8_lossy(name).to_string()), "{err}");
     }
     let h = edited_header(&d, data.len() as u64, |h| h[345..348].copy_from_slice(b"dir"));
-    assert!(matches!(
-        read_all(&stream(&[(h, &data)])),
-        Err(PackError::BadName { .. })
-    ));
+    assert!(matches!(read_all(&stream(&[(h, &data)])), Err(PackError::BadName { .. })));
     let h = edited_header(&d, 0, |h| h[157..161].copy_from_slice(b"/etc"));
-    assert!(matches!(
-        read_all(&stream(&[(h, &[])])),
-        Err(PackError::NotRegular { kind: "link", .. })
-    ));
+    assert!(matches!(read_all(&stream(&[(h, &[])])), Err(PackError::NotRegular { kind: "link", .. })));
 }
 
 #[test]
@@ -179,10 +161,7 @@ fn content_that_does_not_match_its_name() {
     let mut pack = pack_of(&objs);
     pack[BLOCK] ^= 0xff;
     let err = read_all(&pack).unwrap_err();
-    assert!(
-        matches!(err, PackError::DigestMismatch { name, .. } if name == objs[0].0),
-        "{err}"
-    );
+    assert!(matches!(err, PackError::DigestMismatch { name, .. } if name == objs[0].0), "{err}");
 }
 
 #[test]
@@ -199,10 +178,7 @@ fn framing_errors() {
     bad_sum[150] = b'7';
     assert!(matches!(read_all(&bad_sum), Err(PackError::Header { .. })));
     let gnu = edited_header(&objs[0].0, 0, |h| h[257..265].copy_from_slice(b"ustar  \0"));
-    assert!(matches!(
-        read_all(&stream(&[(gnu, &[])])),
-        Err(PackError::Header { .. })
-    ));
+    assert!(matches!(read_all(&stream(&[(gnu, &[])])), Err(PackError::Header { .. })));
     let mut bad_pad = pack;
     let pad_at = BLOCK + objs[0].1.len();
     bad_pad[pad_at] = 1;

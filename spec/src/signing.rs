@@ -53,11 +53,7 @@ pub enum SignatureError {
     #[error("signature is for {signed}, not for {expected} (copied from other content)")]
     WrongDigest { signed: String, expected: OciDigest },
     #[error("signed payload field {field} says {signed:?} but the module config says {actual:?}")]
-    Disagrees {
-        field: &'static str,
-        signed: String,
-        actual: String,
-    },
+    Disagrees { field: &'static str, signed: String, actual: String },
     #[error("no signature verifies with the trusted keys: {0}")]
     Untrusted(String),
 }
@@ -84,12 +80,8 @@ impl SimpleSigningPayload {
         optional.insert(media::PAYLOAD_SERIAL.into(), serial.into());
         Self {
             critical: Critical {
-                identity: Identity {
-                    docker_reference: repository.to_owned(),
-                },
-                image: Image {
-                    docker_manifest_digest: digest.to_string(),
-                },
+                identity: Identity { docker_reference: repository.to_owned() },
+                image: Image { docker_manifest_digest: digest.to_string() },
                 kind: media::COSIGN_SIGNATURE_TYPE.to_owned(),
             },
             optional: Some(optional),
@@ -109,10 +101,7 @@ impl SimpleSigningPayload {
         }
         let p: Self = serde_json::from_slice(bytes).map_err(|e| SignatureError::Payload(e.to_string()))?;
         if p.critical.kind != media::COSIGN_SIGNATURE_TYPE {
-            return Err(SignatureError::Payload(format!(
-                "critical.type is {:?}",
-                p.critical.kind
-            )));
+            return Err(SignatureError::Payload(format!("critical.type is {:?}", p.critical.kind)));
         }
         Ok(p)
     }
@@ -134,9 +123,8 @@ pub fn verify_signature(
     keys: &[TrustedKey],
     expected: OciDigest,
 ) -> Result<SignedPayload, SignatureError> {
-    let signature = base64::engine::general_purpose::STANDARD
-        .decode(signature_b64.trim())
-        .map_err(|_| SignatureError::Base64)?;
+    let signature =
+        base64::engine::general_purpose::STANDARD.decode(signature_b64.trim()).map_err(|_| SignatureError::Base64)?;
     let mut reasons = Vec::new();
     let mut key_id = None;
     for key in keys {
@@ -214,10 +202,7 @@ mod tests {
         assert_eq!(got.serial, Some(7));
         assert_eq!(got.name.as_deref(), Some("base"));
         got.check_agrees("base", "1.0", 7).unwrap();
-        assert!(matches!(
-            got.check_agrees("base", "1.0", 6),
-            Err(SignatureError::Disagrees { field: "serial", .. })
-        ));
+        assert!(matches!(got.check_agrees("base", "1.0", 6), Err(SignatureError::Disagrees { field: "serial", .. })));
     }
 
     #[test]
@@ -241,9 +226,6 @@ mod tests {
         let err = verify_signature(&payload, &STANDARD.encode(&sig), &keys, digest).unwrap_err();
         assert!(err.to_string().contains("does not verify"), "{err}");
 
-        assert_eq!(
-            verify_signature(&payload, "%%%", &keys, digest).unwrap_err(),
-            SignatureError::Base64
-        );
+        assert_eq!(verify_signature(&payload, "%%%", &keys, digest).unwrap_err(), SignatureError::Base64);
     }
 }

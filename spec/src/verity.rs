@@ -22,12 +22,7 @@ struct Level {
 
 impl Level {
     fn new() -> Self {
-        Self {
-            ctx: Sha256::new(),
-            filled: 0,
-            received: 0,
-            last: [0; HASH_SIZE],
-        }
+        Self { ctx: Sha256::new(), filled: 0, received: 0, last: [0; HASH_SIZE] }
     }
 }
 
@@ -40,9 +35,7 @@ pub struct VerityHasher {
 
 impl std::fmt::Debug for VerityHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerityHasher")
-            .field("size", &self.size)
-            .finish_non_exhaustive()
+        f.debug_struct("VerityHasher").field("size", &self.size).finish_non_exhaustive()
     }
 }
 
@@ -54,11 +47,7 @@ impl Default for VerityHasher {
 
 impl VerityHasher {
     pub fn new() -> Self {
-        Self {
-            levels: Vec::new(),
-            partial: Vec::with_capacity(BLOCK_SIZE),
-            size: 0,
-        }
+        Self { levels: Vec::new(), partial: Vec::with_capacity(BLOCK_SIZE), size: 0 }
     }
 
     /// Bytes fed so far.
@@ -193,18 +182,9 @@ mod tests {
     #[test]
     fn known_answers() {
         let cases: [(Vec<u8>, &str); 4] = [
-            (
-                vec![],
-                "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af95",
-            ),
-            (
-                b"hello world\n".to_vec(),
-                "37061ef2ac4c21bec68489b56138c5780306a4ad7fe6676236ecdf2c9027cd92",
-            ),
-            (
-                vec![0x5a; 4096 * 129 + 5],
-                "c36e9f55258ad680239bd69e27201656ca3753220daa0cf28eba7bac26c8d92c",
-            ),
+            (vec![], "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af95"),
+            (b"hello world\n".to_vec(), "37061ef2ac4c21bec68489b56138c5780306a4ad7fe6676236ecdf2c9027cd92"),
+            (vec![0x5a; 4096 * 129 + 5], "c36e9f55258ad680239bd69e27201656ca3753220daa0cf28eba7bac26c8d92c"),
             (
                 (0..4096usize * 128 * 130 + 3).map(|i| (i % 251) as u8).collect(),
                 "1145a5aa06f9f9144cbb976f83f7ed5c0ff4970066d383b23e90dae5f5de4f20",

@@ -11,16 +11,9 @@ pub fn binary() -> PathBuf {
 /// A workspace binary built beside the tests (target/<profile>/NAME).
 pub fn binary_named(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
     let bin = profile_dir.join(name);
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --workspace` first (`./just test` does)",
-        bin.display()
-    );
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace` first (`./just test` does)", bin.display());
     bin
 }
 
@@ -34,11 +27,7 @@ pub struct Run {
 impl Run {
     /// Panics with the command's output unless it exited 0; returns stdout trimmed.
     pub fn ok(&self) -> String {
-        assert_eq!(
-            self.code, 0,
-            "command failed:\nstdout: {}\nstderr: {}",
-            self.stdout, self.stderr
-        );
+        assert_eq!(self.code, 0, "command failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
         self.stdout.trim().to_owned()
     }
 
@@ -65,9 +54,5 @@ impl From<Output> for Run {
 
 /// Runs `ironroot-build ARGS…`.
 pub fn build_cmd(args: &[&str]) -> Run {
-    Command::new(binary())
-        .args(args)
-        .output()
-        .expect("running ironroot-build")
-        .into()
+    Command::new(binary()).args(args).output().expect("running ironroot-build").into()
 }

@@ -21,9 +21,7 @@ pub fn load(dir: &Path, tag: &str) -> (Layout, ImageManifest) {
 pub fn store(layout: &Layout, tag: &str, manifest: &ImageManifest) -> OciDigest {
     let bytes = manifest.to_bytes();
     let digest = layout.write_blob(&bytes).expect("write manifest");
-    layout
-        .set_tag(tag, Descriptor::new(media::OCI_MANIFEST, digest, bytes.len() as u64))
-        .expect("tag");
+    layout.set_tag(tag, Descriptor::new(media::OCI_MANIFEST, digest, bytes.len() as u64)).expect("tag");
     digest
 }
 
@@ -61,10 +59,7 @@ pub fn sign_digest(target: &Target, digest: OciDigest, key: &Path) -> String {
     let key = ironroot_build::keys::load_signing_key(key).expect("signing key");
     let access = RegistryAccess::default();
     let payload = SimpleSigningPayload::for_module(&target.repository(), digest, "crafted", "1", 1).to_bytes();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let src = AnySource::open(target, &access).expect("open source");
         ironroot_build::module::sign::attach_signature(target, &src, &access, digest, &payload, &key)

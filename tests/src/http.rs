@@ -52,11 +52,7 @@ impl Server {
                             r.push(format!("{} {}", req.method, req.path));
                         }
                         handler(&req, &mut conn);
-                        if req
-                            .headers
-                            .get("connection")
-                            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
-                        {
+                        if req.headers.get("connection").is_some_and(|c| c.eq_ignore_ascii_case("close")) {
                             break;
                         }
                     }
@@ -110,10 +106,7 @@ fn read_request(conn: &mut TcpStream) -> Option<Request> {
 }
 
 pub fn respond(conn: &mut TcpStream, status: &str, content_type: &str, body: &[u8]) {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+    let head = format!("HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len());
     // A client that hung up is not the server's failure.
     let _client_gone = conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(body));
 }
@@ -121,25 +114,12 @@ pub fn respond(conn: &mut TcpStream, status: &str, content_type: &str, body: &[u
 /// A token endpoint that issues `{"token": …}` only to `user:password` basic auth.
 pub fn token_server(user: &str, password: &str) -> Server {
     use base64::Engine as _;
-    let expected = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    );
+    let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
     Server::start(move |req, conn| {
         if req.headers.get("authorization") == Some(&expected) {
-            respond(
-                conn,
-                "200 OK",
-                "application/json",
-                br#"{"token":"ironroot-test-token","expires_in":300}"#,
-            );
+            respond(conn, "200 OK", "application/json", br#"{"token":"ironroot-test-token","expires_in":300}"#);
         } else {
-            respond(
-                conn,
-                "401 Unauthorized",
-                "application/json",
-                br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
-            );
+            respond(conn, "401 Unauthorized", "application/json", br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
         }
     })
 }
@@ -209,12 +189,7 @@ pub fn hostile_registry(layout: PathBuf, victim: String, how: Misbehaviour) -> S
                 };
                 respond(conn, "200 OK", ct, &bytes)
             }
-            Err(_) => respond(
-                conn,
-                "404 Not Found",
-                "application/json",
-                br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
-            ),
+            Err(_) => respond(conn, "404 Not Found", "application/json", br#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#),
         }
     })
 }

@@ -27,16 +27,9 @@ impl std::fmt::Debug for TestPlane {
 impl TestPlane {
     /// Starts a plane with extra `serve` arguments (short timings for tests).
     pub fn start(extra: &[&str]) -> Self {
-        let state = tempfile::Builder::new()
-            .prefix("ironroot-plane-")
-            .tempdir()
-            .expect("state dir");
-        let mut plane = Self {
-            child: None,
-            state,
-            addr: String::new(),
-            args: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        let state = tempfile::Builder::new().prefix("ironroot-plane-").tempdir().expect("state dir");
+        let mut plane =
+            Self { child: None, state, addr: String::new(), args: extra.iter().map(|s| s.to_string()).collect() };
         plane.spawn();
         plane
     }
@@ -104,20 +97,13 @@ impl TestPlane {
 
     /// A client that trusts the plane CA and presents no certificate.
     pub fn anonymous(&self) -> reqwest::Client {
-        reqwest::Client::builder()
-            .tls_certs_only([self.ca()])
-            .build()
-            .expect("client")
+        reqwest::Client::builder().tls_certs_only([self.ca()]).build().expect("client")
     }
 
     /// A client presenting `cert_pem` + `key_pem`, trusting the plane CA.
     pub fn with_identity(&self, cert_pem: &str, key_pem: &str) -> reqwest::Client {
         let identity = reqwest::Identity::from_pem(format!("{cert_pem}{key_pem}").as_bytes()).expect("identity");
-        reqwest::Client::builder()
-            .tls_certs_only([self.ca()])
-            .identity(identity)
-            .build()
-            .expect("client")
+        reqwest::Client::builder().tls_certs_only([self.ca()]).identity(identity).build().expect("client")
     }
 
     /// The operator's client certificate, as a node would misuse it.
@@ -162,24 +148,18 @@ pub struct NodeKey {
 
 impl NodeKey {
     pub fn ed25519() -> Self {
-        Self {
-            key: rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key"),
-        }
+        Self { key: rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key") }
     }
 
     pub fn p256() -> Self {
-        Self {
-            key: rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("p256 key"),
-        }
+        Self { key: rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("p256 key") }
     }
 
     /// A CSR asking for `sans` and a CA role (which the plane must ignore).
     pub fn csr(&self, sans: &[&str]) -> String {
         let mut params =
             rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "please-make-me-admin");
+        params.distinguished_name.push(rcgen::DnType::CommonName, "please-make-me-admin");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params.serialize_request(&self.key).expect("csr").pem().expect("pem")
     }

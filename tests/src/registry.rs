@@ -46,10 +46,7 @@ impl TestRegistry {
     }
 
     pub fn start_with(auth: Auth<'_>) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("ironroot-registry-")
-            .tempdir()
-            .expect("registry temp dir");
+        let dir = tempfile::Builder::new().prefix("ironroot-registry-").tempdir().expect("registry temp dir");
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).expect("storage dir");
         let mut config = format!(
@@ -62,16 +59,9 @@ impl TestRegistry {
             Auth::None => {}
             Auth::TlsBasic(user, pass) => {
                 let (ca, cert, key) = make_tls(dir.path());
-                config.push_str(&format!(
-                    "  tls:\n    certificate: {}\n    key: {}\n",
-                    cert.display(),
-                    key.display()
-                ));
+                config.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()));
                 let htpasswd = dir.path().join("htpasswd");
-                let out = Command::new(tool("htpasswd"))
-                    .args(["-Bbn", user, pass])
-                    .output()
-                    .expect("htpasswd");
+                let out = Command::new(tool("htpasswd")).args(["-Bbn", user, pass]).output().expect("htpasswd");
                 assert!(out.status.success(), "htpasswd failed");
                 std::fs::write(&htpasswd, out.stdout).expect("write htpasswd");
                 config.push_str(&format!(
@@ -82,9 +72,7 @@ impl TestRegistry {
                 credentials = Some((user.to_owned(), pass.to_owned()));
             }
             Auth::Token { realm } => {
-                config.push_str(&format!(
-                    "auth:\n  silly:\n    realm: {realm}\n    service: ironroot-test\n"
-                ));
+                config.push_str(&format!("auth:\n  silly:\n    realm: {realm}\n    service: ironroot-test\n"));
             }
         }
         let config_path = dir.path().join("config.yml");
@@ -99,10 +87,7 @@ impl TestRegistry {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         for pipe in [
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
             child.stdout.take().map(|p| Box::new(p) as _),
         ]
         .into_iter()
@@ -133,24 +118,11 @@ impl TestRegistry {
                 break p;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "docker-registry exited with {status}: {}",
-                    log.lock().map(|l| l.clone()).unwrap_or_default()
-                );
+                panic!("docker-registry exited with {status}: {}", log.lock().map(|l| l.clone()).unwrap_or_default());
             }
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not report its address in time"
-            );
+            assert!(Instant::now() < deadline, "docker-registry did not report its address in time");
         };
-        Self {
-            child,
-            port,
-            dir,
-            log,
-            ca_pem,
-            credentials,
-        }
+        Self { child, port, dir, log, ca_pem, credentials }
     }
 
     /// `127.0.0.1:PORT`
@@ -161,10 +133,7 @@ impl TestRegistry {
     /// The registry's file for blob `digest` (`sha256:…`), to corrupt content behind its back.
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
-        self.dir.path().join(format!(
-            "storage/docker/registry/v2/blobs/sha256/{}/{hex}/data",
-            &hex[..2]
-        ))
+        self.dir.path().join(format!("storage/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
     }
 
     /// Everything the registry logged so far (includes its access log).
@@ -192,16 +161,8 @@ impl Drop for TestRegistry {
 /// A CA and a server certificate for 127.0.0.1 signed by it (P-256), made with openssl.
 fn make_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let run = |args: &[&str]| {
-        let out = Command::new(tool("openssl"))
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = Command::new(tool("openssl")).args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     run(&[
         "req",

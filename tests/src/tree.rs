@@ -49,11 +49,7 @@ pub fn generate(root: &Path, opts: &TreeOptions) {
     write(&root.join("etc/external-65"), &content(2, 65), 0o644);
     write(&root.join("usr/lib/block-4096"), &content(3, 4096), 0o644);
     write(&root.join("usr/lib/block-4097"), &content(4, 4097), 0o644);
-    write(
-        &root.join("usr/lib/deep/er/still/deeper/large"),
-        &content(5, 3 << 20),
-        0o644,
-    );
+    write(&root.join("usr/lib/deep/er/still/deeper/large"), &content(5, 3 << 20), 0o644);
     write(&root.join("usr/lib/dup-a"), &content(6, 10_000), 0o644);
     write(&root.join("usr/lib/dup-b"), &content(6, 10_000), 0o644);
     write(&root.join("usr/bin/setuid"), &content(7, 5000), 0o4755);
@@ -77,13 +73,8 @@ pub fn generate(root: &Path, opts: &TreeOptions) {
         fs::hard_link(root.join("etc/one"), root.join("etc/hardlink-to-one")).expect("hardlink");
     }
 
-    rustix::fs::setxattr(
-        root.join("etc/one").as_path(),
-        "user.ironroot",
-        b"value",
-        rustix::fs::XattrFlags::empty(),
-    )
-    .expect("user xattr");
+    rustix::fs::setxattr(root.join("etc/one").as_path(), "user.ironroot", b"value", rustix::fs::XattrFlags::empty())
+        .expect("user xattr");
     rustix::fs::setxattr(
         root.join("usr/lib/block-4097").as_path(),
         "trusted.ironroot.test",
@@ -113,14 +104,8 @@ pub fn generate(root: &Path, opts: &TreeOptions) {
     .expect("chown");
 
     if opts.devices {
-        rustix::fs::mknodat(
-            CWD,
-            root.join("dev/fifo").as_path(),
-            FileType::Fifo,
-            Mode::from_raw_mode(0o644),
-            0,
-        )
-        .expect("mkfifo");
+        rustix::fs::mknodat(CWD, root.join("dev/fifo").as_path(), FileType::Fifo, Mode::from_raw_mode(0o644), 0)
+            .expect("mkfifo");
         rustix::fs::mknodat(
             CWD,
             root.join("dev/null").as_path(),
@@ -144,10 +129,7 @@ pub fn generate(root: &Path, opts: &TreeOptions) {
 
 /// Distinct mtimes, children before their directory (creating a child changes the parent's).
 fn set_mtimes(dir: &Path, n: &mut i64) {
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .expect("read_dir")
-        .map(|e| e.expect("entry").path())
-        .collect();
+    let mut entries: Vec<_> = fs::read_dir(dir).expect("read_dir").map(|e| e.expect("entry").path()).collect();
     entries.sort();
     for p in entries {
         let meta = fs::symlink_metadata(&p).expect("lstat");
@@ -161,20 +143,9 @@ fn set_mtimes(dir: &Path, n: &mut i64) {
 
 fn touch(p: &Path, n: &mut i64) {
     *n += 1;
-    let t = Timespec {
-        tv_sec: 1_700_000_000 + *n * 3600,
-        tv_nsec: 0,
-    };
-    rustix::fs::utimensat(
-        CWD,
-        p,
-        &Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .expect("utimensat");
+    let t = Timespec { tv_sec: 1_700_000_000 + *n * 3600, tv_nsec: 0 };
+    rustix::fs::utimensat(CWD, p, &Timestamps { last_access: t, last_modification: t }, AtFlags::SYMLINK_NOFOLLOW)
+        .expect("utimensat");
 }
 
 /// A tree of about `total` bytes in files of varied sizes (benchmarks and large-module tests).

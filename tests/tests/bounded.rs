@@ -2,11 +2,7 @@
 //! byte every two seconds. Each verification ends by itself with an error naming the cause,
 //! and the verifier's peak memory stays far below the bytes it streamed.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests stop loudly on a failed setup step"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -61,23 +57,14 @@ fn signed_module(tmp: &Path, bytes: u64) -> (std::path::PathBuf, String, u64, St
     let m = ModuleManifest::parse(&manifest).expect("module");
     assert_eq!(m.packs.len(), 1);
     let pack = &m.packs[0].descriptor;
-    (
-        layout,
-        pack.digest.to_string(),
-        pack.size,
-        s(&tmp.join("keys/ironroot.pub")),
-    )
+    (layout, pack.digest.to_string(), pack.size, s(&tmp.join("keys/ironroot.pub")))
 }
 
 /// Runs `ironroot-build ARGS`, sampling its peak RSS (VmHWM) until it exits.
 fn run_measured(args: &[&str]) -> (Run, u64, Duration) {
     let start = Instant::now();
-    let mut child = Command::new(binary())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child =
+        Command::new(binary()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     let status_path = format!("/proc/{}/status", child.id());
     let mut peak_kib = 0u64;
     loop {
@@ -107,17 +94,9 @@ fn an_endless_blob_is_cut_off_at_its_declared_size() {
     let server = hostile_registry(layout, pack.clone(), Misbehaviour::Endless);
     let reference = format!("{}/ironroot/big:1", server.addr());
     let (run, peak, _) = run_measured(&["module", "verify", &reference, "--trust", &public]);
-    run.refused(
-        11,
-        &format!("blob {pack}: server sent more than the declared {size} bytes"),
-    );
+    run.refused(11, &format!("blob {pack}: server sent more than the declared {size} bytes"));
     eprintln!("peak RSS {} MiB while streaming {} MiB", peak >> 20, size >> 20);
-    assert!(
-        peak < 96 << 20,
-        "peak RSS {} MiB while streaming {} MiB",
-        peak >> 20,
-        size >> 20
-    );
+    assert!(peak < 96 << 20, "peak RSS {} MiB while streaming {} MiB", peak >> 20, size >> 20);
 }
 
 #[test]
@@ -126,15 +105,8 @@ fn a_trickling_blob_hits_its_deadline() {
     let (layout, pack, size, public) = signed_module(tmp.path(), 1 << 20);
     let server = hostile_registry(layout, pack.clone(), Misbehaviour::Trickle);
     let reference = format!("{}/ironroot/big:1", server.addr());
-    let (run, peak, elapsed) = run_measured(&[
-        "module",
-        "verify",
-        &reference,
-        "--trust",
-        &public,
-        "--blob-deadline",
-        "5",
-    ]);
+    let (run, peak, elapsed) =
+        run_measured(&["module", "verify", &reference, "--trust", &public, "--blob-deadline", "5"]);
     run.refused(13, &format!("blob {pack}: deadline of 5s passed after"));
     assert!(run.stderr.contains(&format!("of {size} bytes")), "{}", run.stderr);
     // The deadline, not the server, ended it: the server would take weeks at this rate.
@@ -148,18 +120,8 @@ fn a_trickling_manifest_hits_its_deadline() {
     let (layout, _, _, public) = signed_module(tmp.path(), 1 << 20);
     let server = hostile_registry(layout, "1".into(), Misbehaviour::Trickle);
     let reference = format!("{}/ironroot/big:1", server.addr());
-    let (run, _, elapsed) = run_measured(&[
-        "module",
-        "verify",
-        &reference,
-        "--trust",
-        &public,
-        "--manifest-deadline",
-        "4",
-    ]);
-    run.refused(
-        13,
-        &format!("manifest {}/ironroot/big:1: deadline of 4s passed", server.addr()),
-    );
+    let (run, _, elapsed) =
+        run_measured(&["module", "verify", &reference, "--trust", &public, "--manifest-deadline", "4"]);
+    run.refused(13, &format!("manifest {}/ironroot/big:1: deadline of 4s passed", server.addr()));
     assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
 }

@@ -2,11 +2,7 @@
 //! reference) on the same tree, its composefs digest is the one the C tool prints, and the
 //! objects our packs carry are exactly the objects the C tool puts in its digest store.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests stop loudly on a failed setup step"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -29,11 +25,7 @@ fn mkcomposefs(tree: &Path, image: &Path, store: &Path) -> String {
         .arg(image)
         .output()
         .expect("running mkcomposefs");
-    assert!(
-        out.status.success(),
-        "mkcomposefs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "mkcomposefs: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -95,13 +87,7 @@ fn pack_objects(layout: &Layout, manifest: &ModuleManifest) -> BTreeSet<String> 
 fn compare(hardlinks_in_tree: bool, mode: &str) {
     let tmp = tempfile::tempdir().expect("tmp");
     let tree = tmp.path().join("tree");
-    generate(
-        &tree,
-        &TreeOptions {
-            hardlinks: hardlinks_in_tree,
-            devices: true,
-        },
-    );
+    generate(&tree, &TreeOptions { hardlinks: hardlinks_in_tree, devices: true });
     let c_image = tmp.path().join("c.img");
     let c_store = tmp.path().join("c-store");
     let c_digest = mkcomposefs(&tree, &c_image, &c_store);
@@ -111,11 +97,7 @@ fn compare(hardlinks_in_tree: bool, mode: &str) {
     if let Some(i) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
         panic!("images differ first at byte {i} (of {})", ours.len());
     }
-    assert_eq!(
-        verity_digest(&ours).to_string(),
-        c_digest,
-        "composefs digest differs from mkcomposefs --print-digest"
-    );
+    assert_eq!(verity_digest(&ours).to_string(), c_digest, "composefs digest differs from mkcomposefs --print-digest");
     assert_eq!(
         pack_objects(&layout, &manifest),
         store_objects(&c_store),

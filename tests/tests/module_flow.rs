@@ -2,11 +2,7 @@
 //! real registry (plain, TLS + htpasswd, bearer token), offline through OCI layouts, and
 //! signature interoperability with the real cosign CLI in both directions for both key types.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests stop loudly on a failed setup step"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
 use std::path::Path;
 use std::process::Command;
@@ -54,23 +50,12 @@ impl Built {
     fn new(algorithm: &str) -> Self {
         let tmp = tempfile::tempdir().expect("tmp");
         let tree = tmp.path().join("tree");
-        generate(
-            &tree,
-            &TreeOptions {
-                hardlinks: false,
-                devices: false,
-            },
-        );
+        generate(&tree, &TreeOptions { hardlinks: false, devices: false });
         let layout = tmp.path().join("layout");
         let digest = build(&tree, &layout, &[]);
         let keys = tmp.path().join("keys");
         build_cmd(&["keys", "generate", "--out", &s(&keys), "--algorithm", algorithm]).ok();
-        Self {
-            tmp,
-            layout,
-            keys,
-            digest,
-        }
+        Self { tmp, layout, keys, digest }
     }
 }
 
@@ -88,31 +73,16 @@ fn cosign(args: &[&str]) -> std::process::Output {
 fn builds_are_reproducible_from_dirs_and_tars() {
     let tmp = tempfile::tempdir().expect("tmp");
     let tree = tmp.path().join("tree");
-    generate(
-        &tree,
-        &TreeOptions {
-            hardlinks: true,
-            devices: true,
-        },
-    );
+    generate(&tree, &TreeOptions { hardlinks: true, devices: true });
     let a = build(&tree, &tmp.path().join("a"), &[]);
     let b = build(&tree, &tmp.path().join("b"), &[]);
     assert_eq!(a, b, "two builds of one tree differ");
 
     // A copy made at another time, in another order, has other mtimes and inode numbers.
     let copy = tmp.path().join("copy");
-    let st = Command::new("cp")
-        .args(["-a", "--no-preserve=timestamps"])
-        .arg(&tree)
-        .arg(&copy)
-        .status()
-        .expect("cp");
+    let st = Command::new("cp").args(["-a", "--no-preserve=timestamps"]).arg(&tree).arg(&copy).status().expect("cp");
     assert!(st.success());
-    assert_eq!(
-        build(&copy, &tmp.path().join("c"), &[]),
-        a,
-        "mtimes or inode order leaked into the build"
-    );
+    assert_eq!(build(&copy, &tmp.path().join("c"), &[]), a, "mtimes or inode order leaked into the build");
 
     // The same tree as a tar archive.
     let tar = tmp.path().join("tree.tar");
@@ -125,11 +95,7 @@ fn builds_are_reproducible_from_dirs_and_tars() {
         .status()
         .expect("tar");
     assert!(st.success());
-    assert_eq!(
-        build(&tar, &tmp.path().join("d"), &[]),
-        a,
-        "tar input differs from directory input"
-    );
+    assert_eq!(build(&tar, &tmp.path().join("d"), &[]), a, "tar input differs from directory input");
 
     // Knobs change the result, as documented.
     assert_ne!(build(&tree, &tmp.path().join("e"), &["--mtime", "86400"]), a);
@@ -141,13 +107,7 @@ fn push_sign_verify_through_a_registry_and_cosign_both_ways() {
     let reg = TestRegistry::start();
     let tmp = tempfile::tempdir().expect("tmp");
     let tree = tmp.path().join("tree");
-    generate(
-        &tree,
-        &TreeOptions {
-            hardlinks: true,
-            devices: false,
-        },
-    );
+    generate(&tree, &TreeOptions { hardlinks: true, devices: false });
     let layout = tmp.path().join("layout");
     build(&tree, &layout, &[]);
 
@@ -163,29 +123,10 @@ fn push_sign_verify_through_a_registry_and_cosign_both_ways() {
         let pinned = build_cmd(&["module", "push", &s(&layout), &format!("{repo}:1.0")]).ok();
         assert!(pinned.starts_with(&format!("{repo}@sha256:")), "{pinned}");
         build_cmd(&["module", "sign", &pinned, "--key", &key]).ok();
-        let out = cosign(&[
-            "verify",
-            "--key",
-            &public,
-            "--insecure-ignore-tlog",
-            "--allow-http-registry",
-            &pinned,
-        ]);
-        assert!(
-            out.status.success(),
-            "cosign rejected our {alg} signature: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let verified = build_cmd(&[
-            "module",
-            "verify",
-            &format!("{repo}:1.0"),
-            "--trust",
-            &public,
-            "--output",
-            "json",
-        ])
-        .ok();
+        let out = cosign(&["verify", "--key", &public, "--insecure-ignore-tlog", "--allow-http-registry", &pinned]);
+        assert!(out.status.success(), "cosign rejected our {alg} signature: {}", String::from_utf8_lossy(&out.stderr));
+        let verified =
+            build_cmd(&["module", "verify", &format!("{repo}:1.0"), "--trust", &public, "--output", "json"]).ok();
         let v: serde_json::Value = serde_json::from_str(&verified).expect("json");
         assert_eq!(v["serial"], 5);
         assert_eq!(v["reference"], pinned);
@@ -201,11 +142,7 @@ fn push_sign_verify_through_a_registry_and_cosign_both_ways() {
         } else {
             cosign(&["generate-key-pair", "--output-key-prefix", &prefix])
         };
-        assert!(
-            out.status.success(),
-            "cosign key pair ({alg}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "cosign key pair ({alg}): {}", String::from_utf8_lossy(&out.stderr));
         let out = cosign(&[
             "sign",
             "--key",
@@ -215,11 +152,7 @@ fn push_sign_verify_through_a_registry_and_cosign_both_ways() {
             "-y",
             &pinned2,
         ]);
-        assert!(
-            out.status.success(),
-            "cosign sign ({alg}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "cosign sign ({alg}): {}", String::from_utf8_lossy(&out.stderr));
         build_cmd(&["module", "verify", &pinned2, "--trust", &format!("{prefix}.pub")]).ok();
         if alg == "ed25519" {
             // The imported key is ours: our public key verifies cosign's signature too.
@@ -269,14 +202,7 @@ fn offline_through_oci_layouts() {
     let reg = TestRegistry::start();
     let repo = format!("{}/ironroot/offline", reg.host());
     build_cmd(&["module", "push", &s(&layout), &format!("{repo}:1.0")]).ok();
-    build_cmd(&[
-        "module",
-        "verify",
-        &format!("{repo}:1.0"),
-        "--trust",
-        &s(&keys.join("ironroot.pub")),
-    ])
-    .ok();
+    build_cmd(&["module", "verify", &format!("{repo}:1.0"), "--trust", &s(&keys.join("ironroot.pub"))]).ok();
 }
 
 #[test]
@@ -296,32 +222,15 @@ fn tls_with_a_custom_ca_and_basic_auth() {
             .into()
     };
     let pinned = run(&["module", "push", &s(&layout), &format!("{repo}:1.0")], "s3cret").ok();
-    run(
-        &["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))],
-        "s3cret",
-    )
-    .ok();
-    run(
-        &["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))],
-        "s3cret",
-    )
-    .ok();
+    run(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))], "s3cret").ok();
+    run(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))], "s3cret").ok();
     // Wrong password: a clear authentication failure, classed as transport.
-    let bad = run(
-        &["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))],
-        "wrong",
-    );
+    let bad = run(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))], "wrong");
     assert_eq!(bad.code, 13, "{}", bad.stderr);
     assert!(bad.stderr.contains("401"), "{}", bad.stderr);
     // Without the CA the registry's certificate is not trusted.
-    let untrusted = build_cmd(&[
-        "module",
-        "verify",
-        &pinned,
-        "--trust",
-        &s(&keys.join("ironroot.pub")),
-        "--registry-tls",
-    ]);
+    let untrusted =
+        build_cmd(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub")), "--registry-tls"]);
     assert_eq!(untrusted.code, 13, "{}", untrusted.stderr);
 }
 
@@ -345,15 +254,8 @@ fn bearer_token_auth() {
     let pinned = run(&["module", "push", &s(&layout), &format!("{repo}:1.0")]).ok();
     run(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))]).ok();
     run(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))]).ok();
-    let scopes: Vec<_> = tokens
-        .requests()
-        .into_iter()
-        .filter(|r| r.contains("scope=repository"))
-        .collect();
-    assert!(
-        scopes.iter().any(|r| r.contains("pull")),
-        "the verifier never asked the token endpoint: {scopes:?}"
-    );
+    let scopes: Vec<_> = tokens.requests().into_iter().filter(|r| r.contains("scope=repository")).collect();
+    assert!(scopes.iter().any(|r| r.contains("pull")), "the verifier never asked the token endpoint: {scopes:?}");
 }
 
 #[test]
@@ -388,12 +290,7 @@ fn a_warm_store_fetches_no_packs() {
     // The registry's own record: the second run read manifests and the signature, no blobs
     // beyond the small signature payload and config.
     let manifest = ironroot_spec::manifest::ModuleManifest::parse(
-        &std::fs::read(
-            layout
-                .join("blobs/sha256")
-                .join(pinned.rsplit(':').next().expect("hex")),
-        )
-        .expect("manifest"),
+        &std::fs::read(layout.join("blobs/sha256").join(pinned.rsplit(':').next().expect("hex"))).expect("manifest"),
     )
     .expect("module");
     let during = reg.log()[before..].to_owned();

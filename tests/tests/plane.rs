@@ -2,11 +2,7 @@
 //! TLS, real certificates, real CSRs. The happy path end to end; every refusal with a clear
 //! error and a journal record; silence detection; durability across SIGKILL.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests stop loudly on a failed setup step"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
 use std::time::Duration;
 
@@ -20,39 +16,21 @@ struct Node {
 }
 
 async fn enroll_raw(p: &TestPlane, body: &Value) -> (u16, Value) {
-    let resp = p
-        .anonymous()
-        .post(p.url("/v1/enroll"))
-        .json(body)
-        .send()
-        .await
-        .expect("enroll request");
+    let resp = p.anonymous().post(p.url("/v1/enroll")).json(body).send().await.expect("enroll request");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 async fn enroll(p: &TestPlane, name: &str, key: &NodeKey) -> Node {
     let token = p.op(&["token", "create", "--node", name]).ok();
-    let (status, body) = enroll_raw(
-        p,
-        &json!({"token": token, "csr": key.csr(&[]), "identity": {"name": name}}),
-    )
-    .await;
+    let (status, body) = enroll_raw(p, &json!({"token": token, "csr": key.csr(&[]), "identity": {"name": name}})).await;
     assert_eq!(status, 200, "{body}");
     let cert = body["certificate"].as_str().unwrap().to_owned();
-    Node {
-        id: body["node_id"].as_str().unwrap().to_owned(),
-        client: p.with_identity(&cert, &key.key_pem()),
-        cert,
-    }
+    Node { id: body["node_id"].as_str().unwrap().to_owned(), client: p.with_identity(&cert, &key.key_pem()), cert }
 }
 
 async fn call(client: &reqwest::Client, p: &TestPlane, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = if method == "GET" {
-        client.get(p.url(path))
-    } else {
-        client.post(p.url(path))
-    };
+    let mut req = if method == "GET" { client.get(p.url(path)) } else { client.post(p.url(path)) };
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -63,6 +41,11 @@ async fn call(client: &reqwest::Client, p: &TestPlane, method: &str, path: &str,
         }
         Err(e) => (0, Value::String(format!("{e:?}"))),
     }
+}
+
+/// A `ready` heartbeat from `client` for node `id`.
+async fn heartbeat(client: &reqwest::Client, p: &TestPlane, id: &str) -> (u16, Value) {
+    call(client, p, "POST", &format!("/v1/nodes/{id}/heartbeat"), Some(report("ready"))).await
 }
 
 fn report(phase: &str) -> Value {
@@ -77,42 +60,21 @@ async fn happy_path_from_token_to_task_result() {
     let token = p.op(&["token", "create", "--node", "rack1-n01"]).ok();
     // The CSR asks for extra names and a CA role; the certificate carries none of them.
     let csr = key.csr(&["admin.example", "urn:ironroot:operator:admin"]);
-    let (status, body) = enroll_raw(
-        &p,
-        &json!({"token": token, "csr": csr, "identity": {"name": "rack1-n01"}}),
-    )
-    .await;
+    let (status, body) = enroll_raw(&p, &json!({"token": token, "csr": csr, "identity": {"name": "rack1-n01"}})).await;
     assert_eq!(status, 200, "{body}");
     let id = body["node_id"].as_str().unwrap().to_owned();
     let chain = body["certificate"].as_str().unwrap();
     let first = rustls_pem_first(chain);
     let text = openssl_text(&first);
     assert!(text.contains(&format!("URI:urn:ironroot:node:{id}")), "{text}");
-    assert!(
-        !text.contains("admin.example") && !text.contains("operator") && !text.contains("CA:TRUE"),
-        "{text}"
-    );
+    assert!(!text.contains("admin.example") && !text.contains("operator") && !text.contains("CA:TRUE"), "{text}");
     assert!(text.contains("TLS Web Client Authentication"), "{text}");
 
     let node = p.with_identity(chain, &key.key_pem());
-    let (s, r) = call(
-        &node,
-        &p,
-        "POST",
-        &format!("/v1/nodes/{id}/handshake"),
-        Some(report("fetch")),
-    )
-    .await;
+    let (s, r) = call(&node, &p, "POST", &format!("/v1/nodes/{id}/handshake"), Some(report("fetch"))).await;
     assert_eq!((s, r["state"].as_str()), (200, Some("bootstrapping")), "{r}");
     for _ in 0..2 {
-        let (s, r) = call(
-            &node,
-            &p,
-            "POST",
-            &format!("/v1/nodes/{id}/heartbeat"),
-            Some(report("ready")),
-        )
-        .await;
+        let (s, r) = call(&node, &p, "POST", &format!("/v1/nodes/{id}/heartbeat"), Some(report("ready"))).await;
         assert_eq!((s, r["state"].as_str()), (200, Some("running")), "{r}");
     }
     let shown: Value = serde_json::from_str(&p.op(&["node", "show", &id, "--json"]).ok()).unwrap();
@@ -121,28 +83,14 @@ async fn happy_path_from_token_to_task_result() {
     assert_eq!(shown["phase_timings_ms"]["enroll"], 40);
 
     let digest = format!("sha256:{}", "cd".repeat(32));
-    p.op(&[
-        "template",
-        "create",
-        "base",
-        "--module",
-        &format!("127.0.0.1:5000/ironroot/base@{digest},serial=7"),
-    ])
-    .ok();
+    p.op(&["template", "create", "base", "--module", &format!("127.0.0.1:5000/ironroot/base@{digest},serial=7")]).ok();
     p.op(&["template", "assign", "rack1-n01", "base"]).ok();
     let (s, d) = call(&node, &p, "GET", &format!("/v1/nodes/{id}/desired"), None).await;
     assert_eq!(s, 200, "{d}");
     assert_eq!(d["generation"], 2);
     assert_eq!(d["modules"][0]["digest"], digest.as_str());
     assert_eq!(d["modules"][0]["serial"], 7);
-    let (_, hb) = call(
-        &node,
-        &p,
-        "POST",
-        &format!("/v1/nodes/{id}/heartbeat"),
-        Some(report("ready")),
-    )
-    .await;
+    let (_, hb) = call(&node, &p, "POST", &format!("/v1/nodes/{id}/heartbeat"), Some(report("ready"))).await;
     assert_eq!(hb["generation"], 2, "the heartbeat tells the node to fetch");
 
     // A long-poll that is waiting when the task is enqueued gets it.
@@ -152,28 +100,14 @@ async fn happy_path_from_token_to_task_result() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let task_id = p.op(&["task", "exec", "rack1-n01", "--", "uname", "-r"]).ok();
-    let task = tokio::time::timeout(Duration::from_secs(10), waiter)
-        .await
-        .expect("long-poll answered")
-        .unwrap();
+    let task = tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("long-poll answered").unwrap();
     assert_eq!(task["id"], task_id.as_str());
     assert_eq!(task["spec"], json!({"kind": "exec", "argv": ["uname", "-r"]}));
     let result = json!({"exit_code": 0, "output": "6.12.0"});
-    let (s, r) = call(
-        &node,
-        &p,
-        "POST",
-        &format!("/v1/tasks/{task_id}/result"),
-        Some(result.clone()),
-    )
-    .await;
+    let (s, r) = call(&node, &p, "POST", &format!("/v1/tasks/{task_id}/result"), Some(result.clone())).await;
     assert_eq!((s, &r["recorded"]), (200, &json!(true)));
     let (s, r) = call(&node, &p, "POST", &format!("/v1/tasks/{task_id}/result"), Some(result)).await;
-    assert_eq!(
-        (s, &r["recorded"]),
-        (200, &json!(false)),
-        "a repeated result is idempotent"
-    );
+    assert_eq!((s, &r["recorded"]), (200, &json!(false)), "a repeated result is idempotent");
     let tasks: Value = serde_json::from_str(&p.op(&["task", "list", "rack1-n01"]).ok()).unwrap();
     assert_eq!(tasks[0]["state"], "done");
     assert_eq!(tasks[0]["result"]["output"], "6.12.0");
@@ -232,13 +166,7 @@ async fn every_refusal_is_clear_and_journaled() {
         .send()
         .await
         .unwrap();
-    refused(
-        &p,
-        (r.status().as_u16(), r.json().await.unwrap()),
-        400,
-        "bad_json",
-        "enroll",
-    );
+    refused(&p, (r.status().as_u16(), r.json().await.unwrap()), 400, "bad_json", "enroll");
     let huge = json!({"token": "x".repeat(100 * 1024), "csr": ""});
     refused(&p, enroll_raw(&p, &huge).await, 413, "body_too_large", "enroll");
 
@@ -250,38 +178,16 @@ async fn every_refusal_is_clear_and_journaled() {
     der[last] ^= 0x55;
     let bad = pem_encode("CERTIFICATE REQUEST", &der);
     let token = p.op(&["token", "create"]).ok();
-    refused(
-        &p,
-        enroll_raw(&p, &json!({"token": token, "csr": bad})).await,
-        400,
-        "bad_csr",
-        "enroll",
-    );
+    refused(&p, enroll_raw(&p, &json!({"token": token, "csr": bad})).await, 400, "bad_csr", "enroll");
     // The token was not consumed by a refused enrollment.
-    let (s, _) = enroll_raw(
-        &p,
-        &json!({"token": token, "csr": key.csr(&[]), "identity": {"name": "n-ok"}}),
-    )
-    .await;
+    let (s, _) = enroll_raw(&p, &json!({"token": token, "csr": key.csr(&[]), "identity": {"name": "n-ok"}})).await;
     assert_eq!(s, 200);
     // Replayed.
-    refused(
-        &p,
-        enroll_raw(&p, &json!({"token": token, "csr": key.csr(&[])})).await,
-        401,
-        "token_used",
-        "enroll",
-    );
+    refused(&p, enroll_raw(&p, &json!({"token": token, "csr": key.csr(&[])})).await, 401, "token_used", "enroll");
     // Expired.
     let short = p.op(&["token", "create", "--ttl", "1s"]).ok();
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    refused(
-        &p,
-        enroll_raw(&p, &json!({"token": short, "csr": key.csr(&[])})).await,
-        401,
-        "token_expired",
-        "enroll",
-    );
+    refused(&p, enroll_raw(&p, &json!({"token": short, "csr": key.csr(&[])})).await, 401, "token_expired", "enroll");
     // Unknown, and bound to another identity.
     refused(
         &p,
@@ -290,22 +196,14 @@ async fn every_refusal_is_clear_and_journaled() {
         "token_unknown",
         "enroll",
     );
-    let bound = p
-        .op(&["token", "create", "--node", "n-bound", "--mac", "52:54:00:12:34:56"])
-        .ok();
+    let bound = p.op(&["token", "create", "--node", "n-bound", "--mac", "52:54:00:12:34:56"]).ok();
     let wrong =
         json!({"token": bound, "csr": key.csr(&[]), "identity": {"name": "n-bound", "mac": "52:54:00:00:00:01"}});
     refused(&p, enroll_raw(&p, &wrong).await, 403, "identity_mismatch", "enroll");
     // An RSA key is not accepted.
     let rsa_csr = openssl_rsa_csr();
     let t = p.op(&["token", "create"]).ok();
-    refused(
-        &p,
-        enroll_raw(&p, &json!({"token": t, "csr": rsa_csr})).await,
-        400,
-        "bad_csr",
-        "enroll",
-    );
+    refused(&p, enroll_raw(&p, &json!({"token": t, "csr": rsa_csr})).await, 400, "bad_csr", "enroll");
 
     // The same token in two concurrent enrollments: exactly one succeeds.
     let t = p.op(&["token", "create"]).ok();
@@ -325,103 +223,27 @@ async fn every_refusal_is_clear_and_journaled() {
 
     // Node certificates: on another node's path, as an operator, and after revocation.
     let b = enroll(&p, "n-other", &NodeKey::ed25519()).await;
-    let hb = Some(report("ready"));
-    refused(
-        &p,
-        call(
-            &a.client,
-            &p,
-            "POST",
-            &format!("/v1/nodes/{}/heartbeat", b.id),
-            hb.clone(),
-        )
-        .await,
-        403,
-        "wrong_node",
-        "heartbeat",
-    );
-    refused(
-        &p,
-        call(&a.client, &p, "GET", "/v1/operator/nodes", None).await,
-        403,
-        "wrong_certificate_kind",
-        "nodes",
-    );
-    refused(
-        &p,
-        call(
-            &p.operator_client(),
-            &p,
-            "POST",
-            &format!("/v1/nodes/{}/heartbeat", a.id),
-            hb.clone(),
-        )
-        .await,
-        403,
-        "wrong_certificate_kind",
-        "heartbeat",
-    );
-    refused(
-        &p,
-        call(&anon, &p, "POST", &format!("/v1/nodes/{}/heartbeat", a.id), hb.clone()).await,
-        401,
-        "no_client_certificate",
-        "heartbeat",
-    );
-    assert_eq!(
-        call(
-            &a.client,
-            &p,
-            "POST",
-            &format!("/v1/nodes/{}/heartbeat", a.id),
-            hb.clone()
-        )
-        .await
-        .0,
-        200
-    );
+    refused(&p, heartbeat(&a.client, &p, &b.id).await, 403, "wrong_node", "heartbeat");
+    refused(&p, call(&a.client, &p, "GET", "/v1/operator/nodes", None).await, 403, "wrong_certificate_kind", "nodes");
+    refused(&p, heartbeat(&p.operator_client(), &p, &a.id).await, 403, "wrong_certificate_kind", "heartbeat");
+    refused(&p, heartbeat(&anon, &p, &a.id).await, 401, "no_client_certificate", "heartbeat");
+    assert_eq!(heartbeat(&a.client, &p, &a.id).await.0, 200);
     p.op(&["node", "revoke", &a.id]).ok();
-    refused(
-        &p,
-        call(
-            &a.client,
-            &p,
-            "POST",
-            &format!("/v1/nodes/{}/heartbeat", a.id),
-            hb.clone(),
-        )
-        .await,
-        403,
-        "revoked",
-        "heartbeat",
-    );
+    refused(&p, heartbeat(&a.client, &p, &a.id).await, 403, "revoked", "heartbeat");
     // Re-provisioned, it enrolls again; the old certificate stays dead.
     p.op(&["node", "reprovision", &a.id]).ok();
     let t = p.op(&["token", "create", "--node", "n-active"]).ok();
-    let (s, body) = enroll_raw(
-        &p,
-        &json!({"token": t, "csr": NodeKey::ed25519().csr(&[]), "identity": {"name": "n-active"}}),
-    )
-    .await;
+    let (s, body) =
+        enroll_raw(&p, &json!({"token": t, "csr": NodeKey::ed25519().csr(&[]), "identity": {"name": "n-active"}}))
+            .await;
     assert_eq!((s, body["node_id"].as_str()), (200, Some(a.id.as_str())), "{body}");
-    assert_eq!(
-        call(
-            &a.client,
-            &p,
-            "POST",
-            &format!("/v1/nodes/{}/heartbeat", a.id),
-            hb.clone()
-        )
-        .await
-        .0,
-        403
-    );
+    assert_eq!(heartbeat(&a.client, &p, &a.id).await.0, 403);
     let _ = &a.cert;
 
     // A client certificate from another CA never gets past TLS, and the attempt is journaled.
     let (foreign_cert, foreign_key) = foreign_node_cert(&b.id);
     let foreign = p.with_identity(&foreign_cert, &foreign_key);
-    let (s, e) = call(&foreign, &p, "POST", &format!("/v1/nodes/{}/heartbeat", b.id), hb).await;
+    let (s, e) = heartbeat(&foreign, &p, &b.id).await;
     assert_eq!(s, 0, "a foreign certificate was accepted: {e}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!p.journal("refused.tls").is_empty(), "TLS refusal not journaled");
@@ -436,12 +258,7 @@ async fn every_refusal_is_clear_and_journaled() {
     // An invalid lifecycle move is refused with the current state and reason.
     let out = p.op(&["node", "state", &b.id, "provisioning"]);
     assert_ne!(out.code, 0);
-    assert!(
-        out.stderr
-            .contains("node is bootstrapping; provisioning is not reachable"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("node is bootstrapping; provisioning is not reachable"), "{}", out.stderr);
     assert!(p.op(&["audit", "verify"]).ok().starts_with("audit chain intact"));
 }
 
@@ -454,11 +271,7 @@ fn rustls_pki_der(pem: &str) -> Vec<u8> {
 fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
+    let lines: Vec<&str> = b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
     format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
 }
 
@@ -466,9 +279,7 @@ fn openssl_rsa_csr() -> String {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("rsa.key");
     let ok = std::process::Command::new(ironroot_tests::tools::tool("openssl"))
-        .args([
-            "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=rsa", "-keyout",
-        ])
+        .args(["req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=rsa", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(dir.path().join("rsa.csr"))
@@ -488,9 +299,7 @@ fn foreign_node_cert(id: &str) -> (String, String) {
     let issuer = rcgen::Issuer::new(ca, ca_key);
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    leaf.subject_alt_names = vec![rcgen::SanType::URI(
-        format!("urn:ironroot:node:{id}").try_into().unwrap(),
-    )];
+    leaf.subject_alt_names = vec![rcgen::SanType::URI(format!("urn:ironroot:node:{id}").try_into().unwrap())];
     leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     (leaf.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
 }
@@ -502,18 +311,8 @@ async fn enrollment_attempts_are_rate_limited() {
     for _ in 0..8 {
         codes.push(enroll_raw(&p, &json!({"token": "irt_spam", "csr": ""})).await.0);
     }
-    assert_eq!(
-        codes,
-        [401, 401, 401, 401, 401, 429, 429, 429],
-        "burst of 5, then refused"
-    );
-    refused(
-        &p,
-        enroll_raw(&p, &json!({"token": "irt_spam", "csr": ""})).await,
-        429,
-        "rate_limited",
-        "enroll",
-    );
+    assert_eq!(codes, [401, 401, 401, 401, 401, 429, 429, 429], "burst of 5, then refused");
+    refused(&p, enroll_raw(&p, &json!({"token": "irt_spam", "csr": ""})).await, 429, "rate_limited", "enroll");
 }
 
 fn node_state(p: &TestPlane, id: &str) -> String {
@@ -528,52 +327,25 @@ async fn wait_for_state(p: &TestPlane, id: &str, want: &str, within: Duration) {
         if s == want {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node {id} is {s}, never became {want}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "node {id} is {s}, never became {want}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_node_becomes_suspect_then_silent() {
-    let p = TestPlane::start(&[
-        "--heartbeat-interval",
-        "1s",
-        "--suspect-after",
-        "2s",
-        "--silent-after",
-        "4s",
-    ]);
+    let p = TestPlane::start(&["--heartbeat-interval", "1s", "--suspect-after", "2s", "--silent-after", "4s"]);
     let n = enroll(&p, "quiet", &NodeKey::ed25519()).await;
-    let (s, _) = call(
-        &n.client,
-        &p,
-        "POST",
-        &format!("/v1/nodes/{}/handshake", n.id),
-        Some(report("ready")),
-    )
-    .await;
+    let (s, _) = call(&n.client, &p, "POST", &format!("/v1/nodes/{}/handshake", n.id), Some(report("ready"))).await;
     assert_eq!(s, 200);
     assert_eq!(node_state(&p, &n.id), "running");
     wait_for_state(&p, &n.id, "suspect", Duration::from_secs(10)).await;
     wait_for_state(&p, &n.id, "silent", Duration::from_secs(10)).await;
-    let sweeps: Vec<_> = p
-        .journal("node.transition")
-        .into_iter()
-        .filter(|r| r.as_str().unwrap_or("").contains("plane:sweep"))
-        .collect();
+    let sweeps: Vec<_> =
+        p.journal("node.transition").into_iter().filter(|r| r.as_str().unwrap_or("").contains("plane:sweep")).collect();
     assert_eq!(sweeps.len(), 2, "{sweeps:?}");
     // A heartbeat brings it back.
-    let (_, r) = call(
-        &n.client,
-        &p,
-        "POST",
-        &format!("/v1/nodes/{}/heartbeat", n.id),
-        Some(report("ready")),
-    )
-    .await;
+    let (_, r) = call(&n.client, &p, "POST", &format!("/v1/nodes/{}/heartbeat", n.id), Some(report("ready"))).await;
     assert_eq!(r["state"], "running");
 }
 
@@ -620,24 +392,14 @@ async fn acknowledged_writes_survive_kill_9() {
             let mut seq = 0u64;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let ok = |r: Result<reqwest::Response, reqwest::Error>| r.ok().filter(|r| r.status().is_success());
-                if ok(client
-                    .post(format!("{url}/v1/nodes/{id}/heartbeat"))
-                    .json(&report("ready"))
-                    .send()
-                    .await)
-                .is_some()
+                if ok(client.post(format!("{url}/v1/nodes/{id}/heartbeat")).json(&report("ready")).send().await)
+                    .is_some()
                 {
                     beats += 1;
                 }
                 seq += 1;
                 let batch = json!({"records": [{"seq": seq, "time": seq, "kind": "load", "data": {"n": seq}}]});
-                if ok(client
-                    .post(format!("{url}/v1/nodes/{id}/audit"))
-                    .json(&batch)
-                    .send()
-                    .await)
-                .is_some()
-                {
+                if ok(client.post(format!("{url}/v1/nodes/{id}/audit")).json(&batch).send().await).is_some() {
                     audited.push(seq);
                 }
                 if let Some(r) = ok(client.get(format!("{url}/v1/nodes/{id}/tasks")).send().await)
@@ -678,27 +440,17 @@ async fn acknowledged_writes_survive_kill_9() {
         for seq in audited {
             let needle = format!("\"seq\":{seq}}}");
             assert!(
-                journal
-                    .lines()
-                    .any(|l| l.contains(id.as_str()) && l.contains("node.load") && l.contains(&needle)),
+                journal.lines().any(|l| l.contains(id.as_str()) && l.contains("node.load") && l.contains(&needle)),
                 "{id}: audit record {seq} lost"
             );
         }
         let listed: Value = serde_json::from_str(&p.op(&["task", "list", id]).ok()).unwrap();
         for tid in results {
-            let t = listed
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|t| t["id"] == tid.as_str())
-                .unwrap();
+            let t = listed.as_array().unwrap().iter().find(|t| t["id"] == tid.as_str()).unwrap();
             assert_eq!(t["state"], "done", "{id}: acknowledged result for {tid} lost");
         }
     }
-    assert!(
-        total_beats > 20,
-        "the load was too light to mean anything: {total_beats} heartbeats"
-    );
+    assert!(total_beats > 20, "the load was too light to mean anything: {total_beats} heartbeats");
     assert!(p.op(&["audit", "verify"]).ok().starts_with("audit chain intact"));
 }
 
@@ -706,14 +458,7 @@ async fn acknowledged_writes_survive_kill_9() {
 async fn renewal_and_drain() {
     let p = TestPlane::start(&[]);
     let n = enroll(&p, "renewer", &NodeKey::ed25519()).await;
-    let (s, _) = call(
-        &n.client,
-        &p,
-        "POST",
-        &format!("/v1/nodes/{}/handshake", n.id),
-        Some(report("ready")),
-    )
-    .await;
+    let (s, _) = call(&n.client, &p, "POST", &format!("/v1/nodes/{}/handshake", n.id), Some(report("ready"))).await;
     assert_eq!(s, 200);
 
     // Renewal: a new key, authenticated by the current certificate; the new certificate works.
@@ -728,25 +473,13 @@ async fn renewal_and_drain() {
     .await;
     assert_eq!(s, 200, "{body}");
     let renewed = p.with_identity(body["certificate"].as_str().unwrap(), &fresh.key_pem());
-    let (s, _) = call(
-        &renewed,
-        &p,
-        "POST",
-        &format!("/v1/nodes/{}/heartbeat", n.id),
-        Some(report("ready")),
-    )
-    .await;
+    let (s, _) = call(&renewed, &p, "POST", &format!("/v1/nodes/{}/heartbeat", n.id), Some(report("ready"))).await;
     assert_eq!(s, 200);
     assert_eq!(p.journal("cert.renew").len(), 1);
     // Renewing needs a node certificate: the anonymous client is refused.
-    let r = call(
-        &p.anonymous(),
-        &p,
-        "POST",
-        &format!("/v1/nodes/{}/renew", n.id),
-        Some(json!({"csr": fresh.csr(&[])})),
-    )
-    .await;
+    let r =
+        call(&p.anonymous(), &p, "POST", &format!("/v1/nodes/{}/renew", n.id), Some(json!({"csr": fresh.csr(&[])})))
+            .await;
     refused(&p, r, 401, "no_client_certificate", "renew");
 
     // Drain: the node is draining, its desired state says so, and a heartbeat does not undo it.
@@ -755,14 +488,7 @@ async fn renewal_and_drain() {
     assert_eq!(node_state(&p, &n.id), "draining");
     let (_, d) = call(&renewed, &p, "GET", &format!("/v1/nodes/{}/desired", n.id), None).await;
     assert_eq!(d["intents"], json!(["drain"]));
-    let (_, r) = call(
-        &renewed,
-        &p,
-        "POST",
-        &format!("/v1/nodes/{}/heartbeat", n.id),
-        Some(report("ready")),
-    )
-    .await;
+    let (_, r) = call(&renewed, &p, "POST", &format!("/v1/nodes/{}/heartbeat", n.id), Some(report("ready"))).await;
     assert_eq!(r["state"], "draining");
     let (_, t) = call(&renewed, &p, "GET", &format!("/v1/nodes/{}/tasks", n.id), None).await;
     assert_eq!(t["spec"], json!({"kind": "drain"}));
@@ -776,21 +502,15 @@ async fn audit_verify_names_the_first_edited_record() {
     for _ in 0..3 {
         p.op(&["token", "create"]).ok();
     }
-    assert!(
-        p.op(&["audit", "verify"])
-            .ok()
-            .starts_with("audit chain intact: 3 records")
-    );
+    assert!(p.op(&["audit", "verify"]).ok().starts_with("audit chain intact: 3 records"));
     // Someone with access to the database file rewrites history behind the plane's back.
     let db = rusqlite::Connection::open(p.dir().join("plane.db")).unwrap();
-    db.execute("UPDATE audit SET actor = 'operator:someone-else' WHERE seq = 2", [])
-        .unwrap();
+    db.execute("UPDATE audit SET actor = 'operator:someone-else' WHERE seq = 2", []).unwrap();
     drop(db);
     let out = p.op(&["audit", "verify"]);
     assert_ne!(out.code, 0);
     assert!(
-        out.stderr
-            .contains("audit chain broken at record 2: hash does not match the record's contents (edited)"),
+        out.stderr.contains("audit chain broken at record 2: hash does not match the record's contents (edited)"),
         "{}",
         out.stderr
     );

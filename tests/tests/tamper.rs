@@ -3,11 +3,7 @@
 //! an OCI layout (re-signed where the case needs a valid signature to reach its check), pushed
 //! to a real registry, and verified from there.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests stop loudly on a failed setup step"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
 use std::path::{Path, PathBuf};
 
@@ -43,11 +39,7 @@ impl Fixture {
         let tree = tmp.path().join("tree");
         std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
         for i in 0..5u8 {
-            std::fs::write(
-                tree.join(format!("etc/file{i}")),
-                vec![b'a' + i; 1000 * (i as usize + 1)],
-            )
-            .expect("write");
+            std::fs::write(tree.join(format!("etc/file{i}")), vec![b'a' + i; 1000 * (i as usize + 1)]).expect("write");
         }
         std::fs::write(tree.join("etc/small"), b"tiny").expect("write");
         let layout = tmp.path().join("layout");
@@ -68,22 +60,9 @@ impl Fixture {
         .ok();
         let digest = out.rsplit('@').next().expect("digest").parse().expect("digest parses");
         for (dir, alg) in [("keys", "ed25519"), ("other", "ed25519"), ("p256", "p256")] {
-            build_cmd(&[
-                "keys",
-                "generate",
-                "--out",
-                &s(&tmp.path().join(dir)),
-                "--algorithm",
-                alg,
-            ])
-            .ok();
+            build_cmd(&["keys", "generate", "--out", &s(&tmp.path().join(dir)), "--algorithm", alg]).ok();
         }
-        Self {
-            reg,
-            tmp,
-            layout,
-            digest,
-        }
+        Self { reg, tmp, layout, digest }
     }
 
     fn key(&self, dir: &str) -> PathBuf {
@@ -95,23 +74,13 @@ impl Fixture {
     }
 
     fn layout_target(&self) -> Target {
-        Target::Layout {
-            dir: self.layout.clone(),
-            tag: None,
-            digest: None,
-        }
+        Target::Layout { dir: self.layout.clone(), tag: None, digest: None }
     }
 
     /// Signs `digest` in the layout with key `dir` (a module payload naming that digest).
     fn sign(&self, digest: OciDigest, dir: &str) {
-        build_cmd(&[
-            "module",
-            "sign",
-            &format!("oci:{}@{digest}", self.layout.display()),
-            "--key",
-            &s(&self.key(dir)),
-        ])
-        .ok();
+        build_cmd(&["module", "sign", &format!("oci:{}@{digest}", self.layout.display()), "--key", &s(&self.key(dir))])
+            .ok();
     }
 
     /// Signs arbitrary content (a crafted manifest or index) in the layout.
@@ -122,13 +91,7 @@ impl Fixture {
     /// Pushes layout tag `tag` (and its signature) to the registry; returns `REPO:tag`.
     fn push(&self, tag: &str) -> String {
         let repo = format!("{}/ironroot/tamper", self.reg.host());
-        build_cmd(&[
-            "module",
-            "push",
-            &format!("oci:{}:{tag}", self.layout.display()),
-            &format!("{repo}:{tag}"),
-        ])
-        .ok();
+        build_cmd(&["module", "push", &format!("oci:{}:{tag}", self.layout.display()), &format!("{repo}:{tag}")]).ok();
         format!("{repo}:{tag}")
     }
 
@@ -160,12 +123,8 @@ impl Fixture {
         let mut m = self.manifest();
         m.layers.truncate(2);
         craft::replace_layer(&layout, &mut m, 1, pack);
-        m.layers[1]
-            .annotations
-            .insert(media::ANNOTATION_PACK_OBJECTS.into(), objects.to_string());
-        m.layers[1]
-            .annotations
-            .insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
+        m.layers[1].annotations.insert(media::ANNOTATION_PACK_OBJECTS.into(), objects.to_string());
+        m.layers[1].annotations.insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
         let config_path = layout.blob_path(&m.config.digest);
         let mut config: serde_json::Value =
             serde_json::from_slice(&std::fs::read(config_path).expect("config")).expect("json");
@@ -192,10 +151,7 @@ fn flipped_signature_byte() {
     let f = Fixture::new();
     f.sign(f.digest, "keys");
     let mut sig = f.sig_manifest(f.digest);
-    let ann = sig.layers[0]
-        .annotations
-        .get_mut(media::COSIGN_SIGNATURE_ANNOTATION)
-        .expect("annotation");
+    let ann = sig.layers[0].annotations.get_mut(media::COSIGN_SIGNATURE_ANNOTATION).expect("annotation");
     let mut raw = base64::engine::general_purpose::STANDARD.decode(&*ann).expect("base64");
     raw[10] ^= 0x01;
     *ann = base64::engine::general_purpose::STANDARD.encode(raw);
@@ -224,13 +180,10 @@ fn signature_copied_onto_other_content() {
     f.sign(f.digest, "keys");
     let layout = ironroot_oci::layout::Layout::open(&f.layout).expect("layout");
     let mut other = f.manifest();
-    other
-        .annotations
-        .insert("org.example.note".into(), "other content".into());
+    other.annotations.insert("org.example.note".into(), "other content".into());
     let other_digest = craft::store(&layout, "other", &other);
     f.store_sig(other_digest, &f.sig_manifest(f.digest));
-    f.verify(&f.push("other"), &[])
-        .refused(SIGNATURE, "copied from other content");
+    f.verify(&f.push("other"), &[]).refused(SIGNATURE, "copied from other content");
 }
 
 #[test]
@@ -243,8 +196,7 @@ fn missing_signature() {
 fn wrong_key() {
     let f = Fixture::new();
     f.sign(f.digest, "other");
-    f.verify(&f.push("1"), &[])
-        .refused(SIGNATURE, "does not verify with ed25519 key");
+    f.verify(&f.push("1"), &[]).refused(SIGNATURE, "does not verify with ed25519 key");
 }
 
 #[test]
@@ -258,14 +210,7 @@ fn wrong_key_type() {
     let rsa = f.tmp.path().join("rsa.pub");
     let key = f.tmp.path().join("rsa.key");
     let ok = std::process::Command::new(ironroot_tests::tools::tool("openssl"))
-        .args([
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-        ])
+        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
         .arg(&key)
         .stderr(std::process::Stdio::null())
         .status()
@@ -294,8 +239,7 @@ fn layer_corrupted_on_the_registry_disk() {
     bytes[600] ^= 0xff;
     std::fs::write(&file, bytes).expect("corrupt");
     let store = f.tmp.path().join("store");
-    f.verify(&reference, &["--store", &s(&store)])
-        .refused(CONTENT, &format!("pack {pack}: pack entry "));
+    f.verify(&reference, &["--store", &s(&store)]).refused(CONTENT, &format!("pack {pack}: pack entry "));
     assert_eq!(objects_in(&store), 0, "objects from a refused pack entered the store");
 
     let image = f.manifest().layers[0].digest;
@@ -303,8 +247,7 @@ fn layer_corrupted_on_the_registry_disk() {
     let mut bytes = std::fs::read(&file).expect("registry blob");
     bytes[1100] ^= 0xff;
     std::fs::write(&file, bytes).expect("corrupt");
-    f.verify(&reference, &[])
-        .refused(CONTENT, &format!("blob {image}: content has digest"));
+    f.verify(&reference, &[]).refused(CONTENT, &format!("blob {image}: content has digest"));
 }
 
 /// Object files in a store, staging directories included.
@@ -359,26 +302,10 @@ fn every_bad_pack_entry_kind() {
             [entry(name.as_bytes(), b'1', b"other", b""), end.clone()].concat(),
             format!("pack entry {name:?} is a hard link"),
         ),
-        (
-            "char device",
-            [entry(name.as_bytes(), b'3', b"", b""), end.clone()].concat(),
-            "is a character device".into(),
-        ),
-        (
-            "block device",
-            [entry(name.as_bytes(), b'4', b"", b""), end.clone()].concat(),
-            "is a block device".into(),
-        ),
-        (
-            "directory",
-            [entry(name.as_bytes(), b'5', b"", b""), end.clone()].concat(),
-            "is a directory".into(),
-        ),
-        (
-            "fifo",
-            [entry(name.as_bytes(), b'6', b"", b""), end.clone()].concat(),
-            "is a fifo".into(),
-        ),
+        ("char device", [entry(name.as_bytes(), b'3', b"", b""), end.clone()].concat(), "is a character device".into()),
+        ("block device", [entry(name.as_bytes(), b'4', b"", b""), end.clone()].concat(), "is a block device".into()),
+        ("directory", [entry(name.as_bytes(), b'5', b"", b""), end.clone()].concat(), "is a directory".into()),
+        ("fifo", [entry(name.as_bytes(), b'6', b"", b""), end.clone()].concat(), "is a fifo".into()),
         (
             "slash",
             [entry(b"/", b'0', b"", good), end.clone()].concat(),
@@ -391,12 +318,7 @@ fn every_bad_pack_entry_kind() {
         ),
         (
             "duplicate",
-            [
-                entry(name.as_bytes(), b'0', b"", good),
-                entry(name.as_bytes(), b'0', b"", good),
-                end.clone(),
-            ]
-            .concat(),
+            [entry(name.as_bytes(), b'0', b"", good), entry(name.as_bytes(), b'0', b"", good), end.clone()].concat(),
             format!("pack entry {name} appears twice"),
         ),
         (
@@ -410,23 +332,14 @@ fn every_bad_pack_entry_kind() {
         ),
         (
             "trailing garbage",
-            [
-                entry(name.as_bytes(), b'0', b"", good),
-                end.clone(),
-                b"garbage".to_vec(),
-            ]
-            .concat(),
+            [entry(name.as_bytes(), b'0', b"", good), end.clone(), b"garbage".to_vec()].concat(),
             "trailing garbage".into(),
         ),
     ];
     for (label, pack, needle) in cases {
         let run = f.verify(&f.with_pack(&pack, 1, good.len() as u64), &[]);
         assert_eq!(run.code, CONTENT, "{label}: {}", run.stderr);
-        assert!(
-            run.stderr.contains(&needle),
-            "{label}: expected {needle:?} in {}",
-            run.stderr
-        );
+        assert!(run.stderr.contains(&needle), "{label}: expected {needle:?} in {}", run.stderr);
     }
 }
 
@@ -441,10 +354,7 @@ fn declared_size_differs_from_actual() {
     let declared = m.layers[1].size;
     // From the layout (the registry may refuse such a manifest; the verifier must too).
     let run = f.verify(&format!("oci:{}:1", f.layout.display()), &[]);
-    run.refused(
-        CONTENT,
-        &format!("server declares {} bytes, the descriptor {declared}", declared - 1),
-    );
+    run.refused(CONTENT, &format!("server declares {} bytes, the descriptor {declared}", declared - 1));
 }
 
 #[test]
@@ -459,17 +369,11 @@ fn declared_size_over_the_cap_is_refused_before_download() {
     let before = f.reg.log().len();
     f.verify(&reference, &["--max-blob-size", &cap]).refused(
         POLICY,
-        &format!(
-            "blob {} declares {} bytes, over the {cap}-byte cap (not downloaded)",
-            pack.digest, pack.size
-        ),
+        &format!("blob {} declares {} bytes, over the {cap}-byte cap (not downloaded)", pack.digest, pack.size),
     );
     let during = f.reg.log()[before..].to_owned();
     assert!(
-        during.contains(&format!(
-            "GET /v2/ironroot/tamper/manifests/{}",
-            f.digest.signature_tag()
-        )),
+        during.contains(&format!("GET /v2/ironroot/tamper/manifests/{}", f.digest.signature_tag())),
         "registry access log not captured:\n{during}"
     );
     assert!(
@@ -502,12 +406,9 @@ fn image_index() {
     })
     .to_string();
     let digest = layout.write_blob(index.as_bytes()).expect("index");
-    layout
-        .set_tag("idx", Descriptor::new(media::OCI_INDEX, digest, index.len() as u64))
-        .expect("tag");
+    layout.set_tag("idx", Descriptor::new(media::OCI_INDEX, digest, index.len() as u64)).expect("tag");
     f.sign_raw(digest);
-    f.verify(&format!("oci:{}:idx", f.layout.display()), &[])
-        .refused(POLICY, "resolves to an image index");
+    f.verify(&format!("oci:{}:idx", f.layout.display()), &[]).refused(POLICY, "resolves to an image index");
 }
 
 #[test]
@@ -530,6 +431,5 @@ fn unknown_object_names_fail_completeness() {
     w.add(d, extra.len() as u64, &mut &extra[..]).expect("pack");
     let (pack, n, bytes) = w.finish().expect("pack");
     let reference = f.with_pack(&pack, n, bytes);
-    f.verify(&reference, &[])
-        .refused(CONTENT, "store lacks 5 objects the image references");
+    f.verify(&reference, &[]).refused(CONTENT, "store lacks 5 objects the image references");
 }

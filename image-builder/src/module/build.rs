@@ -69,12 +69,9 @@ pub fn build(args: &BuildArgs, progress: &Progress) -> anyhow::Result<BuildOutpu
 
     let created = match args.normalise.mtime {
         MtimePolicy::Fixed(t) => format_epoch(u64::try_from(t).unwrap_or(0)),
-        MtimePolicy::Source => format_epoch(
-            std::env::var("SOURCE_DATE_EPOCH")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-        ),
+        MtimePolicy::Source => {
+            format_epoch(std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.parse().ok()).unwrap_or(0))
+        }
     };
     let config = ModuleConfig {
         schema_version: CONFIG_SCHEMA_VERSION,
@@ -135,9 +132,7 @@ fn write_packs(
     let mut groups: Vec<Vec<(&VerityDigest, &ObjectSource)>> = Vec::new();
     let mut filled = 0u64;
     for (d, o) in objects {
-        let start_new = groups
-            .last()
-            .is_none_or(|g| !g.is_empty() && filled + o.size > pack_size);
+        let start_new = groups.last().is_none_or(|g| !g.is_empty() && filled + o.size > pack_size);
         if start_new {
             groups.push(Vec::new());
             filled = 0;
@@ -147,9 +142,7 @@ fn write_packs(
         }
         filled += o.size;
     }
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(groups.len().max(1));
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).min(groups.len().max(1));
     let next = Mutex::new(0usize);
     let results: Mutex<Vec<Option<anyhow::Result<Descriptor>>>> = Mutex::new((0..groups.len()).map(|_| None).collect());
     std::thread::scope(|scope| {
@@ -171,13 +164,8 @@ fn write_packs(
             });
         }
     });
-    let results = results
-        .into_inner()
-        .map_err(|_| anyhow::anyhow!("a pack writer panicked"))?;
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| bail!("a pack writer stopped early")))
-        .collect()
+    let results = results.into_inner().map_err(|_| anyhow::anyhow!("a pack writer panicked"))?;
+    results.into_iter().map(|r| r.unwrap_or_else(|| bail!("a pack writer stopped early"))).collect()
 }
 
 struct HashingWriter<W: Write> {
@@ -209,11 +197,7 @@ fn write_pack(
     // BufWriter outermost: io::copy then moves 1 MiB at a time and the hash sees large chunks.
     let mut pack = PackWriter::new(BufWriter::with_capacity(
         1 << 20,
-        HashingWriter {
-            inner: file,
-            hasher: Sha256::new(),
-            len: 0,
-        },
+        HashingWriter { inner: file, hasher: Sha256::new(), len: 0 },
     ));
     for (digest, obj) in group {
         let mut src = std::fs::OpenOptions::new()
@@ -221,35 +205,21 @@ fn write_pack(
             .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&obj.path)
             .with_context(|| format!("opening {}", obj.path.display()))?;
-        let len = src
-            .metadata()
-            .with_context(|| format!("reading {}", obj.path.display()))?
-            .len();
+        let len = src.metadata().with_context(|| format!("reading {}", obj.path.display()))?.len();
         if len != obj.size {
-            bail!(
-                "{} changed during the build ({} bytes, was {})",
-                obj.path.display(),
-                len,
-                obj.size
-            );
+            bail!("{} changed during the build ({} bytes, was {})", obj.path.display(), len, obj.size);
         }
-        pack.add(**digest, obj.size, &mut src)
-            .with_context(|| format!("packing {}", obj.path.display()))?;
+        pack.add(**digest, obj.size, &mut src).with_context(|| format!("packing {}", obj.path.display()))?;
         progress.advance(obj.size);
     }
     let (w, objects, bytes) = pack.finish().with_context(|| format!("writing {}", tmp.display()))?;
     // No fsync: a torn pack after a crash fails its digest on the next push or verify, and a
     // build is cheap to repeat; syncing hundreds of MiB would double the build time.
-    let w = w
-        .into_inner()
-        .map_err(|e| e.into_error())
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    let w = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", tmp.display()))?;
     let digest = OciDigest::new(w.hasher.finalize().into());
     std::fs::rename(&tmp, layout.blob_path(&digest)).with_context(|| format!("renaming {}", tmp.display()))?;
     let mut desc = Descriptor::new(media::OBJECT_PACK, digest, w.len);
-    desc.annotations
-        .insert(media::ANNOTATION_PACK_OBJECTS.into(), objects.to_string());
-    desc.annotations
-        .insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
+    desc.annotations.insert(media::ANNOTATION_PACK_OBJECTS.into(), objects.to_string());
+    desc.annotations.insert(media::ANNOTATION_PACK_BYTES.into(), bytes.to_string());
     Ok(desc)
 }

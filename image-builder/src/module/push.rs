@@ -28,15 +28,9 @@ pub fn layout_target(arg: &str) -> anyhow::Result<(Layout, Option<String>)> {
     let target = if arg.starts_with("oci:") {
         Target::parse(arg)?
     } else {
-        Target::Layout {
-            dir: arg.into(),
-            tag: None,
-            digest: None,
-        }
+        Target::Layout { dir: arg.into(), tag: None, digest: None }
     };
-    let Target::Layout { dir, tag, .. } = target else {
-        bail!("{arg} is not a layout")
-    };
+    let Target::Layout { dir, tag, .. } = target else { bail!("{arg} is not a layout") };
     Ok((Layout::open(&dir)?, tag))
 }
 
@@ -49,9 +43,7 @@ pub async fn push(
     let (layout, tag) = layout_target(layout_arg)?;
     let (tag, desc) = match tag {
         Some(t) => {
-            let d = layout
-                .resolve(&t)?
-                .with_context(|| format!("layout {} has no tag {t}", layout.dir().display()))?;
+            let d = layout.resolve(&t)?.with_context(|| format!("layout {} has no tag {t}", layout.dir().display()))?;
             (t, d)
         }
         None => {
@@ -107,10 +99,7 @@ async fn copy_manifest(
         bail!("layout blob {} does not match its digest", path.display());
     }
     let manifest = ImageManifest::parse(&bytes).with_context(|| format!("manifest {digest}"))?;
-    let total: u64 = std::iter::once(&manifest.config)
-        .chain(&manifest.layers)
-        .map(|d| d.size)
-        .sum();
+    let total: u64 = std::iter::once(&manifest.config).chain(&manifest.layers).map(|d| d.size).sum();
     progress.bytes(&format!("pushing {tag}"), total);
     for blob in std::iter::once(&manifest.config).chain(&manifest.layers) {
         let path = layout.blob_path(&blob.digest);
@@ -125,8 +114,6 @@ async fn copy_manifest(
         }
         progress.advance(blob.size);
     }
-    dest.put_manifest(tag, bytes, media::OCI_MANIFEST)
-        .await
-        .with_context(|| format!("pushing manifest {tag}"))?;
+    dest.put_manifest(tag, bytes, media::OCI_MANIFEST).await.with_context(|| format!("pushing manifest {tag}"))?;
     Ok(())
 }

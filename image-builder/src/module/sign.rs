@@ -41,13 +41,8 @@ pub async fn sign(target: &Target, key: &SigningKey, access: &RegistryAccess) ->
     let module = ModuleManifest::parse(&bytes).with_context(|| format!("{target} is not an ironroot module"))?;
     let config_bytes = download::fetch_small(&src, &module.config, 64 * 1024, &limits).await?;
     let config = ModuleConfig::parse(&config_bytes)?;
-    let payload = SimpleSigningPayload::for_module(
-        &target.repository(),
-        digest,
-        &config.name,
-        &config.version,
-        config.serial,
-    );
+    let payload =
+        SimpleSigningPayload::for_module(&target.repository(), digest, &config.name, &config.version, config.serial);
     attach_signature(target, &src, access, digest, &payload.to_bytes(), key).await
 }
 
@@ -64,11 +59,7 @@ pub async fn attach_signature(
     let tag = digest.signature_tag();
     let key_id = key.trusted_key()?.id().to_owned();
     let existing = match download::fetch_manifest(src, &tag, &Limits::standard()).await? {
-        Some(b) => {
-            ImageManifest::parse(&b)
-                .with_context(|| format!("existing signature manifest {tag}"))?
-                .layers
-        }
+        Some(b) => ImageManifest::parse(&b).with_context(|| format!("existing signature manifest {tag}"))?.layers,
         None => Vec::new(),
     };
     let trusted = key.trusted_key()?;
@@ -81,13 +72,7 @@ pub async fn attach_signature(
                 .is_some_and(|sig| trusted.verify(payload, &sig).is_ok())
     });
     if already {
-        return Ok(SignOutput {
-            digest,
-            signature_tag: tag,
-            key_id,
-            signatures: existing.len(),
-            added: false,
-        });
+        return Ok(SignOutput { digest, signature_tag: tag, key_id, signatures: existing.len(), added: false });
     }
     let mut layer = Descriptor::of(media::COSIGN_SIMPLESIGNING, payload);
     layer.annotations.insert(
@@ -98,14 +83,10 @@ pub async fn attach_signature(
     layers.push(layer);
 
     let dest = Destination::open(target, access)?;
-    dest.put_blob_bytes(payload.to_vec())
-        .await
-        .context("uploading signature payload")?;
+    dest.put_blob_bytes(payload.to_vec()).await.context("uploading signature payload")?;
     let config = cosign_config(&layers);
     let config_desc = Descriptor::of(media::OCI_CONFIG, &config);
-    dest.put_blob_bytes(config)
-        .await
-        .context("uploading signature config")?;
+    dest.put_blob_bytes(config).await.context("uploading signature config")?;
     let count = layers.len();
     let manifest = ImageManifest {
         schema_version: 2,
@@ -116,16 +97,8 @@ pub async fn attach_signature(
         subject: None,
         annotations: Default::default(),
     };
-    dest.put_manifest(&tag, manifest.to_bytes(), media::OCI_MANIFEST)
-        .await
-        .context("uploading signature manifest")?;
-    Ok(SignOutput {
-        digest,
-        signature_tag: tag,
-        key_id,
-        signatures: count,
-        added: true,
-    })
+    dest.put_manifest(&tag, manifest.to_bytes(), media::OCI_MANIFEST).await.context("uploading signature manifest")?;
+    Ok(SignOutput { digest, signature_tag: tag, key_id, signatures: count, added: true })
 }
 
 /// The image config cosign writes for a signature manifest (an empty image whose layers are

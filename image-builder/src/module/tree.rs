@@ -45,15 +45,11 @@ impl SourceTree {
     pub fn open(from: &Path) -> anyhow::Result<Self> {
         let meta = std::fs::metadata(from).with_context(|| format!("reading source {}", from.display()))?;
         if meta.is_dir() {
-            let root = from
-                .canonicalize()
-                .with_context(|| format!("resolving {}", from.display()))?;
+            let root = from.canonicalize().with_context(|| format!("resolving {}", from.display()))?;
             return Ok(Self { root, _scratch: None });
         }
-        let scratch = tempfile::Builder::new()
-            .prefix("ironroot-tree-")
-            .tempdir()
-            .context("creating scratch directory")?;
+        let scratch =
+            tempfile::Builder::new().prefix("ironroot-tree-").tempdir().context("creating scratch directory")?;
         // GNU tar, not the `tar` crate: the crate unpacks fifos and device nodes as regular
         // files and drops directory xattrs, which silently changes a root filesystem.
         let out = std::process::Command::new("tar")
@@ -65,11 +61,7 @@ impl SourceTree {
                 "--xattrs-include=*",
                 "--no-overwrite-dir",
             ])
-            .arg(if rustix::process::geteuid().is_root() {
-                "--same-owner"
-            } else {
-                "--no-same-owner"
-            })
+            .arg(if rustix::process::geteuid().is_root() { "--same-owner" } else { "--no-same-owner" })
             .arg("--file")
             .arg(from)
             .arg("--directory")
@@ -77,16 +69,9 @@ impl SourceTree {
             .output()
             .with_context(|| format!("running tar to unpack {}", from.display()))?;
         if !out.status.success() {
-            bail!(
-                "unpacking {}: {}",
-                from.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
+            bail!("unpacking {}: {}", from.display(), String::from_utf8_lossy(&out.stderr).trim());
         }
-        Ok(Self {
-            root: scratch.path().to_owned(),
-            _scratch: Some(scratch),
-        })
+        Ok(Self { root: scratch.path().to_owned(), _scratch: Some(scratch) })
     }
 
     pub fn root(&self) -> &Path {
@@ -103,14 +88,8 @@ pub fn scan(root: &Path, norm: &Normalise) -> anyhow::Result<FileSystem<Sha256Ha
         rustix::fs::Mode::empty(),
     )
     .context("opening /")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting scan runtime")?;
-    let opts = ReadFilesystemOpts {
-        hardlinks: norm.hardlinks,
-        ..ReadFilesystemOpts::default()
-    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting scan runtime")?;
+    let opts = ReadFilesystemOpts { hardlinks: norm.hardlinks, ..ReadFilesystemOpts::default() };
     let mut fs = runtime
         .block_on(read_filesystem_with_opts(slash, root.to_owned(), opts))
         .with_context(|| format!("reading tree {}", root.display()))?;
@@ -159,10 +138,7 @@ fn walk(
                     &fs.leaf(*id).content
                 {
                     let digest: VerityDigest = id.to_hex().parse().context("composefs produced a malformed digest")?;
-                    out.entry(digest).or_insert(ObjectSource {
-                        size: *size,
-                        path: child,
-                    });
+                    out.entry(digest).or_insert(ObjectSource { size: *size, path: child });
                 }
             }
         }
@@ -175,9 +151,7 @@ pub fn parse_owner(s: &str) -> anyhow::Result<Option<(u32, u32)>> {
     if s == "keep" {
         return Ok(None);
     }
-    let Some((u, g)) = s.split_once(':') else {
-        bail!("owner {s:?} is not UID:GID or keep")
-    };
+    let Some((u, g)) = s.split_once(':') else { bail!("owner {s:?} is not UID:GID or keep") };
     Ok(Some((u.parse().context("owner uid")?, g.parse().context("owner gid")?)))
 }
 
@@ -187,8 +161,8 @@ pub fn parse_mtime(arg: Option<&str>) -> anyhow::Result<MtimePolicy> {
     match arg.or(env.as_deref()) {
         None => Ok(MtimePolicy::Fixed(0)),
         Some("source") => Ok(MtimePolicy::Source),
-        Some(n) => Ok(MtimePolicy::Fixed(n.parse().with_context(|| {
-            format!("mtime {n:?} is not seconds since the epoch or 'source'")
-        })?)),
+        Some(n) => Ok(MtimePolicy::Fixed(
+            n.parse().with_context(|| format!("mtime {n:?} is not seconds since the epoch or 'source'"))?,
+        )),
     }
 }

@@ -65,10 +65,7 @@ pub async fn verify(
     let store = match store {
         Some(p) => ObjectStore::open(&p),
         None => {
-            scratch = tempfile::Builder::new()
-                .prefix("ironroot-verify-")
-                .tempdir()
-                .map_err(|e| open(e.into()))?;
+            scratch = tempfile::Builder::new().prefix("ironroot-verify-").tempdir().map_err(|e| open(e.into()))?;
             ObjectStore::check_only(scratch.path())
         }
     }

@@ -8,11 +8,7 @@
 //!
 //! usage: ironroot-plane-load PLANE_BIN [NODES] [SECONDS] [INTERVAL_SECONDS]
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "a benchmark stops loudly on a failed setup step"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a benchmark stops loudly on a failed setup step")]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,14 +48,7 @@ fn start_plane(bin: &Path, state: &Path, port: u16) -> PlaneProcess {
     let child = Command::new(bin)
         .args(["serve", "--state"])
         .arg(state)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--enroll-burst",
-            "1000000",
-            "--enroll-rate",
-            "100000",
-        ])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--enroll-burst", "1000000", "--enroll-rate", "100000"])
         .env("IRONROOT_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -89,9 +78,7 @@ fn client_config(ca: &[u8], chain: &str, key: &str) -> Arc<rustls::ClientConfig>
     for c in CertificateDer::pem_slice_iter(ca) {
         roots.add(c.unwrap()).unwrap();
     }
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes())
-        .map(Result::unwrap)
-        .collect();
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes()).map(Result::unwrap).collect();
     let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
     Arc::new(
         rustls::ClientConfig::builder_with_provider(provider())
@@ -106,12 +93,9 @@ fn client_config(ca: &[u8], chain: &str, key: &str) -> Arc<rustls::ClientConfig>
 async fn connect(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> std::io::Result<Sender> {
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let stream = TlsConnector::from(tls)
-        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
-        .await?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(std::io::Error::other)?;
+    let stream = TlsConnector::from(tls).connect(ServerName::IpAddress(addr.ip().into()), tcp).await?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
     tokio::spawn(conn);
     Ok(sender)
 }
@@ -150,15 +134,9 @@ fn raise_fd_limit(nodes: usize) {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let current = getrlimit(Resource::Nofile);
     let want = (nodes as u64 * 2 + 1024).max(current.maximum.unwrap_or(0));
-    let raised = Rlimit {
-        current: Some(want),
-        maximum: Some(want.max(current.maximum.unwrap_or(want))),
-    };
+    let raised = Rlimit { current: Some(want), maximum: Some(want.max(current.maximum.unwrap_or(want))) };
     if setrlimit(Resource::Nofile, raised).is_err() {
-        let soft = Rlimit {
-            current: current.maximum,
-            maximum: current.maximum,
-        };
+        let soft = Rlimit { current: current.maximum, maximum: current.maximum };
         let _best_effort = setrlimit(Resource::Nofile, soft);
     }
     let now = getrlimit(Resource::Nofile).current.unwrap_or(0);
@@ -171,24 +149,14 @@ fn raise_fd_limit(nodes: usize) {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let bin = PathBuf::from(
-        args.get(1)
-            .expect("usage: ironroot-plane-load PLANE_BIN [NODES] [SECONDS] [INTERVAL]"),
-    );
+    let bin = PathBuf::from(args.get(1).expect("usage: ironroot-plane-load PLANE_BIN [NODES] [SECONDS] [INTERVAL]"));
     let nodes: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let seconds: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(60);
     let interval: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(30);
     raise_fd_limit(nodes);
 
-    let state = tempfile::Builder::new()
-        .prefix("ironroot-plane-bench-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let state = tempfile::Builder::new().prefix("ironroot-plane-bench-").tempdir_in("/var/tmp").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let plane = start_plane(&bin, state.path(), port);
     let ca = std::fs::read(state.path().join("ca.pem")).unwrap();
@@ -201,10 +169,8 @@ async fn main() {
         )
         .build()
         .unwrap();
-    let anon = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
-        .build()
-        .unwrap();
+    let anon =
+        reqwest::Client::builder().tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()]).build().unwrap();
     let base = format!("https://{addr}");
 
     eprintln!("plane-load: enrolling {nodes} nodes");
@@ -231,19 +197,9 @@ async fn main() {
                     .pem()
                     .unwrap();
                 let body = json!({"token": tok["token"], "csr": csr, "identity": {"name": name}});
-                let r: serde_json::Value = anon
-                    .post(format!("{base}/v1/enroll"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                let chain = r["certificate"]
-                    .as_str()
-                    .unwrap_or_else(|| panic!("enrollment refused: {r}"))
-                    .to_owned();
+                let r: serde_json::Value =
+                    anon.post(format!("{base}/v1/enroll")).json(&body).send().await.unwrap().json().await.unwrap();
+                let chain = r["certificate"].as_str().unwrap_or_else(|| panic!("enrollment refused: {r}")).to_owned();
                 Node {
                     id: r["node_id"].as_str().unwrap().to_owned(),
                     tls: client_config(&ca, &chain, &key.serialize_pem()),
@@ -328,10 +284,7 @@ async fn main() {
             .await;
     let elapsed = t.elapsed().as_secs_f64();
     let ok = outcomes.iter().filter(|o| **o == Ok(200)).count();
-    let auth_failures = outcomes
-        .iter()
-        .filter(|o| matches!(o, Ok(s) if *s == 401 || *s == 403))
-        .count();
+    let auth_failures = outcomes.iter().filter(|o| matches!(o, Ok(s) if *s == 401 || *s == 403)).count();
     println!(
         "reconnect after SIGKILL + restart: {ok}/{nodes} nodes re-handshaked in {elapsed:.1} s, {auth_failures} authentication failures, {} other failures (target: <= 60 s, none failing)",
         nodes - ok - auth_failures
