@@ -130,7 +130,7 @@ pub(crate) async fn body<T: DeserializeOwned>(
 
 pub fn journal_tls_refusal(plane: &Plane, remote: SocketAddr, error: &str) {
     // Bounded per address, so a scanner cannot flood the journal.
-    if plane.tls_journal_limiter.allow(remote.ip()) {
+    if plane.noise_journal_limiter.allow(remote.ip()) {
         let r = Refusal::new(401, "tls", format!("TLS handshake refused: {error}"));
         plane.store.journal_refusal(&format!("remote:{}", remote.ip()), "refused.tls", &remote.to_string(), &r);
     }
@@ -157,12 +157,12 @@ async fn enroll(
     raw: Body,
 ) -> ApiResult<wire::EnrollResponse> {
     if !plane.limiter.allow(conn.remote.ip()) {
-        return Err(refuse(
-            &plane,
-            &conn,
-            "enroll",
-            Refusal::new(429, "rate_limited", "too many enrollment attempts; slow down"),
-        ));
+        let r = Refusal::new(429, "rate_limited", "too many enrollment attempts; slow down");
+        // Journaled at most about once a second per address: a flood must not flood the journal.
+        if plane.noise_journal_limiter.allow(conn.remote.ip()) {
+            return Err(refuse(&plane, &conn, "enroll", r));
+        }
+        return Err(ApiError(r));
     }
     let req: EnrollRequest = body(&plane, &conn, "enroll", raw).await?;
     let remote = conn.remote.to_string();

@@ -57,8 +57,9 @@ pub struct Plane {
     pub store: Store,
     /// Enrollment attempts per address.
     pub limiter: crate::api::RateLimiter,
-    /// Journal records of refused TLS handshakes per address.
-    pub tls_journal_limiter: crate::api::RateLimiter,
+    /// Journal records of unauthenticated noise (refused TLS handshakes, rate-limited
+    /// enrollment attempts) per address.
+    pub noise_journal_limiter: crate::api::RateLimiter,
     pub waiters: crate::api::Waiters,
 }
 
@@ -97,8 +98,8 @@ pub fn open_state(dir: &Path, names: &[String], settings: Settings) -> anyhow::R
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let store = Store::open(&dir.join("plane.db"), ca, settings).context("opening the database")?;
     let limiter = crate::api::RateLimiter::new(store.settings.enroll_burst, store.settings.enroll_per_second);
-    let tls_journal_limiter = crate::api::RateLimiter::new(10, 1.0);
-    Ok((Plane { store, limiter, tls_journal_limiter, waiters: Default::default() }, tls))
+    let noise_journal_limiter = crate::api::RateLimiter::new(10, 1.0);
+    Ok((Plane { store, limiter, noise_journal_limiter, waiters: Default::default() }, tls))
 }
 
 /// Serves until the process ends: accepts TLS connections on `listener`, and sweeps for

@@ -249,13 +249,28 @@ impl Store {
     }
 
     pub fn nodes(&self) -> Result<Vec<NodeView>, Refusal> {
+        self.query_nodes(None)
+    }
+
+    /// One node, by id or name (an id wins over a name; among names, the newest node).
+    pub fn node(&self, id_or_name: &str) -> Result<NodeView, Refusal> {
+        self.query_nodes(Some(id_or_name))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Refusal::new(404, "unknown_node", format!("no node {id_or_name:?}")))
+    }
+
+    fn query_nodes(&self, key: Option<&str>) -> Result<Vec<NodeView>, Refusal> {
+        const COLUMNS: &str = "SELECT id, name, state, revoked, template, generation, last_seen, boot_id, agent_version, \
+                               phase, phase_timings, module_digests, last_reconcile, heartbeats FROM nodes";
         let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT id, name, state, revoked, template, generation, last_seen, boot_id, agent_version, phase,
-                    phase_timings, module_digests, last_reconcile, heartbeats FROM nodes ORDER BY created_at, id",
-        )?;
+        let sql = match key {
+            None => format!("{COLUMNS} ORDER BY created_at, id"),
+            Some(_) => format!("{COLUMNS} WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC, created_at DESC LIMIT 1"),
+        };
+        let mut stmt = conn.prepare(&sql)?;
         let json = |s: Option<String>| s.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or(serde_json::Value::Null);
-        let rows = stmt.query_map([], |r| {
+        let row = |r: &rusqlite::Row<'_>| {
             Ok(NodeView {
                 id: r.get(0)?,
                 name: r.get(1)?,
@@ -272,15 +287,12 @@ impl Store {
                 last_reconcile: r.get(12)?,
                 heartbeats: r.get(13)?,
             })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    pub fn node(&self, id: &str) -> Result<NodeView, Refusal> {
-        self.nodes()?
-            .into_iter()
-            .find(|n| n.id == id || n.name.as_deref() == Some(id))
-            .ok_or_else(|| Refusal::new(404, "unknown_node", format!("no node {id:?}")))
+        };
+        let rows = match key {
+            None => stmt.query_map([], row)?.collect::<Result<Vec<_>, _>>()?,
+            Some(k) => stmt.query_map([k], row)?.collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(rows)
     }
 
     pub fn audit_list(&self, after: i64, limit: i64) -> Result<Vec<audit::Record>, Refusal> {
