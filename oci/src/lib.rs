@@ -6,12 +6,14 @@
 //! - [`layout`]: an OCI image layout directory, for offline use;
 //! - [`source`]: the small trait both implement for reading;
 //! - [`download`]: size caps, deadlines and `.partial` files for every byte fetched;
+//! - [`evidence`]: the store's record of what it verified, so warm boots verify offline;
 //! - [`store`]: the flat, content-addressed object store packs unpack into;
 //! - [`verify`]: the trust chain, start to end; only it constructs a [`VerifiedModule`].
 //!
 //! Shared by `ironroot-build` (verify, push, sign) and the agent (fetch into its store).
 
 pub mod download;
+pub mod evidence;
 pub mod layout;
 pub mod reference;
 pub mod registry;

@@ -33,6 +33,8 @@ pub enum SourceError {
     Layout(#[from] LayoutError),
     #[error("manifest {reference} is {size} bytes, over the {cap}-byte cap")]
     TooLarge { reference: String, size: u64, cap: u64 },
+    #[error("{op} {path}")]
+    Local { op: &'static str, path: std::path::PathBuf, source: io::Error },
 }
 
 /// What the verifier needs from a place that holds modules.

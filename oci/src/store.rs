@@ -19,6 +19,8 @@ use ironroot_spec::VerityDigest;
 pub struct ObjectStore {
     root: PathBuf,
     objects: Objects,
+    /// Enable fs-verity on every object and image that enters (the filesystem supports it).
+    seal: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -41,13 +43,25 @@ impl ObjectStore {
     /// A store of object files under `root` (created if missing).
     pub fn open(root: &Path) -> io::Result<Self> {
         fs::create_dir_all(root.join("images"))?;
-        Ok(Self { root: root.to_owned(), objects: Objects::Files })
+        Ok(Self { root: root.to_owned(), objects: Objects::Files, seal: false })
+    }
+
+    /// A store of object files under `root` on a filesystem with fs-verity: each object and
+    /// image gets verity enabled before it is renamed into place, and the kernel's measurement
+    /// must equal the digest it was checked against.
+    pub fn open_sealed(root: &Path) -> io::Result<Self> {
+        Ok(Self { seal: true, ..Self::open(root)? })
+    }
+
+    /// Whether entries are sealed with fs-verity (so the kernel enforces their digests).
+    pub fn sealed(&self) -> bool {
+        self.seal
     }
 
     /// A store that checks objects and keeps only their digests; images go under `scratch`.
     pub fn check_only(scratch: &Path) -> io::Result<Self> {
         fs::create_dir_all(scratch.join("images"))?;
-        Ok(Self { root: scratch.to_owned(), objects: Objects::Seen(Arc::default()) })
+        Ok(Self { root: scratch.to_owned(), objects: Objects::Seen(Arc::default()), seal: false })
     }
 
     pub fn root(&self) -> &Path {
@@ -63,6 +77,11 @@ impl ObjectStore {
             Objects::Files => self.object_path(digest).is_file(),
             Objects::Seen(seen) => seen.lock().is_ok_and(|s| s.contains(digest)),
         }
+    }
+
+    /// Whether object bytes are kept (else only their digests).
+    pub fn keeps_bytes(&self) -> bool {
+        matches!(self.objects, Objects::Files)
     }
 
     pub fn images_dir(&self) -> PathBuf {
@@ -97,7 +116,11 @@ impl ObjectStore {
             if let Some(parent) = dst.parent() {
                 fs::create_dir_all(parent)?;
             }
-            fs::rename(staging.dir.join(digest.hex()), &dst)?;
+            let staged = staging.dir.join(digest.hex());
+            if self.seal {
+                seal(&staged, digest)?;
+            }
+            fs::rename(staged, &dst)?;
             moved += 1;
         }
         fs::remove_dir_all(&staging.dir)?;
@@ -136,4 +159,25 @@ impl Staging {
         self.objects.push(digest);
         Ok(())
     }
+}
+
+/// Enables fs-verity on the file at `path` and checks the kernel measures `expected`. A file
+/// already sealed is only measured.
+pub fn seal(path: &Path, expected: &VerityDigest) -> io::Result<()> {
+    use composefs::fsverity::{self, EnableVerityError, FsVerityHashValue as _, Sha256HashValue};
+    let file = fs::File::open(path)?;
+    match fsverity::enable_verity_with_retry::<Sha256HashValue>(&file) {
+        Ok(()) | Err(EnableVerityError::AlreadyEnabled) => {}
+        Err(e) => return Err(io::Error::other(format!("enabling fs-verity on {}: {e}", path.display()))),
+    }
+    let found = fsverity::measure_verity::<Sha256HashValue>(&file)
+        .map_err(|e| io::Error::other(format!("measuring fs-verity of {}: {e}", path.display())))?;
+    if found.to_hex() != expected.hex() {
+        return Err(io::Error::other(format!(
+            "kernel measures {} as {}, expected {expected}",
+            path.display(),
+            found.to_hex()
+        )));
+    }
+    Ok(())
 }

@@ -15,6 +15,7 @@ use ironroot_spec::signing::{self, MAX_PAYLOAD_SIZE, SignatureError, SignedPaylo
 use ironroot_spec::{ManifestError, ModuleConfig, OciDigest, TrustedKey, VerityDigest, media};
 
 use crate::download::{self, DownloadError, Limits};
+use crate::evidence::{Evidence, Record};
 use crate::registry::RegistryError;
 use crate::source::{ModuleSource, SourceError};
 use crate::store::ObjectStore;
@@ -171,9 +172,11 @@ async fn verify_signatures<S: ModuleSource>(
     src: &S,
     digest: OciDigest,
     opts: &VerifyOptions,
+    record: &mut Record,
 ) -> Result<SignedPayload, VerifyError> {
     let tag = digest.signature_tag();
     let bytes = download::fetch_manifest(src, &tag, &opts.limits).await?.ok_or(SignatureError::Missing(digest))?;
+    record.manifest(&tag, &bytes);
     let sig_manifest =
         ImageManifest::parse(&bytes).map_err(|source| VerifyError::SignatureManifest { tag: tag.clone(), source })?;
     let mut failures: Vec<SignatureError> = Vec::new();
@@ -184,7 +187,10 @@ async fn verify_signatures<S: ModuleSource>(
         };
         let payload = download::fetch_small(src, layer, MAX_PAYLOAD_SIZE, &opts.limits).await?;
         match signing::verify_signature(&payload, sig, &opts.trust, digest) {
-            Ok(signed) => return Ok(signed),
+            Ok(signed) => {
+                record.blob(layer.digest, &payload);
+                return Ok(signed);
+            }
             Err(e) => failures.push(e),
         }
     }
@@ -208,7 +214,9 @@ pub async fn verify_module<S: ModuleSource>(
     let limits = &opts.limits;
     let (digest, manifest_bytes) = resolve(src, tag, digest, limits).await?;
     tracing::debug!(module.digest = %digest, "resolved");
-    let signature = verify_signatures(src, digest, opts).await?;
+    let mut record = Record::default();
+    record.manifest(&digest.to_string(), &manifest_bytes);
+    let signature = verify_signatures(src, digest, opts, &mut record).await?;
     tracing::debug!(module.digest = %digest, key = %signature.key_id, "signature verified");
 
     let module = ModuleManifest::parse(&manifest_bytes)?;
@@ -217,6 +225,7 @@ pub async fn verify_module<S: ModuleSource>(
     }
     let config_bytes = download::fetch_small(src, &module.config, MAX_CONFIG_SIZE, limits).await?;
     let config = ModuleConfig::parse(&config_bytes)?;
+    record.blob(module.config.digest, &config_bytes);
     signature.check_agrees(&config.name, &config.version, config.serial)?;
     if let Some(min) = opts.min_serial
         && config.serial < min
@@ -231,6 +240,14 @@ pub async fn verify_module<S: ModuleSource>(
     if found != config.composefs_digest {
         remove_quietly(&image);
         return Err(VerifyError::ImageDigest { digest: module.image.digest, expected: config.composefs_digest, found });
+    }
+
+    if store.sealed() {
+        crate::store::seal(&image, &config.composefs_digest).map_err(|source| VerifyError::Io {
+            op: "sealing",
+            path: image.clone(),
+            source,
+        })?;
     }
 
     let objects: u64 = module.packs.iter().map(|p| p.objects).sum();
@@ -259,6 +276,14 @@ pub async fn verify_module<S: ModuleSource>(
         return Err(VerifyError::Incomplete { missing: lacking.len(), first: *first });
     }
     downloaded += stats.iter().map(|s| s.downloaded).sum::<u64>();
+    if store.keeps_bytes() {
+        let evidence = Evidence::new(store.root());
+        evidence.save(&record).map_err(|source| VerifyError::Io {
+            op: "recording evidence in",
+            path: store.root().to_owned(),
+            source,
+        })?;
+    }
     Ok(VerifiedModule {
         digest,
         config,

@@ -19,6 +19,8 @@ pub const KEYS: &[&str] = &[
     "ironroot.on_failure",
     "ironroot.module",
     "ironroot.debug",
+    "ironroot.verity",
+    "ironroot.metadata",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

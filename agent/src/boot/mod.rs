@@ -1,4 +1,181 @@
-//! The boot pipeline, run once in the initramfs. So far: [`cmdline`], the `ironroot.*` kernel
-//! command line keys (docs/interfaces/kernel-cmdline.md).
+//! The boot pipeline, run once in the initramfs: discover → enroll → fetch → verify → mount →
+//! hand off. Each phase is a function taking the previous phase's output type, so the order
+//! cannot be got wrong: mount takes only `VerifiedModule`s, which only verify makes, which needs
+//! an `Assignment`, which needs an `EnrolledIdentity`. [`Phase`] names them in logs, errors and
+//! reports. Every path is under `BootOptions::root` so tests run the real pipeline against
+//! fixture trees and private mount namespaces.
+//!
+//! What it does not do: PID 1 duties, networking, switch-root (the initramfs `init`).
 
 pub mod cmdline;
+pub mod discover;
+pub mod enroll;
+pub mod fetch;
+pub mod handoff;
+pub mod mount;
+pub mod retry;
+pub mod settings;
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ironroot_oci::{Limits, RegistryAccess};
+
+use crate::exit::Exit;
+use handoff::{BootRecord, IdentityRecord, ModuleRecord, RootRecord, StoreRecord};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Discover,
+    Enroll,
+    Fetch,
+    Store,
+    Verify,
+    Mount,
+    HandOff,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Discover => "discover",
+            Self::Enroll => "enroll",
+            Self::Fetch => "fetch",
+            Self::Store => "store",
+            Self::Verify => "verify",
+            Self::Mount => "mount",
+            Self::HandOff => "hand-off",
+        })
+    }
+}
+
+/// A failed boot: the phase, why, and the exit code that says what kind of failure it was.
+#[derive(Debug, thiserror::Error)]
+#[error("boot failed in phase {phase}")]
+pub struct BootError {
+    pub phase: Phase,
+    pub exit: Exit,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl BootError {
+    fn new(phase: Phase, exit: Exit, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self { phase, exit, source: Box::new(source) }
+    }
+}
+
+/// Where the pipeline reads and writes, and how it reaches the network.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// The boot root: `proc/cmdline`, `sys/…`, `etc/ironroot/…`, `run/`, `persist/` are under it.
+    pub root: PathBuf,
+    /// Where real sysfs and device nodes are (zram, disks); `/` except in odd test setups.
+    pub devices: PathBuf,
+    /// Where the composefs root is mounted (`/sysroot` in the initramfs).
+    pub target: PathBuf,
+    pub mkfs_ext4: PathBuf,
+    pub backoff: retry::Backoff,
+    pub limits: Limits,
+    pub access: RegistryAccess,
+}
+
+impl BootOptions {
+    /// `/run/ironroot` under the root.
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run/ironroot")
+    }
+}
+
+struct Timer(BTreeMap<String, u64>, Instant);
+
+impl Timer {
+    fn lap(&mut self, phase: Phase) {
+        let now = Instant::now();
+        self.0.insert(phase.to_string(), now.duration_since(self.1).as_millis() as u64);
+        self.1 = now;
+    }
+}
+
+/// Runs every phase; on success the root is mounted at `opts.target` and boot.json written.
+pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
+    let mut timer = Timer(BTreeMap::new(), Instant::now());
+    let found = discover::discover(&discover::DiscoverOptions::new(&opts.root))
+        .await
+        .map_err(|e| BootError::new(Phase::Discover, Exit::Discover, e))?;
+    let settings =
+        settings::settings(&found, &opts.root).map_err(|e| BootError::new(Phase::Discover, Exit::Discover, e))?;
+    timer.lap(Phase::Discover);
+    tracing::info!(plane = %settings.plane, identity = ?settings.identity, conflicts = found.conflicts.len(), "identity discovered");
+
+    let store_paths =
+        store::StorePaths { root: opts.root.clone(), devices: opts.devices.clone(), mkfs_ext4: opts.mkfs_ext4.clone() };
+    let store = tokio::task::block_in_place(|| store::prepare(&settings, &store_paths))
+        .map_err(|e| BootError::new(Phase::Store, Exit::Store, e))?;
+    timer.lap(Phase::Store);
+
+    let enrolled = enroll::enroll(&settings, &store.state_dir, &opts.backoff)
+        .await
+        .map_err(|e| BootError::new(Phase::Enroll, Exit::Enroll, e))?;
+    timer.lap(Phase::Enroll);
+
+    let assignment = fetch::fetch(&enrolled, &settings, &opts.backoff)
+        .await
+        .map_err(|e| BootError::new(Phase::Fetch, Exit::Fetch, e))?;
+    timer.lap(Phase::Fetch);
+
+    let policy = fetch::FetchPolicy { access: opts.access.clone(), limits: opts.limits.clone(), backoff: opts.backoff };
+    let verified = fetch::verify(&assignment, &store, &settings, &policy).await.map_err(|e| {
+        let exit = Exit::from(e.kind());
+        BootError::new(Phase::Verify, exit, e)
+    })?;
+    timer.lap(Phase::Verify);
+
+    let mounted = tokio::task::block_in_place(|| mount::mount_root(&verified, &store, &opts.run_dir(), &opts.target))
+        .map_err(|e| BootError::new(Phase::Mount, Exit::Mount, e))?;
+    timer.lap(Phase::Mount);
+
+    let record = BootRecord {
+        schema: handoff::RUN_STATE_SCHEMA,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        boot_id: boot_id(&opts.root),
+        identity: IdentityRecord::new(&found),
+        node_id: enrolled.node_id.clone(),
+        plane: settings.plane.clone(),
+        certificate: enrolled.cert_path.clone(),
+        key: enrolled.key_path.clone(),
+        certificate_not_after: enrolled.not_after,
+        reused_certificate: enrolled.reused,
+        generation: assignment.generation,
+        store: StoreRecord {
+            kind: store.kind.to_owned(),
+            path: store.objects.root().to_owned(),
+            verity: store.verity,
+            persistent: store.persistent,
+            insecure: !store.verity,
+            device: store.device.clone(),
+        },
+        modules: verified.iter().map(ModuleRecord::new).collect(),
+        root: RootRecord {
+            target: mounted.target.clone(),
+            verity: mounted.verity,
+            layers: mounted.layers.clone(),
+            upper: mounted.upper.clone(),
+        },
+        phases_ms: timer.0.clone(),
+    };
+    handoff::write(&opts.run_dir(), &record).map_err(|e| BootError::new(Phase::HandOff, Exit::HandOff, e))?;
+    Ok(record)
+}
+
+/// The kernel's id for this boot (`/proc/sys/kernel/random/boot_id`), or a fresh one.
+fn boot_id(root: &std::path::Path) -> String {
+    std::fs::read_to_string(root.join("proc/sys/kernel/random/boot_id"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty() && s.len() <= 64)
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()))
+}

@@ -1,0 +1,222 @@
+//! Phase 1, discover: who this node is and how it should boot, gathered from every identity
+//! source in precedence order — kernel cmdline, QEMU fw_cfg, SMBIOS, the cloud metadata endpoint
+//! (only when an earlier source names one), a local file — plus the first network interface's
+//! MAC. Every value keeps the source it came from; where sources disagree the first one wins and
+//! the disagreement is recorded. Reading and parsing are bounded everywhere; hostile input is an
+//! error naming the source, never a panic.
+//!
+//! What the values mean (URLs, key files, store kinds) is [`crate::boot::settings`]'s business.
+
+mod doc;
+mod fwcfg;
+mod metadata;
+mod smbios;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+pub use doc::{DocError, parse_identity_doc};
+pub use smbios::parse_oem_strings;
+
+use crate::boot::cmdline::{self, Cmdline};
+
+/// Where a value came from, in precedence order (earlier wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    Cmdline,
+    FwCfg,
+    Smbios,
+    Metadata,
+    File,
+    /// The network interfaces in sysfs (only the MAC comes from here).
+    Sysfs,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cmdline => "cmdline",
+            Self::FwCfg => "fw_cfg",
+            Self::Smbios => "smbios",
+            Self::Metadata => "metadata",
+            Self::File => "file",
+            Self::Sysfs => "sysfs",
+        })
+    }
+}
+
+/// One value and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sourced {
+    pub value: String,
+    pub source: Source,
+}
+
+/// Two sources that gave one key different values; `chosen` won by precedence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    pub key: String,
+    pub chosen: Sourced,
+    pub other: Sourced,
+}
+
+/// Everything discovered, by key (`plane`, `token`, `node`, `smbios_uuid`, `mac`, …).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Discovered {
+    pub values: BTreeMap<String, Sourced>,
+    pub conflicts: Vec<Conflict>,
+    /// Values a source offered that were ignored, and why (placeholder SMBIOS serials, …).
+    pub notes: Vec<String>,
+}
+
+impl Discovered {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(|s| s.value.as_str())
+    }
+
+    /// Adds `value` for `key` from `source`: kept if first, else compared.
+    pub fn offer(&mut self, key: &str, value: String, source: Source) {
+        let offered = Sourced { value, source };
+        match self.values.get(key) {
+            None => {
+                self.values.insert(key.to_owned(), offered);
+            }
+            Some(chosen) if chosen.value != offered.value => {
+                tracing::warn!(key, chosen = %chosen.source, other = %offered.source, "identity sources disagree");
+                self.conflicts.push(Conflict { key: key.to_owned(), chosen: chosen.clone(), other: offered });
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Reads a file a value points at (a PEM key or certificate), capped like an identity document.
+pub fn read_value_file(path: &Path) -> Result<Vec<u8>, String> {
+    match doc::read_capped(path, doc::MAX_DOC) {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err(format!("{} does not exist", path.display())),
+        Err(e) => Err(format!("{} {e}", path.display())),
+    }
+}
+
+/// Where discovery looks: every path is under `root`, so tests point it at a fixture tree.
+#[derive(Debug, Clone)]
+pub struct DiscoverOptions {
+    pub root: PathBuf,
+    /// The local identity file, relative to `root`.
+    pub file: PathBuf,
+    /// Deadline for the metadata endpoint.
+    pub metadata_deadline: std::time::Duration,
+}
+
+impl DiscoverOptions {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+            file: PathBuf::from(LOCAL_FILE),
+            metadata_deadline: std::time::Duration::from_secs(5),
+        }
+    }
+}
+
+/// The local identity file baked into the initramfs (or dropped by provisioning).
+pub const LOCAL_FILE: &str = "etc/ironroot/identity.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoverError {
+    #[error("kernel command line")]
+    Cmdline(#[from] cmdline::ReadError),
+    #[error("fw_cfg {path}")]
+    FwCfg { path: PathBuf, source: DocError },
+    #[error("SMBIOS {path}")]
+    Smbios { path: PathBuf, source: smbios::SmbiosError },
+    #[error("metadata endpoint {url}")]
+    Metadata { url: String, source: metadata::MetadataError },
+    #[error("identity file {path}")]
+    File { path: PathBuf, source: DocError },
+}
+
+/// Runs every source in precedence order.
+pub async fn discover(opts: &DiscoverOptions) -> Result<Discovered, DiscoverError> {
+    let mut found = Discovered::default();
+    let line = cmdline::read_cmdline(&opts.root)?;
+    offer_cmdline(&mut found, &line);
+
+    let fw = opts.root.join(fwcfg::IDENTITY_PATH);
+    if let Some(doc) = fwcfg::read(&fw).map_err(|source| DiscoverError::FwCfg { path: fw.clone(), source })? {
+        offer_doc(&mut found, doc, Source::FwCfg);
+    }
+
+    smbios::read(&opts.root, &mut found).map_err(|(path, source)| DiscoverError::Smbios { path, source })?;
+
+    if let Some(url) = found.get("metadata").map(str::to_owned) {
+        let doc = metadata::fetch(&url, opts.metadata_deadline)
+            .await
+            .map_err(|source| DiscoverError::Metadata { url: url.clone(), source })?;
+        offer_doc(&mut found, doc, Source::Metadata);
+    }
+
+    let file = opts.root.join(&opts.file);
+    match doc::read_file(&file) {
+        Ok(Some(doc)) => offer_doc(&mut found, doc, Source::File),
+        Ok(None) => {}
+        Err(source) => return Err(DiscoverError::File { path: file, source }),
+    }
+
+    if let Some(mac) = first_mac(&opts.root) {
+        found.offer("mac", mac, Source::Sysfs);
+    }
+    Ok(found)
+}
+
+fn offer_cmdline(found: &mut Discovered, line: &Cmdline) {
+    for key in line.keys() {
+        if let Some(value) = line.get(key) {
+            found.offer(key.trim_start_matches("ironroot."), value.to_owned(), Source::Cmdline);
+        }
+    }
+}
+
+fn offer_doc(found: &mut Discovered, doc: BTreeMap<String, String>, source: Source) {
+    for (key, value) in doc {
+        found.offer(&key, value, source);
+    }
+}
+
+/// MAC of the first interface (by name) backed by a device; loopback and virtual ones have none.
+fn first_mac(root: &Path) -> Option<String> {
+    let dir = root.join("sys/class/net");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    names.sort();
+    names.into_iter().find_map(|name| {
+        let iface = dir.join(&name);
+        if !iface.join("device").exists() {
+            return None;
+        }
+        let mac = doc::read_capped(&iface.join("address"), 64).ok()??;
+        let mac = String::from_utf8(mac).ok()?.trim().to_ascii_lowercase();
+        let valid = mac.len() == 17 && mac.split(':').all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()));
+        (valid && mac != "00:00:00:00:00:00").then_some(mac)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_source_wins_and_disagreement_is_recorded() {
+        let mut d = Discovered::default();
+        d.offer("node", "a".into(), Source::Cmdline);
+        d.offer("node", "a".into(), Source::FwCfg);
+        d.offer("node", "b".into(), Source::Smbios);
+        assert_eq!(d.get("node"), Some("a"));
+        assert_eq!(d.conflicts.len(), 1);
+        assert_eq!(d.conflicts[0].other, Sourced { value: "b".into(), source: Source::Smbios });
+    }
+}

@@ -1,0 +1,190 @@
+//! Phase 2, enroll: an Ed25519 key made on the node, a PKCS#10 CSR, and `POST /v1/enroll` with
+//! the bootstrap token over server-authenticated TLS. The returned certificate is checked before
+//! it is kept: signed by the plane CA we were given, valid now, naming exactly our node in its
+//! URI SAN, carrying our public key. Key and certificate are stored 0600 in the state directory;
+//! a later boot with a still-valid certificate there reuses it and never re-enrolls.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ironroot_spec::wire::EnrollRequest;
+use serde::{Deserialize, Serialize};
+use x509_parser::pem::Pem;
+use x509_parser::prelude::*;
+
+use super::retry::Backoff;
+use super::settings::BootSettings;
+use crate::plane::{PlaneClient, PlaneError, node_uri};
+
+/// A certificate with less than this left is renewed by enrolling again (needs a token).
+const MIN_REMAINING: Duration = Duration::from_secs(10 * 60);
+
+pub const KEY_FILE: &str = "node.key";
+pub const CERT_FILE: &str = "node.crt";
+pub const ENROLLMENT_FILE: &str = "enrollment.json";
+
+/// A node identity the plane issued and this node checked.
+#[derive(Debug, Clone)]
+pub struct EnrolledIdentity {
+    pub node_id: String,
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    /// Seconds since the epoch.
+    pub not_after: i64,
+    /// True when a certificate from an earlier boot was reused.
+    pub reused: bool,
+    pub client: PlaneClient,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Enrollment {
+    node_id: String,
+    plane: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("no valid certificate in {dir} and no bootstrap token to enroll with")]
+    NoToken { dir: PathBuf },
+    #[error("generating the node key: {0}")]
+    Key(String),
+    #[error("enrollment")]
+    Plane(#[from] PlaneError),
+    #[error("the certificate the plane returned is refused: {0}")]
+    Certificate(String),
+    #[error("{op} {path}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+impl EnrollError {
+    pub fn transient(&self) -> bool {
+        matches!(self, Self::Plane(e) if e.transient())
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Reuses a still-valid identity from `state`, or enrolls with the token.
+pub async fn enroll(settings: &BootSettings, state: &Path, backoff: &Backoff) -> Result<EnrolledIdentity, EnrollError> {
+    let io = |op, path: &Path| {
+        let path = path.to_owned();
+        move |source| EnrollError::Io { op, path, source }
+    };
+    std::fs::create_dir_all(state).map_err(io("creating", state))?;
+    let (key_path, cert_path, record_path) = (state.join(KEY_FILE), state.join(CERT_FILE), state.join(ENROLLMENT_FILE));
+    if let Some(identity) = reuse(settings, &key_path, &cert_path, &record_path) {
+        return Ok(identity);
+    }
+    let token = settings.token.as_deref().ok_or_else(|| EnrollError::NoToken { dir: state.to_owned() })?;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| EnrollError::Key(e.to_string()))?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .and_then(|p| p.serialize_request(&key))
+        .and_then(|r| r.pem())
+        .map_err(|e| EnrollError::Key(e.to_string()))?;
+    let anonymous = PlaneClient::anonymous(&settings.plane, &settings.plane_ca_pem)?;
+    let req = EnrollRequest { token: token.to_owned(), csr, identity: settings.identity.clone() };
+    let resp = backoff.run("enrollment", PlaneError::transient, || anonymous.enroll(&req)).await?;
+    let not_after =
+        check_certificate(&resp.certificate, &settings.plane_ca_pem, &resp.node_id, key.public_key_raw(), now())
+            .map_err(EnrollError::Certificate)?;
+    let key_pem = key.serialize_pem();
+    write_private(&key_path, key_pem.as_bytes()).map_err(io("writing", &key_path))?;
+    write_private(&cert_path, resp.certificate.as_bytes()).map_err(io("writing", &cert_path))?;
+    let record = Enrollment { node_id: resp.node_id.clone(), plane: settings.plane.clone() };
+    let record_json = serde_json::to_vec_pretty(&record).unwrap_or_default();
+    write_private(&record_path, &record_json).map_err(io("writing", &record_path))?;
+    tracing::info!(node.id = %resp.node_id, "enrolled");
+    let client = PlaneClient::with_identity(&settings.plane, &settings.plane_ca_pem, &resp.certificate, &key_pem)?;
+    Ok(EnrolledIdentity { node_id: resp.node_id, cert_path, key_path, not_after, reused: false, client })
+}
+
+/// The identity kept from an earlier boot, if it still checks out against today's settings.
+fn reuse(settings: &BootSettings, key_path: &Path, cert_path: &Path, record_path: &Path) -> Option<EnrolledIdentity> {
+    let record: Enrollment = serde_json::from_slice(&std::fs::read(record_path).ok()?).ok()?;
+    let key_pem = std::fs::read_to_string(key_path).ok()?;
+    let cert_pem = std::fs::read_to_string(cert_path).ok()?;
+    if record.plane != settings.plane {
+        tracing::info!(old = %record.plane, new = %settings.plane, "kept identity is for another plane; enrolling again");
+        return None;
+    }
+    let key = rcgen::KeyPair::from_pem(&key_pem).ok()?;
+    let remaining_from = now() + MIN_REMAINING.as_secs() as i64;
+    match check_certificate(&cert_pem, &settings.plane_ca_pem, &record.node_id, key.public_key_raw(), remaining_from) {
+        Ok(not_after) => {
+            let client =
+                PlaneClient::with_identity(&settings.plane, &settings.plane_ca_pem, &cert_pem, &key_pem).ok()?;
+            tracing::info!(node.id = %record.node_id, "reusing the certificate from an earlier boot");
+            Some(EnrolledIdentity {
+                node_id: record.node_id,
+                cert_path: cert_path.to_owned(),
+                key_path: key_path.to_owned(),
+                not_after,
+                reused: true,
+                client,
+            })
+        }
+        Err(reason) => {
+            tracing::info!(%reason, "kept certificate is not usable; enrolling again");
+            None
+        }
+    }
+}
+
+/// Checks the leaf of `chain_pem` against `ca_pem` as of `at`; returns its notAfter.
+pub fn check_certificate(
+    chain_pem: &str,
+    ca_pem: &str,
+    node_id: &str,
+    public_key: &[u8],
+    at: i64,
+) -> Result<i64, String> {
+    let leaf_pem = first_pem(chain_pem.as_bytes()).ok_or("no PEM certificate in the answer")?;
+    let ca_pem = first_pem(ca_pem.as_bytes()).ok_or("the plane CA holds no PEM certificate")?;
+    let (_, leaf) = X509Certificate::from_der(&leaf_pem.contents).map_err(|e| format!("not a certificate: {e}"))?;
+    let (_, ca) = X509Certificate::from_der(&ca_pem.contents).map_err(|e| format!("plane CA: {e}"))?;
+    if leaf.issuer() != ca.subject() {
+        return Err(format!("issuer {} is not the plane CA {}", leaf.issuer(), ca.subject()));
+    }
+    leaf.verify_signature(Some(ca.public_key())).map_err(|e| format!("not signed by the plane CA: {e}"))?;
+    let (from, until) = (leaf.validity().not_before.timestamp(), leaf.validity().not_after.timestamp());
+    if at < from || at > until {
+        return Err(format!("valid from {from} until {until}, not at {at}"));
+    }
+    let want = node_uri(node_id);
+    let uris: Vec<&str> = leaf
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| if let GeneralName::URI(u) = n { Some(*u) } else { None })
+                .collect()
+        })
+        .unwrap_or_default();
+    if uris != [want.as_str()] {
+        return Err(format!("URI SANs {uris:?} are not exactly [{want}]"));
+    }
+    if leaf.public_key().subject_public_key.data.as_ref() != public_key {
+        return Err("its public key is not this node's".into());
+    }
+    Ok(until)
+}
+
+fn first_pem(bytes: &[u8]) -> Option<Pem> {
+    Pem::iter_from_buffer(bytes).next()?.ok()
+}
+
+/// Writes `bytes` to `path` with mode 0600 from the start, through a rename.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let partial = path.with_extension("partial");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&partial, path)
+}

@@ -1,0 +1,165 @@
+//! Phase 6, hand-off: `/run/ironroot/boot.json`, what the agent under systemd (and operators)
+//! learn about this boot. Schema: docs/interfaces/run-state.md. The bootstrap token is never
+//! written; the file is replaced atomically and readable by root only.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ironroot_oci::VerifiedModule;
+use ironroot_spec::config::MountRole;
+use ironroot_spec::{OciDigest, VerityDigest};
+use serde::{Deserialize, Serialize};
+
+use super::discover::{Conflict, Discovered, Sourced};
+
+/// This file's schema version; readers refuse others.
+pub const RUN_STATE_SCHEMA: u32 = 1;
+pub const BOOT_JSON: &str = "boot.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BootRecord {
+    pub schema: u32,
+    pub agent_version: String,
+    pub boot_id: String,
+    pub identity: IdentityRecord,
+    pub node_id: String,
+    pub plane: String,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    /// Seconds since the epoch.
+    pub certificate_not_after: i64,
+    pub reused_certificate: bool,
+    pub generation: u64,
+    pub store: StoreRecord,
+    pub modules: Vec<ModuleRecord>,
+    pub root: RootRecord,
+    /// Milliseconds per phase: discover, enroll, fetch, verify, mount.
+    pub phases_ms: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityRecord {
+    pub values: BTreeMap<String, SourcedRecord>,
+    pub conflicts: Vec<ConflictRecord>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SourcedRecord {
+    pub value: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictRecord {
+    pub key: String,
+    pub chosen: SourcedRecord,
+    pub other: SourcedRecord,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreRecord {
+    /// `zram`, `disk`, `dir` or `tmpfs-insecure`.
+    pub kind: String,
+    pub path: PathBuf,
+    /// Whether the kernel enforces every object's fs-verity digest.
+    pub verity: bool,
+    pub persistent: bool,
+    /// True for `tmpfs-insecure`, and for any store without verity.
+    pub insecure: bool,
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleRecord {
+    pub name: String,
+    pub version: String,
+    pub serial: u64,
+    pub digest: OciDigest,
+    pub composefs_digest: VerityDigest,
+    pub role: MountRole,
+    pub image: PathBuf,
+    pub signed_by: String,
+    pub downloaded_bytes: u64,
+    pub new_objects: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RootRecord {
+    pub target: PathBuf,
+    pub verity: bool,
+    pub layers: Vec<PathBuf>,
+    pub upper: PathBuf,
+}
+
+/// Values never written to disk.
+const SECRET_KEYS: &[&str] = &["token"];
+
+fn sourced(s: &Sourced, key: &str) -> SourcedRecord {
+    let value = if SECRET_KEYS.contains(&key) { "<redacted>".to_owned() } else { s.value.clone() };
+    SourcedRecord { value, source: s.source.to_string() }
+}
+
+impl IdentityRecord {
+    pub fn new(found: &Discovered) -> Self {
+        let conflict = |c: &Conflict| ConflictRecord {
+            key: c.key.clone(),
+            chosen: sourced(&c.chosen, &c.key),
+            other: sourced(&c.other, &c.key),
+        };
+        Self {
+            values: found.values.iter().map(|(k, v)| (k.clone(), sourced(v, k))).collect(),
+            conflicts: found.conflicts.iter().map(conflict).collect(),
+            notes: found.notes.clone(),
+        }
+    }
+}
+
+impl ModuleRecord {
+    pub fn new(m: &VerifiedModule) -> Self {
+        let c = m.config();
+        Self {
+            name: c.name.clone(),
+            version: c.version.clone(),
+            serial: c.serial,
+            digest: m.digest(),
+            composefs_digest: c.composefs_digest,
+            role: c.role,
+            image: m.image_path().to_owned(),
+            signed_by: m.signature().key_id.clone(),
+            downloaded_bytes: m.downloaded(),
+            new_objects: m.new_objects(),
+        }
+    }
+}
+
+/// Writes `record` to `run_dir/boot.json` (0600, atomically).
+pub fn write(run_dir: &Path, record: &BootRecord) -> std::io::Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(run_dir)?;
+    let path = run_dir.join(BOOT_JSON);
+    let partial = run_dir.join(format!("{BOOT_JSON}.partial"));
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
+    f.write_all(&serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&partial, &path)?;
+    Ok(path)
+}
+
+/// Reads a boot record (the agent under systemd, tests).
+pub fn read(path: &Path) -> Result<BootRecord, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let record: BootRecord = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    if record.schema != RUN_STATE_SCHEMA {
+        return Err(format!("{}: schema {} (this agent reads {RUN_STATE_SCHEMA})", path.display(), record.schema));
+    }
+    Ok(record)
+}

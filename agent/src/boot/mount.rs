@@ -1,0 +1,147 @@
+//! Phase 5, mount: the composefs root. Each verified module's EROFS image is mounted read-only
+//! (file-backed, through the `composefs` crate) under `/run/ironroot/layers/<digest>`; one
+//! overlayfs then stacks the extension layers over the root layer, with the object store as its
+//! data-only lower layer (`lower:…::store`), `metacopy=on,redirect_dir=on`, `verity=require`
+//! whenever the store is sealed, and a writable upper on tmpfs or `/persist/overlay`.
+//! Accepts only [`VerifiedModule`]s: nothing unverified can be mounted.
+
+use std::os::fd::{AsFd as _, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use composefs::mount::{FsHandle, erofs_mount, mount_at};
+use ironroot_oci::VerifiedModule;
+use ironroot_spec::config::MountRole;
+use rustix::fs::{CWD, Mode, OFlags};
+use rustix::mount::{FsMountFlags, MountAttrFlags, MountFlags, fsconfig_create, fsconfig_set_string, fsmount};
+
+use super::store::PreparedStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("no module has the root role")]
+    NoRoot,
+    #[error("{count} modules have the root role; exactly one may")]
+    TwoRoots { count: usize },
+    #[error("path {0} holds a character overlayfs cannot take in a layer list (':', ',', '\\\\')")]
+    BadPath(PathBuf),
+    #[error("{op} {path}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("mounting the EROFS image of {module}")]
+    Erofs { module: String, source: std::io::Error },
+    #[error("mounting the overlay at {target} (kernel: {kernel})")]
+    Overlay { target: PathBuf, kernel: String, source: std::io::Error },
+}
+
+/// The root as mounted.
+#[derive(Debug, Clone)]
+pub struct MountedRoot {
+    pub target: PathBuf,
+    pub verity: bool,
+    pub layers: Vec<PathBuf>,
+    pub upper: PathBuf,
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MountError + use<> {
+    let path = path.to_owned();
+    move |source| MountError::Io { op, path, source }
+}
+
+fn layer_path(p: &Path) -> Result<String, MountError> {
+    let s = p.to_str().ok_or_else(|| MountError::BadPath(p.to_owned()))?;
+    if s.contains([':', ',', '\\']) {
+        return Err(MountError::BadPath(p.to_owned()));
+    }
+    Ok(s.to_owned())
+}
+
+/// Mounts `modules` (exactly one with role root) at `target`; `run_dir` is `/run/ironroot`.
+pub fn mount_root(
+    modules: &[VerifiedModule],
+    store: &PreparedStore,
+    run_dir: &Path,
+    target: &Path,
+) -> Result<MountedRoot, MountError> {
+    let roots = modules.iter().filter(|m| m.config().role == MountRole::Root).count();
+    match roots {
+        0 => return Err(MountError::NoRoot),
+        1 => {}
+        count => return Err(MountError::TwoRoots { count }),
+    }
+    // Upper layers first in overlayfs order: extensions over the root.
+    let mut ordered: Vec<&VerifiedModule> = modules.iter().filter(|m| m.config().role != MountRole::Root).collect();
+    ordered.extend(modules.iter().filter(|m| m.config().role == MountRole::Root));
+
+    let mut layers = Vec::new();
+    for module in &ordered {
+        let dir = run_dir.join("layers").join(module.digest().hex());
+        mount_image(module, &dir)?;
+        layers.push(dir);
+    }
+    let upper_parent = match &store.overlay_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = run_dir.join("overlay");
+            std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+            rustix::mount::mount("tmpfs", &dir, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, c"mode=0755")
+                .map_err(|e| io("mounting tmpfs on", &dir)(e.into()))?;
+            dir
+        }
+    };
+    let (upper, work) = (upper_parent.join("upper"), upper_parent.join("work"));
+    for d in [&upper, &work, &target.to_path_buf()] {
+        std::fs::create_dir_all(d).map_err(io("creating", d))?;
+    }
+    let mut lowerdir = layers.iter().map(|l| layer_path(l)).collect::<Result<Vec<_>, _>>()?.join(":");
+    lowerdir.push_str("::");
+    lowerdir.push_str(&layer_path(store.objects.root())?);
+
+    let name = ordered.last().map_or("root", |m| m.config().name.as_str());
+    mount_overlay(name, &lowerdir, &layer_path(&upper)?, &layer_path(&work)?, store.verity, target)?;
+    tracing::info!(target = %target.display(), verity = store.verity, layers = layers.len(), "composefs root mounted");
+    Ok(MountedRoot { target: target.to_owned(), verity: store.verity, layers, upper })
+}
+
+/// Mounts one verified EROFS image read-only at `dir` (already there from an earlier attempt:
+/// left as is).
+fn mount_image(module: &VerifiedModule, dir: &Path) -> Result<(), MountError> {
+    std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+    let erofs = |source| MountError::Erofs { module: module.config().name.clone(), source };
+    let image: OwnedFd = rustix::fs::open(module.image_path(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| erofs(e.into()))?;
+    let mnt = erofs_mount(image).map_err(erofs)?;
+    mount_at(mnt.as_fd(), CWD, dir).map_err(|e| erofs(e.into()))?;
+    Ok(())
+}
+
+fn mount_overlay(
+    name: &str,
+    lowerdir: &str,
+    upper: &str,
+    work: &str,
+    verity: bool,
+    target: &Path,
+) -> Result<(), MountError> {
+    let fail = |kernel: String| {
+        move |e: rustix::io::Errno| MountError::Overlay { target: target.to_owned(), kernel, source: e.into() }
+    };
+    let fs = FsHandle::open("overlay").map_err(|e| MountError::Overlay {
+        target: target.to_owned(),
+        kernel: "overlayfs is not available".into(),
+        source: e,
+    })?;
+    let set = |k: &str, v: &str| fsconfig_set_string(fs.as_fd(), k, v).map_err(fail(format!("{k}={v} refused")));
+    set("source", &format!("composefs:{name}"))?;
+    set("metacopy", "on")?;
+    set("redirect_dir", "on")?;
+    if verity {
+        set("verity", "require")?;
+    }
+    set("lowerdir", lowerdir)?;
+    set("upperdir", upper)?;
+    set("workdir", work)?;
+    fsconfig_create(fs.as_fd()).map_err(fail("creating the overlay".into()))?;
+    let mnt =
+        fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).map_err(fail("fsmount".into()))?;
+    mount_at(mnt.as_fd(), CWD, target).map_err(fail("attaching at the target".into()))?;
+    Ok(())
+}

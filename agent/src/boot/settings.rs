@@ -1,0 +1,175 @@
+//! What the discovered strings mean: validated, typed boot settings. Paths in values are inside
+//! the boot root (the initramfs); `plane_ca` and `trust` may also be inline PEM (fw_cfg,
+//! metadata). Nothing here has a `Default`: a setting is either given, or has a documented
+//! default in docs/interfaces/kernel-cmdline.md.
+
+use std::path::{Path, PathBuf};
+
+use ironroot_spec::TrustedKey;
+use ironroot_spec::wire::Identity;
+
+use super::discover::Discovered;
+
+/// Where the object store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// ext4 (`-O verity`, 4 KiB blocks) on a zram device the agent creates. The default.
+    Zram,
+    /// A block device mounted at `/persist` (formatted ext4 `-O verity` only if blank).
+    Disk(PathBuf),
+    /// An already-mounted persistent directory used as `/persist` (dracut flavour, tests).
+    Dir(PathBuf),
+    /// tmpfs: digests are checked at download only; reported as insecure everywhere.
+    TmpfsInsecure,
+}
+
+impl StoreKind {
+    /// Whether the store, key and serial floors survive a reboot.
+    pub fn persistent(&self) -> bool {
+        matches!(self, Self::Disk(_) | Self::Dir(_))
+    }
+}
+
+/// What to do when the boot fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    Reboot,
+    Halt,
+}
+
+/// Whether kernel-enforced fs-verity is required of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerityPolicy {
+    /// Refuse to boot from a store without fs-verity. The default.
+    Require,
+    /// Use fs-verity where the kernel has it; otherwise mount without and say so.
+    Optional,
+}
+
+#[derive(Debug, Clone)]
+pub struct BootSettings {
+    /// `https://host:port`.
+    pub plane: String,
+    pub token: Option<String>,
+    pub plane_ca_pem: String,
+    pub trust: Vec<TrustedKey>,
+    pub store: StoreKind,
+    pub on_failure: OnFailure,
+    pub verity: VerityPolicy,
+    /// A module pinned by digest to boot when the plane assigns none.
+    pub module: Option<String>,
+    pub debug: bool,
+    /// What the node tells the plane about itself at enrollment.
+    pub identity: Identity,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error("no {0} from any identity source")]
+    Missing(&'static str),
+    #[error("{key} {value:?}: {reason}")]
+    Invalid { key: &'static str, value: String, reason: String },
+}
+
+fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid { key, value: value.chars().take(80).collect(), reason: reason.into() }
+}
+
+/// Reads an inline PEM value as is, or a path inside `root`.
+fn pem_value(root: &Path, key: &'static str, value: &str) -> Result<String, SettingsError> {
+    if value.starts_with("-----BEGIN ") {
+        return Ok(value.to_owned());
+    }
+    let path = root.join(value.trim_start_matches('/'));
+    let bytes = super::discover::read_value_file(&path).map_err(|e| invalid(key, value, e))?;
+    String::from_utf8(bytes).map_err(|_| invalid(key, value, "is not UTF-8 PEM"))
+}
+
+/// Every PEM public key in `pem` (one or more blocks).
+fn trust_keys(pem: &str) -> Result<Vec<TrustedKey>, String> {
+    let mut keys = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find("-----BEGIN ") {
+        let end_marker = rest[start..].find("-----END ").ok_or("a PEM block has no END line")?;
+        let tail = &rest[start + end_marker..];
+        let close = tail[9..].find("-----").ok_or("a PEM END line is cut")? + 9 + 5;
+        let block = &rest[start..start + end_marker + close];
+        keys.push(TrustedKey::parse_pem(block).map_err(|e| e.to_string())?);
+        rest = &rest[start + end_marker + close..];
+    }
+    if keys.is_empty() {
+        return Err("holds no PEM public key".into());
+    }
+    Ok(keys)
+}
+
+/// Validates the discovered values into settings; `root` resolves file values.
+pub fn settings(found: &Discovered, root: &Path) -> Result<BootSettings, SettingsError> {
+    let plane = found.get("plane").ok_or(SettingsError::Missing("plane"))?;
+    let host = plane.strip_prefix("https://").ok_or_else(|| invalid("plane", plane, "is not an https:// URL"))?;
+    if host.is_empty() || host.trim_end_matches('/').contains('/') {
+        return Err(invalid("plane", plane, "must be https://HOST:PORT with no path"));
+    }
+    let plane_ca_pem = pem_value(root, "plane_ca", found.get("plane_ca").ok_or(SettingsError::Missing("plane_ca"))?)?;
+    if !plane_ca_pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(invalid("plane_ca", found.get("plane_ca").unwrap_or(""), "holds no PEM certificate"));
+    }
+    let trust_value = found.get("trust").ok_or(SettingsError::Missing("trust"))?;
+    let mut trust = Vec::new();
+    if trust_value.starts_with("-----BEGIN ") {
+        trust = trust_keys(trust_value).map_err(|e| invalid("trust", trust_value, e))?;
+    } else {
+        for path in trust_value.split(',') {
+            let pem = pem_value(root, "trust", path)?;
+            trust.extend(trust_keys(&pem).map_err(|e| invalid("trust", path, e))?);
+        }
+    }
+    let store = match found.get("store").unwrap_or("zram") {
+        "zram" => StoreKind::Zram,
+        "tmpfs-insecure" => StoreKind::TmpfsInsecure,
+        v => match v.split_once(':') {
+            Some(("disk", dev)) if dev.starts_with("/dev/") => StoreKind::Disk(dev.into()),
+            Some(("dir", dir)) if dir.starts_with('/') => StoreKind::Dir(dir.into()),
+            _ => return Err(invalid("store", v, "is not zram, disk:/dev/…, dir:/… or tmpfs-insecure")),
+        },
+    };
+    let on_failure = match found.get("on_failure").unwrap_or("reboot") {
+        "reboot" => OnFailure::Reboot,
+        "halt" => OnFailure::Halt,
+        v => return Err(invalid("on_failure", v, "is not reboot or halt")),
+    };
+    let verity = match found.get("verity").unwrap_or("require") {
+        "require" => VerityPolicy::Require,
+        "optional" => VerityPolicy::Optional,
+        v => return Err(invalid("verity", v, "is not require or optional")),
+    };
+    let module = found.get("module").map(str::to_owned);
+    if let Some(m) = &module
+        && !m.contains("@sha256:")
+    {
+        return Err(invalid("module", m, "must be pinned by digest (REF@sha256:…)"));
+    }
+    let debug = match found.get("debug").unwrap_or("0") {
+        "1" => true,
+        "0" => false,
+        v => return Err(invalid("debug", v, "is not 0 or 1")),
+    };
+    let identity = Identity {
+        name: found.get("node").map(str::to_owned),
+        mac: found.get("mac").map(str::to_owned),
+        smbios_uuid: found.get("smbios_uuid").map(str::to_owned),
+        serial: found.get("serial").map(str::to_owned),
+    };
+    Ok(BootSettings {
+        plane: plane.trim_end_matches('/').to_owned(),
+        token: found.get("token").map(str::to_owned),
+        plane_ca_pem,
+        trust,
+        store,
+        on_failure,
+        verity,
+        module,
+        debug,
+        identity,
+    })
+}

@@ -1,0 +1,233 @@
+//! Command line: `boot` (the pipeline), `pull` (fetch + verify one module into a store) and
+//! `identity` (what discovery finds, with provenance). Exit codes: [`Exit`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ironroot_oci::source::AnySource;
+use ironroot_oci::store::ObjectStore;
+use ironroot_oci::verify::verify_module;
+use ironroot_oci::{Limits, RegistryAccess, Target, VerifyOptions};
+use ironroot_spec::TrustedKey;
+
+use crate::boot::{self, BootOptions, discover, retry::Backoff};
+use crate::exit::Exit;
+
+#[derive(Debug, Parser)]
+#[command(name = "ironroot-agent", version, about = "ironroot node agent")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the boot pipeline: discover, enroll, fetch, verify, mount the composefs root.
+    Boot {
+        /// Root under which proc/, sys/, etc/, run/ and persist/ are found.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Where the composefs root is mounted [default: ROOT/sysroot].
+        #[arg(long)]
+        target: Option<PathBuf>,
+        /// Where real sysfs and device nodes are (zram, disks).
+        #[arg(long, default_value = "/")]
+        devices: PathBuf,
+        #[arg(long, default_value = "mkfs.ext4")]
+        mkfs_ext4: PathBuf,
+        /// Tries for each network step (enroll, desired state, module download).
+        #[arg(long, default_value_t = Backoff::BOOT.attempts)]
+        retries: u32,
+        /// First retry delay in milliseconds (doubling, jittered, capped at 30 s).
+        #[arg(long, default_value_t = Backoff::BOOT.first.as_millis() as u64)]
+        retry_first_ms: u64,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Fetch and verify one module into an object store.
+    Pull {
+        /// `host/repo@sha256:…`, `host/repo:tag` or `oci:DIR[:TAG|@DIGEST]`.
+        reference: String,
+        /// Trusted public key (PKIX PEM); repeat for several.
+        #[arg(long, required = true)]
+        trust: Vec<PathBuf>,
+        #[arg(long)]
+        store: PathBuf,
+        /// Refuse a module whose serial is below this.
+        #[arg(long)]
+        min_serial: Option<u64>,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the identity discovery finds, with where each value came from.
+    Identity {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
+    /// Extra CA certificate (PEM) for registries; implies TLS.
+    #[arg(long = "registry-ca")]
+    ca: Vec<PathBuf>,
+}
+
+impl RegistryArgs {
+    fn access(&self) -> anyhow::Result<RegistryAccess> {
+        let ca_pem = self
+            .ca
+            .iter()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(RegistryAccess { ca_pem, ..RegistryAccess::default() })
+    }
+}
+
+pub fn run(cli: Cli) -> Exit {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return Exit::Failure;
+        }
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+fn fail(err: &dyn std::error::Error) {
+    let mut msg = err.to_string();
+    let mut cur = err.source();
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    eprintln!("error: {msg}");
+}
+
+async fn dispatch(command: Command) -> Exit {
+    match command {
+        Command::Boot { root, target, devices, mkfs_ext4, retries, retry_first_ms, registry } => {
+            let access = match registry.access() {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    return Exit::Usage;
+                }
+            };
+            let opts = BootOptions {
+                target: target.unwrap_or_else(|| root.join("sysroot")),
+                root,
+                devices,
+                mkfs_ext4,
+                backoff: Backoff {
+                    attempts: retries.max(1),
+                    first: Duration::from_millis(retry_first_ms),
+                    ..Backoff::BOOT
+                },
+                limits: Limits::standard(),
+                access,
+            };
+            match boot::run(&opts).await {
+                Ok(record) => {
+                    println!("{}", serde_json::to_string(&record).unwrap_or_default());
+                    Exit::Ok
+                }
+                Err(e) => {
+                    fail(&e);
+                    e.exit
+                }
+            }
+        }
+        Command::Pull { reference, trust, store, min_serial, registry, json } => {
+            match pull(&reference, &trust, &store, min_serial, &registry, json).await {
+                Ok(()) => Exit::Ok,
+                Err((exit, e)) => {
+                    eprintln!("error: {e:#}");
+                    exit
+                }
+            }
+        }
+        Command::Identity { root, json } => match discover::discover(&discover::DiscoverOptions::new(&root)).await {
+            Ok(found) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&boot::handoff::IdentityRecord::new(&found)).unwrap_or_default()
+                    );
+                } else {
+                    let record = boot::handoff::IdentityRecord::new(&found);
+                    for (key, v) in &record.values {
+                        println!("{key:<12} {:<40} ({})", v.value, v.source);
+                    }
+                    for c in &record.conflicts {
+                        println!(
+                            "conflict: {} is {:?} from {} but {:?} from {}",
+                            c.key, c.chosen.value, c.chosen.source, c.other.value, c.other.source
+                        );
+                    }
+                    for n in &record.notes {
+                        println!("note: {n}");
+                    }
+                }
+                Exit::Ok
+            }
+            Err(e) => {
+                fail(&e);
+                Exit::Discover
+            }
+        },
+    }
+}
+
+async fn pull(
+    reference: &str,
+    trust: &[PathBuf],
+    store: &std::path::Path,
+    min_serial: Option<u64>,
+    registry: &RegistryArgs,
+    json: bool,
+) -> Result<(), (Exit, anyhow::Error)> {
+    let usage = |e: anyhow::Error| (Exit::Failure, e);
+    let keys = trust
+        .iter()
+        .map(|p| {
+            let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            TrustedKey::parse_pem(&pem).with_context(|| format!("trust key {}", p.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .map_err(usage)?;
+    let target = Target::parse(reference).map_err(|e| usage(e.into()))?;
+    let source = AnySource::open(&target, &registry.access().map_err(usage)?).map_err(|e| usage(e.into()))?;
+    let objects =
+        ObjectStore::open(store).with_context(|| format!("opening store {}", store.display())).map_err(usage)?;
+    let opts = VerifyOptions { trust: keys, min_serial, limits: Limits::standard() };
+    let started = std::time::Instant::now();
+    let v = verify_module(&source, target.tag(), target.digest(), &objects, &opts).await.map_err(|e| {
+        let exit = Exit::from(e.kind());
+        (exit, anyhow::Error::new(e).context(format!("pulling {reference}")))
+    })?;
+    let record = boot::handoff::ModuleRecord::new(&v);
+    if json {
+        println!("{}", serde_json::to_string(&record).unwrap_or_default());
+    } else {
+        println!(
+            "verified {} {} serial {} ({}), {} bytes downloaded, {} new objects, {:.1} s",
+            record.name,
+            record.version,
+            record.serial,
+            record.digest,
+            record.downloaded_bytes,
+            record.new_objects,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,45 @@
+//! The agent's exit codes (docs/interfaces/exit-codes.md). Units use them:
+//! `RestartPreventExitStatus=10 11 12` — a bad signature does not get better by restarting.
+
+/// Why the agent exited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Ok = 0,
+    /// Anything not below: local I/O, unreadable input.
+    Failure = 1,
+    Usage = 2,
+    /// No trusted signature.
+    Signature = 10,
+    /// Bytes differ from what was signed.
+    Content = 11,
+    /// Refused by policy: cap, rollback, index, not a module.
+    Policy = 12,
+    /// Registry unreachable or too slow (after retries).
+    Transport = 13,
+    /// Boot phases that failed for their own reasons.
+    Discover = 20,
+    Enroll = 21,
+    Fetch = 22,
+    Store = 23,
+    Mount = 24,
+    HandOff = 25,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+impl From<ironroot_oci::verify::FailureKind> for Exit {
+    fn from(kind: ironroot_oci::verify::FailureKind) -> Self {
+        use ironroot_oci::verify::FailureKind;
+        match kind {
+            FailureKind::Signature => Self::Signature,
+            FailureKind::Content => Self::Content,
+            FailureKind::Policy => Self::Policy,
+            FailureKind::Transport => Self::Transport,
+            FailureKind::Local => Self::Failure,
+        }
+    }
+}
