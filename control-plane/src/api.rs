@@ -284,8 +284,13 @@ pub(crate) fn notify_node(plane: &Plane, node: &str) {
     plane.waiters.get(node).notify_waiters();
 }
 
-pub(crate) fn parse_binding(node: Option<String>, mac: Option<String>, smbios_uuid: Option<String>) -> TokenBinding {
-    TokenBinding { node_name: node, mac, smbios_uuid }
+pub(crate) fn parse_binding(
+    node: Option<String>,
+    mac: Option<String>,
+    smbios_uuid: Option<String>,
+    template: Option<String>,
+) -> TokenBinding {
+    TokenBinding { node_name: node, mac, smbios_uuid, template }
 }
 
 pub(crate) fn parse_state(s: &str) -> Result<NodeState, Refusal> {

@@ -92,6 +92,9 @@ pub enum TokenCommand {
         mac: Option<String>,
         #[arg(long)]
         smbios_uuid: Option<String>,
+        /// Template the node starts on (its first boot gets these modules).
+        #[arg(long)]
+        template: Option<String>,
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
     },
@@ -232,11 +235,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         OperatorClient::connect(&ClientConfig { state: t.state, plane: t.plane, cert: t.cert, key: t.key, ca: t.ca })?;
     match cli.command {
         Command::Serve(_) => bail!("serve was handled above"),
-        Command::Token(TokenCommand::Create { node, mac, smbios_uuid, ttl }) => {
+        Command::Token(TokenCommand::Create { node, mac, smbios_uuid, template, ttl }) => {
             let v: Value = client
                 .post(
                     "/v1/operator/tokens",
-                    &json!({"node": node, "mac": mac, "smbios_uuid": smbios_uuid, "ttl_s": ttl.map(|d| d.as_secs())}),
+                    &json!({"node": node, "mac": mac, "smbios_uuid": smbios_uuid, "template": template, "ttl_s": ttl.map(|d| d.as_secs())}),
                 )
                 .await?;
             println!("{}", v["token"].as_str().unwrap_or_default());

@@ -79,6 +79,9 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER NOT NULL,
         PRIMARY KEY (node_id, seq)
     );",
+    // 2: tokens may carry the template their node starts on; reports name the store kind.
+    "ALTER TABLE tokens ADD COLUMN template TEXT;
+     ALTER TABLE nodes ADD COLUMN store TEXT;",
 ];
 
 /// Opens (creating) the database at `path` and brings its schema up to date.

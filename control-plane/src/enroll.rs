@@ -24,6 +24,8 @@ pub struct TokenBinding {
     pub node_name: Option<String>,
     pub mac: Option<String>,
     pub smbios_uuid: Option<String>,
+    /// The template the enrolled node starts on, so its first boot already has modules.
+    pub template: Option<String>,
 }
 
 fn check_identity(id: &Identity) -> Result<(), Refusal> {
@@ -58,11 +60,18 @@ impl Store {
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         let t = now();
+        if let Some(template) = &bind.template {
+            let known: Option<String> =
+                tx.query_row("SELECT name FROM templates WHERE name = ?1", [template], |r| r.get(0)).optional()?;
+            if known.is_none() {
+                return Err(Refusal::new(404, "unknown_template", format!("no template {template:?}")));
+            }
+        }
         tx.execute(
-            "INSERT INTO tokens (hash, created_at, expires_at, node_name, bound_mac, bound_uuid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![token_hash(&token), t, t + secs(ttl), bind.node_name, bind.mac, bind.smbios_uuid],
+            "INSERT INTO tokens (hash, created_at, expires_at, node_name, bound_mac, bound_uuid, template) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![token_hash(&token), t, t + secs(ttl), bind.node_name, bind.mac, bind.smbios_uuid, bind.template],
         )?;
-        let data = serde_json::json!({"ttl_s": ttl.as_secs(), "node": bind.node_name, "mac": bind.mac, "smbios_uuid": bind.smbios_uuid});
+        let data = serde_json::json!({"ttl_s": ttl.as_secs(), "node": bind.node_name, "mac": bind.mac, "smbios_uuid": bind.smbios_uuid, "template": bind.template});
         audit::append(&tx, t, actor, "token.create", &token_hash(&token)[..16], &data)?;
         tx.commit()?;
         Ok(token)
@@ -75,15 +84,15 @@ impl Store {
         let tx = conn.unchecked_transaction()?;
         let t = now();
         let hash = token_hash(&req.token);
-        type Row = (i64, Option<i64>, Option<String>, Option<String>, Option<String>);
+        type Row = (i64, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>);
         let row: Option<Row> = tx
             .query_row(
-                "SELECT expires_at, used_at, node_name, bound_mac, bound_uuid FROM tokens WHERE hash = ?1",
+                "SELECT expires_at, used_at, node_name, bound_mac, bound_uuid, template FROM tokens WHERE hash = ?1",
                 [&hash],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .optional()?;
-        let Some((expires_at, used_at, bound_name, bound_mac, bound_uuid)) = row else {
+        let Some((expires_at, used_at, bound_name, bound_mac, bound_uuid, template)) = row else {
             return Err(Refusal::new(401, "token_unknown", "bootstrap token is not known"));
         };
         if used_at.is_some() {
@@ -150,6 +159,12 @@ impl Store {
             Self::transition(&tx, &node_id, NodeState::Provisioning, &actor, "re-enrollment")?;
         }
         Self::transition(&tx, &node_id, NodeState::Bootstrapping, &actor, "enrolled")?;
+        if let Some(template) = &template {
+            tx.execute(
+                "UPDATE nodes SET template = ?1, generation = generation + 1 WHERE id = ?2",
+                params![template, node_id],
+            )?;
+        }
         tx.execute(
             "INSERT INTO certs (serial, node_id, not_after) VALUES (?1, ?2, ?3)",
             params![serial, node_id, not_after as i64],

@@ -58,6 +58,7 @@ struct TokenRequest {
     node: Option<String>,
     mac: Option<String>,
     smbios_uuid: Option<String>,
+    template: Option<String>,
     ttl_s: Option<u64>,
 }
 
@@ -65,7 +66,7 @@ async fn token_create(Extension(plane): P, Extension(conn): C, raw: Body) -> Api
     let actor = operator(&plane, &conn, "token_create")?;
     let req: TokenRequest = body(&plane, &conn, "token_create", raw).await?;
     run(&plane, &conn, "token_create", move |p| {
-        let bind = crate::api::parse_binding(req.node, req.mac, req.smbios_uuid);
+        let bind = crate::api::parse_binding(req.node, req.mac, req.smbios_uuid, req.template);
         p.store.create_token(req.ttl_s.map(Duration::from_secs), &bind, &actor)
     })
     .await

@@ -104,6 +104,8 @@ pub struct NodeView {
     pub module_digests: serde_json::Value,
     pub last_reconcile: Option<String>,
     pub heartbeats: i64,
+    /// The object store kind the node last reported (`zram+verity`, `tmpfs-insecure`, …).
+    pub store: Option<String>,
 }
 
 impl Store {
@@ -164,8 +166,12 @@ impl Store {
     /// `running` once it says `ready`, or back to `bootstrapping` when a new boot handshakes
     /// before it is ready.
     pub fn report(&self, id: &str, report: &NodeReport, handshake: bool) -> Result<ReportResponse, Refusal> {
-        if report.boot_id.len() > 128 || report.agent_version.len() > 128 || report.phase.len() > 64 {
-            return Err(Refusal::new(400, "bad_report", "boot_id, agent_version or phase is too long"));
+        if report.boot_id.len() > 128
+            || report.agent_version.len() > 128
+            || report.phase.len() > 64
+            || report.store.as_ref().is_some_and(|s| s.len() > 64)
+        {
+            return Err(Refusal::new(400, "bad_report", "boot_id, agent_version, phase or store is too long"));
         }
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
@@ -185,7 +191,8 @@ impl Store {
         tx.execute(
             "UPDATE nodes SET last_seen = ?1, boot_id = ?2, agent_version = ?3, phase = ?4,
                  phase_timings = CASE WHEN ?5 = '{}' THEN phase_timings ELSE ?5 END,
-                 module_digests = ?6, last_reconcile = ?7, probe_summary = ?8, heartbeats = heartbeats + ?9
+                 module_digests = ?6, last_reconcile = ?7, probe_summary = ?8, heartbeats = heartbeats + ?9,
+                 store = COALESCE(?11, store)
              WHERE id = ?10",
             params![
                 now(),
@@ -197,7 +204,8 @@ impl Store {
                 report.last_reconcile,
                 report.probe_summary,
                 i64::from(!handshake),
-                id
+                id,
+                report.store
             ],
         )?;
         if handshake {
@@ -262,7 +270,7 @@ impl Store {
 
     fn query_nodes(&self, key: Option<&str>) -> Result<Vec<NodeView>, Refusal> {
         const COLUMNS: &str = "SELECT id, name, state, revoked, template, generation, last_seen, boot_id, agent_version, \
-                               phase, phase_timings, module_digests, last_reconcile, heartbeats FROM nodes";
+                               phase, phase_timings, module_digests, last_reconcile, heartbeats, store FROM nodes";
         let conn = self.conn();
         let sql = match key {
             None => format!("{COLUMNS} ORDER BY created_at, id"),
@@ -286,6 +294,7 @@ impl Store {
                 module_digests: json(r.get(11)?),
                 last_reconcile: r.get(12)?,
                 heartbeats: r.get(13)?,
+                store: r.get(14)?,
             })
         };
         let rows = match key {

@@ -64,6 +64,10 @@ pub struct NodeReport {
     pub last_reconcile: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_summary: Option<String>,
+    /// Object store kind and whether the kernel enforces verity (`zram+verity`,
+    /// `tmpfs-insecure`, `dir`): an insecure store shows in every report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

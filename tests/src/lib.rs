@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod craft;
 pub mod http;
+pub mod lab;
 pub mod plane;
 pub mod registry;
 pub mod tools;

@@ -16,6 +16,8 @@ use rustix::mount::{FsMountFlags, MountAttrFlags, MountFlags, fsconfig_create, f
 
 use super::store::PreparedStore;
 
+use composefs_ioctls::loop_device::flags::{LO_FLAGS_AUTOCLEAR, LO_FLAGS_READ_ONLY};
+
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     #[error("no module has the root role")]
@@ -106,9 +108,21 @@ pub fn mount_root(
 fn mount_image(module: &VerifiedModule, dir: &Path) -> Result<(), MountError> {
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
     let erofs = |source| MountError::Erofs { module: module.config().name.clone(), source };
-    let image: OwnedFd = rustix::fs::open(module.image_path(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| erofs(e.into()))?;
-    let mnt = erofs_mount(image).map_err(erofs)?;
+    let open = || rustix::fs::open(module.image_path(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty());
+    let image: OwnedFd = open().map_err(|e| erofs(e.into()))?;
+    let mnt = match erofs_mount(image) {
+        Ok(mnt) => mnt,
+        // File-backed EROFS needs a filesystem with direct block mapping; tmpfs has none, so
+        // the image goes through a read-only loop device (released when unmounted).
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOTBLK.raw_os_error()) => {
+            let image = open().map_err(|e| erofs(e.into()))?;
+            let flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR;
+            let dev = composefs_ioctls::loop_device::loopify_with_flags(&image, flags).map_err(erofs)?;
+            tracing::debug!(module = %module.config().name, "EROFS image on a filesystem without block mapping; using a loop device");
+            erofs_mount(dev).map_err(erofs)?
+        }
+        Err(e) => return Err(erofs(e)),
+    };
     mount_at(mnt.as_fd(), CWD, dir).map_err(|e| erofs(e.into()))?;
     Ok(())
 }

@@ -1,0 +1,220 @@
+//! The agent's boot pipeline against real peers on loopback: the distribution registry, the
+//! reference plane over mTLS, real mounts (EROFS + overlayfs) in a private mount namespace.
+//! The host kernel has no fs-verity, so these boots run with `ironroot.verity=optional` and the
+//! record says `verity: false`; kernel enforcement is tested in the QEMU tier.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
+
+use std::path::Path;
+
+use ironroot_tests::lab::{Lab, compare_trees, objects_in};
+
+fn blob_gets(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/")).count()
+}
+
+fn registry_requests(log: &str) -> usize {
+    log.lines().filter(|l| l.contains("\"GET /v2/") || l.contains("\"HEAD /v2/")).count()
+}
+
+fn enrollments(lab: &Lab) -> usize {
+    lab.plane.journal("enroll.accepted").len()
+}
+
+#[test]
+fn full_pipeline_mounts_the_signed_root_and_a_warm_boot_fetches_and_enrolls_nothing() {
+    let lab = Lab::start();
+    let node =
+        lab.node_root(&format!("ironroot.token={} ironroot.node=n1 ironroot.store=dir:/persist", lab.token("n1")));
+
+    let first = node.boot(&[]);
+    let record = first.record();
+    assert_eq!(record["store"]["kind"], "dir");
+    assert_eq!(record["store"]["verity"], false, "the host kernel has no fs-verity");
+    assert_eq!(record["store"]["insecure"], true);
+    assert_eq!(record["root"]["verity"], false);
+    assert!(first.stderr.contains("without fs-verity"), "the boot says it runs without verity:\n{}", first.stderr);
+    assert_eq!(record["reused_certificate"], false);
+    assert_eq!(record["modules"][0]["serial"], 5);
+    assert_eq!(record["identity"]["values"]["node"]["source"], "cmdline");
+    assert_eq!(record["identity"]["values"]["token"]["value"], "<redacted>");
+    for phase in ["discover", "store", "enroll", "fetch", "verify", "mount"] {
+        assert!(record["phases_ms"][phase].is_u64(), "timing for {phase}");
+    }
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.path().join("run/ironroot/boot.json")).unwrap()).unwrap();
+    assert_eq!(on_disk, record, "boot.json is what the agent printed");
+    let compared = compare_trees(&lab.tree, &first.sysroot());
+    assert!(compared > 20, "compared {compared} entries");
+    // The root is writable (upper on tmpfs) and writes do not reach the store.
+    std::fs::write(first.sysroot().join("etc/written-at-boot"), b"x").expect("write through the overlay");
+    let key_mode = std::fs::metadata(node.path().join("persist/ironroot/node.key")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777, 0o600);
+    drop(first);
+
+    let (blobs, requests, enrolled) =
+        (blob_gets(&lab.registry.log()), registry_requests(&lab.registry.log()), enrollments(&lab));
+    assert!(blobs >= 3, "the cold boot fetched config, image and packs ({blobs} blob GETs)");
+    assert_eq!(enrolled, 1);
+
+    // Warm boot: same persist directory. The token is spent, so enrolling again would fail.
+    let second = node.boot(&[]);
+    let warm = second.record();
+    assert_eq!(warm["reused_certificate"], true);
+    assert_eq!(warm["node_id"], record["node_id"]);
+    assert_eq!(warm["modules"][0]["downloaded_bytes"], 0);
+    assert_eq!(registry_requests(&lab.registry.log()), requests, "the registry saw no request from the warm boot");
+    assert_eq!(enrollments(&lab), enrolled, "the plane recorded no second enrollment");
+    // The writable layer lives on /persist/overlay for a disk-backed node: it survived.
+    let written = second.sysroot().join("etc/written-at-boot");
+    assert_eq!(std::fs::read(&written).expect("kept across boots"), b"x");
+    std::fs::remove_file(&written).unwrap();
+    compare_trees(&lab.tree, &second.sysroot());
+}
+
+#[test]
+fn plane_down_at_start_is_retried_a_bounded_number_of_times_then_names_the_phase() {
+    let lab = Lab::start();
+    let node = lab.node_root("ironroot.token=irt_x ironroot.store=dir:/persist");
+    // A port that was free a moment ago: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let line = std::fs::read_to_string(node.path().join("proc/cmdline")).unwrap();
+    node.set_cmdline(&line.replace(&lab.plane.addr, &closed.to_string()));
+    let b = node.boot(&[]);
+    assert_eq!(b.code, 21, "enroll exit code:\n{}", b.stderr);
+    assert!(b.stderr.contains("boot failed in phase enroll"), "{}", b.stderr);
+    assert!(b.stderr.contains("reaching the plane"), "{}", b.stderr);
+    assert_eq!(b.stderr.matches("enrollment failed; retrying").count(), 2, "3 tries, 2 waits:\n{}", b.stderr);
+    assert!(b.mounts().iter().all(|m| !m.ends_with("sysroot")), "nothing mounted");
+}
+
+/// Boots `node` and asserts a refusal: exit `code`, message `needle`, no root mounted, no
+/// unverified object in the store.
+fn assert_refused(node: &ironroot_tests::lab::NodeRoot, code: i32, needle: &str) {
+    let b = node.boot(&[]);
+    assert_eq!(b.code, code, "expected exit {code}:\n{}", b.stderr);
+    assert!(b.stderr.contains(needle), "expected {needle:?} in:\n{}", b.stderr);
+    assert!(b.mounts().iter().all(|m| !m.ends_with("sysroot")), "nothing mounted: {:?}", b.mounts());
+    let store = node.path().join("persist/ironroot/store");
+    assert_eq!(objects_in(&store), 0, "no object entered the store");
+    assert!(
+        !std::fs::read_dir(&store).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with(".staging"))
+    );
+}
+
+#[test]
+fn registry_serving_wrong_bytes_is_refused_and_nothing_is_mounted() {
+    let lab = Lab::start();
+    // Corrupt the biggest blob (a pack) in the registry's own storage.
+    let storage = lab.registry.dir().join("storage/docker/registry/v2/blobs");
+    let mut biggest = (0, std::path::PathBuf::new());
+    for e in walk(&storage) {
+        let len = std::fs::metadata(&e).map(|m| m.len()).unwrap_or(0);
+        if len > biggest.0 {
+            biggest = (len, e);
+        }
+    }
+    let mut bytes = std::fs::read(&biggest.1).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&biggest.1, bytes).unwrap();
+    let node =
+        lab.node_root(&format!("ironroot.token={} ironroot.node=n1 ironroot.store=dir:/persist", lab.token("n1")));
+    assert_refused(&node, 11, "digest");
+}
+
+#[test]
+fn a_module_signed_by_an_untrusted_key_is_refused() {
+    let lab = Lab::start();
+    let other = lab.publish(&lab.tree, "rogue", 9, "other-keys");
+    lab.assign(&other, 9);
+    let node =
+        lab.node_root(&format!("ironroot.token={} ironroot.node=n1 ironroot.store=dir:/persist", lab.token("n1")));
+    assert_refused(&node, 10, "signature");
+}
+
+#[test]
+fn a_rollback_below_the_kept_serial_floor_is_refused() {
+    let lab = Lab::start();
+    let node =
+        lab.node_root(&format!("ironroot.token={} ironroot.node=n1 ironroot.store=dir:/persist", lab.token("n1")));
+    drop(node.boot(&[]).record());
+    let floors: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(node.path().join("persist/ironroot/serials.json")).unwrap()).unwrap();
+    assert_eq!(floors["base"], 5);
+    // The plane now offers an older (validly signed) build with a matching floor of its own.
+    let older_tree = lab.work.path().join("older");
+    std::fs::create_dir_all(&older_tree).unwrap();
+    std::fs::write(older_tree.join("old"), b"old").unwrap();
+    let older = lab.publish(&older_tree, "base", 3, "keys");
+    lab.assign(&older, 3);
+    let b = node.boot(&[]);
+    assert_eq!(b.code, 12, "policy exit:\n{}", b.stderr);
+    assert!(b.stderr.contains("rollback refused"), "{}", b.stderr);
+    assert!(b.mounts().iter().all(|m| !m.ends_with("sysroot")));
+}
+
+#[test]
+fn tmpfs_insecure_store_is_reported_as_insecure() {
+    let lab = Lab::start();
+    let node =
+        lab.node_root(&format!("ironroot.token={} ironroot.node=n2 ironroot.store=tmpfs-insecure", lab.token("n2")));
+    let b = node.boot(&[]);
+    let record = b.record();
+    assert_eq!(record["store"]["kind"], "tmpfs-insecure");
+    assert_eq!(record["store"]["insecure"], true);
+    assert_eq!(record["store"]["persistent"], false);
+    compare_trees(&lab.tree, &b.sysroot());
+}
+
+#[test]
+fn verity_required_by_default_refuses_a_store_without_it() {
+    let lab = Lab::start();
+    let node =
+        lab.node_root(&format!("ironroot.token={} ironroot.node=n3 ironroot.store=dir:/persist", lab.token("n3")));
+    let line = std::fs::read_to_string(node.path().join("proc/cmdline")).unwrap();
+    node.set_cmdline(&line.replace("ironroot.verity=optional", ""));
+    let b = node.boot(&[]);
+    assert_eq!(b.code, 23, "store exit:\n{}", b.stderr);
+    assert!(b.stderr.contains("has no fs-verity") && b.stderr.contains("ironroot.verity=require"), "{}", b.stderr);
+}
+
+#[test]
+fn diskless_zram_store_is_created_formatted_and_used() {
+    let lab = Lab::start();
+    let node = lab.node_root(&format!("ironroot.token={} ironroot.node=n4 ironroot.store=zram", lab.token("n4")));
+    let b = node.boot(&[]);
+    let record = b.record();
+    let device = record["store"]["device"].as_str().expect("zram device").to_owned();
+    assert!(device.starts_with("/dev/zram"), "{device}");
+    assert_eq!(record["store"]["kind"], "zram");
+    assert!(b.mounts().iter().any(|m| m.ends_with("run/ironroot/store")), "store mounted: {:?}", b.mounts());
+    compare_trees(&lab.tree, &b.sysroot());
+    drop(b);
+    // The namespace and its mounts are gone with the shell; give the device back.
+    let id = device.trim_start_matches("/dev/zram");
+    let mut removed = false;
+    for _ in 0..50 {
+        if std::fs::write("/sys/class/zram-control/hot_remove", id).is_ok() {
+            removed = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(removed, "zram{id} could not be removed");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
