@@ -21,7 +21,7 @@ const MAX_VALUE: usize = 1024;
 pub enum DocError {
     #[error("reading: {0}")]
     Io(String),
-    #[error("is over {MAX_DOC} bytes (refused unread)")]
+    #[error("is over {MAX_DOC} bytes (reading stopped there)")]
     TooLarge,
     #[error("is not UTF-8 (at byte {0})")]
     NotUtf8(usize),

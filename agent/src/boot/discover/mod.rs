@@ -128,7 +128,7 @@ pub const LOCAL_FILE: &str = "etc/ironroot/identity.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoverError {
-    #[error("kernel command line")]
+    #[error(transparent)]
     Cmdline(#[from] cmdline::ReadError),
     #[error("fw_cfg {path}")]
     FwCfg { path: PathBuf, source: DocError },
