@@ -20,8 +20,16 @@ demo: deps
 
 # Benchmarks against their baselines, measured in the same run (ratios printed, not asserted).
 bench: deps
-    cargo build --release --locked -p ironroot-build -p ironroot-plane -p ironroot-tests
+    cargo build --release --locked -p ironroot-build -p ironroot-plane -p ironroot-agent -p ironroot-tests
     bash scripts/bench.sh
+
+# Coverage-guided fuzzing of every parser that reads untrusted bytes (nightly + cargo-fuzz;
+# not part of CI). SECONDS per target, default 60.
+fuzz seconds="60":
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+    cd fuzz && for t in cmdline identity_doc smbios_oem pack_reader manifest_config; do \
+        mkdir -p "corpus/$t" && cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
+            -max_total_time={{seconds}} -rss_limit_mb=1024 || exit 1; done
 
 # Release build of every binary.
 build:

@@ -5,6 +5,10 @@
 #   module build      ironroot-build module build      vs mkcomposefs --min-version=1 --digest-store   target <= 1.0 (time ratio)
 #   fs-verity digest  ironroot-build verity            vs openssl dgst -sha256 (SHA extensions)       target >= 0.8 (throughput ratio)
 #   module verify     ironroot-build module verify     vs openssl dgst -sha256 of the same blob bytes target >= 0.5 (throughput ratio)
+#   agent pull        ironroot-agent pull of a >= 1 GiB module (BENCH_PULL_MB, default 1100) from the
+#                     loopback registry into a RAM store, vs openssl dgst -sha256 of the same bytes
+#                     (target >= 0.5, throughput), and the agent's peak RSS above its idle RSS
+#                     (target <= 64 MiB)
 #   plane fan-in      BENCH_NODES (10000) persistent mTLS connections heartbeating every 30 s for
 #                     BENCH_PLANE_SECONDS (60): p50/p99 latency and plane CPU (targets p99 <= 20 ms,
 #                     <= 0.5 core), then SIGKILL + restart and time until all re-handshake (<= 60 s)
@@ -88,6 +92,58 @@ printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "fs-verity digest" "$(mbps "$bytes_
 printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "module verify" "$(mbps "$bytes_module" "$t_verify")" "$(mbps "$bytes_module" "$t_sha_mod")" "$(ratio "$t_sha_mod" "$t_verify")" ">= 0.5 (throughput; openssl dgst -sha256, same bytes)"
 printf '%-18s %10s MB/s %10s MB/s %8s  %s\n' "  ... into a store" "$(mbps "$bytes_module" "$t_verify_store")" "$(mbps "$bytes_module" "$t_sha_mod")" "$(ratio "$t_sha_mod" "$t_verify_store")" "(informational: --store on disk adds the copy of every object)"
 printf '\n(%s MiB tree, %s MiB of module blobs, best of %s runs each)\n' "$((bytes_tree >> 20))" "$((bytes_module >> 20))" "$RUNS"
+
+# 4. agent pull of a >= 1 GiB module into a RAM-backed store (the diskless node's case)
+PULL_MB=${BENCH_PULL_MB:-1100}
+PULL_RUNS=${BENCH_PULL_RUNS:-3}
+AGENT=target/release/ironroot-agent
+echo "bench: generating a ${PULL_MB} MiB tree for agent pull" >&2
+python3 - "$WORK/big" "$PULL_MB" <<'PY'
+import os, random, sys
+root, total = sys.argv[1], int(sys.argv[2]) << 20
+rng = random.Random(11)
+written, i = 0, 0
+while written < total:
+    d = os.path.join(root, f"d{i // 100:03d}")
+    os.makedirs(d, exist_ok=True)
+    size = rng.choice([4096, 64 << 10, 1 << 20, 8 << 20, 32 << 20])
+    with open(os.path.join(d, f"f{i:05d}"), "wb") as f:
+        f.write(os.urandom(size))
+    written += size
+    i += 1
+PY
+$BIN module build --from "$WORK/big" --name big --version 1 --serial 1 --out "$WORK/big-layout" >/dev/null
+rm -rf "$WORK/big"
+BIG=$($BIN module push "$WORK/big-layout" "127.0.0.1:$PORT/bench/big:1")
+$BIN module sign "$BIG" --key "$WORK/keys/ironroot.key" >/dev/null
+big_blobs=$(python3 - "$WORK/big-layout" "${BIG#*@}" <<'PY'
+import json, sys
+layout, digest = sys.argv[1], sys.argv[2]
+m = json.load(open(f"{layout}/blobs/sha256/{digest[7:]}"))
+print(" ".join(f"{layout}/blobs/sha256/{d['digest'][7:]}" for d in [m["config"], *m["layers"]]))
+PY
+)
+bytes_big=$(du -cb $big_blobs | tail -n1 | cut -f1)
+PSTORE=$(mktemp -d /dev/shm/ironroot-bench-store.XXXXXX)
+RUNS_SAVED=$RUNS; RUNS=$PULL_RUNS
+t_pull=$(best_of "rm -rf $PSTORE/s && $AGENT pull $BIG --trust $WORK/keys/ironroot.pub --store $PSTORE/s")
+t_sha_big=$(best_of "openssl dgst -sha256 $big_blobs")
+RUNS=$RUNS_SAVED
+# Peak RSS (KiB) of a command, from the kernel's accounting of waited-for children.
+max_rss() { python3 -c 'import resource, subprocess, sys
+subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)' "$@"; }
+rm -rf "$PSTORE/s"
+rss_pull=$(max_rss $AGENT pull "$BIG" --trust "$WORK/keys/ironroot.pub" --store "$PSTORE/s")
+mkdir -p "$WORK/empty-root/proc" && echo quiet >"$WORK/empty-root/proc/cmdline"
+rss_idle=$(max_rss $AGENT identity --root "$WORK/empty-root")
+rm -rf "$PSTORE"
+printf '
+%-18s %10s MB/s %10s MB/s %8s  %s
+' "agent pull" "$(mbps "$bytes_big" "$t_pull")" "$(mbps "$bytes_big" "$t_sha_big")" "$(ratio "$t_sha_big" "$t_pull")" ">= 0.5 (throughput; openssl dgst -sha256, same bytes)"
+printf '%-18s %9s MiB %9s MiB %8s  %s
+' "  peak RSS" "$((rss_pull >> 10))" "$((rss_idle >> 10))" "+$(((rss_pull - rss_idle) >> 10))" "<= +64 MiB above idle (idle: the agent discovering an empty root)"
+printf '(%s MiB module, best of %s runs; store on tmpfs)\n' "$((bytes_big >> 20))" "$PULL_RUNS"
 
 echo
 echo "bench: plane heartbeat fan-in (${BENCH_NODES:-10000} nodes, ${BENCH_PLANE_SECONDS:-60} s)" >&2
