@@ -16,7 +16,7 @@ use crate::boot::{self, BootOptions, discover, retry::Backoff};
 use crate::exit::Exit;
 
 #[derive(Debug, Parser)]
-#[command(name = "ironroot-agent", version, about = "ironroot node agent")]
+#[command(name = "ironroot-agent", version, about = "ironroot node agent", args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

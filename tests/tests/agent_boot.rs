@@ -88,6 +88,17 @@ fn plane_down_at_start_is_retried_a_bounded_number_of_times_then_names_the_phase
     assert!(b.mounts().iter().all(|m| !m.ends_with("sysroot")), "nothing mounted");
 }
 
+#[test]
+fn a_refused_token_is_not_retried() {
+    let lab = Lab::start();
+    let node = lab.node_root("ironroot.token=irt_not_a_token ironroot.node=n5 ironroot.store=dir:/persist");
+    let b = node.boot(&["--retries", "5"]);
+    assert_eq!(b.code, 21, "enroll exit:\n{}", b.stderr);
+    assert!(b.stderr.contains("token_unknown"), "{}", b.stderr);
+    assert!(!b.stderr.contains("retrying"), "a refusal is final:\n{}", b.stderr);
+    assert_eq!(lab.plane.journal("refused.enroll").len(), 1, "the plane saw exactly one attempt");
+}
+
 /// Boots `node` and asserts a refusal: exit `code`, message `needle`, no root mounted, no
 /// unverified object in the store.
 fn assert_refused(node: &ironroot_tests::lab::NodeRoot, code: i32, needle: &str) {

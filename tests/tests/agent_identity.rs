@@ -140,8 +140,16 @@ fn junk_smbios_is_ignored_with_a_note_but_a_bad_ironroot_oem_string_is_an_error(
     assert_eq!(out["values"].as_object().unwrap().len(), 1, "only the cmdline's node: {out}");
     assert_eq!(out["notes"].as_array().unwrap().len(), 4, "uuid, serial and both entries noted: {out}");
 
-    refused(b"ironroot.node=n1", |r| write(r, "sys/firmware/dmi/entries/11-0/raw", &type11(&[b"io.ironroot.nodes=x"])), "names no identity key");
-    refused(b"ironroot.node=n1", |r| write(r, "sys/firmware/dmi/entries/11-0/raw", &type11(&[b"io.ironroot.node=\xff"])), "not UTF-8");
+    refused(
+        b"ironroot.node=n1",
+        |r| write(r, "sys/firmware/dmi/entries/11-0/raw", &type11(&[b"io.ironroot.nodes=x"])),
+        "names no identity key",
+    );
+    refused(
+        b"ironroot.node=n1",
+        |r| write(r, "sys/firmware/dmi/entries/11-0/raw", &type11(&[b"io.ironroot.node=\xff"])),
+        "not UTF-8",
+    );
 }
 
 #[test]

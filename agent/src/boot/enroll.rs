@@ -188,3 +188,58 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()?;
     std::fs::rename(&partial, path)
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, PKCS_ED25519, SanType};
+
+    use super::*;
+
+    struct Ca {
+        pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn ca(name: &str) -> Ca {
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { pem, issuer: Issuer::new(params, key) }
+    }
+
+    fn leaf(ca: &Ca, key: &KeyPair, uris: &[&str], valid: std::ops::Range<i64>) -> String {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+        params.not_before = ::time::OffsetDateTime::from_unix_timestamp(valid.start).unwrap();
+        params.not_after = ::time::OffsetDateTime::from_unix_timestamp(valid.end).unwrap();
+        format!("{}{}", params.signed_by(key, &ca.issuer).unwrap().pem(), ca.pem)
+    }
+
+    #[test]
+    fn the_returned_certificate_is_checked_before_it_is_kept() {
+        let (plane, rogue) = (ca("plane"), ca("rogue"));
+        let ours = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let theirs = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let t = now();
+        let day = t - 10..t + 86_400;
+        let uri = "urn:ironroot:node:n1";
+        let check = |chain: &str| check_certificate(chain, &plane.pem, "n1", &ours.public_key_raw(), t);
+
+        assert_eq!(check(&leaf(&plane, &ours, &[uri], day.clone())), Ok(t + 86_400));
+        let cases = [
+            (leaf(&rogue, &ours, &[uri], day.clone()), "is not the plane CA"),
+            (leaf(&plane, &ours, &[uri], t - 100..t - 10), "not at"),
+            (leaf(&plane, &ours, &[uri], t + 100..t + 200), "not at"),
+            (leaf(&plane, &ours, &["urn:ironroot:node:n2"], day.clone()), "are not exactly"),
+            (leaf(&plane, &ours, &[uri, "urn:ironroot:operator:x"], day.clone()), "are not exactly"),
+            (leaf(&plane, &theirs, &[uri], day.clone()), "public key is not this node's"),
+            ("not pem".to_owned(), "no PEM certificate"),
+        ];
+        for (chain, needle) in cases {
+            let err = check(&chain).unwrap_err();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+}
