@@ -225,7 +225,7 @@ mod tests {
         let t = now();
         let day = t - 10..t + 86_400;
         let uri = "urn:ironroot:node:n1";
-        let check = |chain: &str| check_certificate(chain, &plane.pem, "n1", &ours.public_key_raw(), t);
+        let check = |chain: &str| check_certificate(chain, &plane.pem, "n1", ours.public_key_raw(), t);
 
         assert_eq!(check(&leaf(&plane, &ours, &[uri], day.clone())), Ok(t + 86_400));
         let cases = [
