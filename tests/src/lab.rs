@@ -57,22 +57,15 @@ impl Lab {
     /// Builds `tree` as module `name` with `serial`, signs it with the key in `keys_dir`, pushes
     /// it; returns its pinned registry reference.
     pub fn publish(&self, tree: &Path, name: &str, serial: u64, keys_dir: &str) -> String {
+        self.publish_as(tree, name, serial, keys_dir, "root")
+    }
+
+    /// [`Lab::publish`] with a mount role (`root`, `usr`, `opt`).
+    pub fn publish_as(&self, tree: &Path, name: &str, serial: u64, keys_dir: &str, role: &str) -> String {
         let layout = self.work.path().join(format!("layout-{name}-{serial}-{keys_dir}"));
-        let printed = build_cmd(&[
-            "module",
-            "build",
-            "--from",
-            &s(tree),
-            "--name",
-            name,
-            "--version",
-            &format!("1.{serial}"),
-            "--serial",
-            &serial.to_string(),
-            "--out",
-            &s(&layout),
-        ])
-        .ok();
+        let (tree, version, serial_s, out) = (s(tree), format!("1.{serial}"), serial.to_string(), s(&layout));
+        let args = ["module", "build", "--from", &tree, "--name", name, "--version", &version];
+        let printed = build_cmd(&[&args[..], &["--serial", &serial_s, "--role", role, "--out", &out]].concat()).ok();
         let digest = printed.rsplit('@').next().expect("digest").to_owned();
         let local = format!("oci:{}@{digest}", layout.display());
         build_cmd(&["module", "sign", &local, "--key", &s(&self.key(keys_dir, "ironroot.key"))]).ok();

@@ -166,6 +166,29 @@ fn a_rollback_below_the_kept_serial_floor_is_refused() {
 }
 
 #[test]
+fn extension_modules_are_further_lower_layers_over_the_root() {
+    let lab = Lab::start();
+    let ext_tree = lab.work.path().join("ext");
+    std::fs::create_dir_all(ext_tree.join("usr/share/ext")).unwrap();
+    std::fs::write(ext_tree.join("usr/share/ext/hello"), b"from the extension\n").unwrap();
+    std::fs::write(ext_tree.join("usr/share/ext/big"), vec![7u8; 100_000]).unwrap();
+    let ext = lab.publish_as(&ext_tree, "tools", 2, "keys", "usr");
+    let both = [format!("{},serial=5", lab.reference), format!("{ext},serial=2")];
+    lab.plane.op(&["template", "create", "base", "--module", &both[0], "--module", &both[1]]).ok();
+    let node =
+        lab.node_root(&format!("ironroot.token={} ironroot.node=n6 ironroot.store=dir:/persist", lab.token("n6")));
+    let b = node.boot(&[]);
+    let record = b.record();
+    assert_eq!(record["modules"].as_array().unwrap().len(), 2);
+    assert_eq!(record["root"]["layers"].as_array().unwrap().len(), 2);
+    let root = b.sysroot();
+    assert_eq!(std::fs::read(root.join("usr/share/ext/hello")).unwrap(), b"from the extension\n");
+    assert_eq!(std::fs::read(root.join("usr/share/ext/big")).unwrap(), vec![7u8; 100_000]);
+    assert!(root.join("usr/bin").is_dir(), "the root module's /usr is still there under the extension");
+    assert!(root.join("etc/one").exists());
+}
+
+#[test]
 fn tmpfs_insecure_store_is_reported_as_insecure() {
     let lab = Lab::start();
     let node =

@@ -5,7 +5,7 @@
 //! whenever the store is sealed, and a writable upper on tmpfs or `/persist/overlay`.
 //! Accepts only [`VerifiedModule`]s: nothing unverified can be mounted.
 
-use std::os::fd::{AsFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use composefs::mount::{FsHandle, erofs_mount, mount_at};
@@ -24,8 +24,6 @@ pub enum MountError {
     NoRoot,
     #[error("{count} modules have the root role; exactly one may")]
     TwoRoots { count: usize },
-    #[error("path {0} holds a character overlayfs cannot take in a layer list (':', ',', '\\\\')")]
-    BadPath(PathBuf),
     #[error("{op} {path}")]
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("mounting the EROFS image of {module}")]
@@ -46,14 +44,6 @@ pub struct MountedRoot {
 fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MountError + use<> {
     let path = path.to_owned();
     move |source| MountError::Io { op, path, source }
-}
-
-fn layer_path(p: &Path) -> Result<String, MountError> {
-    let s = p.to_str().ok_or_else(|| MountError::BadPath(p.to_owned()))?;
-    if s.contains([':', ',', '\\']) {
-        return Err(MountError::BadPath(p.to_owned()));
-    }
-    Ok(s.to_owned())
 }
 
 /// Mounts `modules` (exactly one with role root) at `target`; `run_dir` is `/run/ironroot`.
@@ -93,12 +83,11 @@ pub fn mount_root(
     for d in [&upper, &work, &target.to_path_buf()] {
         std::fs::create_dir_all(d).map_err(io("creating", d))?;
     }
-    let mut lowerdir = layers.iter().map(|l| layer_path(l)).collect::<Result<Vec<_>, _>>()?.join(":");
-    lowerdir.push_str("::");
-    lowerdir.push_str(&layer_path(store.objects.root())?);
+    let layer_refs: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
 
     let name = ordered.last().map_or("root", |m| m.config().name.as_str());
-    mount_overlay(name, &lowerdir, &layer_path(&upper)?, &layer_path(&work)?, store.verity, target)?;
+    let dirs = OverlayDirs { lower: &layer_refs, data: store.objects.root(), upper: &upper, work: &work };
+    mount_overlay(name, &dirs, store.verity, target)?;
     tracing::info!(target = %target.display(), verity = store.verity, layers = layers.len(), "composefs root mounted");
     Ok(MountedRoot { target: target.to_owned(), verity: store.verity, layers, upper })
 }
@@ -127,14 +116,18 @@ fn mount_image(module: &VerifiedModule, dir: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-fn mount_overlay(
-    name: &str,
-    lowerdir: &str,
-    upper: &str,
-    work: &str,
-    verity: bool,
-    target: &Path,
-) -> Result<(), MountError> {
+/// The directories of one overlay mount; lower layers uppermost first.
+struct OverlayDirs<'a> {
+    lower: &'a [&'a Path],
+    data: &'a Path,
+    upper: &'a Path,
+    work: &'a Path,
+}
+
+/// Layers are handed over one per `lowerdir+`/`datadir+` (kernel ≥ 6.8) as `/proc/self/fd/N`
+/// of an O_PATH descriptor: fsconfig string values are capped at 256 bytes, which a `lowerdir`
+/// list of long paths exceeds, and no path needs escaping this way.
+fn mount_overlay(name: &str, dirs: &OverlayDirs<'_>, verity: bool, target: &Path) -> Result<(), MountError> {
     let fail = |kernel: String| {
         move |e: rustix::io::Errno| MountError::Overlay { target: target.to_owned(), kernel, source: e.into() }
     };
@@ -150,9 +143,20 @@ fn mount_overlay(
     if verity {
         set("verity", "require")?;
     }
-    set("lowerdir", lowerdir)?;
-    set("upperdir", upper)?;
-    set("workdir", work)?;
+    let mut held = Vec::new();
+    let mut set_dir = |key: &str, dir: &Path| -> Result<(), MountError> {
+        let fd = rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| io("opening", dir)(e.into()))?;
+        let proc_path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        held.push(fd);
+        fsconfig_set_string(fs.as_fd(), key, &proc_path).map_err(fail(format!("{key}={} refused", dir.display())))
+    };
+    for lower in dirs.lower {
+        set_dir("lowerdir+", lower)?;
+    }
+    set_dir("datadir+", dirs.data)?;
+    set_dir("upperdir", dirs.upper)?;
+    set_dir("workdir", dirs.work)?;
     fsconfig_create(fs.as_fd()).map_err(fail("creating the overlay".into()))?;
     let mnt =
         fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).map_err(fail("fsmount".into()))?;
