@@ -238,6 +238,53 @@ fn diskless_zram_store_is_created_formatted_and_used() {
     assert!(removed, "zram{id} could not be removed");
 }
 
+/// A loop device over a sparse file, detached on drop.
+struct LoopDisk {
+    dev: String,
+    _file: tempfile::NamedTempFile,
+}
+
+impl LoopDisk {
+    fn new(size: u64) -> Self {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(size).unwrap();
+        let out = std::process::Command::new("losetup").args(["--find", "--show"]).arg(file.path()).output().unwrap();
+        assert!(out.status.success(), "losetup: {}", String::from_utf8_lossy(&out.stderr));
+        Self { dev: String::from_utf8(out.stdout).unwrap().trim().to_owned(), _file: file }
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let _detached = std::process::Command::new("losetup").args(["--detach", &self.dev]).status();
+    }
+}
+
+#[test]
+fn a_blank_persistent_disk_is_formatted_once_and_keeps_the_store_across_boots() {
+    let lab = Lab::start();
+    let disk = LoopDisk::new(256 << 20);
+    let node =
+        lab.node_root(&format!("ironroot.token={} ironroot.node=n7 ironroot.store=disk:{}", lab.token("n7"), disk.dev));
+    let first = node.boot(&[]);
+    let record = first.record();
+    assert_eq!((record["store"]["kind"].as_str(), record["store"]["persistent"].as_bool()), (Some("disk"), Some(true)));
+    assert!(first.stderr.contains("blank disk; formatting"), "{}", first.stderr);
+    assert!(first.mounts().iter().any(|m| m.ends_with("/persist")), "{:?}", first.mounts());
+    compare_trees(&lab.tree, &first.sysroot());
+    drop(first);
+    // Nothing of the store is on the root's own /persist directory: it was on the disk.
+    assert_eq!(std::fs::read_dir(node.path().join("persist")).unwrap().count(), 0);
+
+    let requests = registry_requests(&lab.registry.log());
+    let second = node.boot(&[]);
+    let warm = second.record();
+    assert!(!second.stderr.contains("formatting"), "a disk with a filesystem is never formatted:\n{}", second.stderr);
+    assert_eq!(warm["reused_certificate"], true);
+    assert_eq!(warm["modules"][0]["downloaded_bytes"], 0);
+    assert_eq!(registry_requests(&lab.registry.log()), requests, "warm from the disk: no registry request");
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
