@@ -238,6 +238,20 @@ fn diskless_zram_store_is_created_formatted_and_used() {
     assert!(removed, "zram{id} could not be removed");
 }
 
+#[test]
+fn a_failed_mount_phase_leaves_no_partial_root_mounted() {
+    let lab = Lab::start();
+    let node =
+        lab.node_root(&format!("ironroot.token={} ironroot.node=n8 ironroot.store=tmpfs-insecure", lab.token("n8")));
+    // The target is a file: the layers mount, then the overlay cannot.
+    let target = node.path().join("etc/ironroot/trust.pem");
+    let b = node.boot(&["--target", target.to_str().unwrap()]);
+    assert_eq!(b.code, 24, "mount exit:\n{}", b.stderr);
+    assert!(b.stderr.contains("boot failed in phase mount"), "{}", b.stderr);
+    let left: Vec<_> = b.mounts().into_iter().filter(|m| !m.ends_with("run/ironroot/store")).collect();
+    assert!(left.is_empty(), "layers and overlay tmpfs detached again: {left:?}");
+}
+
 /// A loop device over a sparse file, detached on drop.
 struct LoopDisk {
     dev: String,

@@ -63,10 +63,33 @@ pub fn mount_root(
     let mut ordered: Vec<&VerifiedModule> = modules.iter().filter(|m| m.config().role != MountRole::Root).collect();
     ordered.extend(modules.iter().filter(|m| m.config().role == MountRole::Root));
 
+    let mut mounted = Vec::new();
+    let result = assemble(&ordered, store, run_dir, target, &mut mounted);
+    if result.is_err() {
+        // A failed mount phase leaves no partial root behind.
+        for dir in mounted.iter().rev() {
+            if let Err(e) = rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not detach a mount after a failed boot");
+            }
+        }
+    }
+    result
+}
+
+/// Mounts the layers, the overlay's tmpfs (if any) and the overlay; `mounted` collects what was
+/// mounted so the caller can undo it.
+fn assemble(
+    ordered: &[&VerifiedModule],
+    store: &PreparedStore,
+    run_dir: &Path,
+    target: &Path,
+    mounted: &mut Vec<PathBuf>,
+) -> Result<MountedRoot, MountError> {
     let mut layers = Vec::new();
-    for module in &ordered {
+    for module in ordered {
         let dir = run_dir.join("layers").join(module.digest().hex());
         mount_image(module, &dir)?;
+        mounted.push(dir.clone());
         layers.push(dir);
     }
     let upper_parent = match &store.overlay_dir {
@@ -76,6 +99,7 @@ pub fn mount_root(
             std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
             rustix::mount::mount("tmpfs", &dir, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, c"mode=0755")
                 .map_err(|e| io("mounting tmpfs on", &dir)(e.into()))?;
+            mounted.push(dir.clone());
             dir
         }
     };
