@@ -515,3 +515,34 @@ async fn audit_verify_names_the_first_edited_record() {
         out.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_carries_its_template_and_reports_carry_the_store_kind() {
+    let p = TestPlane::start(&[]);
+    let err = p.op(&["token", "create", "--node", "t1", "--template", "nope"]);
+    err.refused(1, "unknown_template");
+    let digest = format!("sha256:{}", "cd".repeat(32));
+    p.op(&["template", "create", "web", "--module", &format!("127.0.0.1:5000/ironroot/web@{digest},serial=4")]).ok();
+    let token = p.op(&["token", "create", "--node", "t1", "--template", "web"]).ok();
+    let key = NodeKey::ed25519();
+    let (status, body) =
+        enroll_raw(&p, &json!({"token": token, "csr": key.csr(&[]), "identity": {"name": "t1"}})).await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["node_id"].as_str().unwrap().to_owned();
+    let client = p.with_identity(body["certificate"].as_str().unwrap(), &key.key_pem());
+    let (status, desired) = call(&client, &p, "GET", &format!("/v1/nodes/{id}/desired"), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(desired["template"], "web", "assigned at enrollment: {desired}");
+    assert_eq!(desired["modules"][0]["serial"], 4);
+
+    let mut r = report("ready");
+    r["store"] = json!("tmpfs-insecure");
+    let (status, _) = call(&client, &p, "POST", &format!("/v1/nodes/{id}/heartbeat"), Some(r)).await;
+    assert_eq!(status, 200);
+    let shown: Value = serde_json::from_str(&p.op(&["node", "show", "t1", "--json"]).ok()).unwrap();
+    assert_eq!(shown["store"], "tmpfs-insecure", "{shown}");
+    // A report without the field keeps what was reported before.
+    heartbeat(&client, &p, &id).await;
+    let shown: Value = serde_json::from_str(&p.op(&["node", "show", "t1", "--json"]).ok()).unwrap();
+    assert_eq!(shown["store"], "tmpfs-insecure");
+}
