@@ -129,9 +129,11 @@ fn field_str(f: &[u8]) -> &[u8] {
     f.split(|&b| b == 0).next().unwrap_or(&[])
 }
 
+/// An octal number field, or (12-byte fields only) GNU base-256 holding at most 64 bits.
+/// Found by `just fuzz`: a base-256 marker in the 8-byte checksum field once indexed past it.
 fn parse_size(f: &[u8]) -> Option<u64> {
-    if f[0] & 0x80 != 0 {
-        if f[0] != 0x80 || f[1..4].iter().any(|&b| b != 0) {
+    if *f.first()? & 0x80 != 0 {
+        if f.len() != 12 || f[0] != 0x80 || f[1..4].iter().any(|&b| b != 0) {
             return None;
         }
         return Some(u64::from_be_bytes(f[4..12].try_into().ok()?));

@@ -198,3 +198,13 @@ fn large_sizes_use_base256() {
 fn empty_pack_is_valid() {
     assert!(read_all(&pack_of(&[])).unwrap().is_empty());
 }
+
+#[test]
+fn a_base_256_marker_in_the_checksum_field_is_an_error_not_a_panic() {
+    // Regression from `just fuzz` (pack_reader): the 8-byte checksum field read as base-256.
+    let objs = objects(1);
+    let mut h = header(&objs[0].0, objs[0].1.len() as u64);
+    h[148] = 0x80;
+    let err = read_all(&stream(&[(h, &objs[0].1)])).unwrap_err();
+    assert!(err.to_string().contains("checksum"), "{err}");
+}
