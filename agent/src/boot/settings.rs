@@ -173,3 +173,56 @@ pub fn settings(found: &Discovered, root: &Path) -> Result<BootSettings, Setting
         identity,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use ironroot_spec::{KeyAlgorithm, SigningKey};
+
+    use super::*;
+    use crate::boot::discover::Source;
+
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    fn found(pairs: &[(&str, &str)]) -> Discovered {
+        let mut d = Discovered::default();
+        for (k, v) in pairs {
+            d.offer(k, (*v).to_owned(), Source::Cmdline);
+        }
+        d
+    }
+
+    #[test]
+    fn settings_validate_with_documented_defaults() {
+        let root = tempfile::tempdir().unwrap();
+        let pem = |alg| SigningKey::generate(alg).public_pem().unwrap();
+        let (ed, p256) = (pem(KeyAlgorithm::Ed25519), pem(KeyAlgorithm::P256));
+        std::fs::write(root.path().join("a.pub"), &ed).unwrap();
+        std::fs::write(root.path().join("b.pub"), &p256).unwrap();
+        let base = [("plane", "https://10.0.2.2:8443/"), ("plane_ca", CA), ("trust", "/a.pub,/b.pub")];
+        let s = settings(&found(&base), root.path()).unwrap();
+        assert_eq!(s.plane, "https://10.0.2.2:8443");
+        assert_eq!(s.trust.len(), 2);
+        assert_eq!((s.store, s.verity, s.on_failure, s.debug), (StoreKind::Zram, VerityPolicy::Require, OnFailure::Reboot, false));
+        let inline = settings(&found(&[base[0], base[1], ("trust", &format!("{ed}{p256}"))]), root.path()).unwrap();
+        assert_eq!(inline.trust.len(), 2, "several inline PEM keys");
+
+        let bad: &[(&[(&str, &str)], &str)] = &[
+            (&[base[1], base[2]], "no plane"),
+            (&[("plane", "http://x:1"), base[1], base[2]], "is not an https:// URL"),
+            (&[("plane", "https://x:1/api"), base[1], base[2]], "no path"),
+            (&[base[0], base[2]], "no plane_ca"),
+            (&[base[0], ("plane_ca", "/missing.pem"), base[2]], "does not exist"),
+            (&[base[0], base[1], ("trust", "/missing.pub")], "does not exist"),
+            (&[base[0], base[1], ("trust", CA)], "trust"),
+            (&[base[0], base[1], base[2], ("store", "nvme")], "is not zram"),
+            (&[base[0], base[1], base[2], ("store", "disk:sda")], "is not zram"),
+            (&[base[0], base[1], base[2], ("verity", "off")], "is not require or optional"),
+            (&[base[0], base[1], base[2], ("on_failure", "panic")], "is not reboot or halt"),
+            (&[base[0], base[1], base[2], ("module", "reg/x:latest")], "pinned by digest"),
+        ];
+        for (pairs, needle) in bad {
+            let err = settings(&found(pairs), root.path()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+}
