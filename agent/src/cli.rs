@@ -58,6 +58,9 @@ pub enum Command {
         /// Refuse a module whose serial is below this.
         #[arg(long)]
         min_serial: Option<u64>,
+        /// Packs fetched and unpacked at once.
+        #[arg(long, default_value_t = Limits::standard().parallel)]
+        parallel: usize,
         #[command(flatten)]
         registry: RegistryArgs,
         #[arg(long)]
@@ -146,8 +149,9 @@ async fn dispatch(command: Command) -> Exit {
                 }
             }
         }
-        Command::Pull { reference, trust, store, min_serial, registry, json } => {
-            match pull(&reference, &trust, &store, min_serial, &registry, json).await {
+        Command::Pull { reference, trust, store, min_serial, parallel, registry, json } => {
+            let limits = Limits { parallel: parallel.max(1), ..Limits::standard() };
+            match pull(&reference, &trust, &store, min_serial, limits, &registry, json).await {
                 Ok(()) => Exit::Ok,
                 Err((exit, e)) => {
                     eprintln!("error: {e:#}");
@@ -192,6 +196,7 @@ async fn pull(
     trust: &[PathBuf],
     store: &std::path::Path,
     min_serial: Option<u64>,
+    limits: Limits,
     registry: &RegistryArgs,
     json: bool,
 ) -> Result<(), (Exit, anyhow::Error)> {
@@ -208,7 +213,7 @@ async fn pull(
     let source = AnySource::open(&target, &registry.access().map_err(usage)?).map_err(|e| usage(e.into()))?;
     let objects =
         ObjectStore::open(store).with_context(|| format!("opening store {}", store.display())).map_err(usage)?;
-    let opts = VerifyOptions { trust: keys, min_serial, limits: Limits::standard() };
+    let opts = VerifyOptions { trust: keys, min_serial, limits };
     let started = std::time::Instant::now();
     let v = verify_module(&source, target.tag(), target.digest(), &objects, &opts).await.map_err(|e| {
         let exit = Exit::from(e.kind());

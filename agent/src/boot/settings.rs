@@ -202,7 +202,10 @@ mod tests {
         let s = settings(&found(&base), root.path()).unwrap();
         assert_eq!(s.plane, "https://10.0.2.2:8443");
         assert_eq!(s.trust.len(), 2);
-        assert_eq!((s.store, s.verity, s.on_failure, s.debug), (StoreKind::Zram, VerityPolicy::Require, OnFailure::Reboot, false));
+        assert_eq!(
+            (s.store, s.verity, s.on_failure, s.debug),
+            (StoreKind::Zram, VerityPolicy::Require, OnFailure::Reboot, false)
+        );
         let inline = settings(&found(&[base[0], base[1], ("trust", &format!("{ed}{p256}"))]), root.path()).unwrap();
         assert_eq!(inline.trust.len(), 2, "several inline PEM keys");
 
