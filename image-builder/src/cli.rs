@@ -45,6 +45,21 @@ pub enum Command {
     Module(ModuleCommand),
     /// Print the fs-verity digest (the object-store name) of each file.
     Verity { files: Vec<PathBuf> },
+    /// Kernels: check a configuration against the options a node needs.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Report every required option CONFIG lacks (exit 1 when any is missing).
+    Check {
+        /// A kernel `.config` (e.g. /boot/config-6.12.…).
+        config: PathBuf,
+        /// The required list [default: the one built in, kernel-configs/required].
+        #[arg(long)]
+        required: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -268,6 +283,26 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
             };
             let built = tokio::task::block_in_place(|| build(&args, progress))?;
             emit(output, &built, |b| format!("oci:{}:{}@{}", out.display(), b.tag, b.digest));
+        }
+        Command::Kernel(KernelCommand::Check { config, required }) => {
+            use crate::kernel::check;
+            let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+            let list = match &required {
+                Some(p) => read(p)?,
+                None => check::REQUIRED.to_owned(),
+            };
+            let required = check::parse_required(&list).map_err(anyhow::Error::msg)?;
+            let missing = check::check(&required, &check::parse_config(&read(&config)?));
+            emit(output, &serde_json::json!({"config": config, "missing": missing}), |_| {
+                missing
+                    .iter()
+                    .map(|m| format!("missing {} (want {}, found {})\n", m.option, m.want, m.found))
+                    .collect::<String>()
+                    + &format!("{}: {} of {} required options missing", config.display(), missing.len(), required.len())
+            });
+            if !missing.is_empty() {
+                anyhow::bail!("{} lacks {} required kernel options", config.display(), missing.len());
+            }
         }
         Command::Verity { files } => {
             for file in files {
