@@ -40,22 +40,38 @@ best_of() {
     printf '%s' "$best"
 }
 
-echo "bench: generating a ${MB} MiB tree" >&2
-python3 - "$WORK/tree" "$MB" <<'PY'
+# gen_tree DIR MIB SEED SIZES: random files of the given sizes (a Python list body) under DIR,
+# 100 per directory, until MIB MiB are written.
+gen_tree() {
+    python3 - "$1" "$2" "$3" "$4" <<'PY'
 import os, random, sys
-root, total = sys.argv[1], int(sys.argv[2]) << 20
-rng = random.Random(7)
+root, total, rng = sys.argv[1], int(sys.argv[2]) << 20, random.Random(int(sys.argv[3]))
+sizes = eval(f"[{sys.argv[4]}]")
 written, i = 0, 0
 while written < total:
     d = os.path.join(root, f"d{i // 100:03d}")
     os.makedirs(d, exist_ok=True)
-    size = rng.choice([40, 900, 4096, 16 << 10, 64 << 10, 300 << 10, 2 << 20, 8 << 20])
+    size = rng.choice(sizes)
     with open(os.path.join(d, f"f{i:05d}"), "wb") as f:
         f.write(os.urandom(size))
     written += size
     i += 1
 print(f"{i} files", file=sys.stderr)
 PY
+}
+
+# module_blobs LAYOUT REF: the layout's files for the config and every layer of module REF.
+module_blobs() {
+    python3 - "$1" "${2#*@}" <<'PY'
+import json, sys
+layout, digest = sys.argv[1], sys.argv[2]
+m = json.load(open(f"{layout}/blobs/sha256/{digest[7:]}"))
+print(" ".join(f"{layout}/blobs/sha256/{d['digest'][7:]}" for d in [m["config"], *m["layers"]]))
+PY
+}
+
+echo "bench: generating a ${MB} MiB tree" >&2
+gen_tree "$WORK/tree" "$MB" 7 "40, 900, 4096, 16 << 10, 64 << 10, 300 << 10, 2 << 20, 8 << 20"
 
 # 1. module build vs mkcomposefs --digest-store
 t_ours=$(best_of "rm -rf $WORK/layout && $BIN module build --from $WORK/tree --name bench --version 1 --serial 1 --out $WORK/layout --hardlinks break")
@@ -72,13 +88,7 @@ PORT=$REG_PORT
 $BIN keys generate --out "$WORK/keys" >/dev/null
 REF=$($BIN module push "$WORK/layout" "127.0.0.1:$PORT/bench/module:1")
 $BIN module sign "$REF" --key "$WORK/keys/ironroot.key" >/dev/null
-blobs=$(python3 - "$WORK/layout" "${REF#*@}" <<'PY'
-import json, sys
-layout, digest = sys.argv[1], sys.argv[2]
-m = json.load(open(f"{layout}/blobs/sha256/{digest[7:]}"))
-print(" ".join(f"{layout}/blobs/sha256/{d['digest'][7:]}" for d in [m["config"], *m["layers"]]))
-PY
-)
+blobs=$(module_blobs "$WORK/layout" "$REF")
 bytes_module=$(du -cb $blobs | tail -n1 | cut -f1)
 t_verify=$(best_of "$BIN module verify $REF --trust $WORK/keys/ironroot.pub")
 t_verify_store=$(best_of "rm -rf $WORK/store && $BIN module verify $REF --trust $WORK/keys/ironroot.pub --store $WORK/store")
@@ -98,31 +108,12 @@ PULL_MB=${BENCH_PULL_MB:-1100}
 PULL_RUNS=${BENCH_PULL_RUNS:-3}
 AGENT=target/release/ironroot-agent
 echo "bench: generating a ${PULL_MB} MiB tree for agent pull" >&2
-python3 - "$WORK/big" "$PULL_MB" <<'PY'
-import os, random, sys
-root, total = sys.argv[1], int(sys.argv[2]) << 20
-rng = random.Random(11)
-written, i = 0, 0
-while written < total:
-    d = os.path.join(root, f"d{i // 100:03d}")
-    os.makedirs(d, exist_ok=True)
-    size = rng.choice([4096, 64 << 10, 1 << 20, 8 << 20, 32 << 20])
-    with open(os.path.join(d, f"f{i:05d}"), "wb") as f:
-        f.write(os.urandom(size))
-    written += size
-    i += 1
-PY
+gen_tree "$WORK/big" "$PULL_MB" 11 "4096, 64 << 10, 1 << 20, 8 << 20, 32 << 20"
 $BIN module build --from "$WORK/big" --name big --version 1 --serial 1 --out "$WORK/big-layout" >/dev/null
 rm -rf "$WORK/big"
 BIG=$($BIN module push "$WORK/big-layout" "127.0.0.1:$PORT/bench/big:1")
 $BIN module sign "$BIG" --key "$WORK/keys/ironroot.key" >/dev/null
-big_blobs=$(python3 - "$WORK/big-layout" "${BIG#*@}" <<'PY'
-import json, sys
-layout, digest = sys.argv[1], sys.argv[2]
-m = json.load(open(f"{layout}/blobs/sha256/{digest[7:]}"))
-print(" ".join(f"{layout}/blobs/sha256/{d['digest'][7:]}" for d in [m["config"], *m["layers"]]))
-PY
-)
+big_blobs=$(module_blobs "$WORK/big-layout" "$BIG")
 bytes_big=$(du -cb $big_blobs | tail -n1 | cut -f1)
 PSTORE=$(mktemp -d /dev/shm/ironroot-bench-store.XXXXXX)
 RUNS_SAVED=$RUNS; RUNS=$PULL_RUNS

@@ -105,14 +105,7 @@ pub fn run(cli: Cli) -> Exit {
 }
 
 fn fail(err: &dyn std::error::Error) {
-    let mut msg = err.to_string();
-    let mut cur = err.source();
-    while let Some(s) = cur {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        cur = s.source();
-    }
-    eprintln!("error: {msg}");
+    eprintln!("error: {}", crate::exit::describe(err));
 }
 
 async fn dispatch(command: Command) -> Exit {
@@ -161,13 +154,10 @@ async fn dispatch(command: Command) -> Exit {
         }
         Command::Identity { root, json } => match discover::discover(&discover::DiscoverOptions::new(&root)).await {
             Ok(found) => {
+                let record = boot::handoff::IdentityRecord::new(&found);
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&boot::handoff::IdentityRecord::new(&found)).unwrap_or_default()
-                    );
+                    println!("{}", serde_json::to_string_pretty(&record).unwrap_or_default());
                 } else {
-                    let record = boot::handoff::IdentityRecord::new(&found);
                     for (key, v) in &record.values {
                         println!("{key:<12} {:<40} ({})", v.value, v.source);
                     }

@@ -25,6 +25,19 @@ pub enum Exit {
     HandOff = 25,
 }
 
+/// An error and its causes, outermost first (`boot failed in phase enroll: enrollment: …`):
+/// what the console and the logs show.
+pub fn describe(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut cur = err.source();
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    msg
+}
+
 impl Exit {
     pub fn code(self) -> u8 {
         self as u8

@@ -6,8 +6,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use ironroot_spec::wire::{self, DesiredState, EnrollRequest, EnrollResponse, ErrorBody, NodeReport, ReportResponse};
-use serde::Serialize;
+use ironroot_spec::wire::{self, DesiredState, EnrollRequest, EnrollResponse, ErrorBody};
 use serde::de::DeserializeOwned;
 
 /// Largest answer read from the plane (desired state and certificates are a few KiB).
@@ -20,8 +19,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum PlaneError {
     #[error("building the TLS client: {0}")]
     Client(String),
-    #[error("reaching the plane at {base}: {reason}")]
-    Unreachable { base: String, reason: String },
+    #[error("reaching the plane at {base}")]
+    Unreachable { base: String, source: reqwest::Error },
     #[error("the plane refused {op} (HTTP {status}, {code}): {message}")]
     Refused { op: &'static str, status: u16, code: String, message: String },
     #[error("the plane's answer to {op} is not usable: {reason}")]
@@ -69,10 +68,6 @@ impl PlaneClient {
         Ok(Self { http: builder.build().map_err(client)?, base: base.trim_end_matches('/').to_owned() })
     }
 
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
     pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, PlaneError> {
         self.call("enroll", self.http.post(format!("{}/v1/enroll", self.base)).json(req)).await
     }
@@ -81,28 +76,9 @@ impl PlaneClient {
         self.call("desired", self.http.get(format!("{}/v1/nodes/{node}/desired", self.base))).await
     }
 
-    pub async fn handshake(&self, node: &str, report: &NodeReport) -> Result<ReportResponse, PlaneError> {
-        self.post("handshake", &format!("/v1/nodes/{node}/handshake"), report).await
-    }
-
-    pub async fn heartbeat(&self, node: &str, report: &NodeReport) -> Result<ReportResponse, PlaneError> {
-        self.post("heartbeat", &format!("/v1/nodes/{node}/heartbeat"), report).await
-    }
-
-    async fn post<B: Serialize, T: DeserializeOwned>(
-        &self,
-        op: &'static str,
-        path: &str,
-        body: &B,
-    ) -> Result<T, PlaneError> {
-        self.call(op, self.http.post(format!("{}{path}", self.base)).json(body)).await
-    }
-
     async fn call<T: DeserializeOwned>(&self, op: &'static str, req: reqwest::RequestBuilder) -> Result<T, PlaneError> {
-        let unreachable = |e: reqwest::Error| PlaneError::Unreachable {
-            base: self.base.clone(),
-            reason: error_chain(&e.without_url()),
-        };
+        let unreachable =
+            |e: reqwest::Error| PlaneError::Unreachable { base: self.base.clone(), source: e.without_url() };
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
         let mut body = Vec::new();
@@ -122,18 +98,6 @@ impl PlaneClient {
         }
         serde_json::from_slice(&body).map_err(|e| PlaneError::Answer { op, reason: e.to_string() })
     }
-}
-
-/// A reqwest error with its causes ("error sending request: … : connection refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 /// The URI SAN the plane puts in node certificates.

@@ -236,23 +236,24 @@ pub fn compare_trees(source: &Path, mounted: &Path) -> usize {
     n
 }
 
-/// Regular files under `dir` (recursively), skipping `images/` and `evidence/`.
-pub fn objects_in(dir: &Path) -> usize {
-    let mut n = 0;
+/// Every regular file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let name = e.file_name();
-            if name == "images" || name == "evidence" {
-                continue;
-            }
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() => n += 1,
+                Ok(t) if t.is_file() => out.push(e.path()),
                 _ => {}
             }
         }
     }
-    n
+    out
+}
+
+/// Objects in the store at `dir`: its regular files outside `images/` and `evidence/`.
+pub fn objects_in(dir: &Path) -> usize {
+    let kept = |p: &PathBuf| !p.strip_prefix(dir).is_ok_and(|r| r.starts_with("images") || r.starts_with("evidence"));
+    files_under(dir).iter().filter(|p| kept(p)).count()
 }

@@ -5,9 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
-use std::path::Path;
-
-use ironroot_tests::lab::{Lab, compare_trees, objects_in};
+use ironroot_tests::lab::{Lab, compare_trees, files_under, objects_in};
 
 fn blob_gets(log: &str) -> usize {
     log.lines().filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/")).count()
@@ -119,7 +117,7 @@ fn registry_serving_wrong_bytes_is_refused_and_nothing_is_mounted() {
     // Corrupt the biggest blob (a pack) in the registry's own storage.
     let storage = lab.registry.dir().join("storage/docker/registry/v2/blobs");
     let mut biggest = (0, std::path::PathBuf::new());
-    for e in walk(&storage) {
+    for e in files_under(&storage) {
         let len = std::fs::metadata(&e).map(|m| m.len()).unwrap_or(0);
         if len > biggest.0 {
             biggest = (len, e);
@@ -297,19 +295,4 @@ fn a_blank_persistent_disk_is_formatted_once_and_keeps_the_store_across_boots() 
     assert_eq!(warm["reused_certificate"], true);
     assert_eq!(warm["modules"][0]["downloaded_bytes"], 0);
     assert_eq!(registry_requests(&lab.registry.log()), requests, "warm from the disk: no registry request");
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
 }

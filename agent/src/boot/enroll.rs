@@ -4,8 +4,6 @@
 //! URI SAN, carrying our public key. Key and certificate are stored 0600 in the state directory;
 //! a later boot with a still-valid certificate there reuses it and never re-enrolls.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use x509_parser::pem::Pem;
 use x509_parser::prelude::*;
 
+use super::handoff::write_private;
 use super::retry::Backoff;
 use super::settings::BootSettings;
 use crate::plane::{PlaneClient, PlaneError, node_uri};
@@ -178,15 +177,6 @@ pub fn check_certificate(
 
 fn first_pem(bytes: &[u8]) -> Option<Pem> {
     Pem::iter_from_buffer(bytes).next()?.ok()
-}
-
-/// Writes `bytes` to `path` with mode 0600 from the start, through a rename.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let partial = path.with_extension("partial");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&partial, path)
 }
 
 #[cfg(test)]

@@ -142,24 +142,22 @@ impl ModuleRecord {
 
 /// Writes `record` to `run_dir/boot.json` (0600, atomically).
 pub fn write(run_dir: &Path, record: &BootRecord) -> std::io::Result<PathBuf> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::create_dir_all(run_dir)?;
     let path = run_dir.join(BOOT_JSON);
-    let partial = run_dir.join(format!("{BOOT_JSON}.partial"));
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
-    f.write_all(&serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&partial, &path)?;
+    write_private(&path, &serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?)?;
     Ok(path)
 }
 
-/// Reads a boot record (the agent under systemd, tests).
-pub fn read(path: &Path) -> Result<BootRecord, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let record: BootRecord = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    if record.schema != RUN_STATE_SCHEMA {
-        return Err(format!("{}: schema {} (this agent reads {RUN_STATE_SCHEMA})", path.display(), record.schema));
-    }
-    Ok(record)
+/// Writes `bytes` to `path` with mode 0600 from the start, through `path.partial` and a rename
+/// (boot.json, the node key and certificate).
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let partial = path.with_extension("partial");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&partial)?;
+    // A leftover partial file keeps its old mode through `truncate`; make sure it is 0600.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&partial, path)
 }

@@ -29,7 +29,7 @@ impl Backoff {
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
-        E: std::fmt::Display,
+        E: std::error::Error,
     {
         let mut n = 1;
         loop {
@@ -37,7 +37,7 @@ impl Backoff {
                 Ok(v) => return Ok(v),
                 Err(e) if transient(&e) && n < self.attempts => {
                     let wait = self.delay(n);
-                    tracing::warn!(error = %e, attempt = n, of = self.attempts, ?wait, "{what} failed; retrying");
+                    tracing::warn!(error = %crate::exit::describe(&e), attempt = n, of = self.attempts, ?wait, "{what} failed; retrying");
                     tokio::time::sleep(wait).await;
                     n += 1;
                 }
@@ -63,30 +63,18 @@ mod tests {
 
     #[tokio::test]
     async fn permanent_errors_stop_at_once_and_transient_ones_are_bounded() {
+        use std::io::{Error, ErrorKind};
         let b = Backoff { attempts: 3, first: Duration::from_millis(1), max: Duration::from_millis(2) };
-        let mut calls = 0;
-        let r: Result<(), String> = b
-            .run(
-                "x",
-                |e: &String| e == "again",
-                || {
+        let transient = |e: &Error| e.kind() == ErrorKind::TimedOut;
+        for (kind, want_calls) in [(ErrorKind::PermissionDenied, 1), (ErrorKind::TimedOut, 3)] {
+            let mut calls = 0;
+            let r: Result<(), Error> = b
+                .run("x", transient, || {
                     calls += 1;
-                    async { Err("no".to_owned()) }
-                },
-            )
-            .await;
-        assert_eq!((r.unwrap_err().as_str(), calls), ("no", 1));
-        let mut calls = 0;
-        let r: Result<(), String> = b
-            .run(
-                "x",
-                |e: &String| e == "again",
-                || {
-                    calls += 1;
-                    async { Err("again".to_owned()) }
-                },
-            )
-            .await;
-        assert_eq!((r.unwrap_err().as_str(), calls), ("again", 3));
+                    async move { Err(Error::from(kind)) }
+                })
+                .await;
+            assert_eq!((r.unwrap_err().kind(), calls), (kind, want_calls));
+        }
     }
 }

@@ -8,7 +8,6 @@
 //! What the values mean (URLs, key files, store kinds) is [`crate::boot::settings`]'s business.
 
 mod doc;
-mod fwcfg;
 mod metadata;
 mod smbios;
 
@@ -123,6 +122,11 @@ impl DiscoverOptions {
     }
 }
 
+/// QEMU fw_cfg: `-fw_cfg name=opt/ironroot/identity,file=id.json` shows up in the guest here
+/// (the `by_name` entries are symlinks into `by_key/`), holding an identity document. Read at
+/// most one byte past the cap, so a 16 MiB blob costs 64 KiB.
+pub const FW_CFG_IDENTITY: &str = "sys/firmware/qemu_fw_cfg/by_name/opt/ironroot/identity/raw";
+
 /// The local identity file baked into the initramfs (or dropped by provisioning).
 pub const LOCAL_FILE: &str = "etc/ironroot/identity.json";
 
@@ -146,8 +150,8 @@ pub async fn discover(opts: &DiscoverOptions) -> Result<Discovered, DiscoverErro
     let line = cmdline::read_cmdline(&opts.root)?;
     offer_cmdline(&mut found, &line);
 
-    let fw = opts.root.join(fwcfg::IDENTITY_PATH);
-    if let Some(doc) = fwcfg::read(&fw).map_err(|source| DiscoverError::FwCfg { path: fw.clone(), source })? {
+    let fw = opts.root.join(FW_CFG_IDENTITY);
+    if let Some(doc) = doc::read_file(&fw).map_err(|source| DiscoverError::FwCfg { path: fw.clone(), source })? {
         offer_doc(&mut found, doc, Source::FwCfg);
     }
 
