@@ -85,6 +85,29 @@ WRAP
     chmod +x "$TOOLS/bin/mkcomposefs"
 fi
 
+# 5. QEMU 10 and iPXE from bookworm-backports (bookworm's QEMU 7.2 crashes 6.12 guests under
+#    TCG), installed through a private source list and list state that add backports to the
+#    system's own suites; /etc/apt is not changed.
+qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p'; }
+if [ "$(qemu_major)" != 10 ] || ! dpkg-query -W -f='${Status}' ipxe-qemu 2>/dev/null | grep -q 'ok installed'; then
+    dir="$TOOLS/apt-backports"
+    mkdir -p "$dir/lists/partial"
+    mirror=$(debian_mirror)
+    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' \
+        "$mirror" bookworm "$mirror" bookworm-updates "$mirror" bookworm-backports >"$dir/sources.list"
+    opts=(-o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+        -o "Dir::State::Lists=$dir/lists" -o "APT::Get::List-Cleanup=0" -o "APT::Sandbox::User=root")
+    step "apt-get update (bookworm + backports, private lists)"
+    apt-get "${opts[@]}" update -qq
+    step "apt-get install -t bookworm-backports qemu-system-x86 ipxe-qemu"
+    DEBIAN_FRONTEND=noninteractive apt-get "${opts[@]}" install -y -qq --no-install-recommends \
+        -t bookworm-backports qemu-system-x86 qemu-utils ipxe-qemu >/dev/null
+fi
+[ "$(qemu_major)" = 10 ] || { echo "deps: qemu-system-x86_64 is not QEMU 10" >&2; exit 1; }
+
+# 6. Image building: debootstrap (base module), kmod (depmod), and the tools the kernel fetch uses.
+apt_install debootstrap kmod dpkg-dev zstd netcat-openbsd
+
 "$TOOLS/bin/cosign" version >/dev/null 2>&1 || { echo "deps: cosign does not run" >&2; exit 1; }
 case "$("$TOOLS/bin/mkcomposefs" --help 2>&1 || true)" in
     *--min-version*) ;;

@@ -60,6 +60,22 @@ pub enum KernelCommand {
         #[arg(long)]
         required: Option<PathBuf>,
     },
+    /// Fetch the default node kernel (a Debian package, resolved through its metapackage) into
+    /// OUT: vmlinuz, config, modules/ (with modules.dep), kernel.json. Reuses OUT when current.
+    Fetch {
+        #[arg(long, default_value = "target/kernel")]
+        out: PathBuf,
+        #[arg(long, default_value = "bookworm-backports")]
+        suite: String,
+        #[arg(long, default_value = "linux-image-cloud-amd64")]
+        package: String,
+        /// Debian archive address [default: the system's own mirror, from /etc/apt].
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Private apt state [default: ~/.cache/ironroot/apt-SUITE].
+        #[arg(long)]
+        apt_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -303,6 +319,17 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
             if !missing.is_empty() {
                 anyhow::bail!("{} lacks {} required kernel options", config.display(), missing.len());
             }
+        }
+        Command::Kernel(KernelCommand::Fetch { out, suite, package, mirror, apt_dir }) => {
+            let apt_dir = apt_dir.unwrap_or_else(|| crate::cache_dir().join(format!("apt-{suite}")));
+            let args = crate::kernel::fetch::FetchArgs { suite, package, out: out.clone(), apt_dir, mirror };
+            progress.phase(&format!("fetching {} from {}", args.package, args.suite));
+            let info = tokio::task::block_in_place(|| crate::kernel::fetch::fetch(&args))?;
+            progress.finish();
+            emit(output, &info, |i| {
+                let how = if i.cached { "already current" } else { "fetched" };
+                format!("{} {} ({}) {how} in {}", i.package, i.version, i.release, out.display())
+            });
         }
         Command::Verity { files } => {
             for file in files {
