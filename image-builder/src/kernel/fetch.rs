@@ -54,10 +54,11 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<KernelInfo> {
     let image = image_dependency(&depends)
         .with_context(|| format!("{} {meta_version} depends on no linux-image package ({depends})", args.package))?;
 
-    if let Some(info) = existing(&args.out)? {
-        if info.package == image && info.metapackage_version == meta_version {
-            return Ok(KernelInfo { cached: true, ..info });
-        }
+    if let Some(info) = existing(&args.out)?
+        && info.package == image
+        && info.metapackage_version == meta_version
+    {
+        return Ok(KernelInfo { cached: true, ..info });
     }
 
     let deb = apt.download(&image)?;
