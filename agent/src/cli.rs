@@ -1,4 +1,4 @@
-//! Command line: `boot` (the pipeline), `pull` (fetch + verify one module into a store) and
+//! Command line: `boot` (the pipeline), `serve` (the service), `pull` (fetch + verify one module into a store) and
 //! `identity` (what discovery finds, with provenance). Exit codes: [`Exit`].
 
 use std::path::PathBuf;
@@ -65,6 +65,15 @@ pub enum Command {
         registry: RegistryArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// The service under systemd: handshake `ready`, heartbeats, sd-notify.
+    Serve {
+        /// Where boot.json (and the node identity it points to) is.
+        #[arg(long, default_value = "/run/ironroot")]
+        run_dir: PathBuf,
+        /// Seconds between heartbeats (jittered by ±10 %).
+        #[arg(long, default_value_t = 30)]
+        interval: u64,
     },
     /// Show the identity discovery finds, with where each value came from.
     Identity {
@@ -138,7 +147,18 @@ async fn dispatch(command: Command) -> Exit {
                 }
                 Err(e) => {
                     fail(&e);
+                    e.report().await;
                     e.exit
+                }
+            }
+        }
+        Command::Serve { run_dir, interval } => {
+            let opts = crate::serve::ServeOptions { run_dir, interval: Duration::from_secs(interval.max(1)) };
+            match crate::serve::serve(&opts).await {
+                Ok(()) => Exit::Ok,
+                Err(e) => {
+                    fail(&e);
+                    Exit::Failure
                 }
             }
         }

@@ -2,6 +2,8 @@
 //! hand off, in [`boot`]), then as a systemd service.
 //!
 //! - [`boot`]: the pipeline, one module per phase;
+//! - [`init`]: PID 1 of the native initramfs (mounts, modules, DHCP, pipeline, switch-root);
+//! - [`serve`]: the service under systemd (handshake `ready`, heartbeats, sd-notify);
 //! - [`plane`]: the agent's side of the plane API;
 //! - [`cli`]: `boot`, `pull`, `identity`;
 //! - [`exit`]: exit codes.
@@ -9,4 +11,6 @@
 pub mod boot;
 pub mod cli;
 pub mod exit;
+pub mod init;
 pub mod plane;
+pub mod serve;

@@ -5,6 +5,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
+    // The kernel runs /init as PID 1: the initramfs flavour, which never returns.
+    if std::process::id() == 1 {
+        ironroot_agent::init::main();
+    }
     let cli = ironroot_agent::cli::Cli::parse();
     // Logs go to stderr: readable on a serial console, captured by journald under systemd.
     let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);

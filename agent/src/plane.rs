@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use ironroot_spec::wire::{self, DesiredState, EnrollRequest, EnrollResponse, ErrorBody};
+use ironroot_spec::wire::{self, DesiredState, EnrollRequest, EnrollResponse, ErrorBody, NodeReport, ReportResponse};
 use serde::de::DeserializeOwned;
 
 /// Largest answer read from the plane (desired state and certificates are a few KiB).
@@ -74,6 +74,15 @@ impl PlaneClient {
 
     pub async fn desired(&self, node: &str) -> Result<DesiredState, PlaneError> {
         self.call("desired", self.http.get(format!("{}/v1/nodes/{node}/desired", self.base))).await
+    }
+
+    /// Once per boot (`phase` = `ready` under systemd, `failed:<phase>` from a failed boot).
+    pub async fn handshake(&self, node: &str, report: &NodeReport) -> Result<ReportResponse, PlaneError> {
+        self.call("handshake", self.http.post(format!("{}/v1/nodes/{node}/handshake", self.base)).json(report)).await
+    }
+
+    pub async fn heartbeat(&self, node: &str, report: &NodeReport) -> Result<ReportResponse, PlaneError> {
+        self.call("heartbeat", self.http.post(format!("{}/v1/nodes/{node}/heartbeat", self.base)).json(report)).await
     }
 
     async fn call<T: DeserializeOwned>(&self, op: &'static str, req: reqwest::RequestBuilder) -> Result<T, PlaneError> {

@@ -82,6 +82,8 @@ const MIGRATIONS: &[&str] = &[
     // 2: tokens may carry the template their node starts on; reports name the store kind.
     "ALTER TABLE tokens ADD COLUMN template TEXT;
      ALTER TABLE nodes ADD COLUMN store TEXT;",
+    // 3: why the last boot failed, as the agent reported it (cleared by a later report).
+    "ALTER TABLE nodes ADD COLUMN last_error TEXT;",
 ];
 
 /// Opens (creating) the database at `path` and brings its schema up to date.

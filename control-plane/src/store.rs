@@ -106,6 +106,8 @@ pub struct NodeView {
     pub heartbeats: i64,
     /// The object store kind the node last reported (`zram+verity`, `tmpfs-insecure`, …).
     pub store: Option<String>,
+    /// Why the node's last boot failed (with `phase` = `failed:<phase>`), if it did.
+    pub last_error: Option<String>,
 }
 
 impl Store {
@@ -170,8 +172,9 @@ impl Store {
             || report.agent_version.len() > 128
             || report.phase.len() > 64
             || report.store.as_ref().is_some_and(|s| s.len() > 64)
+            || report.error.as_ref().is_some_and(|s| s.len() > 2048)
         {
-            return Err(Refusal::new(400, "bad_report", "boot_id, agent_version, phase or store is too long"));
+            return Err(Refusal::new(400, "bad_report", "boot_id, agent_version, phase, store or error is too long"));
         }
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
@@ -192,7 +195,7 @@ impl Store {
             "UPDATE nodes SET last_seen = ?1, boot_id = ?2, agent_version = ?3, phase = ?4,
                  phase_timings = CASE WHEN ?5 = '{}' THEN phase_timings ELSE ?5 END,
                  module_digests = ?6, last_reconcile = ?7, probe_summary = ?8, heartbeats = heartbeats + ?9,
-                 store = COALESCE(?11, store)
+                 store = COALESCE(?11, store), last_error = ?12
              WHERE id = ?10",
             params![
                 now(),
@@ -205,7 +208,8 @@ impl Store {
                 report.probe_summary,
                 i64::from(!handshake),
                 id,
-                report.store
+                report.store,
+                report.error
             ],
         )?;
         if handshake {
@@ -215,7 +219,7 @@ impl Store {
                 &actor,
                 "node.handshake",
                 id,
-                &serde_json::json!({"boot_id": report.boot_id, "phase": report.phase}),
+                &serde_json::json!({"boot_id": report.boot_id, "phase": report.phase, "error": report.error}),
             )?;
         }
         let generation: i64 = tx.query_row("SELECT generation FROM nodes WHERE id = ?1", [id], |r| r.get(0))?;
@@ -270,7 +274,7 @@ impl Store {
 
     fn query_nodes(&self, key: Option<&str>) -> Result<Vec<NodeView>, Refusal> {
         const COLUMNS: &str = "SELECT id, name, state, revoked, template, generation, last_seen, boot_id, agent_version, \
-                               phase, phase_timings, module_digests, last_reconcile, heartbeats, store FROM nodes";
+                               phase, phase_timings, module_digests, last_reconcile, heartbeats, store, last_error FROM nodes";
         let conn = self.conn();
         let sql = match key {
             None => format!("{COLUMNS} ORDER BY created_at, id"),
@@ -295,6 +299,7 @@ impl Store {
                 last_reconcile: r.get(12)?,
                 heartbeats: r.get(13)?,
                 store: r.get(14)?,
+                last_error: r.get(15)?,
             })
         };
         let rows = match key {

@@ -45,9 +45,43 @@ pub enum Command {
     Module(ModuleCommand),
     /// Print the fs-verity digest (the object-store name) of each file.
     Verity { files: Vec<PathBuf> },
-    /// Kernels: check a configuration against the options a node needs.
+    /// Kernels: check a configuration against the options a node needs; fetch the default one.
     #[command(subcommand)]
     Kernel(KernelCommand),
+    /// Write the native initramfs: the agent as /init, its libraries, kernel modules, trust roots.
+    Initramfs(InitramfsOpts),
+}
+
+#[derive(Debug, Args)]
+pub struct InitramfsOpts {
+    /// The agent binary (becomes /init).
+    #[arg(long)]
+    agent: PathBuf,
+    /// The output of `kernel fetch`.
+    #[arg(long, default_value = "target/kernel")]
+    kernel: PathBuf,
+    /// Kernel modules to include (with their dependencies) [default: what a node needs].
+    #[arg(long, value_delimiter = ',')]
+    modules: Vec<String>,
+    /// Trusted module-signing public keys (PEM), repeatable.
+    #[arg(long, required = true)]
+    trust: Vec<PathBuf>,
+    /// The plane's CA certificate, embedded as /etc/ironroot/plane-ca.pem.
+    #[arg(long)]
+    plane_ca: Option<PathBuf>,
+    /// A busybox binary for the break-glass shell (ironroot.debug=shell).
+    #[arg(long)]
+    busybox: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = crate::initramfs::Compression::None)]
+    compression: crate::initramfs::Compression,
+    /// Where the agent's shared libraries are looked up.
+    #[arg(long, default_value = "/")]
+    sysroot: PathBuf,
+    /// The mtime of every entry (seconds since the epoch).
+    #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
+    mtime: u32,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -329,6 +363,37 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
             emit(output, &info, |i| {
                 let how = if i.cached { "already current" } else { "fetched" };
                 format!("{} {} ({}) {how} in {}", i.package, i.version, i.release, out.display())
+            });
+        }
+        Command::Initramfs(o) => {
+            let modules = if o.modules.is_empty() {
+                crate::initramfs::DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect()
+            } else {
+                o.modules
+            };
+            let args = crate::initramfs::InitramfsArgs {
+                agent: o.agent,
+                kernel: o.kernel,
+                modules,
+                trust: o.trust,
+                plane_ca: o.plane_ca,
+                busybox: o.busybox,
+                compression: o.compression,
+                sysroot: o.sysroot,
+                mtime: o.mtime,
+                out: o.out,
+            };
+            let built = crate::initramfs::build(&args)?;
+            emit(output, &built, |b| {
+                format!(
+                    "{} {} bytes ({} uncompressed), {} entries, {} modules for {}",
+                    b.path.display(),
+                    b.bytes,
+                    b.uncompressed_bytes,
+                    b.entries,
+                    b.modules.len(),
+                    b.release
+                )
             });
         }
         Command::Verity { files } => {

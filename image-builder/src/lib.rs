@@ -2,6 +2,7 @@
 //! image and its object packs into an OCI layout, push, sign cosign-compatibly, verify).
 //!
 //! - [`kernel`]: checking a kernel config against the options a node needs, fetching the default kernel;
+//! - [`initramfs`]: the native initramfs (a reproducible newc cpio with the agent as /init);
 //! - [`keys`]: key pair generation and loading;
 //! - [`module`]: build (source tree → EROFS image + packs + config + manifest), push, sign, verify;
 //! - [`progress`]: progress on a terminal, silence otherwise;
@@ -9,6 +10,7 @@
 
 pub mod cli;
 pub mod exit;
+pub mod initramfs;
 pub mod kernel;
 pub mod keys;
 pub mod module;

@@ -68,6 +68,10 @@ pub struct NodeReport {
     /// `tmpfs-insecure`, `dir`): an insecure store shows in every report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<String>,
+    /// Why the boot failed, when `phase` is `failed:<phase>` (≤ 2 KiB); the plane keeps it
+    /// until the next report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -25,6 +25,9 @@ pub struct BootRecord {
     pub identity: IdentityRecord,
     pub node_id: String,
     pub plane: String,
+    /// The plane's CA (PEM), copied under /run so the service can verify the plane after
+    /// switch-root, when the initramfs is gone.
+    pub plane_ca: PathBuf,
     pub certificate: PathBuf,
     pub key: PathBuf,
     /// Seconds since the epoch.

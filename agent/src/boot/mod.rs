@@ -5,7 +5,8 @@
 //! reports. Every path is under `BootOptions::root` so tests run the real pipeline against
 //! fixture trees and private mount namespaces.
 //!
-//! What it does not do: PID 1 duties, networking, switch-root (the initramfs `init`).
+//! What it does not do: PID 1 duties, networking, switch-root (`crate::init`). A failure after
+//! enrollment carries a [`ReportTo`], so the caller can tell the plane which phase failed.
 
 pub mod cmdline;
 pub mod discover;
@@ -60,11 +61,56 @@ pub struct BootError {
     pub exit: Exit,
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
+    /// Set once the node is enrolled: who to tell that the boot failed.
+    pub report_to: Option<ReportTo>,
+}
+
+/// An enrolled node's way back to the plane, kept for reporting a failure.
+#[derive(Debug, Clone)]
+pub struct ReportTo {
+    pub client: crate::plane::PlaneClient,
+    pub node_id: String,
+    pub boot_id: String,
+    pub phases_ms: BTreeMap<String, u64>,
 }
 
 impl BootError {
     fn new(phase: Phase, exit: Exit, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self { phase, exit, source: Box::new(source) }
+        Self { phase, exit, source: Box::new(source), report_to: None }
+    }
+
+    fn reported_to(mut self, enrolled: &enroll::EnrolledIdentity, boot_id: &str, timer: &Timer) -> Self {
+        self.report_to = Some(ReportTo {
+            client: enrolled.client.clone(),
+            node_id: enrolled.node_id.clone(),
+            boot_id: boot_id.to_owned(),
+            phases_ms: timer.0.clone(),
+        });
+        self
+    }
+
+    /// Tells the plane (handshake with `phase` = `failed:<phase>` and the error chain), if the
+    /// node got far enough to have an identity. Best effort: a failure here is only logged.
+    pub async fn report(&self) -> bool {
+        let Some(to) = &self.report_to else { return false };
+        let report = ironroot_spec::wire::NodeReport {
+            boot_id: to.boot_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            phase: format!("failed:{}", self.phase),
+            phase_timings_ms: to.phases_ms.clone(),
+            module_digests: Vec::new(),
+            last_reconcile: None,
+            probe_summary: None,
+            store: None,
+            error: Some(crate::exit::describe(self).chars().take(2000).collect()),
+        };
+        match to.client.handshake(&to.node_id, &report).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %crate::exit::describe(&e), "could not report the failed boot to the plane");
+                false
+            }
+        }
     }
 }
 
@@ -122,29 +168,34 @@ pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
         .map_err(|e| BootError::new(Phase::Enroll, Exit::Enroll, e))?;
     timer.lap(Phase::Enroll);
 
+    let boot_id = boot_id(&opts.root);
     let assignment = fetch::fetch(&enrolled, &settings, &opts.backoff)
         .await
-        .map_err(|e| BootError::new(Phase::Fetch, Exit::Fetch, e))?;
+        .map_err(|e| BootError::new(Phase::Fetch, Exit::Fetch, e).reported_to(&enrolled, &boot_id, &timer))?;
     timer.lap(Phase::Fetch);
 
     let policy = fetch::FetchPolicy { access: opts.access.clone(), limits: opts.limits.clone(), backoff: opts.backoff };
     let verified = fetch::verify(&assignment, &store, &settings, &policy).await.map_err(|e| {
         let exit = Exit::from(e.kind());
-        BootError::new(Phase::Verify, exit, e)
+        BootError::new(Phase::Verify, exit, e).reported_to(&enrolled, &boot_id, &timer)
     })?;
     timer.lap(Phase::Verify);
 
     let mounted = tokio::task::block_in_place(|| mount::mount_root(&verified, &store, &opts.run_dir(), &opts.target))
-        .map_err(|e| BootError::new(Phase::Mount, Exit::Mount, e))?;
+        .map_err(|e| BootError::new(Phase::Mount, Exit::Mount, e).reported_to(&enrolled, &boot_id, &timer))?;
     timer.lap(Phase::Mount);
 
+    let plane_ca = opts.run_dir().join("plane-ca.pem");
+    std::fs::write(&plane_ca, &settings.plane_ca_pem)
+        .map_err(|e| BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &boot_id, &timer))?;
     let record = BootRecord {
         schema: handoff::RUN_STATE_SCHEMA,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        boot_id: boot_id(&opts.root),
+        boot_id,
         identity: IdentityRecord::new(&found),
         node_id: enrolled.node_id.clone(),
         plane: settings.plane.clone(),
+        plane_ca,
         certificate: enrolled.cert_path.clone(),
         key: enrolled.key_path.clone(),
         certificate_not_after: enrolled.not_after,
@@ -167,7 +218,8 @@ pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
         },
         phases_ms: timer.0.clone(),
     };
-    handoff::write(&opts.run_dir(), &record).map_err(|e| BootError::new(Phase::HandOff, Exit::HandOff, e))?;
+    handoff::write(&opts.run_dir(), &record)
+        .map_err(|e| BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &record.boot_id, &timer))?;
     Ok(record)
 }
 

@@ -123,7 +123,7 @@ pub fn image_dependency(depends: &str) -> Option<String> {
     depends
         .split([',', '|'])
         .map(|d| d.trim().split([' ', '(']).next().unwrap_or(""))
-        .find(|name| name.starts_with("linux-image-") && name.chars().any(|c| c.is_ascii_digit()))
+        .find(|name| name.strip_prefix("linux-image-").is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit())))
         .map(str::to_owned)
 }
 

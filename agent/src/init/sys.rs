@@ -1,0 +1,126 @@
+//! The system calls PID 1 needs: early mounts, module loading, reaping, switch-root, and the
+//! final reboot or halt. Each is small and effectful; the order lives in `init::main`.
+
+use std::io;
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::mount::{MountFlags, mount, mount_move};
+use rustix::process::{WaitOptions, chdir, chroot};
+use rustix::system::RebootCommand;
+
+/// `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses `.ko.xz` itself (MODULE_DECOMPRESS).
+const MODULE_INIT_COMPRESSED_FILE: i32 = 4;
+
+/// proc, sys, devtmpfs and a tmpfs /run — what the pipeline and the real root expect.
+pub fn early_mounts() -> io::Result<()> {
+    let nosuid = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    let mounts: [(&str, &str, MountFlags, Option<&std::ffi::CStr>); 4] = [
+        ("proc", "/proc", nosuid, None),
+        ("sysfs", "/sys", nosuid, None),
+        ("devtmpfs", "/dev", MountFlags::NOSUID, Some(c"mode=0755")),
+        ("tmpfs", "/run", MountFlags::NOSUID | MountFlags::NODEV, Some(c"mode=0755")),
+    ];
+    for (fstype, target, flags, data) in mounts {
+        std::fs::create_dir_all(target)?;
+        mount(fstype, target, fstype, flags, data)
+            .map_err(|e| io::Error::new(e.kind(), format!("mounting {fstype} on {target}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// What loading the initramfs's module list did.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub loaded: Vec<String>,
+    pub already: Vec<String>,
+    pub failed: Vec<(String, String)>,
+}
+
+/// Loads every module listed in `list` (one path per line, dependencies first).
+pub fn load_modules(list: &Path) -> io::Result<Loaded> {
+    let mut out = Loaded::default();
+    let text = std::fs::read_to_string(list)?;
+    for path in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let result = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .and_then(|fd| rustix::system::finit_module(&fd, c"", MODULE_INIT_COMPRESSED_FILE));
+        match result {
+            Ok(()) => out.loaded.push(path.to_owned()),
+            Err(rustix::io::Errno::EXIST) => out.already.push(path.to_owned()),
+            Err(e) => out.failed.push((path.to_owned(), e.to_string())),
+        }
+    }
+    Ok(out)
+}
+
+/// Reaps every exited child without blocking (orphans are re-parented to PID 1).
+pub fn reap() -> usize {
+    let mut n = 0;
+    while let Ok(Some(_)) = rustix::process::wait(WaitOptions::NOHANG) {
+        n += 1;
+    }
+    n
+}
+
+/// Moves /dev, /proc, /sys and /run into `new_root`, frees the initramfs, makes `new_root` the
+/// root and executes `init` there. Returns only on failure.
+pub fn switch_root(new_root: &Path, init: &str) -> io::Error {
+    match prepare_switch(new_root) {
+        Ok(()) => std::process::Command::new(init).exec(),
+        Err(e) => e,
+    }
+}
+
+fn prepare_switch(new_root: &Path) -> io::Result<()> {
+    let init_path = new_root.join(Path::new("/sbin/init").strip_prefix("/").unwrap_or(Path::new("sbin/init")));
+    if std::fs::symlink_metadata(&init_path).is_err() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} does not exist", init_path.display())));
+    }
+    for dir in ["dev", "proc", "sys", "run"] {
+        let target = new_root.join(dir);
+        std::fs::create_dir_all(&target)?;
+        mount_move(format!("/{dir}").as_str(), &target)
+            .map_err(|e| io::Error::new(e.kind(), format!("moving /{dir} to {}: {e}", target.display())))?;
+    }
+    let root_dev = std::fs::symlink_metadata("/")?;
+    free_initramfs(Path::new("/"), std::os::unix::fs::MetadataExt::dev(&root_dev));
+    chdir(new_root)?;
+    mount_move(".", "/").map_err(|e| io::Error::new(e.kind(), format!("moving {} to /: {e}", new_root.display())))?;
+    chroot(".")?;
+    chdir("/")?;
+    Ok(())
+}
+
+/// Deletes the initramfs's files (it lives in RAM) without crossing into other filesystems.
+fn free_initramfs(dir: &Path, dev: u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            free_initramfs(&path, dev);
+            let _ = std::fs::remove_dir(&path);
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Reboots, or halts, after syncing. Never returns; if the kernel refuses, waits forever
+/// (PID 1 must not exit).
+pub fn reboot(halt: bool) -> ! {
+    rustix::fs::sync();
+    let cmd = if halt { RebootCommand::PowerOff } else { RebootCommand::Restart };
+    if let Err(e) = rustix::system::reboot(cmd) {
+        eprintln!("ironroot: reboot({cmd:?}) failed: {e}; waiting");
+    }
+    loop {
+        reap();
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,183 @@
+//! `ironroot-agent serve`: the service under systemd (first version; the runtime loop of
+//! reconcile, drain, vetting and exec comes later).
+//!
+//! Reads `/run/ironroot/boot.json`, handshakes with `phase=ready` and the boot timings, then
+//! heartbeats every interval (jittered ±10 %). systemd is told `READY=1` after the handshake,
+//! `STATUS=` after every exchange, and `WATCHDOG=1` from the loop at half the watchdog period,
+//! so a hung agent is restarted. What to do next is decided by [`Beat`], a pure schedule; the
+//! loop only performs it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ironroot_spec::wire::NodeReport;
+use sd_notify::NotifyState;
+
+use crate::boot::handoff::{BOOT_JSON, BootRecord, RUN_STATE_SCHEMA};
+use crate::plane::{PlaneClient, PlaneError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a boot record this agent understands: {reason}")]
+    Record { path: PathBuf, reason: String },
+    #[error("the plane client: {0}")]
+    Client(#[source] PlaneError),
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub run_dir: PathBuf,
+    pub interval: Duration,
+}
+
+/// The heartbeat schedule: when the next exchange is due, given how the last ones went.
+/// A failed exchange is retried sooner (5 s, doubling up to the interval).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Beat {
+    pub interval: Duration,
+    pub failures: u32,
+    pub handshaken: bool,
+}
+
+impl Beat {
+    pub fn new(interval: Duration) -> Self {
+        Beat { interval, failures: 0, handshaken: false }
+    }
+
+    /// Records an exchange's outcome and returns the delay before the next one; `jitter` in
+    /// [-1, 1] spreads nodes by up to ±10 % of the interval.
+    pub fn after(&mut self, ok: bool, jitter: f64) -> Duration {
+        if ok {
+            self.failures = 0;
+            self.handshaken = true;
+            let spread = self.interval.as_secs_f64() * 0.1 * jitter.clamp(-1.0, 1.0);
+            Duration::from_secs_f64((self.interval.as_secs_f64() + spread).max(0.1))
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            let backoff = Duration::from_secs(5).saturating_mul(1 << self.failures.min(6).saturating_sub(1));
+            backoff.min(self.interval)
+        }
+    }
+}
+
+pub fn read_record(run_dir: &Path) -> Result<BootRecord, ServeError> {
+    let path = run_dir.join(BOOT_JSON);
+    let bytes = std::fs::read(&path).map_err(|source| ServeError::Read { path: path.clone(), source })?;
+    let record: BootRecord =
+        serde_json::from_slice(&bytes).map_err(|e| ServeError::Record { path: path.clone(), reason: e.to_string() })?;
+    if record.schema != RUN_STATE_SCHEMA {
+        return Err(ServeError::Record { path, reason: format!("schema {} (want {RUN_STATE_SCHEMA})", record.schema) });
+    }
+    Ok(record)
+}
+
+/// The report this boot sends: `ready`, its timings, its modules and store.
+pub fn report(record: &BootRecord) -> NodeReport {
+    let store = if record.store.verity {
+        format!("{}+verity", record.store.kind)
+    } else if record.store.kind.ends_with("insecure") {
+        record.store.kind.clone()
+    } else {
+        format!("{}-insecure", record.store.kind)
+    };
+    NodeReport {
+        boot_id: record.boot_id.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        phase: "ready".to_owned(),
+        phase_timings_ms: record.phases_ms.clone(),
+        module_digests: record.modules.iter().map(|m| m.digest.clone()).collect(),
+        last_reconcile: None,
+        probe_summary: None,
+        store: Some(store),
+        error: None,
+    }
+}
+
+fn client(record: &BootRecord) -> Result<PlaneClient, ServeError> {
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|source| ServeError::Read { path: p.to_owned(), source });
+    let ca = read(&record.plane_ca)?;
+    let cert = read(&record.certificate)?;
+    let key = read(&record.key)?;
+    PlaneClient::with_identity(&record.plane, &ca, &cert, &key).map_err(ServeError::Client)
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    // Outside systemd (no NOTIFY_SOCKET) this does nothing.
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify");
+    }
+}
+
+/// Runs until SIGTERM or SIGINT.
+pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
+    let record = read_record(&opts.run_dir)?;
+    let client = client(&record)?;
+    let report = report(&record);
+    let mut watchdog = tokio::time::interval(watchdog_period().unwrap_or(Duration::from_secs(3600)));
+    let mut beat = Beat::new(opts.interval);
+    let mut next = tokio::time::Instant::now();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| ServeError::Read { path: "SIGTERM handler".into(), source })?;
+    tracing::info!(node = %record.node_id, plane = %record.plane, "serving");
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = watchdog.tick() => notify(&[NotifyState::Watchdog]),
+            _ = tokio::time::sleep_until(next) => {
+                let first = !beat.handshaken;
+                let result = if first {
+                    client.handshake(&record.node_id, &report).await
+                } else {
+                    client.heartbeat(&record.node_id, &report).await
+                };
+                let ok = result.is_ok();
+                match &result {
+                    Ok(r) => {
+                        if first {
+                            tracing::info!(state = %r.state, "handshake: ready");
+                            notify(&[NotifyState::Ready]);
+                        }
+                        let status = format!("node {} {}; generation {}", record.node_id, r.state, r.generation);
+                        notify(&[NotifyState::Status(&status)]);
+                    }
+                    Err(e) => {
+                        let why = crate::exit::describe(e);
+                        tracing::warn!(error = %why, failures = beat.failures + 1, "plane exchange failed");
+                        notify(&[NotifyState::Status(&format!("plane unreachable: {why}"))]);
+                    }
+                }
+                next = tokio::time::Instant::now() + beat.after(ok, rand::random::<f64>() * 2.0 - 1.0);
+            }
+        }
+    }
+    notify(&[NotifyState::Stopping]);
+    tracing::info!("stopping");
+    Ok(())
+}
+
+/// Half the watchdog period systemd asked for (`WATCHDOG_USEC`), if it asked.
+fn watchdog_period() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_spreads_beats_and_backs_off_after_failures() {
+        let mut b = Beat::new(Duration::from_secs(30));
+        assert_eq!(b.after(true, 0.0), Duration::from_secs(30));
+        assert!(b.handshaken);
+        assert_eq!(b.after(true, 1.0), Duration::from_secs(33));
+        assert_eq!(b.after(true, -5.0), Duration::from_secs(27), "jitter is clamped");
+        let delays: Vec<_> = (0..5).map(|_| b.after(false, 0.0).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 30, 30], "doubling, capped at the interval");
+        assert_eq!(b.after(true, 0.0), Duration::from_secs(30));
+        assert_eq!(b.failures, 0);
+    }
+}

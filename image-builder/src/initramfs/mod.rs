@@ -1,0 +1,187 @@
+//! `ironroot-build initramfs`: the native initramfs, a newc cpio written here (no external cpio):
+//!
+//! - `/init`: the agent, which runs as PID 1 (`ironroot-agent` detects it);
+//! - the shared libraries it links, from the ELF's own needed entries, and its loader;
+//! - the kernel modules a node needs with their dependencies (from `modules.dep`), and
+//!   `/etc/ironroot/modules.load`, the order to load them in;
+//! - the trust roots (`/etc/ironroot/trust.pem`) and, when given, the plane CA
+//!   (`/etc/ironroot/plane-ca.pem`);
+//! - optionally busybox as `/bin/sh` for the break-glass shell (`ironroot.debug=shell`);
+//! - `/dev/console` and `/dev/null`, so the kernel has a console before devtmpfs is mounted.
+//!
+//! Same inputs, same bytes: sorted entries, one mtime, owner 0:0, and gzip (when asked for)
+//! at a fixed level without a name or time in its header.
+
+pub mod cpio;
+pub mod elf;
+pub mod kmod;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use self::cpio::{Archive, Entry};
+
+/// The modules every node loads (built-in ones are skipped): the virtual hardware, identity,
+/// and the filesystems of the composefs root and its store.
+pub const DEFAULT_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "virtio_blk",
+    "virtio_rng",
+    "qemu_fw_cfg",
+    "dmi_sysfs",
+    "erofs",
+    "overlay",
+    "loop",
+    "zram",
+    "ext4",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
+#[derive(Debug, Clone)]
+pub struct InitramfsArgs {
+    pub agent: PathBuf,
+    /// The output of `kernel fetch` (modules/lib/modules/REL, kernel.json).
+    pub kernel: PathBuf,
+    pub modules: Vec<String>,
+    pub trust: Vec<PathBuf>,
+    pub plane_ca: Option<PathBuf>,
+    pub busybox: Option<PathBuf>,
+    pub compression: Compression,
+    /// Where the agent's libraries are looked up ("/" on the build host).
+    pub sysroot: PathBuf,
+    pub mtime: u32,
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Built {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub uncompressed_bytes: u64,
+    pub compression: Compression,
+    pub entries: usize,
+    pub release: String,
+    pub modules: Vec<String>,
+    pub builtin: Vec<String>,
+    pub libraries: Vec<String>,
+}
+
+pub fn build(args: &InitramfsArgs) -> anyhow::Result<Built> {
+    let mut archive = Archive::new(args.mtime);
+    for dir in ["dev", "proc", "sys", "run", "sysroot", "tmp", "persist", "etc/ironroot"] {
+        archive.add(dir, Entry::Dir { mode: 0o755 })?;
+    }
+    archive.add("dev/console", Entry::CharDev { mode: 0o600, major: 5, minor: 1 })?;
+    archive.add("dev/null", Entry::CharDev { mode: 0o666, major: 1, minor: 3 })?;
+    archive.add("init", Entry::File { mode: 0o755, data: read(&args.agent)? })?;
+
+    let mut libraries = elf::needed_closure(&args.agent, &args.sysroot)?;
+    if let Some(busybox) = &args.busybox {
+        archive.add("bin/busybox", Entry::File { mode: 0o755, data: read(busybox)? })?;
+        archive.add("bin/sh", Entry::Symlink { target: "busybox".into() })?;
+        // A static busybox (Debian's busybox-static) needs nothing; a dynamic one its libraries.
+        if let Ok(more) = elf::needed_closure(busybox, &args.sysroot) {
+            libraries.extend(more);
+        }
+    }
+    for (image_path, host) in &libraries {
+        archive.add(image_path, Entry::File { mode: 0o755, data: read(host)? })?;
+    }
+
+    let (release, modules, builtin) = add_modules(&mut archive, args)?;
+
+    let trust = args.trust.iter().map(|p| read_text(p)).collect::<anyhow::Result<Vec<_>>>()?.concat();
+    if !trust.contains("-----BEGIN PUBLIC KEY-----") {
+        anyhow::bail!("no trusted public key given (--trust): a node could verify nothing");
+    }
+    archive.add("etc/ironroot/trust.pem", Entry::File { mode: 0o644, data: trust.into_bytes() })?;
+    if let Some(ca) = &args.plane_ca {
+        let pem = read_text(ca)?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            anyhow::bail!("{} holds no PEM certificate (--plane-ca)", ca.display());
+        }
+        archive.add("etc/ironroot/plane-ca.pem", Entry::File { mode: 0o644, data: pem.into_bytes() })?;
+    }
+
+    let mut raw = Vec::new();
+    let uncompressed_bytes = archive.write(&mut raw)?;
+    let bytes = match args.compression {
+        Compression::None => raw,
+        Compression::Gzip => {
+            // flate2's header carries no name and mtime 0: reproducible.
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+            gz.write_all(&raw)?;
+            gz.finish()?
+        }
+    };
+    write_atomic(&args.out, &bytes)?;
+    Ok(Built {
+        path: args.out.clone(),
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        bytes: bytes.len() as u64,
+        uncompressed_bytes,
+        compression: args.compression,
+        entries: archive.len(),
+        release,
+        modules,
+        builtin,
+        libraries: libraries.into_keys().collect(),
+    })
+}
+
+/// Adds the module closure under lib/modules/REL and the load order; returns (REL, loaded, built in).
+fn add_modules(archive: &mut Archive, args: &InitramfsArgs) -> anyhow::Result<(String, Vec<String>, Vec<String>)> {
+    let base = args.kernel.join("modules/lib/modules");
+    let release = std::fs::read_dir(&base)
+        .with_context(|| format!("{} has no modules (run `ironroot-build kernel fetch`)", base.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .with_context(|| format!("{} is empty", base.display()))?;
+    let dir = base.join(&release);
+    let index = kmod::ModuleIndex::parse(
+        &read_text(&dir.join("modules.dep"))?,
+        &std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default(),
+    )?;
+    let names: Vec<&str> = args.modules.iter().map(String::as_str).collect();
+    let (order, builtin) = index.closure(&names)?;
+    let mut load = String::new();
+    for rel in &order {
+        let image_path = format!("lib/modules/{release}/{rel}");
+        archive.add(&image_path, Entry::File { mode: 0o644, data: read(&dir.join(rel))? })?;
+        load.push_str(&format!("/{image_path}\n"));
+    }
+    archive.add("etc/ironroot/modules.load", Entry::File { mode: 0o644, data: load.into_bytes() })?;
+    Ok((release, order.iter().map(|p| kmod::module_name(p)).collect(), builtin))
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing in {}", dir.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).with_context(|| format!("renaming onto {}", path.display()))?;
+    Ok(())
+}
