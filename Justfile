@@ -18,6 +18,11 @@ demo: deps
     cargo build --release --locked -p ironroot-build
     bash scripts/demo.sh
 
+# Build everything a node boots into target/image: kernel, initramfs, cmdline, boot.ipxe, the
+# signed base module, bundle.json. IRONROOT_REGISTRY=HOST:PORT/REPO also pushes and signs it.
+image: deps
+    bash scripts/image.sh
+
 # Benchmarks against their baselines, measured in the same run (ratios printed, not asserted).
 bench: deps
     cargo build --release --locked -p ironroot-build -p ironroot-plane -p ironroot-agent -p ironroot-tests

@@ -13,7 +13,8 @@ set -euo pipefail
 TOOLS=${IRONROOT_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/ironroot/tools}
 mkdir -p "$TOOLS/bin"
 
-step() { printf 'deps: %s\n' "$*" >&2; }
+STEP_PREFIX=deps
+source "$(dirname "$0")/lib.sh"
 
 apt_updated=0
 apt_install() {
@@ -29,17 +30,6 @@ apt_install() {
     fi
     step "apt-get install ${missing[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
-
-# The system's Debian mirror, read from its own configuration so no host is named here.
-debian_mirror() {
-    local uri
-    uri=$(grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' | grep -v security | head -n1 || true)
-    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-        uri=$(awk '$1=="deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
-    fi
-    [ -n "$uri" ] || { echo "deps: cannot find the Debian mirror in /etc/apt" >&2; exit 1; }
-    printf '%s' "$uri"
 }
 
 # Downloads packages from another suite into $TOOLS/debs/SUITE with a private apt state.

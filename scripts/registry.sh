@@ -1,6 +1,6 @@
 # Sourced by demo.sh and bench.sh: puts the project's tools on PATH and starts a distribution
 # registry on 127.0.0.1 with storage under a given directory. Sets REG_PID and REG_PORT; the
-# caller's EXIT trap stops it with stop_registry.
+# caller's EXIT trap stops it with stop_registry. REGISTRY_TLS=CERT:KEY makes it serve TLS.
 
 TOOLS=${IRONROOT_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/ironroot/tools}
 export PATH="$TOOLS/bin:$PATH"
@@ -20,6 +20,10 @@ storage:
 http:
   addr: 127.0.0.1:0
 YML
+    # REGISTRY_TLS=CERT:KEY serves TLS.
+    if [ -n "${REGISTRY_TLS:-}" ]; then
+        printf '  tls:\n    certificate: %s\n    key: %s\n' "${REGISTRY_TLS%%:*}" "${REGISTRY_TLS#*:}" >>"$dir/registry.yml"
+    fi
     docker-registry serve "$dir/registry.yml" >"$dir/registry.log" 2>&1 &
     REG_PID=$!
     for _ in $(seq 100); do grep -q 'listening on' "$dir/registry.log" && break; sleep 0.1; done

@@ -71,9 +71,10 @@ pub enum Command {
         /// Where boot.json (and the node identity it points to) is.
         #[arg(long, default_value = "/run/ironroot")]
         run_dir: PathBuf,
-        /// Seconds between heartbeats (jittered by ±10 %).
-        #[arg(long, default_value_t = 30)]
-        interval: u64,
+        /// Seconds between heartbeats, jittered by ±10 % [default: `ironroot.heartbeat=` on the
+        /// kernel command line, else 30].
+        #[arg(long)]
+        interval: Option<u64>,
     },
     /// Show the identity discovery finds, with where each value came from.
     Identity {
@@ -153,7 +154,8 @@ async fn dispatch(command: Command) -> Exit {
             }
         }
         Command::Serve { run_dir, interval } => {
-            let opts = crate::serve::ServeOptions { run_dir, interval: Duration::from_secs(interval.max(1)) };
+            let interval = interval.or_else(crate::serve::cmdline_interval).unwrap_or(30).max(1);
+            let opts = crate::serve::ServeOptions { run_dir, interval: Duration::from_secs(interval) };
             match crate::serve::serve(&opts).await {
                 Ok(()) => Exit::Ok,
                 Err(e) => {

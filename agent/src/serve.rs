@@ -158,6 +158,19 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// `ironroot.heartbeat=SECONDS` from the kernel command line, if set and valid.
+pub fn cmdline_interval() -> Option<u64> {
+    let cmdline = crate::boot::cmdline::read_cmdline(Path::new("/")).ok()?;
+    let value = cmdline.get("ironroot.heartbeat")?;
+    match value.parse::<u64>() {
+        Ok(s) if (1..=3600).contains(&s) => Some(s),
+        _ => {
+            tracing::warn!(value, "ironroot.heartbeat is not 1..=3600 seconds; using the default");
+            None
+        }
+    }
+}
+
 /// Half the watchdog period systemd asked for (`WATCHDOG_USEC`), if it asked.
 fn watchdog_period() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;

@@ -69,7 +69,13 @@ pub struct InitramfsOpts {
     /// The plane's CA certificate, embedded as /etc/ironroot/plane-ca.pem.
     #[arg(long)]
     plane_ca: Option<PathBuf>,
-    /// A busybox binary for the break-glass shell (ironroot.debug=shell).
+    /// The CA (PEM) of a registry with a private certificate.
+    #[arg(long)]
+    registry_ca: Option<PathBuf>,
+    /// A further program, HOST_PATH=IMAGE_PATH (mke2fs is always included).
+    #[arg(long, value_parser = parse_binary)]
+    binary: Vec<(PathBuf, String)>,
+    /// A busybox binary for a break-glass shell.
     #[arg(long)]
     busybox: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = crate::initramfs::Compression::None)]
@@ -253,6 +259,13 @@ impl RegistryOpts {
     }
 }
 
+fn parse_binary(s: &str) -> Result<(PathBuf, String), String> {
+    match s.split_once('=') {
+        Some((host, image)) if !host.is_empty() && image.starts_with('/') => Ok((host.into(), image.to_owned())),
+        _ => Err(format!("{s:?} is not HOST_PATH=/IMAGE_PATH")),
+    }
+}
+
 fn emit<T: Serialize>(output: Output, value: &T, plain: impl FnOnce(&T) -> String) {
     match output {
         Output::Json => println!("{}", serde_json::to_string(value).unwrap_or_default()),
@@ -377,6 +390,8 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
                 modules,
                 trust: o.trust,
                 plane_ca: o.plane_ca,
+                registry_ca: o.registry_ca,
+                binaries: o.binary,
                 busybox: o.busybox,
                 compression: o.compression,
                 sysroot: o.sysroot,

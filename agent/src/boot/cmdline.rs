@@ -21,6 +21,7 @@ pub const KEYS: &[&str] = &[
     "ironroot.debug",
     "ironroot.verity",
     "ironroot.metadata",
+    "ironroot.heartbeat",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -76,7 +76,7 @@ pub fn main() -> ! {
         match boot::run(&opts).await {
             Ok(record) => Ok(record),
             Err(e) => {
-                console(&format!("ironroot: BOOT FAILED in phase {}: {}", e.phase, crate::exit::describe(&e)));
+                console(&format!("ironroot: BOOT FAILED in phase {}: {}", e.phase, crate::exit::describe(&*e.source)));
                 let told = e.report().await;
                 Err(format!(
                     "phase {} (exit {}){}",
@@ -126,5 +126,6 @@ fn console(line: &str) {
 
 fn init_logging(debug: bool) {
     let level = if debug { tracing::Level::DEBUG } else { tracing::Level::INFO };
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(level).try_init();
+    // A serial console shows escape codes as noise: plain text.
+    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_max_level(level).try_init();
 }

@@ -6,6 +6,9 @@
 //!   `/etc/ironroot/modules.load`, the order to load them in;
 //! - the trust roots (`/etc/ironroot/trust.pem`) and, when given, the plane CA
 //!   (`/etc/ironroot/plane-ca.pem`);
+//! - mke2fs as /sbin/mkfs.ext4 (the agent formats its zram or disk store), and any further
+//!   programs asked for, with their libraries;
+//! - the registry's CA when it has a private one (`/etc/ironroot/registry-ca.pem`);
 //! - optionally busybox as `/bin/sh` for the break-glass shell (`ironroot.debug=shell`);
 //! - `/dev/console` and `/dev/null`, so the kernel has a console before devtmpfs is mounted.
 //!
@@ -41,6 +44,10 @@ pub const DEFAULT_MODULES: &[&str] = &[
     "ext4",
 ];
 
+/// Programs the agent runs in the initramfs (host path → path in the image): mke2fs formats
+/// the zram and disk stores.
+pub const DEFAULT_BINARIES: &[(&str, &str)] = &[("/sbin/mke2fs", "/sbin/mkfs.ext4")];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
@@ -56,6 +63,10 @@ pub struct InitramfsArgs {
     pub modules: Vec<String>,
     pub trust: Vec<PathBuf>,
     pub plane_ca: Option<PathBuf>,
+    /// The CA of a registry with a private certificate (/etc/ironroot/registry-ca.pem).
+    pub registry_ca: Option<PathBuf>,
+    /// More programs, host path → path in the image (their libraries come along).
+    pub binaries: Vec<(PathBuf, String)>,
     pub busybox: Option<PathBuf>,
     pub compression: Compression,
     /// Where the agent's libraries are looked up ("/" on the build host).
@@ -96,6 +107,11 @@ pub fn build(args: &InitramfsArgs) -> anyhow::Result<Built> {
             libraries.extend(more);
         }
     }
+    let defaults = DEFAULT_BINARIES.iter().map(|(h, i)| (PathBuf::from(h), (*i).to_owned()));
+    for (host, image_path) in defaults.chain(args.binaries.iter().cloned()) {
+        archive.add(&image_path, Entry::File { mode: 0o755, data: read(&host)? })?;
+        libraries.extend(elf::needed_closure(&host, &args.sysroot)?);
+    }
     for (image_path, host) in &libraries {
         archive.add(image_path, Entry::File { mode: 0o755, data: read(host)? })?;
     }
@@ -113,6 +129,13 @@ pub fn build(args: &InitramfsArgs) -> anyhow::Result<Built> {
             anyhow::bail!("{} holds no PEM certificate (--plane-ca)", ca.display());
         }
         archive.add("etc/ironroot/plane-ca.pem", Entry::File { mode: 0o644, data: pem.into_bytes() })?;
+    }
+    if let Some(ca) = &args.registry_ca {
+        let pem = read_text(ca)?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            anyhow::bail!("{} holds no PEM certificate (--registry-ca)", ca.display());
+        }
+        archive.add("etc/ironroot/registry-ca.pem", Entry::File { mode: 0o644, data: pem.into_bytes() })?;
     }
 
     let mut raw = Vec::new();

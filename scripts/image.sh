@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# `just image`: everything a node boots, in $IRONROOT_IMAGE (default target/image):
+#
+#   vmlinuz       the kernel (Debian's cloud kernel, `ironroot-build kernel fetch`)
+#   initrd.img    the native initramfs (`ironroot-build initramfs`): the agent as /init
+#   cmdline       the kernel command line the bundle was built for
+#   boot.ipxe     an iPXE script that boots the three above from the same directory
+#   base/         the signed base module (an OCI layout): debootstrap of bookworm with systemd,
+#                 udev, iproute2 and the agent with its unit
+#   keys/         the module signing key pair (kept across builds; the .pub is in the initramfs)
+#   bundle.json   every artifact's digest, the kernel release, the module reference
+#
+# IRONROOT_REGISTRY=HOST:PORT/REPO pushes and signs the base module there too
+# (IRONROOT_REGISTRY_CA: its CA, embedded in the initramfs; the registry is then used over TLS).
+# The debootstrap result is cached under ~/.cache/ironroot/debootstrap, keyed by its inputs.
+set -euo pipefail
+STEP_PREFIX=image
+source "$(dirname "$0")/lib.sh"
+
+OUT=${IRONROOT_IMAGE:-target/image}
+SUITE=bookworm
+PACKAGES=systemd,systemd-sysv,udev,iproute2,ca-certificates,kmod
+SERIAL=${IRONROOT_BASE_SERIAL:-1}
+BIN=target/release/ironroot-build
+AGENT=target/release/ironroot-agent
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/ironroot
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
+
+step "building ironroot-build and ironroot-agent (release)"
+cargo build --release --locked -p ironroot-build -p ironroot-agent
+mkdir -p "$OUT"
+
+step "kernel"
+$BIN kernel fetch --out target/kernel >&2
+
+if [ ! -f "$OUT/keys/ironroot.key" ]; then
+    $BIN keys generate --out "$OUT/keys" >/dev/null
+fi
+
+# 1. The base root: debootstrap, cached by suite, packages, mirror and debootstrap's version.
+mirror=$(debian_mirror)
+key=$(printf '%s\n' "$SUITE" "$PACKAGES" "$mirror" "$(dpkg-query -W -f='${Version}' debootstrap)" | sha256sum | cut -c1-16)
+tarball="$CACHE/debootstrap/$SUITE-$key.tar"
+if [ ! -f "$tarball" ]; then
+    step "debootstrap $SUITE ($PACKAGES), cached as $tarball"
+    mkdir -p "$CACHE/debootstrap"
+    tmp=$(mktemp -d "$CACHE/debootstrap/.root.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$tmp" "$mirror" >"$tmp.log" 2>&1 \
+        || { tail -n 20 "$tmp.log" >&2; echo "image: debootstrap failed (log: $tmp.log)" >&2; exit 1; }
+    # Nothing a booted root needs: package caches and lists, and /dev (devtmpfs is mounted).
+    rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/* "$tmp"/dev/* "$tmp"/var/log/*.log
+    tar -C "$tmp" --numeric-owner --xattrs -cf "$tarball.partial" .
+    mv "$tarball.partial" "$tarball"
+    rm -rf "$tmp" "$tmp.log"
+    trap - EXIT
+fi
+
+# 2. The node root: the cached base + the agent, its unit, and a few node settings.
+root=$(mktemp -d "${TMPDIR:-/tmp}/ironroot-root.XXXXXX")
+trap 'rm -rf "$root"' EXIT
+tar -C "$root" --numeric-owner --xattrs -xf "$tarball"
+install -m 0755 "$AGENT" "$root/usr/bin/ironroot-agent"
+install -m 0644 dist/systemd/ironroot-agent.service "$root/etc/systemd/system/ironroot-agent.service"
+mkdir -p "$root/etc/systemd/system/multi-user.target.wants" "$root/usr/share/doc/ironroot"
+ln -sf ../ironroot-agent.service "$root/etc/systemd/system/multi-user.target.wants/ironroot-agent.service"
+install -m 0644 docs/interfaces/run-state.md "$root/usr/share/doc/ironroot/run-state.md"
+echo ironroot-node >"$root/etc/hostname"
+: >"$root/etc/machine-id"
+# The initramfs configured the network; nothing in the root may take it down.
+ln -sf /dev/null "$root/etc/systemd/system/systemd-networkd.service"
+
+step "base module"
+rm -rf "$OUT/base"
+$BIN --output json module build --from "$root" --name base --version "$SUITE-$key" --serial "$SERIAL" \
+    --mtime "$SOURCE_DATE_EPOCH" --out "$OUT/base" >"$OUT/base.json"
+rm -rf "$root"
+trap - EXIT
+
+# 3. The initramfs and the boot files.
+step "initramfs"
+registry_ca=()
+[ -n "${IRONROOT_REGISTRY_CA:-}" ] && registry_ca=(--registry-ca "$IRONROOT_REGISTRY_CA")
+$BIN --output json initramfs --agent "$AGENT" --kernel target/kernel --trust "$OUT/keys/ironroot.pub" \
+    "${registry_ca[@]}" --out "$OUT/initrd.img" >"$OUT/initrd.json"
+cp target/kernel/vmlinuz "$OUT/vmlinuz"
+cmdline="console=ttyS0 panic=-1 oops=panic ironroot.trust=/etc/ironroot/trust.pem"
+echo "$cmdline" >"$OUT/cmdline"
+cat >"$OUT/boot.ipxe" <<IPXE
+#!ipxe
+# Boots the ironroot bundle from the directory this script was loaded from.
+kernel vmlinuz $cmdline \${ironroot_extra}
+initrd initrd.img
+boot
+IPXE
+
+reference=""
+if [ -n "${IRONROOT_REGISTRY:-}" ]; then
+    step "pushing and signing the base module to $IRONROOT_REGISTRY"
+    reg_opts=()
+    [ -n "${IRONROOT_REGISTRY_CA:-}" ] && reg_opts=(--registry-ca "$IRONROOT_REGISTRY_CA")
+    reference=$($BIN module push "${reg_opts[@]}" "$OUT/base" "$IRONROOT_REGISTRY:$SUITE-$key")
+    $BIN module sign "${reg_opts[@]}" "$reference" --key "$OUT/keys/ironroot.key" >/dev/null
+fi
+
+python3 - "$OUT" "$reference" <<'PY'
+import hashlib, json, os, sys
+out, reference = sys.argv[1], sys.argv[2]
+def sha(p):
+    h = hashlib.sha256()
+    with open(os.path.join(out, p), 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return 'sha256:' + h.hexdigest()
+kernel = json.load(open('target/kernel/kernel.json'))
+base = json.load(open(os.path.join(out, 'base.json')))
+bundle = {
+    'kernel': {'file': 'vmlinuz', 'digest': sha('vmlinuz'), 'package': kernel['package'],
+               'version': kernel['version'], 'release': kernel['release']},
+    'initramfs': {'file': 'initrd.img', 'digest': sha('initrd.img')},
+    'cmdline': open(os.path.join(out, 'cmdline')).read().strip(),
+    'ipxe': {'file': 'boot.ipxe', 'digest': sha('boot.ipxe')},
+    'base_module': {'layout': 'base', 'digest': base['digest'], 'reference': reference or None},
+    'trust': {'file': 'keys/ironroot.pub', 'digest': sha('keys/ironroot.pub')},
+}
+json.dump(bundle, open(os.path.join(out, 'bundle.json'), 'w'), indent=2)
+print(json.dumps(bundle, indent=2))
+PY
