@@ -9,13 +9,15 @@ deps:
 # The whole suite: unit tests and the real-peer tier (registry, cosign, mkcomposefs). Needs root.
 # The binaries are built first: the real-peer tests run them, and `cargo test` alone builds
 # only the binaries of packages that have integration tests of their own.
+# `just image` comes first: the QEMU tier boots its kernel, agent and base module.
 test: deps
+    bash scripts/image.sh >/dev/null
     cargo build --workspace --locked
     cargo test --workspace --locked
 
-# Sign, push and verify a module against a local registry, end to end, with ironroot and cosign.
+# A node netboots the image in QEMU against the reference plane and a local registry and
+# reaches `running` (exit 0 only then). Builds the image first (cached).
 demo: deps
-    cargo build --release --locked -p ironroot-build
     bash scripts/demo.sh
 
 # Build everything a node boots into target/image: kernel, initramfs, cmdline, boot.ipxe, the

@@ -21,10 +21,13 @@ mkdir -p "$LAB"
 LAB=$(cd "$LAB" && pwd)
 PLANE_PID= QEMU_PID=
 cleanup() {
+    local status=$?
+    set +e
+    # Only what this script started, by PID: QEMU (via timeout), the plane, the registry.
     [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
     [ -n "$PLANE_PID" ] && kill "$PLANE_PID" 2>/dev/null && wait "$PLANE_PID" 2>/dev/null
     stop_registry
-    true
+    exit "$status"
 }
 trap cleanup EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }

@@ -27,7 +27,8 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/ironroot
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 
 step "building ironroot-build and ironroot-agent (release)"
-cargo build --release --locked -p ironroot-build -p ironroot-agent
+# The same package set as `just demo` builds, so features unify the same way and nothing is rebuilt.
+cargo build --release --locked -p ironroot-build -p ironroot-agent -p ironroot-plane
 mkdir -p "$OUT"
 
 step "kernel"

@@ -87,7 +87,7 @@ pub fn report(record: &BootRecord) -> NodeReport {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         phase: "ready".to_owned(),
         phase_timings_ms: record.phases_ms.clone(),
-        module_digests: record.modules.iter().map(|m| m.digest.clone()).collect(),
+        module_digests: record.modules.iter().map(|m| m.digest).collect(),
         last_reconcile: None,
         probe_summary: None,
         store: Some(store),

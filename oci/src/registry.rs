@@ -87,7 +87,10 @@ pub struct Registry {
     host: String,
     scheme: &'static str,
     http: reqwest::Client,
-    push: oci_client::Client,
+    /// oci-client (pushes only), built on first use: building it loads the system's CA roots
+    /// and panics when there are none, as in an initramfs that only ever pulls.
+    push: std::sync::OnceLock<oci_client::Client>,
+    push_config: PushConfig,
     credentials: Credentials,
     auth: Mutex<HashMap<String, HeaderValue>>,
 }
@@ -98,7 +101,30 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+#[derive(Clone)]
+struct PushConfig {
+    tls: bool,
+    ca_pem: Vec<Vec<u8>>,
+}
+
 impl Registry {
+    fn pusher(&self) -> &oci_client::Client {
+        self.push.get_or_init(|| {
+            oci_client::Client::new(ClientConfig {
+                protocol: if self.push_config.tls { ClientProtocol::Https } else { ClientProtocol::Http },
+                extra_root_certificates: self
+                    .push_config
+                    .ca_pem
+                    .iter()
+                    .map(|pem| Certificate { encoding: CertificateEncoding::Pem, data: pem.clone() })
+                    .collect(),
+                connect_timeout: Some(CONNECT_TIMEOUT),
+                platform_resolver: None,
+                ..ClientConfig::default()
+            })
+        })
+    }
+
     pub fn open(host: &str, access: &RegistryAccess) -> Result<Self, RegistryError> {
         let tls = access.force_tls || !access.ca_pem.is_empty() || !is_loopback(host);
         let mut builder = reqwest::Client::builder()
@@ -111,22 +137,13 @@ impl Registry {
             }
         }
         let http = builder.build().map_err(RegistryError::Client)?;
-        let push = oci_client::Client::new(ClientConfig {
-            protocol: if tls { ClientProtocol::Https } else { ClientProtocol::Http },
-            extra_root_certificates: access
-                .ca_pem
-                .iter()
-                .map(|pem| Certificate { encoding: CertificateEncoding::Pem, data: pem.clone() })
-                .collect(),
-            connect_timeout: Some(CONNECT_TIMEOUT),
-            platform_resolver: None,
-            ..ClientConfig::default()
-        });
+        let push_config = PushConfig { tls, ca_pem: access.ca_pem.clone() };
         Ok(Self {
             host: host.to_owned(),
             scheme: if tls { "https" } else { "http" },
             http,
-            push,
+            push: std::sync::OnceLock::new(),
+            push_config,
             credentials: access.credentials.clone(),
             auth: Mutex::new(HashMap::new()),
         })
@@ -256,11 +273,14 @@ impl Registry {
     /// Authorizes a push to `repository` and says whether blob `digest` is already there.
     async fn blob_present(&self, repository: &str, digest: &OciDigest) -> Result<bool, RegistryError> {
         let image = self.reference(repository);
-        self.push
+        self.pusher()
             .auth(&image, &self.push_auth(), oci_client::RegistryOperation::Push)
             .await
             .map_err(|e| self.push_error(repository, e.to_string()))?;
-        self.push.blob_exists(&image, &digest.to_string()).await.map_err(|e| self.push_error(repository, e.to_string()))
+        self.pusher()
+            .blob_exists(&image, &digest.to_string())
+            .await
+            .map_err(|e| self.push_error(repository, e.to_string()))
     }
 
     /// Uploads the file at `path` as blob `digest` unless the registry already has it.
@@ -280,7 +300,7 @@ impl Registry {
             .map_err(|source| RegistryError::File { path: path.display().to_string(), source })?;
         let stream =
             crate::source::file_chunks(file, 1 << 20).map_err(oci_client::errors::OciDistributionError::IoError);
-        self.push
+        self.pusher()
             .push_blob_stream(&self.reference(repository), stream, &digest.to_string(), Some(size))
             .await
             .map_err(|e| self.push_error(repository, format!("blob {digest}: {e}")))?;
@@ -291,7 +311,7 @@ impl Registry {
     pub async fn push_blob_bytes(&self, repository: &str, bytes: Vec<u8>) -> Result<OciDigest, RegistryError> {
         let digest = OciDigest::of(&bytes);
         if !self.blob_present(repository, &digest).await? {
-            self.push
+            self.pusher()
                 .push_blob(&self.reference(repository), bytes, &digest.to_string())
                 .await
                 .map_err(|e| self.push_error(repository, format!("blob {digest}: {e}")))?;
@@ -313,12 +333,12 @@ impl Registry {
             Reference::with_tag(self.host.clone(), repository.to_owned(), reference.to_owned())
         };
         let fail = |e: String| RegistryError::Push { reference: image.whole(), reason: e };
-        self.push
+        self.pusher()
             .auth(&image, &self.push_auth(), oci_client::RegistryOperation::Push)
             .await
             .map_err(|e| fail(e.to_string()))?;
         let content_type = HeaderValue::from_str(media_type).map_err(|e| fail(e.to_string()))?;
-        self.push.push_manifest_raw(&image, bytes, content_type).await.map_err(|e| fail(e.to_string()))?;
+        self.pusher().push_manifest_raw(&image, bytes, content_type).await.map_err(|e| fail(e.to_string()))?;
         Ok(())
     }
 }

@@ -6,6 +6,7 @@
 //! - [`http`]: tiny loopback HTTP servers we control (a token endpoint, a hostile blob server);
 //! - [`tree`]: a generated tree holding everything a root filesystem has;
 //! - [`cli`]: running the `ironroot-build` binary;
+//! - [`vm`]: QEMU boots of the `just image` artifacts against the plane and a TLS registry;
 //! - [`craft`]: rewriting modules in a layout to build tampered (but validly signed) variants.
 //!
 //! A test that lacks a tool or root fails with the instruction to fix it; it never passes silently.
@@ -24,3 +25,4 @@ pub mod plane;
 pub mod registry;
 pub mod tools;
 pub mod tree;
+pub mod vm;

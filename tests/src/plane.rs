@@ -87,6 +87,11 @@ impl TestPlane {
             .into()
     }
 
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("https://{}{path}", self.addr)
     }

@@ -34,6 +34,8 @@ pub enum Auth<'a> {
     None,
     /// TLS with a fresh CA, and htpasswd basic auth for this user and password.
     TlsBasic(&'a str, &'a str),
+    /// TLS with a fresh CA, anonymous (the QEMU guest's registry).
+    Tls,
     /// Bearer challenges pointing at `realm` (distribution's "silly" token auth).
     Token {
         realm: &'a str,
@@ -57,6 +59,11 @@ impl TestRegistry {
         let mut credentials = None;
         match auth {
             Auth::None => {}
+            Auth::Tls => {
+                let (ca, cert, key) = make_tls(dir.path());
+                config.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()));
+                ca_pem = Some(ca);
+            }
             Auth::TlsBasic(user, pass) => {
                 let (ca, cert, key) = make_tls(dir.path());
                 config.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()));
@@ -158,7 +165,7 @@ impl Drop for TestRegistry {
     }
 }
 
-/// A CA and a server certificate for 127.0.0.1 signed by it (P-256), made with openssl.
+/// A CA and a server certificate for 127.0.0.1 and 10.0.2.100 signed by it (P-256), made with openssl.
 fn make_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let run = |args: &[&str]| {
         let out = Command::new(tool("openssl")).args(args).current_dir(dir).output().expect("openssl");
@@ -201,7 +208,8 @@ fn make_tls(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     ]);
     std::fs::write(
         dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        // 10.0.2.100: the host's loopback as a QEMU guest sees it (qemu/boot.sh --forward).
+        "subjectAltName=IP:127.0.0.1,IP:10.0.2.100\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
     )
     .expect("ext.cnf");
     run(&[

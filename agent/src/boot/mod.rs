@@ -218,8 +218,9 @@ pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
         },
         phases_ms: timer.0.clone(),
     };
-    handoff::write(&opts.run_dir(), &record)
-        .map_err(|e| BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &record.boot_id, &timer))?;
+    handoff::write(&opts.run_dir(), &record).map_err(|e| {
+        BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &record.boot_id, &timer)
+    })?;
     Ok(record)
 }
 

@@ -50,7 +50,12 @@ pub fn main() -> ! {
     init_logging(early.debug);
     match sys::load_modules(Path::new("/etc/ironroot/modules.load")) {
         Ok(l) => {
-            tracing::info!(loaded = l.loaded.len(), already = l.already.len(), failed = l.failed.len(), "kernel modules");
+            tracing::info!(
+                loaded = l.loaded.len(),
+                already = l.already.len(),
+                failed = l.failed.len(),
+                "kernel modules"
+            );
             for (path, err) in &l.failed {
                 tracing::warn!(module = %path, error = %err, "kernel module not loaded");
             }
@@ -61,7 +66,8 @@ pub fn main() -> ! {
         Ok(rt) => rt,
         Err(e) => fail_early(&format!("starting the runtime: {e}"), early.halt),
     };
-    let outcome = runtime.block_on(async {
+    // A panic must not end PID 1 (the kernel would panic too): it becomes a failed boot.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(async {
         let lease = net::up(NIC_WAIT).await.map_err(|e| format!("network: {}", crate::exit::describe(&e)))?;
         tracing::info!(interface = %lease.interface, address = %lease.address, prefix = lease.prefix, router = ?lease.router, "network up");
         let opts = BootOptions {
@@ -86,6 +92,14 @@ pub fn main() -> ! {
                 ))
             }
         }
+    })))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default();
+        Err(format!("the agent panicked: {what}"))
     });
     match outcome {
         Ok(record) => {

@@ -111,8 +111,8 @@ const TRIES: [u64; 4] = [1, 2, 4, 8];
 
 async fn dhcp(iface: &str, mac: &[u8]) -> Result<Lease, NetError> {
     let io = |source| NetError::Dhcp { iface: iface.to_owned(), source };
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))
-        .map_err(io)?;
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).map_err(io)?;
     socket.set_reuse_address(true).map_err(io)?;
     socket.set_broadcast(true).map_err(io)?;
     socket.bind_device(Some(iface.as_bytes())).map_err(io)?;
@@ -144,7 +144,15 @@ async fn dhcp(iface: &str, mac: &[u8]) -> Result<Lease, NetError> {
         Some(DhcpOption::AddressLeaseTime(t)) => Some(*t),
         _ => None,
     };
-    Ok(Lease { interface: iface.to_owned(), mac: String::new(), address: ack.yiaddr(), prefix, router, server, lease_s })
+    Ok(Lease {
+        interface: iface.to_owned(),
+        mac: String::new(),
+        address: ack.yiaddr(),
+        prefix,
+        router,
+        server,
+        lease_s,
+    })
 }
 
 fn request(xid: u32, mac: &[u8], kind: MessageType, chosen: Option<(Ipv4Addr, Ipv4Addr)>) -> Message {

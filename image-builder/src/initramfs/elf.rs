@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 
+use object::Endianness;
 use object::elf::{DT_NEEDED, FileHeader64};
 use object::read::elf::{Dyn as _, FileHeader as _, ProgramHeader as _};
-use object::Endianness;
 use thiserror::Error;
 
 /// Where the loader looks, in order (Debian multiarch first).

@@ -10,6 +10,7 @@ use ironroot_spec::OciDigest;
 use ironroot_spec::manifest::Descriptor;
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "one per push; boxing buys nothing")]
 pub enum Destination {
     Registry { registry: Registry, repository: String },
     Layout(Layout),

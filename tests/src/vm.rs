@@ -1,0 +1,224 @@
+//! Tier 3: QEMU (TCG) boots the artifacts `just image` built (target/image: the kernel, the
+//! release agent, the signed base module) against a real plane and a TLS registry on the host
+//! loopback. The guest reaches only those two ports (qemu/boot.sh --forward, slirp restrict=on).
+//!
+//! Each lab writes its own initramfs (same builder, same agent) that trusts the lab's signing
+//! key and the lab registry's CA, and republishes the base module signed by that key, so tests
+//! never touch target/image.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cli::build_cmd;
+use crate::plane::TestPlane;
+use crate::registry::{Auth, TestRegistry};
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// The workspace root (tests/ is one level down).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+/// How the guest learns who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityVia {
+    /// A JSON document over fw_cfg (`opt/ironroot/identity`).
+    FwCfg,
+    /// SMBIOS: type 1 UUID and serial, type 11 `io.ironroot.*` strings (q35).
+    Smbios,
+}
+
+#[derive(Debug)]
+pub struct VmLab {
+    pub registry: TestRegistry,
+    pub plane: TestPlane,
+    pub work: tempfile::TempDir,
+    /// vmlinuz, initrd.img, cmdline, boot.ipxe for this lab.
+    pub bundle: PathBuf,
+    /// The base module as the guest names it (`10.0.2.100:PORT/ironroot/base@sha256:…`).
+    pub guest_reference: String,
+    pub digest: String,
+}
+
+impl VmLab {
+    pub fn start() -> Self {
+        crate::tools::require_root();
+        let image = workspace().join("target/image");
+        let agent = workspace().join("target/release/ironroot-agent");
+        for needed in [image.join("vmlinuz"), image.join("base/index.json"), agent.clone()] {
+            assert!(needed.exists(), "{} is missing: run `just image` first (`just test` does)", needed.display());
+        }
+        let registry = TestRegistry::start_with(Auth::Tls);
+        let plane = TestPlane::start(&["--name", "10.0.2.100", "--heartbeat-interval", "5s"]);
+        let work = tempfile::Builder::new().prefix("ironroot-vm-").tempdir().expect("vm lab dir");
+        for keys in ["keys", "other-keys"] {
+            build_cmd(&["keys", "generate", "--out", &s(&work.path().join(keys))]).ok();
+        }
+        let ca = registry.ca_pem.clone().expect("TLS registry CA");
+
+        let bundle = work.path().join("bundle");
+        std::fs::create_dir_all(&bundle).expect("bundle dir");
+        std::fs::copy(image.join("vmlinuz"), bundle.join("vmlinuz")).expect("vmlinuz");
+        let cmdline = std::fs::read_to_string(image.join("cmdline")).expect("cmdline");
+        std::fs::write(bundle.join("cmdline"), format!("{} ironroot.heartbeat=3\n", cmdline.trim())).expect("cmdline");
+        std::fs::copy(image.join("boot.ipxe"), bundle.join("boot.ipxe")).expect("boot.ipxe");
+        build_cmd(&[
+            "initramfs",
+            "--agent",
+            &s(&agent),
+            "--kernel",
+            &s(&workspace().join("target/kernel")),
+            "--trust",
+            &s(&work.path().join("keys/ironroot.pub")),
+            "--registry-ca",
+            &s(&ca),
+            "--out",
+            &s(&bundle.join("initrd.img")),
+        ])
+        .ok();
+
+        let mut lab = Self { registry, plane, work, bundle, guest_reference: String::new(), digest: String::new() };
+        let (guest, digest) = lab.publish(&image.join("base"), "keys", "base");
+        lab.guest_reference = guest;
+        lab.digest = digest;
+        lab
+    }
+
+    /// Copies `layout`, signs its module with `keys_dir`'s key, pushes it as repository `repo`;
+    /// returns the guest's reference and the digest.
+    pub fn publish(&self, layout: &Path, keys_dir: &str, repo: &str) -> (String, String) {
+        let copy = self.work.path().join(format!("layout-{repo}-{keys_dir}"));
+        let out = Command::new("cp").arg("-a").arg(layout).arg(&copy).status().expect("cp");
+        assert!(out.success(), "copying {}", layout.display());
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(copy.join("index.json")).expect("index.json")).expect("index json");
+        let digest = index["manifests"][0]["digest"].as_str().expect("manifest digest").to_owned();
+        let local = format!("oci:{}@{digest}", copy.display());
+        let key = self.work.path().join(keys_dir).join("ironroot.key");
+        build_cmd(&["module", "sign", &local, "--key", &s(&key)]).ok();
+        let ca = s(self.registry.ca_pem.as_ref().expect("CA"));
+        let host = self.registry.host();
+        build_cmd(&["module", "push", "--registry-ca", &ca, &local, &format!("{host}/ironroot/{repo}:1")]).ok();
+        let port = host.rsplit(':').next().expect("port");
+        (format!("10.0.2.100:{port}/ironroot/{repo}@{digest}"), digest)
+    }
+
+    /// Template `name` with the module `guest_reference` (floor serial 1) and a token for `node`.
+    pub fn token(&self, node: &str, template: &str, guest_reference: &str) -> String {
+        self.plane.op(&["template", "create", template, "--module", &format!("{guest_reference},serial=1")]).ok();
+        self.plane.op(&["token", "create", "--node", node, "--template", template]).ok().trim().to_owned()
+    }
+
+    fn plane_port(&self) -> String {
+        self.plane.addr().rsplit(':').next().expect("plane port").to_owned()
+    }
+
+    /// Starts QEMU for `node` with identity given `via`; `pxe` boots through the NIC's iPXE.
+    pub fn boot(&self, node: &str, token: &str, via: IdentityVia, pxe: bool) -> Vm {
+        let plane = format!("https://10.0.2.100:{}", self.plane_port());
+        let ca_path = self.plane.dir().join("ca.pem");
+        let log = self.work.path().join(format!("console-{node}.log"));
+        let mut cmd = Command::new(workspace().join("qemu/boot.sh"));
+        cmd.args(["--timeout", "900", "--log", &s(&log)]);
+        cmd.args(["--forward", &self.plane_port(), "--forward", self.registry.host().rsplit(':').next().unwrap_or("")]);
+        match via {
+            IdentityVia::FwCfg => {
+                let doc = serde_json::json!({
+                    "plane": plane, "token": token, "node": node,
+                    "plane_ca": std::fs::read_to_string(&ca_path).expect("plane CA"),
+                });
+                let path = self.work.path().join(format!("identity-{node}.json"));
+                std::fs::write(&path, doc.to_string()).expect("identity doc");
+                cmd.args(["--identity", &s(&path)]);
+            }
+            IdentityVia::Smbios => {
+                // The CA travels inline in a type 11 string? Too long for comfort: the path
+                // form needs a file in the initramfs, so SMBIOS carries the rest and fw_cfg
+                // only the CA.
+                let doc = serde_json::json!({"plane_ca": std::fs::read_to_string(&ca_path).expect("plane CA")});
+                let path = self.work.path().join(format!("identity-{node}.json"));
+                std::fs::write(&path, doc.to_string()).expect("identity doc");
+                cmd.args(["--identity", &s(&path)]);
+                cmd.args(["--smbios", &format!("plane={plane}"), "--smbios", &format!("token={token}")]);
+                cmd.args(["--smbios", &format!("node={node}"), "--serial", &format!("SN-{node}")]);
+                cmd.args(["--uuid", "5c3f1e0a-8d2b-4c1e-9f3a-0123456789ab"]);
+            }
+        }
+        if pxe {
+            cmd.arg("--pxe");
+        }
+        cmd.arg(&self.bundle).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().expect("starting qemu/boot.sh");
+        Vm { child, log }
+    }
+
+    /// The plane's view of `node` once `done` holds for it, or a panic with the console tail.
+    pub fn wait_for(
+        &self,
+        vm: &mut Vm,
+        node: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.plane.op(&["node", "show", node, "--json"]);
+            if run.code == 0
+                && let Ok(view) = serde_json::from_str::<serde_json::Value>(&run.stdout)
+                && done(&view)
+            {
+                return view;
+            }
+            let exited = vm.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && Instant::now() < deadline,
+                "{node}: not there within {timeout:?} (VM exited: {exited:?}); plane: {}\nconsole tail:\n{}",
+                run.stdout,
+                vm.console_tail(40)
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Vm {
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    pub fn console_tail(&self, n: usize) -> String {
+        let text = self.console();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Waits for QEMU to exit by itself (a refused boot reboots, and -no-reboot ends QEMU).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        None
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Our own child (qemu/boot.sh execs timeout, which forwards SIGTERM to QEMU).
+        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
