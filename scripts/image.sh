@@ -90,7 +90,8 @@ echo "$cmdline" >"$OUT/cmdline"
 cat >"$OUT/boot.ipxe" <<IPXE
 #!ipxe
 # Boots the ironroot bundle from the directory this script was loaded from.
-kernel vmlinuz $cmdline \${ironroot_extra}
+# bootmethod=ipxe is for the eyes (the console and /proc/cmdline show how the node booted).
+kernel vmlinuz $cmdline bootmethod=ipxe \${ironroot_extra}
 initrd initrd.img
 boot
 IPXE
