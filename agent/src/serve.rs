@@ -24,6 +24,8 @@ pub enum ServeError {
     Record { path: PathBuf, reason: String },
     #[error("the plane client: {0}")]
     Client(#[source] PlaneError),
+    #[error("installing the SIGTERM handler: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
 #[derive(Debug, Clone)]
@@ -118,8 +120,8 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let mut watchdog = tokio::time::interval(watchdog_period().unwrap_or(Duration::from_secs(3600)));
     let mut beat = Beat::new(opts.interval);
     let mut next = tokio::time::Instant::now();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|source| ServeError::Read { path: "SIGTERM handler".into(), source })?;
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ServeError::Signal)?;
     tracing::info!(node = %record.node_id, plane = %record.plane, "serving");
     loop {
         tokio::select! {

@@ -136,9 +136,8 @@ impl VmLab {
                 cmd.args(["--identity", &s(&path)]);
             }
             IdentityVia::Smbios => {
-                // The CA travels inline in a type 11 string? Too long for comfort: the path
-                // form needs a file in the initramfs, so SMBIOS carries the rest and fw_cfg
-                // only the CA.
+                // A PEM CA does not fit a type 11 string comfortably: fw_cfg carries only
+                // the CA, SMBIOS everything else.
                 let doc = serde_json::json!({"plane_ca": std::fs::read_to_string(&ca_path).expect("plane CA")});
                 let path = self.work.path().join(format!("identity-{node}.json"));
                 std::fs::write(&path, doc.to_string()).expect("identity doc");
@@ -217,8 +216,11 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // Our own child (qemu/boot.sh execs timeout, which forwards SIGTERM to QEMU).
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        // Our own child (qemu/boot.sh execs timeout, which forwards SIGTERM to QEMU; SIGKILL
+        // would orphan QEMU), unless it already ended.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").arg(self.child.id().to_string()).stderr(Stdio::null()).status();
+        }
         let _ = self.child.wait();
     }
 }

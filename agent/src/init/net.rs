@@ -47,8 +47,7 @@ pub struct Lease {
 pub async fn up(wait: Duration) -> Result<Lease, NetError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
     tokio::spawn(connection);
-    let lo = link_by_name(&handle, "lo").await?;
-    if let Some((index, _, _)) = lo {
+    if let Some(index) = link_index(&handle, "lo").await? {
         handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await?;
     }
     let (index, iface, mac) = first_ethernet(&handle, wait).await?;
@@ -62,10 +61,10 @@ pub async fn up(wait: Duration) -> Result<Lease, NetError> {
     Ok(Lease { mac: mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"), ..lease })
 }
 
-async fn link_by_name(handle: &rtnetlink::Handle, name: &str) -> Result<Option<(u32, String, Vec<u8>)>, NetError> {
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, NetError> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
-        Ok(Some(m)) => Ok(Some((m.header.index, name.to_owned(), Vec::new()))),
+        Ok(Some(m)) => Ok(Some(m.header.index)),
         Ok(None) => Ok(None),
         Err(rtnetlink::Error::NetlinkError(_)) => Ok(None),
         Err(e) => Err(e.into()),

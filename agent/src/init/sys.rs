@@ -66,14 +66,14 @@ pub fn reap() -> usize {
 /// Moves /dev, /proc, /sys and /run into `new_root`, frees the initramfs, makes `new_root` the
 /// root and executes `init` there. Returns only on failure.
 pub fn switch_root(new_root: &Path, init: &str) -> io::Error {
-    match prepare_switch(new_root) {
+    match prepare_switch(new_root, init) {
         Ok(()) => std::process::Command::new(init).exec(),
         Err(e) => e,
     }
 }
 
-fn prepare_switch(new_root: &Path) -> io::Result<()> {
-    let init_path = new_root.join(Path::new("/sbin/init").strip_prefix("/").unwrap_or(Path::new("sbin/init")));
+fn prepare_switch(new_root: &Path, init: &str) -> io::Result<()> {
+    let init_path = new_root.join(init.trim_start_matches('/'));
     if std::fs::symlink_metadata(&init_path).is_err() {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} does not exist", init_path.display())));
     }

@@ -19,7 +19,6 @@ pub mod cpio;
 pub mod elf;
 pub mod kmod;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -103,9 +102,7 @@ pub fn build(args: &InitramfsArgs) -> anyhow::Result<Built> {
         archive.add("bin/busybox", Entry::File { mode: 0o755, data: read(busybox)? })?;
         archive.add("bin/sh", Entry::Symlink { target: "busybox".into() })?;
         // A static busybox (Debian's busybox-static) needs nothing; a dynamic one its libraries.
-        if let Ok(more) = elf::needed_closure(busybox, &args.sysroot) {
-            libraries.extend(more);
-        }
+        libraries.extend(elf::needed_closure(busybox, &args.sysroot)?);
     }
     let defaults = DEFAULT_BINARIES.iter().map(|(h, i)| (PathBuf::from(h), (*i).to_owned()));
     for (host, image_path) in defaults.chain(args.binaries.iter().cloned()) {
@@ -145,7 +142,7 @@ pub fn build(args: &InitramfsArgs) -> anyhow::Result<Built> {
         Compression::Gzip => {
             // flate2's header carries no name and mtime 0: reproducible.
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
-            gz.write_all(&raw)?;
+            std::io::Write::write_all(&mut gz, &raw)?;
             gz.finish()?
         }
     };
@@ -201,10 +198,5 @@ fn read_text(path: &Path) -> anyhow::Result<String> {
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("writing in {}", dir.display()))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).with_context(|| format!("renaming onto {}", path.display()))?;
-    Ok(())
+    ironroot_oci::layout::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
