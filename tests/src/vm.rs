@@ -109,8 +109,26 @@ impl VmLab {
 
     /// Template `name` with the module `guest_reference` (floor serial 1) and a token for `node`.
     pub fn token(&self, node: &str, template: &str, guest_reference: &str) -> String {
-        self.plane.op(&["template", "create", template, "--module", &format!("{guest_reference},serial=1")]).ok();
+        self.token_for(node, template, &[guest_reference])
+    }
+
+    /// Template `name` with `guest_references` (floor serial 1 each) and a token for `node`.
+    pub fn token_for(&self, node: &str, template: &str, guest_references: &[&str]) -> String {
+        let mut args = vec!["template".to_owned(), "create".to_owned(), template.to_owned()];
+        for reference in guest_references {
+            args.extend(["--module".to_owned(), format!("{reference},serial=1")]);
+        }
+        self.plane.op(&args.iter().map(String::as_str).collect::<Vec<_>>()).ok();
         self.plane.op(&["token", "create", "--node", node, "--template", template]).ok().trim().to_owned()
+    }
+
+    /// Builds `tree` into an extension module (`usr` role, serial 1), signs it with the lab
+    /// key and pushes it as repository `name`; returns the guest's reference and the digest.
+    pub fn extension(&self, tree: &Path, name: &str) -> (String, String) {
+        let layout = self.work.path().join(format!("built-{name}"));
+        let args = ["module", "build", "--from", &s(tree), "--name", name, "--version", "1", "--serial", "1"];
+        build_cmd(&[&args[..], &["--role", "usr", "--out", &s(&layout)]].concat()).ok();
+        self.publish(&layout, "keys", name)
     }
 
     fn plane_port(&self) -> String {

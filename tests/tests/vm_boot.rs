@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use ironroot_tests::vm::{IdentityVia, VmLab};
+use sha2::Digest as _;
 
 const BOOT: Duration = Duration::from_secs(600);
 
@@ -90,4 +91,78 @@ fn a_module_whose_object_bytes_changed_after_signing_is_refused() {
     }
     std::fs::write(&path, bytes).unwrap();
     refused(&lab, "vm-changed", &reference, "digest");
+}
+
+/// The `VERITY-PROBE key=value` line for `key` on the console, once the probe printed it.
+fn probe_line(console: &str, key: &str) -> Option<String> {
+    let prefix = format!("VERITY-PROBE {key}=");
+    console.lines().find_map(|l| l.split_once(&prefix).map(|(_, v)| v.trim().to_owned()))
+}
+
+#[test]
+fn a_store_object_corrupted_after_verification_cannot_be_read_while_the_rest_of_the_root_works() {
+    let lab = VmLab::start();
+    // A second module: a 1 MiB + 1 byte canary (the only object of that size) and a oneshot unit
+    // that corrupts the canary's object on the store's block device, then reads it again.
+    let fixtures = ironroot_tests::vm::workspace().join("tests/fixtures/verity-probe");
+    let tree = lab.work.path().join("verity-probe");
+    let dir = tree.join("usr/lib/ironroot-test");
+    let units = tree.join("usr/lib/systemd/system");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(units.join("multi-user.target.wants")).unwrap();
+    std::fs::copy(fixtures.join("verity-probe.sh"), dir.join("verity-probe.sh")).unwrap();
+    std::fs::copy(fixtures.join("verity-probe.service"), units.join("ironroot-verity-probe.service")).unwrap();
+    std::os::unix::fs::symlink(
+        "../ironroot-verity-probe.service",
+        units.join("multi-user.target.wants/ironroot-verity-probe.service"),
+    )
+    .unwrap();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let canary: Vec<u8> = (0..(1 << 20) + 1)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(dir.join("canary.bin"), &canary).unwrap();
+    let (probe, probe_digest) = lab.extension(&tree, "verity-probe");
+
+    let token = lab.token_for("vm-verity", "verity", &[&lab.guest_reference, &probe]);
+    let mut vm = lab.boot("vm-verity", &token, IdentityVia::FwCfg, false);
+    let view = lab.wait_for(&mut vm, "vm-verity", BOOT, |v| v["state"] == "running");
+    assert_eq!(view["store"], "zram+verity", "{view}");
+    let mut digests = view["module_digests"].as_array().unwrap().clone();
+    digests.sort_by_key(|d| d.to_string());
+    let mut expected = vec![serde_json::json!(lab.digest), serde_json::json!(probe_digest)];
+    expected.sort_by_key(|d| d.to_string());
+    assert_eq!(digests, expected, "{view}");
+
+    // The probe runs once the agent service started; wait for its verdict on the console.
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let console = loop {
+        let console = vm.console();
+        if probe_line(&console, "kernel").is_some() || probe_line(&console, "error").is_some() {
+            break console;
+        }
+        assert!(std::time::Instant::now() < deadline, "no probe verdict:\n{}", vm.console_tail(60));
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    eprintln!("{}", console.lines().filter(|l| l.contains("VERITY-PROBE")).collect::<Vec<_>>().join("\n"));
+    assert_eq!(probe_line(&console, "error"), None, "{}", vm.console_tail(60));
+    let before = probe_line(&console, "before").unwrap();
+    let expected_sum: String = sha2::Sha256::digest(&canary).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(before, expected_sum, "the canary read fine before the corruption");
+    assert_eq!(probe_line(&console, "canary").as_deref(), Some("Input/output error"), "{}", vm.console_tail(60));
+    assert_eq!(probe_line(&console, "others").as_deref(), Some("ok"), "{}", vm.console_tail(60));
+    let kernel = probe_line(&console, "kernel").unwrap();
+    assert!(kernel.contains("verity") && kernel.to_lowercase().contains("corrupt"), "kernel said: {kernel}");
+
+    // The node keeps running: the agent on the same root still heartbeats to the plane.
+    let beats = lab.plane.op(&["node", "show", "vm-verity", "--json"]).ok();
+    let beats = serde_json::from_str::<serde_json::Value>(&beats).unwrap()["heartbeats"].as_i64().unwrap();
+    lab.wait_for(&mut vm, "vm-verity", Duration::from_secs(120), |v| {
+        v["state"] == "running" && v["heartbeats"].as_i64().unwrap_or(0) >= beats + 2
+    });
 }
