@@ -12,21 +12,20 @@ cd "$(dirname "$0")/.."
 STEP_PREFIX=demo
 source scripts/lib.sh
 source scripts/registry.sh
+source scripts/lab.sh
 
 LAB=${IRONROOT_DEMO_LAB:-target/demo}
 TIMEOUT=${IRONROOT_DEMO_TIMEOUT:-900}
-PLANE=target/release/ironroot-plane
 NODE=demo-node
 mkdir -p "$LAB"
 LAB=$(cd "$LAB" && pwd)
-PLANE_PID= QEMU_PID=
+QEMU_PID=
 cleanup() {
     local status=$?
     set +e
     # Only what this script started, by PID: QEMU (via timeout), the plane, the registry.
     [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
-    [ -n "$PLANE_PID" ] && kill "$PLANE_PID" 2>/dev/null && wait "$PLANE_PID" 2>/dev/null
-    stop_registry
+    lab_stop
     exit "$status"
 }
 trap cleanup EXIT
@@ -35,33 +34,12 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say "building"
 cargo build --release --locked -p ironroot-build -p ironroot-agent -p ironroot-plane
 
-# 1. The lab CA and the registry's certificate (kept in $LAB so a built image stays usable).
-if [ ! -f "$LAB/ca/registry.pem" ]; then
-    mkdir -p "$LAB/ca"
-    (cd "$LAB/ca" &&
-        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem \
-            -days 3650 -subj "/CN=ironroot demo lab CA" -addext basicConstraints=critical,CA:TRUE \
-            -addext keyUsage=critical,keyCertSign 2>/dev/null &&
-        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout registry.key -out registry.csr \
-            -subj "/CN=ironroot demo registry" 2>/dev/null &&
-        printf 'subjectAltName=IP:127.0.0.1,IP:10.0.2.100\nextendedKeyUsage=serverAuth\n' >ext.cnf &&
-        openssl x509 -req -in registry.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
-            -extfile ext.cnf -out registry.pem 2>/dev/null)
-fi
-
 say "starting a registry (TLS) and the plane on 127.0.0.1"
-rm -rf "$LAB/registry"
-REGISTRY_TLS="$LAB/ca/registry.pem:$LAB/ca/registry.key" start_registry "$LAB/registry"
+# The lab CA is kept in $LAB so a built image (its initramfs embeds the CA) stays usable.
+lab_ca "$LAB/ca"
+lab_start "$LAB" "$LAB/ca" --heartbeat-interval 10s
 echo "registry  127.0.0.1:$REG_PORT (guest: 10.0.2.100:$REG_PORT)"
-rm -rf "$LAB/plane"
-$PLANE serve --state "$LAB/plane" --listen 127.0.0.1:0 --name 10.0.2.100 --heartbeat-interval 10s \
-    >"$LAB/plane.log" 2>&1 &
-PLANE_PID=$!
-for _ in $(seq 100); do [ -s "$LAB/plane/address" ] && break; sleep 0.1; done
-[ -s "$LAB/plane/address" ] || { cat "$LAB/plane.log" >&2; echo "demo: the plane did not start" >&2; exit 1; }
-PLANE_PORT=$(cut -d: -f2 <"$LAB/plane/address")
 echo "plane     127.0.0.1:$PLANE_PORT (guest: https://10.0.2.100:$PLANE_PORT)"
-op() { $PLANE --state "$LAB/plane" "$@"; }
 
 say "just image (pushes and signs the base module)"
 IRONROOT_REGISTRY="127.0.0.1:$REG_PORT/ironroot/base" IRONROOT_REGISTRY_CA="$LAB/ca/ca.pem" \
@@ -72,13 +50,8 @@ guest_ref="10.0.2.100:$REG_PORT/ironroot/base@${reference#*@}"
 echo "base module $reference"
 
 say "plane: template and bootstrap token"
-op template create base --module "$guest_ref,serial=$serial"
-token=$(op token create --node "$NODE" --template base)
-python3 - "$LAB/identity.json" "https://10.0.2.100:$PLANE_PORT" "$token" "$NODE" "$LAB/plane/ca.pem" <<'PY'
-import json, sys
-path, plane, token, node, ca = sys.argv[1:]
-json.dump({"plane": plane, "token": token, "node": node, "plane_ca": open(ca).read()}, open(path, "w"))
-PY
+lab_op template create base --module "$guest_ref,serial=$serial"
+lab_identity "$LAB/identity.json" "$NODE" base
 
 say "booting $NODE in QEMU (TCG; console: $LAB/console.log)"
 qemu/boot.sh --identity "$LAB/identity.json" --forward "$PLANE_PORT" --forward "$REG_PORT" \
@@ -89,7 +62,7 @@ start=$(date +%s)
 last=""
 state=""
 while :; do
-    view=$(op node show "$NODE" --json 2>/dev/null || true)
+    view=$(lab_op node show "$NODE" --json 2>/dev/null || true)
     if [ -n "$view" ]; then
         now=$(python3 -c 'import json,sys; v=json.loads(sys.argv[1]); print(v["state"], v.get("phase") or "-", v.get("heartbeats", 0))' "$view")
         if [ "$now" != "$last" ]; then
@@ -105,7 +78,7 @@ while :; do
 done
 
 say "the node on the plane"
-op node show "$NODE" || true
+lab_op node show "$NODE" || true
 if [ "$state" = running ]; then
     echo
     echo "$NODE reached running in $(($(date +%s) - start)) s"

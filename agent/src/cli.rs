@@ -140,6 +140,7 @@ async fn dispatch(command: Command) -> Exit {
                 },
                 limits: Limits::standard(),
                 access,
+                early_phases_ms: std::collections::BTreeMap::new(),
             };
             match boot::run(&opts).await {
                 Ok(record) => {

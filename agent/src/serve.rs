@@ -7,6 +7,7 @@
 //! so a hung agent is restarted. What to do next is decided by [`Beat`], a pure schedule; the
 //! loop only performs it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -88,13 +89,27 @@ pub fn report(record: &BootRecord) -> NodeReport {
         boot_id: record.boot_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         phase: "ready".to_owned(),
-        phase_timings_ms: record.phases_ms.clone(),
+        phase_timings_ms: timings(
+            &record.phases_ms,
+            record.written_at_boottime_ms,
+            crate::boot::handoff::boottime_ms(),
+        ),
         module_digests: record.modules.iter().map(|m| m.digest).collect(),
         last_reconcile: None,
         probe_summary: None,
         store: Some(store),
         error: None,
     }
+}
+
+/// The boot's phase timings plus `root`: from hand-off (`written`, CLOCK_BOOTTIME ms) to now,
+/// i.e. the switch-root and systemd's start of the root up to this service.
+fn timings(phases: &BTreeMap<String, u64>, written: Option<u64>, now: u64) -> BTreeMap<String, u64> {
+    let mut phases = phases.clone();
+    if let Some(written) = written {
+        phases.insert("root".to_owned(), now.saturating_sub(written));
+    }
+    phases
 }
 
 fn client(record: &BootRecord) -> Result<PlaneClient, ServeError> {
@@ -194,5 +209,45 @@ mod tests {
         assert_eq!(delays, [5, 10, 20, 30, 30], "doubling, capped at the interval");
         assert_eq!(b.after(true, 0.0), Duration::from_secs(30));
         assert_eq!(b.failures, 0);
+    }
+
+    fn sample() -> serde_json::Value {
+        serde_json::json!({
+            "schema": RUN_STATE_SCHEMA, "agent_version": "0.1.0", "boot_id": "b-1",
+            "identity": {"values": {}, "conflicts": [], "notes": []},
+            "node_id": "n-1", "plane": "https://10.0.2.100:4443", "plane_ca": "/run/ironroot/plane-ca.pem",
+            "certificate": "/run/ironroot/node.crt", "key": "/run/ironroot/node.key",
+            "certificate_not_after": 1, "reused_certificate": false, "generation": 1,
+            "store": {"kind": "zram", "path": "/run/ironroot/store", "verity": true, "persistent": false,
+                      "insecure": false, "device": "/dev/zram1"},
+            "modules": [], "root": {"target": "/sysroot", "verity": true, "layers": [], "upper": "/run/u"},
+            "phases_ms": {"verify": 3},
+        })
+    }
+
+    #[test]
+    fn a_boot_record_from_a_newer_initramfs_agent_is_read_and_another_schema_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut doc = sample();
+        doc["written_by_a_newer_agent"] = serde_json::json!({"anything": 1});
+        doc["store"]["also_new"] = serde_json::json!(true);
+        std::fs::write(dir.path().join(BOOT_JSON), doc.to_string()).unwrap();
+        let record = read_record(dir.path()).unwrap();
+        assert_eq!(record.written_at_boottime_ms, None, "absent in older records");
+        assert_eq!(report(&record).store.as_deref(), Some("zram+verity"));
+
+        doc["schema"] = serde_json::json!(RUN_STATE_SCHEMA + 1);
+        std::fs::write(dir.path().join(BOOT_JSON), doc.to_string()).unwrap();
+        assert!(matches!(read_record(dir.path()), Err(ServeError::Record { .. })));
+    }
+
+    #[test]
+    fn the_ready_report_adds_the_time_from_hand_off_to_the_service() {
+        let phases = BTreeMap::from([("kernel".to_owned(), 2900), ("verify".to_owned(), 15_000)]);
+        let with = timings(&phases, Some(40_000), 47_500);
+        assert_eq!(with["root"], 7_500);
+        assert_eq!(with["verify"], 15_000);
+        assert_eq!(timings(&phases, None, 47_500), phases, "an older boot.json: no root timing");
+        assert_eq!(timings(&phases, Some(50_000), 47_500)["root"], 0, "clock oddities do not wrap");
     }
 }

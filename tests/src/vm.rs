@@ -137,9 +137,21 @@ impl VmLab {
 
     /// Starts QEMU for `node` with identity given `via`; `pxe` boots through the NIC's iPXE.
     pub fn boot(&self, node: &str, token: &str, via: IdentityVia, pxe: bool) -> Vm {
+        self.boot_with(node, token, via, pxe, &[])
+    }
+
+    /// [`VmLab::boot`] with more qemu/boot.sh options (`--disk FILE`, `--append STR`); each
+    /// boot gets its own console log.
+    pub fn boot_with(&self, node: &str, token: &str, via: IdentityVia, pxe: bool, extra: &[&str]) -> Vm {
         let plane = format!("https://10.0.2.100:{}", self.plane_port());
         let ca_path = self.plane.dir().join("ca.pem");
-        let log = self.work.path().join(format!("console-{node}.log"));
+        let mut log = self.work.path().join(format!("console-{node}.log"));
+        for n in 2.. {
+            if !log.exists() {
+                break;
+            }
+            log = self.work.path().join(format!("console-{node}-{n}.log"));
+        }
         let mut cmd = Command::new(workspace().join("qemu/boot.sh"));
         cmd.args(["--timeout", "900", "--log", &s(&log)]);
         cmd.args(["--forward", &self.plane_port(), "--forward", self.registry.host().rsplit(':').next().unwrap_or("")]);
@@ -168,6 +180,7 @@ impl VmLab {
         if pxe {
             cmd.arg("--pxe");
         }
+        cmd.args(extra);
         cmd.arg(&self.bundle).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().expect("starting qemu/boot.sh");
         Vm { child, log }

@@ -46,6 +46,48 @@ fn a_node_boots_over_pxe_with_smbios_identity_and_reaches_running() {
     assert!(console.contains("smbios_uuid: Some(\"5c3f1e0a-8d2b-4c1e-9f3a-0123456789ab\")"), "{}", vm.console_tail(40));
 }
 
+/// The `downloaded=` bytes of every "module verified" line on the console.
+fn downloaded(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter(|l| l.contains("module verified"))
+        .filter_map(|l| l.split("downloaded=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_disk_backed_node_keeps_its_identity_and_objects_and_boots_warm_without_downloading() {
+    let lab = VmLab::start();
+    let token = lab.token("vm-disk", "base", &lab.guest_reference);
+    let disk = lab.work.path().join("persist.img");
+    std::fs::File::create(&disk).unwrap().set_len(4 << 30).unwrap();
+    let disk = disk.to_string_lossy().into_owned();
+    let extra = ["--disk", disk.as_str(), "--append", "ironroot.store=disk:/dev/vda"];
+
+    let mut vm = lab.boot_with("vm-disk", &token, IdentityVia::FwCfg, false, &extra);
+    let cold = lab.wait_for(&mut vm, "vm-disk", BOOT, running_with_heartbeats);
+    assert_eq!(cold["store"], "disk+verity", "{cold}");
+    let console = vm.console();
+    assert!(console.contains("blank disk; formatting ext4 with verity"), "{}", vm.console_tail(40));
+    assert!(downloaded(&console).iter().all(|&n| n > 100 << 20), "the cold boot downloads: {}", vm.console_tail(40));
+    drop(vm);
+
+    // Same disk, same identity document (its token is spent): the node comes back as itself.
+    let mut vm = lab.boot_with("vm-disk", &token, IdentityVia::FwCfg, false, &extra);
+    let warm =
+        lab.wait_for(&mut vm, "vm-disk", BOOT, |v| v["boot_id"] != cold["boot_id"] && running_with_heartbeats(v));
+    assert_eq!(warm["id"], cold["id"], "same node id");
+    assert_eq!(warm["module_digests"], serde_json::json!([lab.digest]), "{warm}");
+    assert_eq!(warm["store"], "disk+verity", "{warm}");
+    let console = vm.console();
+    assert!(console.contains("reusing the certificate from an earlier boot"), "{}", vm.console_tail(40));
+    assert_eq!(downloaded(&console), [0], "the warm boot downloads nothing: {}", vm.console_tail(40));
+    assert!(!console.contains("formatting"), "the disk is not formatted again: {}", vm.console_tail(40));
+    for phase in ["kernel", "modules", "network", "verify", "root"] {
+        assert!(warm["phase_timings_ms"][phase].is_u64(), "no {phase} timing: {warm}");
+    }
+}
+
 /// A refused boot: no root is mounted, the console says why, the plane records the phase.
 fn refused(lab: &VmLab, node: &str, reference: &str, console_says: &str) {
     let token = lab.token(node, node, reference);

@@ -12,12 +12,15 @@ use serde::{Deserialize, Serialize};
 
 use super::discover::{Conflict, Discovered, Sourced};
 
-/// This file's schema version; readers refuse others.
+/// This file's schema version; readers refuse others. Within a schema, fields are only added
+/// and readers ignore fields they do not know: the initramfs agent that writes this file and
+/// the root's agent that reads it come from different builds (nodes keep netbooting one
+/// initramfs while the base module is updated through the plane). A removal or a change of
+/// meaning bumps the schema.
 pub const RUN_STATE_SCHEMA: u32 = 1;
 pub const BOOT_JSON: &str = "boot.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct BootRecord {
     pub schema: u32,
     pub agent_version: String,
@@ -37,12 +40,22 @@ pub struct BootRecord {
     pub store: StoreRecord,
     pub modules: Vec<ModuleRecord>,
     pub root: RootRecord,
-    /// Milliseconds per phase: discover, enroll, fetch, verify, mount.
+    /// Milliseconds per phase: discover, store, enroll, fetch, verify, mount; booted by the
+    /// initramfs agent also kernel (kernel start to /init), modules and network.
     pub phases_ms: BTreeMap<String, u64>,
+    /// CLOCK_BOOTTIME (ms since the kernel started) when this record was written: the service
+    /// after switch-root measures systemd's share of the boot from it.
+    #[serde(default)]
+    pub written_at_boottime_ms: Option<u64>,
+}
+
+/// Milliseconds since the kernel started (CLOCK_BOOTTIME: includes suspend, never jumps).
+pub fn boottime_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    (t.tv_sec as u64) * 1000 + (t.tv_nsec as u64) / 1_000_000
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct IdentityRecord {
     pub values: BTreeMap<String, SourcedRecord>,
     pub conflicts: Vec<ConflictRecord>,
@@ -50,14 +63,12 @@ pub struct IdentityRecord {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct SourcedRecord {
     pub value: String,
     pub source: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ConflictRecord {
     pub key: String,
     pub chosen: SourcedRecord,
@@ -65,7 +76,6 @@ pub struct ConflictRecord {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct StoreRecord {
     /// `zram`, `disk`, `dir` or `tmpfs-insecure`.
     pub kind: String,
@@ -79,7 +89,6 @@ pub struct StoreRecord {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ModuleRecord {
     pub name: String,
     pub version: String,
@@ -94,7 +103,6 @@ pub struct ModuleRecord {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct RootRecord {
     pub target: PathBuf,
     pub verity: bool,

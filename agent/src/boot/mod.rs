@@ -127,6 +127,9 @@ pub struct BootOptions {
     pub backoff: retry::Backoff,
     pub limits: Limits,
     pub access: RegistryAccess,
+    /// Timings measured before the pipeline started (the initramfs agent's kernel, modules
+    /// and network), carried into boot.json and the handshake.
+    pub early_phases_ms: BTreeMap<String, u64>,
 }
 
 impl BootOptions {
@@ -148,7 +151,7 @@ impl Timer {
 
 /// Runs every phase; on success the root is mounted at `opts.target` and boot.json written.
 pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
-    let mut timer = Timer(BTreeMap::new(), Instant::now());
+    let mut timer = Timer(opts.early_phases_ms.clone(), Instant::now());
     let found = discover::discover(&discover::DiscoverOptions::new(&opts.root))
         .await
         .map_err(|e| BootError::new(Phase::Discover, Exit::Discover, e))?;
@@ -179,6 +182,8 @@ pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
         let exit = Exit::from(e.kind());
         BootError::new(Phase::Verify, exit, e).reported_to(&enrolled, &boot_id, &timer)
     })?;
+    tokio::task::block_in_place(|| store.sync())
+        .map_err(|e| BootError::new(Phase::Store, Exit::Store, e).reported_to(&enrolled, &boot_id, &timer))?;
     timer.lap(Phase::Verify);
 
     let mounted = tokio::task::block_in_place(|| mount::mount_root(&verified, &store, &opts.run_dir(), &opts.target))
@@ -217,6 +222,7 @@ pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
             upper: mounted.upper.clone(),
         },
         phases_ms: timer.0.clone(),
+        written_at_boottime_ms: Some(handoff::boottime_ms()),
     };
     handoff::write(&opts.run_dir(), &record).map_err(|e| {
         BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &record.boot_id, &timer)

@@ -147,6 +147,19 @@ pub fn prepare(settings: &BootSettings, paths: &StorePaths) -> Result<PreparedSt
     Ok(PreparedStore { kind, objects, state_dir, overlay_dir, verity, persistent: persist.is_some(), device })
 }
 
+impl PreparedStore {
+    /// Makes what the verify phase wrote durable on a persistent store (one syncfs): a power
+    /// cut right after boot must not cost the next boot its warm store.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        if !self.persistent {
+            return Ok(());
+        }
+        let root = self.objects.root();
+        let dir = std::fs::File::open(root).map_err(io("opening", root))?;
+        rustix::fs::syncfs(&dir).map_err(|e| io("syncing the filesystem of", root)(e.into()))
+    }
+}
+
 /// Creates a zram device and sizes it; returns its device node.
 fn zram_create(devices: &Path) -> Result<PathBuf, StoreError> {
     let control = devices.join("sys/class/zram-control/hot_add");

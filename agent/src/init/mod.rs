@@ -12,6 +12,7 @@
 pub mod net;
 pub mod sys;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -42,12 +43,14 @@ fn early_settings() -> Early {
 /// Runs as PID 1. Never returns.
 pub fn main() -> ! {
     let started = Instant::now();
+    let mut early_phases = BTreeMap::from([("kernel".to_owned(), crate::boot::handoff::boottime_ms())]);
     console("ironroot: initramfs agent starting");
     if let Err(e) = sys::early_mounts() {
         fail_early(&format!("early mounts: {e}"), false);
     }
     let early = early_settings();
     init_logging(early.debug);
+    let lap = Instant::now();
     match sys::load_modules(Path::new("/etc/ironroot/modules.load")) {
         Ok(l) => {
             tracing::info!(
@@ -62,14 +65,17 @@ pub fn main() -> ! {
         }
         Err(e) => tracing::warn!(error = %e, "no module list at /etc/ironroot/modules.load"),
     }
+    early_phases.insert("modules".to_owned(), lap.elapsed().as_millis() as u64);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => fail_early(&format!("starting the runtime: {e}"), early.halt),
     };
     // A panic must not end PID 1 (the kernel would panic too): it becomes a failed boot.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(async {
+        let lap = Instant::now();
         let lease = net::up(NIC_WAIT).await.map_err(|e| format!("network: {}", crate::exit::describe(&e)))?;
         tracing::info!(interface = %lease.interface, address = %lease.address, prefix = lease.prefix, router = ?lease.router, "network up");
+        early_phases.insert("network".to_owned(), lap.elapsed().as_millis() as u64);
         let opts = BootOptions {
             root: PathBuf::from("/"),
             devices: PathBuf::from("/"),
@@ -78,6 +84,7 @@ pub fn main() -> ! {
             backoff: Backoff::BOOT,
             limits: Limits::standard(),
             access: registry_access(),
+            early_phases_ms: early_phases.clone(),
         };
         match boot::run(&opts).await {
             Ok(record) => Ok(record),

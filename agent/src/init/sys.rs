@@ -77,13 +77,19 @@ fn prepare_switch(new_root: &Path, init: &str) -> io::Result<()> {
     if std::fs::symlink_metadata(&init_path).is_err() {
         return Err(io::Error::new(io::ErrorKind::NotFound, format!("{} does not exist", init_path.display())));
     }
-    for dir in ["dev", "proc", "sys", "run"] {
+    let root_dev = std::fs::symlink_metadata("/")?;
+    // /persist (a disk-backed store: node key, certificate, objects, the overlay's upper) only
+    // when the boot mounted it; boot.json names paths under it.
+    let persist = std::fs::symlink_metadata("/persist")
+        .is_ok_and(|m| std::os::unix::fs::MetadataExt::dev(&m) != std::os::unix::fs::MetadataExt::dev(&root_dev));
+    let moved: &[&str] =
+        if persist { &["dev", "proc", "sys", "run", "persist"] } else { &["dev", "proc", "sys", "run"] };
+    for dir in moved {
         let target = new_root.join(dir);
         std::fs::create_dir_all(&target)?;
         mount_move(format!("/{dir}").as_str(), &target)
             .map_err(|e| io::Error::new(e.kind(), format!("moving /{dir} to {}: {e}", target.display())))?;
     }
-    let root_dev = std::fs::symlink_metadata("/")?;
     free_initramfs(Path::new("/"), std::os::unix::fs::MetadataExt::dev(&root_dev));
     chdir(new_root)?;
     mount_move(".", "/").map_err(|e| io::Error::new(e.kind(), format!("moving {} to /: {e}", new_root.display())))?;

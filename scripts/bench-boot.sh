@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# `just bench`, boot to ready: the image `just image` built, booted in QEMU (TCG, 2 vCPUs)
+# against the reference plane and a TLS registry on 127.0.0.1, against a bare boot of the same
+# kernel measured in the same run. Prints times and ratios; asserts nothing.
+#
+#   bare        the same kernel, modules and command line, with ironroot-bare-init as /init
+#               (powers off at once): QEMU start → QEMU exit
+#   cold        a fresh node on a blank virtio disk (ironroot.store=disk:/dev/vda): enrolls,
+#               downloads and verifies the base module; QEMU start → the plane records its
+#               `ready` handshake (polled every 0.2 s)
+#   warm        the same node and disk booted again: certificate and objects are already there
+#
+# The per-phase timings are the node's own (boot.json, sent with the handshake): kernel (to
+# /init), modules, network, discover, store, enroll, fetch, verify, mount, and root (hand-off
+# to the agent service: switch-root plus systemd). Target: the agent's phases add no more than
+# 50% to the bare boot, plus systemd's time in the root: (ready − root) / bare ≤ 1.5.
+#
+# BENCH_BOOT_RUNS (default 3) runs of each, the best shown; BENCH_BOOT_TIMEOUT (600) s per boot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEP_PREFIX=bench-boot
+source scripts/lib.sh
+source scripts/registry.sh
+source scripts/lab.sh
+
+RUNS=${BENCH_BOOT_RUNS:-3}
+TIMEOUT=${BENCH_BOOT_TIMEOUT:-600}
+IMAGE=target/image
+BUILD=target/release/ironroot-build
+for needed in "$IMAGE/vmlinuz" "$IMAGE/cmdline" "$IMAGE/base/index.json" "$IMAGE/keys/ironroot.key" \
+    target/release/ironroot-agent target/release/ironroot-bare-init target/kernel/kernel.json; do
+    [ -e "$needed" ] || { echo "bench-boot: $needed is missing (just image; cargo build --release)" >&2; exit 1; }
+done
+WORK=$(mktemp -d /var/tmp/ironroot-bench-boot.XXXXXX)
+QEMU_PID=
+stop_vm() {
+    if [ -n "$QEMU_PID" ]; then
+        kill "$QEMU_PID" 2>/dev/null || true
+        wait "$QEMU_PID" 2>/dev/null || true
+        QEMU_PID=
+    fi
+}
+cleanup() {
+    local status=$?
+    set +e
+    stop_vm
+    lab_stop
+    if [ "$status" = 0 ]; then rm -rf "$WORK"; else echo "bench-boot: logs kept in $WORK" >&2; fi
+    exit "$status"
+}
+trap cleanup EXIT
+now_ms() { date +%s%3N; }
+
+step "lab: registry (TLS) and plane on 127.0.0.1"
+lab_ca "$WORK/ca"
+lab_start "$WORK/lab" "$WORK/ca" --heartbeat-interval 5s
+guest_ref=$(lab_push "$IMAGE/base" "$IMAGE/keys/ironroot.key" ironroot/base)
+lab_op template create base --module "$guest_ref,serial=1" >/dev/null
+
+# bundle DIR INIT: the image's kernel and command line with an initramfs around INIT; the node
+# and the bare bundle differ only in /init.
+bundle() {
+    mkdir -p "$1"
+    cp "$IMAGE/vmlinuz" "$1/vmlinuz"
+    echo "$(cat "$IMAGE/cmdline") ironroot.heartbeat=3" >"$1/cmdline"
+    $BUILD initramfs --agent "$2" --kernel target/kernel --trust "$IMAGE/keys/ironroot.pub" \
+        --registry-ca "$WORK/ca/ca.pem" --out "$1/initrd.img" >/dev/null
+}
+step "initramfs: the agent, and the bare init"
+bundle "$WORK/node" target/release/ironroot-agent
+bundle "$WORK/bare" target/release/ironroot-bare-init
+
+# bare_boot N: records the ms from QEMU start to QEMU exit.
+bare_boot() {
+    local log="$WORK/bare-$1.log" t0 t1
+    t0=$(now_ms)
+    qemu/boot.sh --timeout 300 --log "$log" "$WORK/bare" >/dev/null 2>&1 || true
+    t1=$(now_ms)
+    grep -q 'ironroot-bare-init: userspace reached' "$log" || { tail -n 20 "$log" >&2; echo "bench-boot: bare boot failed" >&2; exit 1; }
+    echo "bare $((t1 - t0)) {}" >>"$WORK/results"
+}
+
+# view NODE FIELD...: fields of the plane's view of NODE, one per line ("" when absent).
+view() {
+    local node=$1
+    shift
+    lab_op node show "$node" --json 2>/dev/null | python3 -c '
+import json, sys
+try:
+    v = json.load(sys.stdin)
+except ValueError:
+    v = {}
+for f in sys.argv[1:]:
+    x = v.get(f)
+    print(json.dumps(x) if isinstance(x, (dict, list)) else ("" if x is None else x))' "$@" || true
+}
+
+# node_boot KIND NODE DISK: boots NODE from DISK until the plane records a `ready` handshake
+# with a new boot id; records "KIND MS TIMINGS_JSON" and stops the VM.
+node_boot() {
+    local kind=$1 node=$2 disk=$3 log="$WORK/$2-$1.log" before t0 t1 boot phase timings why
+    before=$(view "$node" boot_id | head -n1)
+    t0=$(now_ms)
+    qemu/boot.sh --identity "$WORK/$node.json" --forward "$PLANE_PORT" --forward "$REG_PORT" \
+        --disk "$disk" --append "ironroot.store=disk:/dev/vda" --timeout $((TIMEOUT + 60)) --log "$log" "$WORK/node" \
+        >/dev/null 2>&1 &
+    QEMU_PID=$!
+    while :; do
+        { read -r boot; read -r phase; } < <(view "$node" boot_id phase)
+        if [ -n "$boot" ] && [ "$boot" != "$before" ] && [ "$phase" = ready ]; then
+            t1=$(now_ms)
+            break
+        fi
+        case "$phase" in failed:*) tail -n 30 "$log" >&2; echo "bench-boot: $node: $phase" >&2; exit 1 ;; esac
+        why=""
+        kill -0 "$QEMU_PID" 2>/dev/null || why="the VM stopped before ready"
+        grep -aq 'Failed to start.*ironroot-a' "$log" && why="ironroot-agent.service failed in the root"
+        [ "$(now_ms)" -lt $((t0 + TIMEOUT * 1000)) ] || why="no ready handshake within ${TIMEOUT} s"
+        if [ -n "$why" ]; then
+            tail -n 30 "$log" >&2
+            echo "bench-boot: $node: $why" >&2
+            exit 1
+        fi
+        sleep 0.2
+    done
+    timings=$(view "$node" phase_timings_ms)
+    stop_vm
+    echo "$kind $((t1 - t0)) $timings" >>"$WORK/results"
+}
+
+: >"$WORK/results"
+for i in $(seq "$RUNS"); do
+    step "run $i/$RUNS: bare"
+    bare_boot "$i"
+    node="bench-$i"
+    lab_identity "$WORK/$node.json" "$node" base
+    truncate -s 4G "$WORK/$node.disk"
+    step "run $i/$RUNS: cold store"
+    node_boot cold "$node" "$WORK/$node.disk"
+    step "run $i/$RUNS: warm store"
+    node_boot warm "$node" "$WORK/$node.disk"
+    rm -f "$WORK/$node.disk"
+done
+
+python3 - "$WORK/results" "$RUNS" <<'PY'
+import json, sys
+runs = {}
+for line in open(sys.argv[1]):
+    kind, ms, timings = line.split(" ", 2)
+    runs.setdefault(kind, []).append((int(ms), json.loads(timings)))
+best = {k: min(v, key=lambda r: r[0]) for k, v in runs.items()}
+bare = best["bare"][0]
+phases = ["kernel", "modules", "network", "discover", "store", "enroll", "fetch", "verify", "mount", "root"]
+agent = phases[1:-1]
+print(f"\nboot to ready (QEMU TCG, 2 vCPUs; best of {sys.argv[2]} runs; seconds)")
+print(f"{'':6} {'ready':>7} " + " ".join(f"{p:>8}" for p in phases))
+s = lambda ms: f"{ms / 1000:.2f}"
+print(f"{'bare':6} {s(bare):>7}   (QEMU start to power-off with a trivial /init)")
+for kind in ("cold", "warm"):
+    ms, t = best[kind]
+    print(f"{kind:6} {s(ms):>7} " + " ".join(f"{s(t[p]) if p in t else '-':>8}" for p in phases))
+print()
+for kind in ("cold", "warm"):
+    ms, t = best[kind]
+    own = sum(t.get(p, 0) for p in agent)
+    ratio = (ms - t.get("root", 0)) / bare
+    print(f"{kind}: agent phases {s(own)} s = {own / bare:.2f}x bare; (ready - root) / bare = {ratio:.2f}  target <= 1.50")
+PY
