@@ -15,7 +15,9 @@
 # to the agent service: switch-root plus systemd). Target: the agent's phases add no more than
 # 50% to the bare boot, plus systemd's time in the root: (ready − root) / bare ≤ 1.5.
 #
-# BENCH_BOOT_RUNS (default 3) runs of each, the best shown; BENCH_BOOT_TIMEOUT (600) s per boot.
+# BENCH_BOOT_RUNS (default 3) runs of each, the best shown; BENCH_BOOT_TIMEOUT (600) s per boot;
+# BENCH_BOOT_APPEND adds to the nodes' kernel command line (e.g. ironroot.debug=1);
+# BENCH_BOOT_KEEP=1 keeps the consoles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEP_PREFIX=bench-boot
@@ -45,7 +47,11 @@ cleanup() {
     set +e
     stop_vm
     lab_stop
-    if [ "$status" = 0 ]; then rm -rf "$WORK"; else echo "bench-boot: logs kept in $WORK" >&2; fi
+    if [ "$status" = 0 ] && [ -z "${BENCH_BOOT_KEEP:-}" ]; then
+        rm -rf "$WORK"
+    else
+        echo "bench-boot: logs kept in $WORK" >&2
+    fi
     exit "$status"
 }
 trap cleanup EXIT
@@ -102,7 +108,7 @@ node_boot() {
     before=$(view "$node" boot_id | head -n1)
     t0=$(now_ms)
     qemu/boot.sh --identity "$WORK/$node.json" --forward "$PLANE_PORT" --forward "$REG_PORT" \
-        --disk "$disk" --append "ironroot.store=disk:/dev/vda" --timeout $((TIMEOUT + 60)) --log "$log" "$WORK/node" \
+        --disk "$disk" --append "ironroot.store=disk:/dev/vda ${BENCH_BOOT_APPEND:-}" --timeout $((TIMEOUT + 60)) --log "$log" "$WORK/node" \
         >/dev/null 2>&1 &
     QEMU_PID=$!
     while :; do

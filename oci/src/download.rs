@@ -340,17 +340,31 @@ fn unpack(
     objects: u64,
     bytes: u64,
 ) -> Result<u64, PackError> {
-    let mut reader = PackReader::new(io::BufReader::with_capacity(256 * 1024, input));
+    let input = io::BufReader::with_capacity(256 * 1024, input);
+    // A sealed store has the kernel compute each object's fs-verity digest as it seals the
+    // staged file; the reader then skips computing the same tree (and checks the rest).
+    let kernel_checks = store.sealed() && staging.keeps_bytes();
+    let mut reader = if kernel_checks { PackReader::kernel_checked(input) } else { PackReader::new(input) };
     let mut buf = vec![0u8; 256 * 1024];
     while let Some(mut obj) = reader.next_object()? {
         let d = obj.digest();
         if store.contains(&d) {
+            // Already in the store (sealed, or hashed when it entered); these bytes are only
+            // skipped, and a sealed store's reader does not hash them.
             copy_large(&mut obj, &mut io::sink(), &mut buf)?;
             continue;
         }
         if staging.keeps_bytes() {
-            let mut file = std::fs::File::create(staging.partial_path(&d))?;
+            let path = staging.partial_path(&d);
+            let mut file = std::fs::File::create(&path)?;
             copy_large(&mut obj, &mut file, &mut buf)?;
+            drop(file);
+            if kernel_checks {
+                let found = crate::store::seal_and_measure(&path)?;
+                if found != d {
+                    return Err(PackError::DigestMismatch { name: d, found });
+                }
+            }
         } else {
             copy_large(&mut obj, &mut io::sink(), &mut buf)?;
         }

@@ -164,6 +164,17 @@ impl Staging {
 /// Enables fs-verity on the file at `path` and checks the kernel measures `expected`. A file
 /// already sealed is only measured.
 pub fn seal(path: &Path, expected: &VerityDigest) -> io::Result<()> {
+    let found = seal_and_measure(path)?;
+    if found != *expected {
+        return Err(io::Error::other(format!("kernel measures {} as {found}, expected {expected}", path.display())));
+    }
+    Ok(())
+}
+
+/// Enables fs-verity on `path` (if an earlier boot has not) and returns the kernel's
+/// measurement: the digest every later read of the file is checked against. Instant for a
+/// sealed file; otherwise one pass in the kernel.
+pub fn seal_and_measure(path: &Path) -> io::Result<VerityDigest> {
     use composefs::fsverity::{self, EnableVerityError, FsVerityHashValue as _, Sha256HashValue};
     let file = fs::File::open(path)?;
     match fsverity::enable_verity_with_retry::<Sha256HashValue>(&file) {
@@ -172,12 +183,5 @@ pub fn seal(path: &Path, expected: &VerityDigest) -> io::Result<()> {
     }
     let found = fsverity::measure_verity::<Sha256HashValue>(&file)
         .map_err(|e| io::Error::other(format!("measuring fs-verity of {}: {e}", path.display())))?;
-    if found.to_hex() != expected.hex() {
-        return Err(io::Error::other(format!(
-            "kernel measures {} as {}, expected {expected}",
-            path.display(),
-            found.to_hex()
-        )));
-    }
-    Ok(())
+    found.to_hex().parse().map_err(|e| io::Error::other(format!("kernel measurement of {}: {e}", path.display())))
 }

@@ -236,18 +236,21 @@ pub async fn verify_module<S: ModuleSource>(
     let image = store.images_dir().join(module.image.digest.hex());
     let mut downloaded = download::fetch_to_file(src, &module.image, &image, limits).await?;
     let image_bytes = read_image(&image, &module.image.digest)?;
-    let found = ironroot_spec::verity_digest(&image_bytes);
-    if found != config.composefs_digest {
-        remove_quietly(&image);
-        return Err(VerifyError::ImageDigest { digest: module.image.digest, expected: config.composefs_digest, found });
-    }
-
-    if store.sealed() {
-        crate::store::seal(&image, &config.composefs_digest).map_err(|source| VerifyError::Io {
+    // A sealed store has the kernel measure the image as it seals it (instant when an earlier
+    // boot sealed it); the measurement is the digest every later read is held to. Otherwise
+    // the digest is computed here.
+    let found = if store.sealed() {
+        crate::store::seal_and_measure(&image).map_err(|source| VerifyError::Io {
             op: "sealing",
             path: image.clone(),
             source,
-        })?;
+        })?
+    } else {
+        ironroot_spec::verity_digest(&image_bytes)
+    };
+    if found != config.composefs_digest {
+        remove_quietly(&image);
+        return Err(VerifyError::ImageDigest { digest: module.image.digest, expected: config.composefs_digest, found });
     }
 
     let objects: u64 = module.packs.iter().map(|p| p.objects).sum();

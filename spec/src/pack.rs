@@ -174,6 +174,8 @@ pub struct PackReader<R: Read> {
     ended: bool,
     objects: u64,
     bytes: u64,
+    /// Whether this reader computes objects' digests (see [`PackReader::kernel_checked`]).
+    hashing: bool,
 }
 
 #[derive(Debug)]
@@ -181,7 +183,8 @@ struct Current {
     name: VerityDigest,
     size: u64,
     remaining: u64,
-    hasher: VerityHasher,
+    /// `None` when the kernel measures the object instead.
+    hasher: Option<VerityHasher>,
     checked: bool,
 }
 
@@ -193,7 +196,15 @@ pub struct Object<'a, R: Read> {
 
 impl<R: Read> PackReader<R> {
     pub fn new(input: R) -> Self {
-        Self { input, index: 0, last: None, current: None, ended: false, objects: 0, bytes: 0 }
+        Self { input, index: 0, last: None, current: None, ended: false, objects: 0, bytes: 0, hashing: true }
+    }
+
+    /// A reader that checks everything but the objects' digests, for a caller that has the
+    /// kernel measure each object (fs-verity) before it counts as read: computing the same
+    /// Merkle tree twice would double the CPU a boot spends on it. The caller must compare
+    /// [`Object::digest`] with the kernel's measurement.
+    pub fn kernel_checked(input: R) -> Self {
+        Self { hashing: false, ..Self::new(input) }
     }
 
     /// Objects and object bytes read so far.
@@ -227,7 +238,8 @@ impl<R: Read> PackReader<R> {
         let size = parse_size(&h[124..136])
             .ok_or_else(|| PackError::Header { index: self.index, reason: "size field is not a number".into() })?;
         self.index += 1;
-        self.current = Some(Current { name, size, remaining: size, hasher: VerityHasher::new(), checked: false });
+        let hasher = self.hashing.then(VerityHasher::new);
+        self.current = Some(Current { name, size, remaining: size, hasher, checked: false });
         Ok(Some(Object { reader: self }))
     }
 
@@ -290,7 +302,9 @@ impl<R: Read> PackReader<R> {
                 got: cur.size - cur.remaining,
             }));
         }
-        cur.hasher.update(&buf[..n]);
+        if let Some(hasher) = cur.hasher.as_mut() {
+            hasher.update(&buf[..n]);
+        }
         cur.remaining -= n as u64;
         if cur.remaining == 0 {
             check_digest(cur)?;
@@ -334,10 +348,12 @@ impl<R: Read> PackReader<R> {
 
 fn check_digest(cur: &mut Current) -> io::Result<()> {
     if !cur.checked {
-        let found = std::mem::take(&mut cur.hasher).finish();
         cur.checked = true;
-        if found != cur.name {
-            return Err(io::Error::other(PackError::DigestMismatch { name: cur.name, found }));
+        if let Some(hasher) = cur.hasher.take() {
+            let found = hasher.finish();
+            if found != cur.name {
+                return Err(io::Error::other(PackError::DigestMismatch { name: cur.name, found }));
+            }
         }
     }
     Ok(())

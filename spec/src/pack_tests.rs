@@ -208,3 +208,42 @@ fn a_base_256_marker_in_the_checksum_field_is_an_error_not_a_panic() {
     let err = read_all(&stream(&[(h, &objs[0].1)])).unwrap_err();
     assert!(err.to_string().contains("checksum"), "{err}");
 }
+
+#[test]
+fn a_kernel_checked_reader_leaves_the_digest_to_its_caller_and_checks_everything_else() {
+    let objs = objects(3);
+    let mut pack = pack_of(&objs);
+    pack[BLOCK] ^= 0xff;
+    // The changed bytes come through under their (now wrong) name: the caller's kernel
+    // measurement is what refuses them (oci's unpacker, tested in the QEMU tier).
+    let mut r = PackReader::kernel_checked(pack.as_slice());
+    let mut got = Vec::new();
+    while let Some(mut obj) = r.next_object().unwrap() {
+        let mut data = Vec::new();
+        obj.read_to_end(&mut data).unwrap();
+        got.push((obj.digest(), data));
+    }
+    assert_eq!(got.len(), 3);
+    assert_eq!(got[0].0, objs[0].0);
+    assert_ne!(verity_digest(&got[0].1), got[0].0);
+    assert_eq!(r.totals(), (3, objs.iter().map(|(_, d)| d.len() as u64).sum()));
+
+    // Framing, names, order, sizes and padding are still the reader's.
+    let mut trailing = pack_of(&objs);
+    trailing.extend_from_slice(b"junk");
+    let mut r = PackReader::kernel_checked(trailing.as_slice());
+    let err = loop {
+        match r.next_object() {
+            Ok(Some(mut obj)) => drop(obj.read_to_end(&mut Vec::new())),
+            Ok(None) => panic!("trailing bytes accepted"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, PackError::TrailingGarbage(4)), "{err}");
+    let (d, data) = objects(1).remove(0);
+    let mut s = header(&d, data.len() as u64 + 10_000).to_vec();
+    s.extend_from_slice(&data);
+    let mut r = PackReader::kernel_checked(s.as_slice());
+    let mut obj = r.next_object().unwrap().unwrap();
+    assert!(obj.read_to_end(&mut Vec::new()).is_err(), "a truncated object is still refused");
+}

@@ -208,3 +208,55 @@ fn a_store_object_corrupted_after_verification_cannot_be_read_while_the_rest_of_
         v["state"] == "running" && v["heartbeats"].as_i64().unwrap_or(0) >= beats + 2
     });
 }
+
+/// A copy of the base module's layout in which one object's bytes differ from its name while
+/// every digest above it (pack blob, manifest) is recomputed: only the object's own fs-verity
+/// digest can tell. The caller signs it (validly) with the lab key.
+fn with_a_changed_object(lab: &VmLab) -> std::path::PathBuf {
+    let dir = lab.work.path().join("changed-object");
+    let image = ironroot_tests::vm::workspace().join("target/image/base");
+    assert!(std::process::Command::new("cp").arg("-a").arg(&image).arg(&dir).status().unwrap().success());
+    let blob = |digest: &str| dir.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let write_blob = |bytes: &[u8]| {
+        let hex: String = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(dir.join("blobs/sha256").join(&hex), bytes).unwrap();
+        format!("sha256:{hex}")
+    };
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap())
+            .unwrap();
+    let layer = manifest["layers"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|l| l["mediaType"].as_str().unwrap().contains("objects"))
+        .unwrap();
+    let mut pack = std::fs::read(blob(layer["digest"].as_str().unwrap())).unwrap();
+    // Walk the ustar entries to the first object with bytes; change its first byte.
+    let mut at = 0;
+    loop {
+        let size = u64::from_str_radix(std::str::from_utf8(&pack[at + 124..at + 135]).unwrap(), 8).unwrap() as usize;
+        if size > 0 {
+            pack[at + 512] ^= 0xff;
+            break;
+        }
+        at += 512;
+    }
+    layer["digest"] = write_blob(&pack).into();
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    index["manifests"][0]["digest"] = write_blob(&manifest_bytes).into();
+    index["manifests"][0]["size"] = manifest_bytes.len().into();
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn a_validly_signed_module_whose_object_differs_from_its_name_is_refused_by_the_kernel_measurement() {
+    let lab = VmLab::start();
+    let layout = with_a_changed_object(&lab);
+    let (reference, _) = lab.publish(&layout, "keys", "changed-object");
+    // The guest's store is sealed: the kernel measures each staged object (the agent does not
+    // hash it a second time) and the mismatch is refused before anything is mounted.
+    refused(&lab, "vm-changed-object", &reference, "content has fs-verity digest");
+}

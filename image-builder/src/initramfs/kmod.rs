@@ -67,6 +67,23 @@ impl ModuleIndex {
         Ok((order, builtin))
     }
 
+    /// `order` (from [`ModuleIndex::closure`]) in waves: a module's wave is one past the
+    /// latest wave of what it needs, so each wave's modules can load at the same time.
+    pub fn waves(&self, order: &[String]) -> Vec<Vec<String>> {
+        let mut wave_of: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut waves: Vec<Vec<String>> = Vec::new();
+        for path in order {
+            let deps = self.by_path.get(path).into_iter().flatten();
+            let wave = deps.filter_map(|d| wave_of.get(d.as_str())).map(|w| w + 1).max().unwrap_or(0);
+            wave_of.insert(path, wave);
+            if waves.len() <= wave {
+                waves.resize_with(wave + 1, Vec::new);
+            }
+            waves[wave].push(path.clone());
+        }
+        waves
+    }
+
     fn visit(&self, path: &str, seen: &mut BTreeSet<String>, order: &mut Vec<String>) {
         if !seen.insert(path.to_owned()) {
             return;
@@ -107,6 +124,26 @@ mod tests {
             ]
         );
         assert_eq!(builtin, ["ext4"]);
+    }
+
+    #[test]
+    fn waves_put_each_module_after_everything_it_needs() {
+        let index = ModuleIndex::parse(DEP, "").unwrap();
+        let (order, _) = index.closure(&["virtio_net", "erofs", "virtio-rng"]).unwrap();
+        let waves = index.waves(&order);
+        assert_eq!(
+            waves,
+            [
+                vec![
+                    "kernel/net/core/failover.ko.xz",
+                    "kernel/lib/libcrc32c.ko.xz",
+                    "kernel/drivers/char/hw_random/virtio-rng.ko.xz"
+                ],
+                vec!["kernel/drivers/net/net_failover.ko.xz", "kernel/fs/erofs/erofs.ko.xz"],
+                vec!["kernel/drivers/net/virtio_net.ko.xz"],
+            ]
+        );
+        assert_eq!(waves.concat().len(), order.len(), "every module once");
     }
 
     #[test]

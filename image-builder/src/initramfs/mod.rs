@@ -3,7 +3,8 @@
 //! - `/init`: the agent, which runs as PID 1 (`ironroot-agent` detects it);
 //! - the shared libraries it links, from the ELF's own needed entries, and its loader;
 //! - the kernel modules a node needs with their dependencies (from `modules.dep`), and
-//!   `/etc/ironroot/modules.load`, the order to load them in;
+//!   `/etc/ironroot/modules.load`, the order to load them in (one wave of modules that may
+//!   load in parallel per line);
 //! - the trust roots (`/etc/ironroot/trust.pem`) and, when given, the plane CA
 //!   (`/etc/ironroot/plane-ca.pem`);
 //! - mke2fs as /sbin/mkfs.ext4 (the agent formats its zram or disk store), and any further
@@ -177,11 +178,18 @@ fn add_modules(archive: &mut Archive, args: &InitramfsArgs) -> anyhow::Result<(S
     )?;
     let names: Vec<&str> = args.modules.iter().map(String::as_str).collect();
     let (order, builtin) = index.closure(&names)?;
+    // One wave per line, its modules separated by spaces (they load in parallel); a list of
+    // one module per line is plain sequential loading.
     let mut load = String::new();
-    for rel in &order {
-        let image_path = format!("lib/modules/{release}/{rel}");
-        archive.add(&image_path, Entry::File { mode: 0o644, data: read(&dir.join(rel))? })?;
-        load.push_str(&format!("/{image_path}\n"));
+    for wave in index.waves(&order) {
+        let mut paths = Vec::new();
+        for rel in &wave {
+            let image_path = format!("lib/modules/{release}/{rel}");
+            archive.add(&image_path, Entry::File { mode: 0o644, data: read(&dir.join(rel))? })?;
+            paths.push(format!("/{image_path}"));
+        }
+        load.push_str(&paths.join(" "));
+        load.push('\n');
     }
     archive.add("etc/ironroot/modules.load", Entry::File { mode: 0o644, data: load.into_bytes() })?;
     Ok((release, order.iter().map(|p| kmod::module_name(p)).collect(), builtin))
