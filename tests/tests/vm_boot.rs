@@ -1,6 +1,8 @@
 //! Tier 3: the image `just image` built, booted in QEMU (TCG) against the real plane and a TLS
 //! registry on the host loopback. Assertions read the plane's records, then the console.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
+
 use std::time::Duration;
 
 use ironroot_tests::vm::{IdentityVia, VmLab};
