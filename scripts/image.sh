@@ -82,8 +82,10 @@ trap - EXIT
 step "initramfs"
 registry_ca=()
 [ -n "${IRONROOT_REGISTRY_CA:-}" ] && registry_ca=(--registry-ca "$IRONROOT_REGISTRY_CA")
+# gzip: the bundle is for netbooting, where the smaller file wins (measured, README: PXE reaches
+# /init ~1.2 s sooner with 8 MiB gzip than 21 MiB raw; direct boot is ~0.05–0.4 s slower).
 $BIN --output json initramfs --agent "$AGENT" --kernel target/kernel --trust "$OUT/keys/ironroot.pub" \
-    "${registry_ca[@]}" --out "$OUT/initrd.img" >"$OUT/initrd.json"
+    "${registry_ca[@]}" --compression gzip --out "$OUT/initrd.img" >"$OUT/initrd.json"
 cp target/kernel/vmlinuz "$OUT/vmlinuz"
 cmdline="console=ttyS0 panic=-1 oops=panic ironroot.trust=/etc/ironroot/trust.pem"
 echo "$cmdline" >"$OUT/cmdline"
