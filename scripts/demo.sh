@@ -54,9 +54,13 @@ lab_op template create base --module "$guest_ref,serial=$serial"
 lab_identity "$LAB/identity.json" "$NODE" base
 
 say "booting $NODE in QEMU (TCG; console: $LAB/console.log)"
-qemu/boot.sh --identity "$LAB/identity.json" --forward "$PLANE_PORT" --forward "$REG_PORT" \
-    --timeout "$TIMEOUT" --log "$LAB/console.log" target/image &
-QEMU_PID=$!
+boot_vm() {
+    qemu/boot.sh --identity "$LAB/identity.json" --forward "$PLANE_PORT" --forward "$REG_PORT" \
+        --timeout "$TIMEOUT" --log "$LAB/console.log" target/image 2>"$LAB/qemu.err" &
+    QEMU_PID=$!
+}
+boot_vm
+relaunched=0
 
 start=$(date +%s)
 last=""
@@ -73,7 +77,22 @@ while :; do
         case "$now" in running\ ready\ [1-9]*) break ;; esac
         case "$now" in *failed:*) break ;; esac
     fi
-    if ! kill -0 "$QEMU_PID" 2>/dev/null; then echo "demo: the VM stopped" >&2; break; fi
+    if ! kill -0 "$QEMU_PID" 2>/dev/null; then
+        rc=0
+        wait "$QEMU_PID" || rc=$?
+        # QEMU itself killed by a signal before our init printed a line: an emulator fault
+        # (TCG has aborted this way, rarely); nothing of ours ran, so boot again, once.
+        if [ $rc -gt 128 ] && [ $relaunched = 0 ] && ! grep -q "initramfs agent starting" "$LAB/console.log"; then
+            echo "demo: QEMU died (status $rc) before the guest ran our init; booting again once" >&2
+            cat "$LAB/qemu.err" >&2 || true
+            relaunched=1
+            boot_vm
+            continue
+        fi
+        echo "demo: the VM stopped (status $rc)" >&2
+        cat "$LAB/qemu.err" >&2 || true
+        break
+    fi
     sleep 2
 done
 

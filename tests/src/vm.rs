@@ -141,20 +141,14 @@ impl VmLab {
     }
 
     /// [`VmLab::boot`] with more qemu/boot.sh options (`--disk FILE`, `--append STR`); each
-    /// boot gets its own console log.
+    /// boot gets its own console log and QEMU stderr file.
     pub fn boot_with(&self, node: &str, token: &str, via: IdentityVia, pxe: bool, extra: &[&str]) -> Vm {
         let plane = format!("https://10.0.2.100:{}", self.plane_port());
         let ca_path = self.plane.dir().join("ca.pem");
-        let mut log = self.work.path().join(format!("console-{node}.log"));
-        for n in 2.. {
-            if !log.exists() {
-                break;
-            }
-            log = self.work.path().join(format!("console-{node}-{n}.log"));
-        }
-        let mut cmd = Command::new(workspace().join("qemu/boot.sh"));
-        cmd.args(["--timeout", "900", "--log", &s(&log)]);
-        cmd.args(["--forward", &self.plane_port(), "--forward", self.registry.host().rsplit(':').next().unwrap_or("")]);
+        let mut args: Vec<String> = vec!["--timeout".into(), "900".into()];
+        args.extend(["--forward".into(), self.plane_port()]);
+        args.extend(["--forward".into(), self.registry.host().rsplit(':').next().unwrap_or("").to_owned()]);
+        let mut arg = |a: &[&str]| args.extend(a.iter().map(|&x| x.to_owned()));
         match via {
             IdentityVia::FwCfg => {
                 let doc = serde_json::json!({
@@ -163,7 +157,7 @@ impl VmLab {
                 });
                 let path = self.work.path().join(format!("identity-{node}.json"));
                 std::fs::write(&path, doc.to_string()).expect("identity doc");
-                cmd.args(["--identity", &s(&path)]);
+                arg(&["--identity", &s(&path)]);
             }
             IdentityVia::Smbios => {
                 // A PEM CA does not fit a type 11 string comfortably: fw_cfg carries only
@@ -171,19 +165,18 @@ impl VmLab {
                 let doc = serde_json::json!({"plane_ca": std::fs::read_to_string(&ca_path).expect("plane CA")});
                 let path = self.work.path().join(format!("identity-{node}.json"));
                 std::fs::write(&path, doc.to_string()).expect("identity doc");
-                cmd.args(["--identity", &s(&path)]);
-                cmd.args(["--smbios", &format!("plane={plane}"), "--smbios", &format!("token={token}")]);
-                cmd.args(["--smbios", &format!("node={node}"), "--serial", &format!("SN-{node}")]);
-                cmd.args(["--uuid", "5c3f1e0a-8d2b-4c1e-9f3a-0123456789ab"]);
+                arg(&["--identity", &s(&path)]);
+                arg(&["--smbios", &format!("plane={plane}"), "--smbios", &format!("token={token}")]);
+                arg(&["--smbios", &format!("node={node}"), "--serial", &format!("SN-{node}")]);
+                arg(&["--uuid", "5c3f1e0a-8d2b-4c1e-9f3a-0123456789ab"]);
             }
         }
         if pxe {
-            cmd.arg("--pxe");
+            arg(&["--pxe"]);
         }
-        cmd.args(extra);
-        cmd.arg(&self.bundle).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        let child = cmd.spawn().expect("starting qemu/boot.sh");
-        Vm { child, log }
+        arg(extra);
+        args.push(s(&self.bundle));
+        Vm::spawn(self.work.path(), node, args)
     }
 
     /// The plane's view of `node` once `done` holds for it, or a panic with the console tail.
@@ -204,24 +197,92 @@ impl VmLab {
                 return view;
             }
             let exited = vm.child.try_wait().ok().flatten();
+            if exited.is_some_and(|status| vm.emulator_crashed(status)) {
+                vm.relaunch();
+                continue;
+            }
             assert!(
                 exited.is_none() && Instant::now() < deadline,
-                "{node}: not there within {timeout:?} (VM exited: {exited:?}); plane: {}\nconsole tail:\n{}",
+                "{node}: not there within {timeout:?} (VM exited: {exited:?}); plane: {}\nconsole tail:\n{}\nQEMU stderr:\n{}",
                 run.stdout,
-                vm.console_tail(40)
+                vm.console_tail(40),
+                vm.stderr_tail(20)
             );
             std::thread::sleep(Duration::from_secs(2));
         }
     }
 }
 
+/// The line PID 1 of our initramfs prints first: before it, nothing of ours has run.
+const AGENT_STARTED: &str = "ironroot: initramfs agent starting";
+
 #[derive(Debug)]
 pub struct Vm {
     child: Child,
     pub log: PathBuf,
+    /// QEMU's (and qemu/boot.sh's) stderr.
+    pub stderr: PathBuf,
+    work: PathBuf,
+    node: String,
+    args: Vec<String>,
+    relaunched: bool,
+}
+
+/// A path under `dir` named `stem[-N].ext` that does not exist yet.
+fn fresh(dir: &Path, stem: &str, ext: &str) -> PathBuf {
+    let mut path = dir.join(format!("{stem}.{ext}"));
+    for n in 2.. {
+        if !path.exists() {
+            break;
+        }
+        path = dir.join(format!("{stem}-{n}.{ext}"));
+    }
+    path
 }
 
 impl Vm {
+    /// Runs qemu/boot.sh with `args` (everything but `--log`), console and stderr in `work`.
+    fn spawn(work: &Path, node: &str, args: Vec<String>) -> Vm {
+        let log = fresh(work, &format!("console-{node}"), "log");
+        let stderr = fresh(work, &format!("qemu-{node}"), "err");
+        let child = Command::new(workspace().join("qemu/boot.sh"))
+            .args(["--log", &s(&log)])
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("QEMU stderr file"))
+            .spawn()
+            .expect("starting qemu/boot.sh");
+        Vm { child, log, stderr, work: work.to_path_buf(), node: node.to_owned(), args, relaunched: false }
+    }
+
+    /// QEMU itself died by a signal (an emulator fault: TCG has aborted a handful of times in
+    /// CI while the guest kernel was still probing PCI) before our initramfs printed a line.
+    /// Nothing of ours ran, so nothing is hidden by booting again — once.
+    fn emulator_crashed(&self, status: std::process::ExitStatus) -> bool {
+        use std::os::unix::process::ExitStatusExt as _;
+        status.signal().is_some() && !self.relaunched && !self.console().contains(AGENT_STARTED)
+    }
+
+    fn relaunch(&mut self) {
+        eprintln!(
+            "{}: QEMU died before the guest ran our init ({:?}); booting again once\nQEMU stderr:\n{}\nconsole tail:\n{}",
+            self.node,
+            self.child.try_wait(),
+            self.stderr_tail(20),
+            self.console_tail(10)
+        );
+        let mut next = Vm::spawn(&self.work, &self.node, std::mem::take(&mut self.args));
+        next.relaunched = true;
+        *self = next;
+    }
+
+    pub fn stderr_tail(&self, n: usize) -> String {
+        let text = String::from_utf8_lossy(&std::fs::read(&self.stderr).unwrap_or_default()).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     pub fn console(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
     }
