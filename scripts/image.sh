@@ -24,11 +24,13 @@ SERIAL=${IRONROOT_BASE_SERIAL:-1}
 BIN=target/release/ironroot-build
 AGENT=target/release/ironroot-agent
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/ironroot
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 
 step "building ironroot-build and ironroot-agent (release)"
 # The same package set as `just demo` builds, so features unify the same way and nothing is rebuilt.
 cargo build --release --locked -p ironroot-build -p ironroot-agent -p ironroot-plane
+# After cargo: C build scripts rerun when SOURCE_DATE_EPOCH changes, so exporting it before
+# would rebuild aws-lc and zstd each time a plain `cargo build` ran in between.
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 mkdir -p "$OUT"
 
 step "kernel"

@@ -345,6 +345,9 @@ fn unpack(
     // staged file; the reader then skips computing the same tree (and checks the rest).
     let kernel_checks = store.sealed() && staging.keeps_bytes();
     let mut reader = if kernel_checks { PackReader::kernel_checked(input) } else { PackReader::new(input) };
+    if kernel_checks {
+        staging.mark_sealed();
+    }
     let mut buf = vec![0u8; 256 * 1024];
     while let Some(mut obj) = reader.next_object()? {
         let d = obj.digest();

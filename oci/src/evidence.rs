@@ -47,6 +47,15 @@ impl Record {
     }
 }
 
+/// Writes `bytes` to `path` atomically unless it already holds exactly them (no rewrite and
+/// no fsync for an unchanged record).
+fn write_if_changed(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    match fs::metadata(path) {
+        Ok(m) if m.len() == bytes.len() as u64 && fs::read(path)? == bytes => Ok(()),
+        _ => write_atomic(path, bytes),
+    }
+}
+
 /// Tags and digests become file names: `sha256:…` → `sha256-…`; nothing else is accepted.
 fn file_name(reference: &str) -> Option<String> {
     let name = reference.replace(':', "-");
@@ -76,17 +85,18 @@ impl Evidence {
         self.manifest_path(&digest.to_string()).is_some_and(|p| p.is_file())
     }
 
-    /// Writes a successful verification's record (each file atomically).
+    /// Writes a successful verification's record (each file atomically). A file that already
+    /// holds the same bytes (a warm boot re-verifying from this record) is left as it is.
     pub fn save(&self, record: &Record) -> io::Result<()> {
         fs::create_dir_all(self.dir.join("manifests"))?;
         fs::create_dir_all(self.dir.join("blobs"))?;
         for (digest, bytes) in &record.blobs {
-            write_atomic(&self.blob_path(digest), bytes)?;
+            write_if_changed(&self.blob_path(digest), bytes)?;
         }
         // Manifests last: `has` answers yes only once every blob they need is in place.
         for (reference, bytes) in &record.manifests {
             if let Some(path) = self.manifest_path(reference) {
-                write_atomic(&path, bytes)?;
+                write_if_changed(&path, bytes)?;
             }
         }
         Ok(())
@@ -133,5 +143,32 @@ mod tests {
         for bad in ["", "../x", "a/b", ".hidden", "x\0y"] {
             assert_eq!(file_name(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_unchanged_record_is_not_rewritten_and_a_changed_one_is() -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir()?;
+        let evidence = Evidence::new(dir.path());
+        let digest: OciDigest = format!("sha256:{}", "ab".repeat(32)).parse().expect("digest");
+        let mut record = Record::default();
+        record.manifest("sha256:cd", b"manifest");
+        record.blob(digest, b"config");
+        evidence.save(&record)?;
+        let blob = evidence.blob_path(&digest);
+        let manifest = evidence.manifest_path("sha256:cd").expect("name");
+        let inodes = |paths: [&PathBuf; 2]| -> io::Result<Vec<u64>> {
+            paths.iter().map(|p| fs::metadata(p).map(|m| m.ino())).collect()
+        };
+        let first = inodes([&blob, &manifest])?;
+        evidence.save(&record)?;
+        assert_eq!(inodes([&blob, &manifest])?, first, "same bytes: the files stay as they are");
+
+        // Same length, other bytes (a damaged file): written again.
+        fs::write(&blob, b"CONFIG")?;
+        evidence.save(&record)?;
+        assert_eq!(fs::read(&blob)?, b"config");
+        assert_ne!(fs::metadata(&blob)?.ino(), first[0]);
+        Ok(())
     }
 }

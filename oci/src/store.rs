@@ -7,7 +7,7 @@
 //! A check-only store keeps no object bytes: objects are verified as they stream past and only
 //! their digests are remembered (`module verify` without `--store`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,8 @@ enum Objects {
 pub struct Staging {
     dir: PathBuf,
     keeps_bytes: bool,
+    /// Every accepted object was sealed and measured equal to its name while staged.
+    sealed: bool,
     objects: Vec<VerityDigest>,
 }
 
@@ -79,6 +81,43 @@ impl ObjectStore {
         }
     }
 
+    /// The digests in `wanted` that the store lacks, in their order. For object files this
+    /// reads each shard directory the digests fall in once (a warm store answers for a whole
+    /// image in a few hundred directory reads instead of one path lookup per object).
+    pub fn missing(&self, wanted: &[VerityDigest]) -> io::Result<Vec<VerityDigest>> {
+        if let Objects::Seen(seen) = &self.objects {
+            let seen = seen.lock().map_err(|_| io::Error::other("object set poisoned"))?;
+            return Ok(wanted.iter().filter(|d| !seen.contains(d)).copied().collect());
+        }
+        let mut by_shard: HashMap<String, Vec<&VerityDigest>> = HashMap::new();
+        for digest in wanted {
+            by_shard.entry(digest.hex()[..2].to_owned()).or_default().push(digest);
+        }
+        let mut present: HashSet<&VerityDigest> = HashSet::new();
+        for (shard, digests) in by_shard {
+            let files = self.shard_files(&shard)?;
+            present.extend(digests.into_iter().filter(|d| files.contains(&d.hex()[2..])));
+        }
+        Ok(wanted.iter().filter(|d| !present.contains(d)).copied().collect())
+    }
+
+    /// The names of the regular files in the shard directory `shard` (none if it is absent).
+    fn shard_files(&self, shard: &str) -> io::Result<HashSet<String>> {
+        let entries = match fs::read_dir(self.root.join(shard)) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(HashSet::new()),
+            Err(e) => return Err(e),
+        };
+        let mut files = HashSet::new();
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                files.insert(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Ok(files)
+    }
+
     /// Whether object bytes are kept (else only their digests).
     pub fn keeps_bytes(&self) -> bool {
         matches!(self.objects, Objects::Files)
@@ -98,7 +137,7 @@ impl ObjectStore {
             }
             fs::create_dir_all(&dir)?;
         }
-        Ok(Staging { dir, keeps_bytes, objects: Vec::new() })
+        Ok(Staging { dir, keeps_bytes, sealed: false, objects: Vec::new() })
     }
 
     /// Moves every staged object into place and removes the staging directory.
@@ -117,7 +156,7 @@ impl ObjectStore {
                 fs::create_dir_all(parent)?;
             }
             let staged = staging.dir.join(digest.hex());
-            if self.seal {
+            if self.seal && !staging.sealed {
                 seal(&staged, digest)?;
             }
             fs::rename(staged, &dst)?;
@@ -149,6 +188,13 @@ impl Staging {
     /// Whether object bytes are written (else they are only checked).
     pub fn keeps_bytes(&self) -> bool {
         self.keeps_bytes
+    }
+
+    /// Declares that every object this staging accepts is sealed and its kernel measurement
+    /// was compared with its name before `accept` (the unpacker on a sealed store), so
+    /// [`ObjectStore::commit`] renames without measuring again.
+    pub fn mark_sealed(&mut self) {
+        self.sealed = true;
     }
 
     /// Records a checked object: renames its `.partial` file to its name.
@@ -184,4 +230,49 @@ pub fn seal_and_measure(path: &Path) -> io::Result<VerityDigest> {
     let found = fsverity::measure_verity::<Sha256HashValue>(&file)
         .map_err(|e| io::Error::other(format!("measuring fs-verity of {}: {e}", path.display())))?;
     found.to_hex().parse().map_err(|e| io::Error::other(format!("kernel measurement of {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(byte: u8, tail: u8) -> VerityDigest {
+        let mut hex = format!("{byte:02x}").repeat(31);
+        hex.push_str(&format!("{tail:02x}"));
+        hex.parse().expect("digest")
+    }
+
+    #[test]
+    fn missing_lists_only_absent_object_files_in_order() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = ObjectStore::open(dir.path())?;
+        let (a, b, c, d, e) = (digest(0xab, 1), digest(0xab, 2), digest(0xcd, 3), digest(0xef, 4), digest(0xab, 5));
+        for present in [&a, &c] {
+            let path = store.object_path(present);
+            fs::create_dir_all(path.parent().expect("shard"))?;
+            fs::write(path, b"x")?;
+        }
+        // Neither a directory with an object's name nor a partial download counts as the object.
+        fs::create_dir_all(store.object_path(&b))?;
+        fs::write(dir.path().join(format!("ab/{}.partial", &e.hex()[2..])), b"x")?;
+        // `d`'s shard does not exist at all.
+        assert_eq!(store.missing(&[e, a, b, c, d])?, vec![e, b, d]);
+        assert_eq!(store.missing(&[a, c])?, Vec::<VerityDigest>::new());
+        for digest in [a, b, c, d, e] {
+            assert_eq!(store.contains(&digest), !store.missing(&[digest])?.contains(&digest), "{digest}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_check_only_store_answers_from_the_digests_it_saw() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = ObjectStore::check_only(dir.path())?;
+        let (a, b) = (digest(1, 1), digest(2, 2));
+        let mut staging = store.stage("t")?;
+        staging.accept(a)?;
+        store.commit(staging)?;
+        assert_eq!(store.missing(&[a, b])?, vec![b]);
+        Ok(())
+    }
 }

@@ -264,17 +264,26 @@ pub async fn verify_module<S: ModuleSource>(
     let referenced = referenced_objects(&image_bytes, module.image.digest)?;
     // A warm store already holds every object the verified image names (each was checked when
     // it entered): the packs would bring nothing, so they are not fetched.
-    let stats: Vec<_> = if missing(&referenced, store).is_empty() {
-        tracing::debug!(module.digest = %digest, "store is warm; packs not fetched");
+    let missing = |store: &ObjectStore| {
+        store.missing(&referenced).map_err(|source| VerifyError::Io {
+            op: "listing objects in",
+            path: store.root().to_owned(),
+            source,
+        })
+    };
+    let mut lacking = missing(store)?;
+    let stats: Vec<_> = if lacking.is_empty() {
+        tracing::debug!(module.digest = %digest, objects = referenced.len(), "store is warm; packs not fetched");
         Vec::new()
     } else {
-        futures_util::stream::iter(module.packs.iter())
+        let stats = futures_util::stream::iter(module.packs.iter())
             .map(|pack| download::fetch_pack(src, pack, store, limits))
             .buffer_unordered(limits.parallel.max(1))
             .try_collect()
-            .await?
+            .await?;
+        lacking = missing(store)?;
+        stats
     };
-    let lacking = missing(&referenced, store);
     if let Some(first) = lacking.first() {
         return Err(VerifyError::Incomplete { missing: lacking.len(), first: *first });
     }
@@ -322,9 +331,4 @@ fn referenced_objects(image: &[u8], digest: OciDigest) -> Result<Vec<VerityDiges
     let mut out: Vec<VerityDigest> = referenced.iter().filter_map(|id| id.to_hex().parse().ok()).collect();
     out.sort();
     Ok(out)
-}
-
-/// The referenced objects the store lacks.
-fn missing(referenced: &[VerityDigest], store: &ObjectStore) -> Vec<VerityDigest> {
-    referenced.iter().filter(|d| !store.contains(d)).copied().collect()
 }

@@ -2,7 +2,8 @@
 //!
 //! - `/init`: the agent, which runs as PID 1 (`ironroot-agent` detects it);
 //! - the shared libraries it links, from the ELF's own needed entries, and its loader;
-//! - the kernel modules a node needs with their dependencies (from `modules.dep`), and
+//! - the kernel modules a node needs with their dependencies (from `modules.dep`), stored
+//!   decompressed (`.ko.xz` → `.ko`: no decompression in the kernel at boot), and
 //!   `/etc/ironroot/modules.load`, the order to load them in (one wave of modules that may
 //!   load in parallel per line);
 //! - the trust roots (`/etc/ironroot/trust.pem`) and, when given, the plane CA
@@ -184,8 +185,9 @@ fn add_modules(archive: &mut Archive, args: &InitramfsArgs) -> anyhow::Result<(S
     for wave in index.waves(&order) {
         let mut paths = Vec::new();
         for rel in &wave {
+            let (rel, data) = kmod::decompressed(rel, read(&dir.join(rel))?)?;
             let image_path = format!("lib/modules/{release}/{rel}");
-            archive.add(&image_path, Entry::File { mode: 0o644, data: read(&dir.join(rel))? })?;
+            archive.add(&image_path, Entry::File { mode: 0o644, data })?;
             paths.push(format!("/{image_path}"));
         }
         load.push_str(&paths.join(" "));
