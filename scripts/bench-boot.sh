@@ -6,8 +6,8 @@
 #   bare        the same kernel, modules and command line, with ironroot-bare-init as /init
 #               (powers off at once): QEMU start → QEMU exit
 #   cold        a fresh node on a blank virtio disk (ironroot.store=disk:/dev/vda): enrolls,
-#               downloads and verifies the base module; QEMU start → the plane records its
-#               `ready` handshake (polled every 0.2 s)
+#               downloads and verifies the base module; QEMU start → the plane answers its
+#               `ready` handshake (the time of the plane's log line for it)
 #   warm        the same node and disk booted again: certificate and objects are already there
 #
 # The per-phase timings are the node's own (boot.json, sent with the handshake): kernel (to
@@ -101,6 +101,20 @@ for f in sys.argv[1:]:
     print(json.dumps(x) if isinstance(x, (dict, list)) else ("" if x is None else x))' "$@" || true
 }
 
+# handshake_ms BOOT_ID: when the plane answered BOOT_ID's `ready` handshake (ms since the
+# epoch, host clock, from its log line), so the result does not depend on the polling interval.
+handshake_ms() {
+    python3 - "$WORK/lab/plane.log" "$1" <<'PY'
+import datetime, re, sys
+for line in open(sys.argv[1], errors="replace"):
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    if "node handshake" in line and f"boot={sys.argv[2]}" in line and "phase=ready" in line:
+        at = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00"))
+        print(int(at.timestamp() * 1000))
+        break
+PY
+}
+
 # node_boot KIND NODE DISK: boots NODE from DISK until the plane records a `ready` handshake
 # with a new boot id; records "KIND MS TIMINGS_JSON" and stops the VM.
 node_boot() {
@@ -114,7 +128,8 @@ node_boot() {
     while :; do
         { read -r boot; read -r phase; } < <(view "$node" boot_id phase)
         if [ -n "$boot" ] && [ "$boot" != "$before" ] && [ "$phase" = ready ]; then
-            t1=$(now_ms)
+            t1=$(handshake_ms "$boot")
+            [ -n "$t1" ] || { echo "bench-boot: $node: no handshake line for boot $boot in the plane's log" >&2; exit 1; }
             break
         fi
         case "$phase" in failed:*) tail -n 30 "$log" >&2; echo "bench-boot: $node: $phase" >&2; exit 1 ;; esac

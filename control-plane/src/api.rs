@@ -205,7 +205,11 @@ async fn handshake(
     raw: Body,
 ) -> ApiResult<wire::ReportResponse> {
     let report: NodeReport = body(&plane, &conn, "handshake", raw).await?;
-    node_call(&plane, &conn, &id, "handshake", move |p, id| p.store.report(id, &report, true)).await.map(Json)
+    let (phase, boot) = (report.phase.clone(), report.boot_id.clone());
+    let answer = node_call(&plane, &conn, &id, "handshake", move |p, id| p.store.report(id, &report, true)).await?;
+    // Once per boot: the operator's log shows each boot's arrival (heartbeats stay quiet).
+    tracing::info!(node = %id, phase = %phase, boot = %boot, state = %answer.state, "node handshake");
+    Ok(Json(answer))
 }
 
 async fn heartbeat(
