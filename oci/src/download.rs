@@ -33,12 +33,15 @@ pub struct Limits {
     pub base_deadline: Duration,
     /// Slowest transfer rate (bytes/s) the derived deadline allows for.
     pub min_rate: u64,
-    /// Blobs fetched at once.
+    /// Blobs fetched at once. Each pack in flight has its own thread hashing and unpacking it,
+    /// so this is also how many cores a pull can use.
     pub parallel: usize,
 }
 
 impl Limits {
-    /// The defaults: 4 MiB and 30 s per manifest; 16 GiB per blob, 60 s + 1 s per MiB.
+    /// The defaults: 4 MiB and 30 s per manifest; 16 GiB per blob, 60 s + 1 s per MiB; three
+    /// blobs at once (containerd's default too: one more than the two cores of a small node,
+    /// so a pack waiting on the network does not leave a core idle).
     pub fn standard() -> Self {
         Self {
             max_manifest: 4 << 20,
@@ -47,7 +50,7 @@ impl Limits {
             blob_deadline: None,
             base_deadline: Duration::from_secs(60),
             min_rate: 1 << 20,
-            parallel: 2,
+            parallel: 3,
         }
     }
 
@@ -110,7 +113,7 @@ where
         return Err(DownloadError::DeclaredSize { digest, declared: desc.size, served });
     }
     let mut stream = blob.stream;
-    let mut hasher = Sha256::new();
+    let mut hasher = (!sink.checks_digest()).then(Sha256::new);
     let mut got = 0u64;
     loop {
         let next = tokio::time::timeout_at(until, stream.next()).await.map_err(|_| late(got))?;
@@ -120,15 +123,19 @@ where
         if got > desc.size {
             return Err(DownloadError::Oversize { digest, declared: desc.size });
         }
-        hasher.update(&chunk);
+        if let Some(hasher) = &mut hasher {
+            hasher.update(&chunk);
+        }
         sink.accept(chunk).await?;
     }
     if got < desc.size {
         return Err(DownloadError::Short { digest, declared: desc.size, got });
     }
-    let found = OciDigest::new(hasher.finalize().into());
-    if found != digest {
-        return Err(DownloadError::Digest { digest, found });
+    if let Some(hasher) = hasher {
+        let found = OciDigest::new(hasher.finalize().into());
+        if found != digest {
+            return Err(DownloadError::Digest { digest, found });
+        }
     }
     Ok(got)
 }
@@ -157,6 +164,12 @@ pub async fn fetch_manifest<S: ModuleSource>(
 /// Where streamed chunks go.
 trait AsyncSink {
     fn accept(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), DownloadError>>;
+
+    /// Whether the consumer hashes every byte and compares the blob digest itself (so
+    /// [`stream_blob`] does not hash them a second time).
+    fn checks_digest(&self) -> bool {
+        false
+    }
 }
 
 struct MemorySink(Vec<u8>);
@@ -196,6 +209,10 @@ pub async fn fetch_small<S: ModuleSource>(
 impl<T: AsyncSink> AsyncSink for &mut T {
     fn accept(&mut self, chunk: Bytes) -> impl Future<Output = Result<(), DownloadError>> {
         (**self).accept(chunk)
+    }
+
+    fn checks_digest(&self) -> bool {
+        (**self).checks_digest()
     }
 }
 
@@ -238,7 +255,9 @@ pub async fn fetch_to_file<S: ModuleSource>(
 }
 
 /// Chunks handed from the download task to the unpacking thread; bounded, so memory is too.
-const PACK_PIPE_DEPTH: usize = 64;
+/// Chunks from a registry are up to ~400 KiB (hyper's adaptive reads), so this holds a few
+/// MiB per pack in flight: enough to keep both threads busy, small enough for the RSS target.
+const PACK_PIPE_DEPTH: usize = 8;
 
 struct ChannelSink {
     tx: tokio::sync::mpsc::Sender<Bytes>,
@@ -250,11 +269,31 @@ impl AsyncSink for ChannelSink {
         // A closed channel means the unpacker stopped on an error: stop downloading now.
         self.tx.send(chunk).await.map_err(|_| DownloadError::SinkClosed { digest: self.digest })
     }
+
+    /// The unpacking thread hashes the blob ([`ChannelReader`]).
+    fn checks_digest(&self) -> bool {
+        true
+    }
 }
 
+/// The unpacking thread's end of a pack download; it hashes every byte it passes on.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
     current: Bytes,
+    hasher: Sha256,
+}
+
+impl ChannelReader {
+    fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
+        Self { rx, current: Bytes::new(), hasher: Sha256::new() }
+    }
+
+    /// Reads (and hashes) whatever the pack reader left, up to the end of the download; the
+    /// SHA-256 of the whole blob.
+    fn finish(mut self) -> io::Result<OciDigest> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok(OciDigest::new(self.hasher.finalize().into()))
+    }
 }
 
 impl Read for ChannelReader {
@@ -266,7 +305,9 @@ impl Read for ChannelReader {
             }
         }
         let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
+        let bytes = self.current.split_to(n);
+        self.hasher.update(&bytes);
+        buf[..n].copy_from_slice(&bytes);
         Ok(n)
     }
 }
@@ -279,8 +320,10 @@ pub struct PackStats {
     pub new_objects: u64,
 }
 
-/// Streams pack `pack` straight into `store`: the download task checks the blob digest while
-/// a blocking thread reads the pack, checks every object's fs-verity digest and stages it.
+/// Streams pack `pack` straight into `store`: the download task enforces size and deadline
+/// while a blocking thread hashes the blob, reads the pack, checks every object's fs-verity
+/// digest and stages it. Both hashes run on that thread, so packs fetched in parallel hash in
+/// parallel (the task polling the downloads would otherwise hash every pack's bytes alone).
 /// Staged objects enter the store only when both the pack digest and every object checked.
 pub async fn fetch_pack<S: ModuleSource>(
     src: &S,
@@ -299,8 +342,9 @@ pub async fn fetch_pack<S: ModuleSource>(
     let store_for_thread = store.clone();
     let unpacker = tokio::task::spawn_blocking(move || {
         let mut staging = staging;
-        let result =
-            unpack(ChannelReader { rx, current: Bytes::new() }, &store_for_thread, &mut staging, objects, bytes);
+        let mut reader = ChannelReader::new(rx);
+        let result = unpack(&mut reader, &store_for_thread, &mut staging, objects, bytes)
+            .and_then(|count| Ok((count, reader.finish()?)));
         (staging, result)
     });
     let downloaded = stream_blob(src, &pack.descriptor, limits, ChannelSink { tx, digest }).await;
@@ -310,7 +354,8 @@ pub async fn fetch_pack<S: ModuleSource>(
         source: io::Error::other(e),
     })?;
     let outcome = match (downloaded, unpacked) {
-        (Ok(n), Ok(count)) => Ok((n, count)),
+        (Ok(n), Ok((count, found))) if found == digest => Ok((n, count)),
+        (Ok(_), Ok((_, found))) => Err(DownloadError::Digest { digest, found }),
         // Both sides may fail on one corruption, in either order; report deterministically:
         // the transfer's own failure if it had one, else the unpacker's, which names the entry.
         (Err(e), _) if e.is_transfer_failure() => Err(e),

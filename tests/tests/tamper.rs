@@ -250,6 +250,26 @@ fn layer_corrupted_on_the_registry_disk() {
     f.verify(&reference, &[]).refused(CONTENT, &format!("blob {image}: content has digest"));
 }
 
+#[test]
+fn pack_bytes_the_pack_reader_does_not_judge_are_caught_by_the_blob_digest() {
+    let f = Fixture::new();
+    f.sign(f.digest, "keys");
+    let reference = f.push("1");
+    let pack = f.manifest().layers[1].digest;
+    let file = f.reg.blob_file(&pack.to_string());
+    let mut bytes = std::fs::read(&file).expect("registry blob");
+    // The first entry's mtime, with its header checksum made right again: a well-formed pack
+    // with the same objects, but not the blob that was signed.
+    bytes[136..148].copy_from_slice(b"00000000001\0");
+    bytes[148..156].copy_from_slice(b"        ");
+    let sum: u32 = bytes[..512].iter().map(|&b| u32::from(b)).sum();
+    bytes[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    std::fs::write(&file, bytes).expect("corrupt");
+    let store = f.tmp.path().join("store");
+    f.verify(&reference, &["--store", &s(&store)]).refused(CONTENT, &format!("blob {pack}: content has digest"));
+    assert_eq!(objects_in(&store), 0, "objects from a refused pack entered the store");
+}
+
 /// Object files in a store, staging directories included.
 fn objects_in(store: &Path) -> usize {
     fn walk(p: &Path) -> usize {
