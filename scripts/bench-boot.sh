@@ -135,7 +135,7 @@ node_boot() {
         case "$phase" in failed:*) tail -n 30 "$log" >&2; echo "bench-boot: $node: $phase" >&2; exit 1 ;; esac
         why=""
         kill -0 "$QEMU_PID" 2>/dev/null || why="the VM stopped before ready"
-        grep -aq 'Failed to start.*ironroot-a' "$log" && why="ironroot-agent.service failed in the root"
+        grep -aq 'Failed to start.*ironroot-a' "$log" 2>/dev/null && why="ironroot-agent.service failed in the root"
         [ "$(now_ms)" -lt $((t0 + TIMEOUT * 1000)) ] || why="no ready handshake within ${TIMEOUT} s"
         if [ -n "$why" ]; then
             tail -n 30 "$log" >&2
