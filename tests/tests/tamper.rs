@@ -115,6 +115,14 @@ impl Fixture {
         craft::store(&layout, &digest.signature_tag(), m);
     }
 
+    /// Changes the bytes of blob `digest` on the registry's disk, behind the registry's back.
+    fn edit_blob(&self, digest: OciDigest, edit: impl FnOnce(&mut Vec<u8>)) {
+        let file = self.reg.blob_file(&digest.to_string());
+        let mut bytes = std::fs::read(&file).expect("registry blob");
+        edit(&mut bytes);
+        std::fs::write(&file, bytes).expect("corrupt");
+    }
+
     /// Replaces the first pack with `pack`, makes its annotations and the config's totals say
     /// `objects`/`bytes` (so the pack reader is what judges it), stores the manifest under tag
     /// "1", signs it and pushes; returns the registry reference.
@@ -234,19 +242,13 @@ fn layer_corrupted_on_the_registry_disk() {
     f.sign(f.digest, "keys");
     let reference = f.push("1");
     let pack = f.manifest().layers[1].digest;
-    let file = f.reg.blob_file(&pack.to_string());
-    let mut bytes = std::fs::read(&file).expect("registry blob");
-    bytes[600] ^= 0xff;
-    std::fs::write(&file, bytes).expect("corrupt");
+    f.edit_blob(pack, |bytes| bytes[600] ^= 0xff);
     let store = f.tmp.path().join("store");
     f.verify(&reference, &["--store", &s(&store)]).refused(CONTENT, &format!("pack {pack}: pack entry "));
     assert_eq!(objects_in(&store), 0, "objects from a refused pack entered the store");
 
     let image = f.manifest().layers[0].digest;
-    let file = f.reg.blob_file(&image.to_string());
-    let mut bytes = std::fs::read(&file).expect("registry blob");
-    bytes[1100] ^= 0xff;
-    std::fs::write(&file, bytes).expect("corrupt");
+    f.edit_blob(image, |bytes| bytes[1100] ^= 0xff);
     f.verify(&reference, &[]).refused(CONTENT, &format!("blob {image}: content has digest"));
 }
 
@@ -256,15 +258,14 @@ fn pack_bytes_the_pack_reader_does_not_judge_are_caught_by_the_blob_digest() {
     f.sign(f.digest, "keys");
     let reference = f.push("1");
     let pack = f.manifest().layers[1].digest;
-    let file = f.reg.blob_file(&pack.to_string());
-    let mut bytes = std::fs::read(&file).expect("registry blob");
     // The first entry's mtime, with its header checksum made right again: a well-formed pack
     // with the same objects, but not the blob that was signed.
-    bytes[136..148].copy_from_slice(b"00000000001\0");
-    bytes[148..156].copy_from_slice(b"        ");
-    let sum: u32 = bytes[..512].iter().map(|&b| u32::from(b)).sum();
-    bytes[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    std::fs::write(&file, bytes).expect("corrupt");
+    f.edit_blob(pack, |bytes| {
+        bytes[136..148].copy_from_slice(b"00000000001\0");
+        bytes[148..156].copy_from_slice(b"        ");
+        let sum: u32 = bytes[..512].iter().map(|&b| u32::from(b)).sum();
+        bytes[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    });
     let store = f.tmp.path().join("store");
     f.verify(&reference, &["--store", &s(&store)]).refused(CONTENT, &format!("blob {pack}: content has digest"));
     assert_eq!(objects_in(&store), 0, "objects from a refused pack entered the store");
