@@ -270,30 +270,16 @@ impl AsyncSink for ChannelSink {
         self.tx.send(chunk).await.map_err(|_| DownloadError::SinkClosed { digest: self.digest })
     }
 
-    /// The unpacking thread hashes the blob ([`ChannelReader`]).
+    /// The unpacking thread's pack reader hashes the blob ([`unpack`]).
     fn checks_digest(&self) -> bool {
         true
     }
 }
 
-/// The unpacking thread's end of a pack download; it hashes every byte it passes on.
+/// The unpacking thread's end of a pack download.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
     current: Bytes,
-    hasher: Sha256,
-}
-
-impl ChannelReader {
-    fn new(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Self {
-        Self { rx, current: Bytes::new(), hasher: Sha256::new() }
-    }
-
-    /// Reads (and hashes) whatever the pack reader left, up to the end of the download; the
-    /// SHA-256 of the whole blob.
-    fn finish(mut self) -> io::Result<OciDigest> {
-        io::copy(&mut self, &mut io::sink())?;
-        Ok(OciDigest::new(self.hasher.finalize().into()))
-    }
 }
 
 impl Read for ChannelReader {
@@ -305,9 +291,7 @@ impl Read for ChannelReader {
             }
         }
         let n = buf.len().min(self.current.len());
-        let bytes = self.current.split_to(n);
-        self.hasher.update(&bytes);
-        buf[..n].copy_from_slice(&bytes);
+        buf[..n].copy_from_slice(&self.current.split_to(n));
         Ok(n)
     }
 }
@@ -321,9 +305,10 @@ pub struct PackStats {
 }
 
 /// Streams pack `pack` straight into `store`: the download task enforces size and deadline
-/// while a blocking thread hashes the blob, reads the pack, checks every object's fs-verity
-/// digest and stages it. Both hashes run on that thread, so packs fetched in parallel hash in
-/// parallel (the task polling the downloads would otherwise hash every pack's bytes alone).
+/// while a blocking thread reads the pack, computing the blob's SHA-256 and every object's
+/// fs-verity digest in one interleaved pass, and stages the objects. Both hashes run on that
+/// thread, so packs fetched in parallel hash in parallel (the task polling the downloads
+/// would otherwise hash every pack's bytes alone).
 /// Staged objects enter the store only when both the pack digest and every object checked.
 pub async fn fetch_pack<S: ModuleSource>(
     src: &S,
@@ -342,9 +327,8 @@ pub async fn fetch_pack<S: ModuleSource>(
     let store_for_thread = store.clone();
     let unpacker = tokio::task::spawn_blocking(move || {
         let mut staging = staging;
-        let mut reader = ChannelReader::new(rx);
-        let result = unpack(&mut reader, &store_for_thread, &mut staging, objects, bytes)
-            .and_then(|count| Ok((count, reader.finish()?)));
+        let reader = ChannelReader { rx, current: Bytes::new() };
+        let result = unpack(reader, &store_for_thread, &mut staging, objects, bytes);
         (staging, result)
     });
     let downloaded = stream_blob(src, &pack.descriptor, limits, ChannelSink { tx, digest }).await;
@@ -378,18 +362,21 @@ pub async fn fetch_pack<S: ModuleSource>(
     }
 }
 
+/// Reads pack `input` into `staging`; the object count and the SHA-256 of every byte read
+/// (the whole blob: a pack reader that returns its end has read to the end of its input).
 fn unpack(
     input: impl Read,
     store: &ObjectStore,
     staging: &mut crate::store::Staging,
     objects: u64,
     bytes: u64,
-) -> Result<u64, PackError> {
+) -> Result<(u64, OciDigest), PackError> {
     let input = io::BufReader::with_capacity(256 * 1024, input);
     // A sealed store has the kernel compute each object's fs-verity digest as it seals the
     // staged file; the reader then skips computing the same tree (and checks the rest).
     let kernel_checks = store.sealed() && staging.keeps_bytes();
-    let mut reader = if kernel_checks { PackReader::kernel_checked(input) } else { PackReader::new(input) };
+    let reader = if kernel_checks { PackReader::kernel_checked(input) } else { PackReader::new(input) };
+    let mut reader = reader.with_blob_digest();
     if kernel_checks {
         staging.mark_sealed();
     }
@@ -419,7 +406,8 @@ fn unpack(
         staging.accept(d)?;
     }
     reader.check_totals(objects, bytes)?;
-    Ok(reader.totals().0)
+    let digest = reader.blob_digest().ok_or(PackError::NoEndMarker)?;
+    Ok((reader.totals().0, digest))
 }
 
 /// Copies through a caller-owned buffer, filling it before each write: network chunks are

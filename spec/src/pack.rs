@@ -9,7 +9,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::digest::VerityDigest;
+use crate::digest::{OciDigest, VerityDigest};
 use crate::verity::VerityHasher;
 
 const BLOCK: usize = 512;
@@ -176,6 +176,8 @@ pub struct PackReader<R: Read> {
     bytes: u64,
     /// Whether this reader computes objects' digests (see [`PackReader::kernel_checked`]).
     hashing: bool,
+    /// The SHA-256 of every byte read, when asked for ([`PackReader::with_blob_digest`]).
+    blob: Option<sha256x2::Sha256>,
 }
 
 #[derive(Debug)]
@@ -196,7 +198,31 @@ pub struct Object<'a, R: Read> {
 
 impl<R: Read> PackReader<R> {
     pub fn new(input: R) -> Self {
-        Self { input, index: 0, last: None, current: None, ended: false, objects: 0, bytes: 0, hashing: true }
+        Self {
+            input,
+            index: 0,
+            last: None,
+            current: None,
+            ended: false,
+            objects: 0,
+            bytes: 0,
+            hashing: true,
+            blob: None,
+        }
+    }
+
+    /// Also computes the SHA-256 of the whole pack as it is read (the blob digest its
+    /// descriptor names), interleaved with the objects' fs-verity hashing: one pass over the
+    /// bytes for both. See [`PackReader::blob_digest`].
+    pub fn with_blob_digest(self) -> Self {
+        Self { blob: Some(sha256x2::Sha256::new()), ..self }
+    }
+
+    /// The SHA-256 of the pack, once [`PackReader::next_object`] has returned `None` (the end
+    /// marker was read and nothing follows it); `None` before that or when not asked for.
+    pub fn blob_digest(&self) -> Option<OciDigest> {
+        let blob = self.blob.as_ref().filter(|_| self.ended)?;
+        Some(OciDigest::new(blob.clone().finalize()))
     }
 
     /// A reader that checks everything but the objects' digests, for a caller that has the
@@ -219,11 +245,11 @@ impl<R: Read> PackReader<R> {
             return Ok(None);
         }
         let mut h = [0u8; BLOCK];
-        if !read_full(&mut self.input, &mut h)? {
+        if !self.read_full(&mut h)? {
             return Err(PackError::NoEndMarker);
         }
         if h.iter().all(|&b| b == 0) {
-            if !read_full(&mut self.input, &mut h)? || h.iter().any(|&b| b != 0) {
+            if !self.read_full(&mut h)? || h.iter().any(|&b| b != 0) {
                 return Err(PackError::NoEndMarker);
             }
             let mut probe = [0u8; BLOCK];
@@ -302,8 +328,11 @@ impl<R: Read> PackReader<R> {
                 got: cur.size - cur.remaining,
             }));
         }
-        if let Some(hasher) = cur.hasher.as_mut() {
-            hasher.update(&buf[..n]);
+        match (cur.hasher.as_mut(), self.blob.as_mut()) {
+            (Some(tree), Some(blob)) => tree.update_alongside(&buf[..n], blob),
+            (Some(tree), None) => tree.update(&buf[..n]),
+            (None, Some(blob)) => blob.update(&buf[..n]),
+            (None, None) => {}
         }
         cur.remaining -= n as u64;
         if cur.remaining == 0 {
@@ -322,7 +351,7 @@ impl<R: Read> PackReader<R> {
         check_digest_owned(&cur)?;
         let pad = (BLOCK - (cur.size as usize % BLOCK)) % BLOCK;
         let mut padding = [0u8; BLOCK];
-        if !read_full(&mut self.input, &mut padding[..pad])? && pad > 0 {
+        if !self.read_full(&mut padding[..pad])? && pad > 0 {
             return Err(PackError::Truncated { name: cur.name, declared: cur.size, got: cur.size });
         }
         if padding[..pad].iter().any(|&b| b != 0) {
@@ -332,6 +361,15 @@ impl<R: Read> PackReader<R> {
         self.objects += 1;
         self.bytes += cur.size;
         Ok(())
+    }
+
+    /// Fills `buf` from the input (see [`read_full`]), counting it into the blob digest.
+    fn read_full(&mut self, buf: &mut [u8]) -> Result<bool, PackError> {
+        let filled = read_full(&mut self.input, buf)?;
+        if let Some(blob) = self.blob.as_mut() {
+            blob.update(buf);
+        }
+        Ok(filled)
     }
 
     /// Checks the totals a pack descriptor declares against what was read (call after `None`).

@@ -247,3 +247,56 @@ fn a_kernel_checked_reader_leaves_the_digest_to_its_caller_and_checks_everything
     let mut obj = r.next_object().unwrap().unwrap();
     assert!(obj.read_to_end(&mut Vec::new()).is_err(), "a truncated object is still refused");
 }
+
+/// Hands out at most `step` bytes per read, like a network stream.
+struct Trickle<'a> {
+    data: &'a [u8],
+    step: usize,
+}
+
+impl Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.step).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn the_blob_digest_covers_every_byte_of_the_pack_whatever_the_reads_and_the_mode() {
+    use sha2::Digest as _;
+    let mut objs: Vec<_> = [4096 * 3, 4096 * 2 + 1, 10, 0, 70_000]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let data: Vec<u8> = (0..n).map(|j| (i * 31 + j * 7) as u8).collect();
+            (verity_digest(&data), data)
+        })
+        .collect();
+    objs.sort_by_key(|(d, _)| *d);
+    let pack = pack_of(&objs);
+    let expected = OciDigest::new(sha2::Sha256::digest(&pack).into());
+    for step in [1, 700, 4096, 1 << 20] {
+        for kernel in [false, true] {
+            for read_objects in [true, false] {
+                let input = Trickle { data: &pack, step };
+                let reader = if kernel { PackReader::kernel_checked(input) } else { PackReader::new(input) };
+                let mut r = reader.with_blob_digest();
+                let mut n = 0;
+                while let Some(mut obj) = r.next_object().unwrap() {
+                    if read_objects {
+                        io::copy(&mut obj, &mut io::sink()).unwrap();
+                    }
+                    n += 1;
+                    assert_eq!(r.blob_digest(), None, "no digest before the end");
+                }
+                assert_eq!(n, objs.len());
+                assert_eq!(r.blob_digest(), Some(expected), "reads of {step}, kernel {kernel}, read {read_objects}");
+            }
+        }
+    }
+    let mut plain = PackReader::new(pack.as_slice());
+    while plain.next_object().unwrap().is_some() {}
+    assert_eq!(plain.blob_digest(), None, "not asked for");
+}

@@ -55,34 +55,62 @@ impl VerityHasher {
         self.size
     }
 
-    pub fn update(&mut self, mut data: &[u8]) {
+    pub fn update(&mut self, data: &[u8]) {
+        let (blocks, tail) = self.complete_partial(data).as_chunks::<BLOCK_SIZE>();
+        let (pairs, single) = blocks.as_chunks::<2>();
+        for [a, b] in pairs {
+            let (ha, hb) = sha256x2::digest_pair(a, b);
+            self.push_hash(0, ha);
+            self.push_hash(0, hb);
+        }
+        for block in single {
+            self.push_hash(0, sha256x2::digest(block));
+        }
+        self.partial.extend_from_slice(tail);
+    }
+
+    /// Feeds `data` to this tree and to `stream` (the digest of a pack blob that carries the
+    /// object): each whole data block that starts on a block boundary of both is hashed for
+    /// the two in one interleaved pass ([`sha256x2::update_and_digest`]).
+    pub fn update_alongside(&mut self, data: &[u8], stream: &mut sha256x2::Sha256) {
+        let rest = self.complete_partial(data);
+        stream.update(&data[..data.len() - rest.len()]);
+        let (blocks, tail) = rest.as_chunks::<BLOCK_SIZE>();
+        for block in blocks {
+            let hash = sha256x2::update_and_digest(stream, block);
+            self.push_hash(0, hash);
+        }
+        stream.update(tail);
+        self.partial.extend_from_slice(tail);
+    }
+
+    /// Counts `data` in, and fills the pending partial block from it first; the rest.
+    fn complete_partial<'d>(&mut self, mut data: &'d [u8]) -> &'d [u8] {
         self.size += data.len() as u64;
         if !self.partial.is_empty() {
             let take = (BLOCK_SIZE - self.partial.len()).min(data.len());
             self.partial.extend_from_slice(&data[..take]);
             data = &data[take..];
-            if self.partial.len() < BLOCK_SIZE {
-                return;
+            if self.partial.len() == BLOCK_SIZE {
+                let block = std::mem::take(&mut self.partial);
+                self.data_block(&block);
+                self.partial = block;
+                self.partial.clear();
             }
-            let block = std::mem::take(&mut self.partial);
-            self.data_block(&block);
-            self.partial = block;
-            self.partial.clear();
         }
-        let mut blocks = data.chunks_exact(BLOCK_SIZE);
-        for block in &mut blocks {
-            self.data_block(block);
-        }
-        self.partial.extend_from_slice(blocks.remainder());
+        data
     }
 
+    /// One data block's hash, a short final block zero-padded (fs-verity hashes whole blocks).
     fn data_block(&mut self, block: &[u8]) {
-        let mut ctx = Sha256::new();
-        ctx.update(block);
-        if block.len() < BLOCK_SIZE {
-            ctx.update(&ZEROS[..BLOCK_SIZE - block.len()]);
-        }
-        self.push_hash(0, ctx.finalize().into());
+        let hash = if block.len() == BLOCK_SIZE {
+            sha256x2::digest(block)
+        } else {
+            let mut padded = [0u8; BLOCK_SIZE];
+            padded[..block.len()].copy_from_slice(block);
+            sha256x2::digest(&padded)
+        };
+        self.push_hash(0, hash);
     }
 
     fn push_hash(&mut self, level: usize, hash: [u8; HASH_SIZE]) {
@@ -205,6 +233,30 @@ mod tests {
                 h.update(c);
             }
             assert_eq!(h.finish(), whole, "chunk size {chunk}");
+        }
+    }
+
+    #[test]
+    fn a_tree_fed_alongside_a_blob_stream_gives_both_digests_unchanged() {
+        use sha2::Digest as _;
+        let data: Vec<u8> = (0..(BLOCK_SIZE * 37 + 1000)).map(|i| (i * 13 % 251) as u8).collect();
+        let whole = verity_digest(&data);
+        // A 512-byte header before the data keeps blob and tree blocks aligned (as in a pack);
+        // 100 bytes does not, and takes the separate path.
+        for header in [512usize, 100] {
+            for chunk in [1, 700, 4096, 5000, 65536] {
+                let mut blob = sha256x2::Sha256::new();
+                blob.update(&vec![7u8; header]);
+                let mut tree = VerityHasher::new();
+                for c in data.chunks(chunk) {
+                    tree.update_alongside(c, &mut blob);
+                }
+                blob.update(b"trailer");
+                assert_eq!(tree.finish(), whole, "header {header}, chunks of {chunk}");
+                let expected: [u8; 32] =
+                    sha2::Sha256::digest([vec![7u8; header], data.clone(), b"trailer".to_vec()].concat()).into();
+                assert_eq!(blob.finalize(), expected, "header {header}, chunks of {chunk}");
+            }
         }
     }
 }
