@@ -3,7 +3,8 @@
 //! "simple signing" envelope and its verification, and the object pack format.
 //!
 //! This crate does no I/O beyond `Read`/`Write` streams handed to it and depends on nothing else
-//! in the workspace. Fetching, storing and mounting live with their consumers.
+//! in the workspace but `sha256x2` (SHA-256 two messages per core, the workspace's one crate
+//! with unsafe code). Fetching, storing and mounting live with their consumers.
 
 pub mod config;
 pub mod digest;
