@@ -1,4 +1,9 @@
+use std::io::{self, Read};
+
+use super::reader::parse_size;
+use super::writer::header;
 use super::*;
+use crate::digest::OciDigest;
 use crate::verity::verity_digest;
 
 fn objects(n: usize) -> Vec<(VerityDigest, Vec<u8>)> {

@@ -1,129 +1,10 @@
-//! Object packs: the archives that carry a module's content objects. A pack is a POSIX ustar
-//! stream whose only entries are regular files named by their fs-verity digest, in strictly
-//! ascending name order, ended by two zero blocks and nothing after them. Standard `tar` can
-//! list and extract one; ironroot's reader accepts nothing else.
-//!
-//! The reader streams (memory is one header block plus the caller's buffer), checks every
-//! header field that matters, and hashes each object as it is read: an entry whose bytes do not
-//! match its name fails before the caller can commit it.
+//! Reading packs (the verifier's side): strict, streaming, hashing as it goes.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
+use super::{BLOCK, PackError};
 use crate::digest::{OciDigest, VerityDigest};
 use crate::verity::VerityHasher;
-
-const BLOCK: usize = 512;
-/// Largest size the 11-digit octal field holds; larger objects use the base-256 form.
-const OCTAL_MAX: u64 = 0o77_777_777_777;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PackError {
-    #[error("reading pack")]
-    Io(#[source] io::Error),
-    #[error("pack entry {index}: {reason}")]
-    Header { index: u64, reason: String },
-    #[error("pack entry {name:?} is a {kind}, only regular files are allowed")]
-    NotRegular { name: String, kind: &'static str },
-    #[error("pack entry {name:?} is not named by an fs-verity digest")]
-    BadName { name: String },
-    #[error("pack entry {name} appears twice")]
-    Duplicate { name: VerityDigest },
-    #[error("pack entry {name} is out of order (after {previous})")]
-    OutOfOrder { name: VerityDigest, previous: VerityDigest },
-    #[error("pack entry {name} is truncated: header says {declared} bytes, stream ended after {got}")]
-    Truncated { name: VerityDigest, declared: u64, got: u64 },
-    #[error("pack entry {name}: content has fs-verity digest {found}")]
-    DigestMismatch { name: VerityDigest, found: VerityDigest },
-    #[error("pack entry {name}: non-zero padding after its data")]
-    Padding { name: VerityDigest },
-    #[error("pack has {0} bytes of trailing garbage after its end marker (or more)")]
-    TrailingGarbage(usize),
-    #[error("pack ended without its end marker")]
-    NoEndMarker,
-    #[error("pack holds {found} {what}, its descriptor declares {declared}")]
-    Totals { what: &'static str, declared: u64, found: u64 },
-}
-
-impl From<io::Error> for PackError {
-    fn from(e: io::Error) -> Self {
-        // Digest mismatches raised inside `Read` travel as io::Error; unwrap them again.
-        match e.get_ref().and_then(|inner| inner.downcast_ref::<PackError>()) {
-            Some(_) => match e.into_inner().map(|b| b.downcast::<PackError>()) {
-                Some(Ok(p)) => *p,
-                Some(Err(other)) => PackError::Io(io::Error::other(other)),
-                None => PackError::Io(io::Error::other("pack error")),
-            },
-            None => PackError::Io(e),
-        }
-    }
-}
-
-/// Writes a pack. Objects must be added in strictly ascending digest order.
-#[derive(Debug)]
-pub struct PackWriter<W: Write> {
-    out: W,
-    last: Option<VerityDigest>,
-    objects: u64,
-    bytes: u64,
-}
-
-impl<W: Write> PackWriter<W> {
-    pub fn new(out: W) -> Self {
-        Self { out, last: None, objects: 0, bytes: 0 }
-    }
-
-    /// Appends one object of exactly `size` bytes read from `data`.
-    pub fn add(&mut self, digest: VerityDigest, size: u64, data: &mut impl Read) -> io::Result<()> {
-        if let Some(prev) = self.last
-            && digest <= prev
-        {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("object {digest} added after {prev}")));
-        }
-        self.out.write_all(&header(&digest, size))?;
-        let copied = io::copy(&mut data.take(size), &mut self.out)?;
-        if copied != size {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("object {digest}: source gave {copied} of {size} bytes"),
-            ));
-        }
-        let pad = (BLOCK - (size as usize % BLOCK)) % BLOCK;
-        self.out.write_all(&[0u8; BLOCK][..pad])?;
-        self.last = Some(digest);
-        self.objects += 1;
-        self.bytes += size;
-        Ok(())
-    }
-
-    /// Writes the end marker; returns the writer, the object count and the object bytes.
-    pub fn finish(mut self) -> io::Result<(W, u64, u64)> {
-        self.out.write_all(&[0u8; 2 * BLOCK])?;
-        self.out.flush()?;
-        Ok((self.out, self.objects, self.bytes))
-    }
-}
-
-fn header(digest: &VerityDigest, size: u64) -> [u8; BLOCK] {
-    let mut h = [0u8; BLOCK];
-    h[..64].copy_from_slice(digest.hex().as_bytes());
-    h[100..108].copy_from_slice(b"0000444\0");
-    h[108..116].copy_from_slice(b"0000000\0");
-    h[116..124].copy_from_slice(b"0000000\0");
-    if size <= OCTAL_MAX {
-        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    } else {
-        h[124] = 0x80;
-        h[128..136].copy_from_slice(&size.to_be_bytes());
-    }
-    h[136..148].copy_from_slice(b"00000000000\0");
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    h
-}
 
 fn field_str(f: &[u8]) -> &[u8] {
     f.split(|&b| b == 0).next().unwrap_or(&[])
@@ -131,7 +12,7 @@ fn field_str(f: &[u8]) -> &[u8] {
 
 /// An octal number field, or (12-byte fields only) GNU base-256 holding at most 64 bits.
 /// Found by `just fuzz`: a base-256 marker in the 8-byte checksum field once indexed past it.
-fn parse_size(f: &[u8]) -> Option<u64> {
+pub(super) fn parse_size(f: &[u8]) -> Option<u64> {
     if *f.first()? & 0x80 != 0 {
         if f.len() != 12 || f[0] != 0x80 || f[1..4].iter().any(|&b| b != 0) {
             return None;
@@ -438,7 +319,3 @@ impl<R: Read> Read for Object<'_, R> {
         self.reader.read_data(buf)
     }
 }
-
-#[cfg(test)]
-#[path = "pack_tests.rs"]
-mod tests;
