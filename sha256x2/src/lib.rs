@@ -52,14 +52,6 @@ fn compress2(sa: &mut [u32; 8], a: &[Block], sb: &mut [u32; 8], b: &[Block]) {
     compress(sb, b);
 }
 
-/// Whether [`digest_pair`] and [`update_and_digest`] interleave on this CPU.
-pub fn interleaves() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return x86::available();
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 /// The final block(s) of a message of `total` bytes whose last `tail.len()` (< 64) bytes are
 /// `tail`: the tail, 0x80, zeros, and the bit length (one block, or two when it does not fit).
 fn padding(tail: &[u8], total: u64) -> ([Block; 2], usize) {
