@@ -8,6 +8,7 @@
 //! - [`download`]: size caps, deadlines and `.partial` files for every byte fetched;
 //! - [`evidence`]: the store's record of what it verified, so warm boots verify offline;
 //! - [`store`]: the flat, content-addressed object store packs unpack into;
+//! - [`unpack`]: a pack streamed from its source straight into the store;
 //! - [`verify`]: the trust chain, start to end; only it constructs a [`VerifiedModule`].
 //!
 //! Shared by `ironroot-build` (verify, push, sign) and the agent (fetch into its store).
@@ -19,6 +20,7 @@ pub mod reference;
 pub mod registry;
 pub mod source;
 pub mod store;
+pub mod unpack;
 pub mod verify;
 
 pub use download::Limits;

@@ -277,7 +277,7 @@ pub async fn verify_module<S: ModuleSource>(
         Vec::new()
     } else {
         let stats = futures_util::stream::iter(module.packs.iter())
-            .map(|pack| download::fetch_pack(src, pack, store, limits))
+            .map(|pack| crate::unpack::fetch_pack(src, pack, store, limits))
             .buffer_unordered(limits.parallel.max(1))
             .try_collect()
             .await?;
