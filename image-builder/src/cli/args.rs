@@ -1,0 +1,256 @@
+//! The command line's arguments (clap derive).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ironroot_oci::{Credentials, Limits, RegistryAccess};
+use ironroot_spec::{KeyAlgorithm, MountRole};
+
+#[derive(Debug, Parser)]
+#[command(name = "ironroot-build", version, about = "Build, push, sign and verify ironroot modules")]
+pub struct Cli {
+    /// Result format on stdout.
+    #[arg(long, value_enum, default_value_t = Output::Plain, global = true)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once per process; boxing buys nothing")]
+pub enum Command {
+    /// Signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Modules: build, push, sign, verify.
+    #[command(subcommand)]
+    Module(ModuleCommand),
+    /// Print the fs-verity digest (the object-store name) of each file.
+    Verity { files: Vec<PathBuf> },
+    /// Kernels: check a configuration against the options a node needs; fetch the default one.
+    #[command(subcommand)]
+    Kernel(KernelCommand),
+    /// Write the native initramfs: the agent as /init, its libraries, kernel modules, trust roots.
+    Initramfs(InitramfsOpts),
+}
+
+#[derive(Debug, Args)]
+pub struct InitramfsOpts {
+    /// The agent binary (becomes /init).
+    #[arg(long)]
+    pub(super) agent: PathBuf,
+    /// The output of `kernel fetch`.
+    #[arg(long, default_value = "target/kernel")]
+    pub(super) kernel: PathBuf,
+    /// Kernel modules to include (with their dependencies) [default: what a node needs].
+    #[arg(long, value_delimiter = ',')]
+    pub(super) modules: Vec<String>,
+    /// Trusted module-signing public keys (PEM), repeatable.
+    #[arg(long, required = true)]
+    pub(super) trust: Vec<PathBuf>,
+    /// The plane's CA certificate, embedded as /etc/ironroot/plane-ca.pem.
+    #[arg(long)]
+    pub(super) plane_ca: Option<PathBuf>,
+    /// The CA (PEM) of a registry with a private certificate.
+    #[arg(long)]
+    pub(super) registry_ca: Option<PathBuf>,
+    /// A further program, HOST_PATH=IMAGE_PATH (mke2fs is always included).
+    #[arg(long, value_parser = parse_binary)]
+    pub(super) binary: Vec<(PathBuf, String)>,
+    /// A busybox binary for a break-glass shell.
+    #[arg(long)]
+    pub(super) busybox: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = crate::initramfs::Compression::None)]
+    pub(super) compression: crate::initramfs::Compression,
+    /// Where the agent's shared libraries are looked up.
+    #[arg(long, default_value = "/")]
+    pub(super) sysroot: PathBuf,
+    /// The mtime of every entry (seconds since the epoch).
+    #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
+    pub(super) mtime: u32,
+    #[arg(long)]
+    pub(super) out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KernelCommand {
+    /// Report every required option CONFIG lacks (exit 1 when any is missing).
+    Check {
+        /// A kernel `.config` (e.g. /boot/config-6.12.…).
+        config: PathBuf,
+        /// The required list [default: the one built in, kernel-configs/required].
+        #[arg(long)]
+        required: Option<PathBuf>,
+    },
+    /// Fetch the default node kernel (a Debian package, resolved through its metapackage) into
+    /// OUT: vmlinuz, config, modules/ (with modules.dep), kernel.json. Reuses OUT when current.
+    Fetch {
+        #[arg(long, default_value = "target/kernel")]
+        out: PathBuf,
+        #[arg(long, default_value = "bookworm-backports")]
+        suite: String,
+        #[arg(long, default_value = "linux-image-cloud-amd64")]
+        package: String,
+        /// Debian archive address [default: the system's own mirror, from /etc/apt].
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Private apt state [default: ~/.cache/ironroot/apt-SUITE].
+        #[arg(long)]
+        apt_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate DIR/ironroot.key (PKCS#8 PEM, 0600) and DIR/ironroot.pub (PKIX PEM).
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "ed25519", value_parser = parse_alg)]
+        algorithm: KeyAlgorithm,
+    },
+}
+
+fn parse_alg(s: &str) -> Result<KeyAlgorithm, String> {
+    s.parse()
+}
+
+fn parse_role(s: &str) -> Result<MountRole, String> {
+    s.parse()
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Hardlinks {
+    /// Keep hard links as shared inodes.
+    Keep,
+    /// Give every name its own inode, as `mkcomposefs` does.
+    Break,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModuleCommand {
+    /// Build a module from a directory or a tar archive into an OCI layout.
+    Build {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// Monotonic per module name; nodes refuse to go below a serial they accepted.
+        #[arg(long)]
+        serial: u64,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "root", value_parser = parse_role)]
+        role: MountRole,
+        /// systemd unit to restart when this module is updated in place (repeatable).
+        #[arg(long = "restart-unit")]
+        restart_units: Vec<String>,
+        /// Every inode's mtime: seconds since the epoch, or `source` to keep the tree's.
+        /// Default: $SOURCE_DATE_EPOCH, else 0.
+        #[arg(long)]
+        mtime: Option<String>,
+        /// Force every owner to UID:GID, or `keep`.
+        #[arg(long, default_value = "keep")]
+        owner: String,
+        #[arg(long, value_enum, default_value_t = Hardlinks::Keep)]
+        hardlinks: Hardlinks,
+        /// Object bytes per pack (packs are written and fetched in parallel; 64 MiB keeps two
+        /// cores evenly busy without making thousands of blobs).
+        #[arg(long, default_value_t = 64 << 20)]
+        pack_size: u64,
+    },
+    /// Copy a module (and its signatures) from an OCI layout to a registry or layout; prints REF@DIGEST.
+    Push {
+        layout: String,
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryOpts,
+    },
+    /// Sign REF@DIGEST with a PKCS#8 key; keeps signatures already there.
+    Sign {
+        reference: String,
+        #[arg(long)]
+        key: PathBuf,
+        #[command(flatten)]
+        registry: RegistryOpts,
+    },
+    /// Verify the whole trust chain of a module; exit 0 and its digest, or non-zero and why.
+    Verify {
+        reference: String,
+        /// Trusted public key (PKIX PEM); repeatable.
+        #[arg(long = "trust", required = true)]
+        trust: Vec<PathBuf>,
+        #[arg(long)]
+        min_serial: Option<u64>,
+        /// Install the verified image and objects here (default: check them, keep nothing).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        #[arg(long, default_value_t = Limits::standard().max_manifest)]
+        max_manifest_size: u64,
+        /// Total seconds allowed per manifest request.
+        #[arg(long, default_value_t = Limits::standard().manifest_deadline.as_secs())]
+        manifest_deadline: u64,
+        #[arg(long, default_value_t = Limits::standard().max_blob)]
+        max_blob_size: u64,
+        /// Total seconds allowed per blob (default: 60 s + 1 s per MiB declared).
+        #[arg(long)]
+        blob_deadline: Option<u64>,
+        /// Blobs fetched at once.
+        #[arg(long, default_value_t = Limits::standard().parallel)]
+        parallel: usize,
+        #[command(flatten)]
+        registry: RegistryOpts,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RegistryOpts {
+    /// Extra CA certificate(s) for registry TLS (PEM); implies TLS for loopback registries too.
+    #[arg(long = "registry-ca")]
+    pub(super) ca: Vec<PathBuf>,
+    /// User name for registry basic or token auth; the password comes from $IRONROOT_REGISTRY_PASSWORD.
+    #[arg(long = "registry-user")]
+    pub(super) user: Option<String>,
+    #[arg(long = "registry-password", env = "IRONROOT_REGISTRY_PASSWORD", hide_env_values = true, hide = true)]
+    pub(super) password: Option<String>,
+    /// A bearer token to send as is.
+    #[arg(long = "registry-token", env = "IRONROOT_REGISTRY_TOKEN", hide_env_values = true)]
+    pub(super) token: Option<String>,
+    /// Use TLS even for a loopback registry.
+    #[arg(long = "registry-tls")]
+    pub(super) tls: bool,
+}
+
+impl RegistryOpts {
+    pub(super) fn access(&self) -> anyhow::Result<RegistryAccess> {
+        let ca_pem = self
+            .ca
+            .iter()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading registry CA {}", p.display())))
+            .collect::<anyhow::Result<_>>()?;
+        let credentials = match (&self.token, &self.user) {
+            (Some(t), _) => Credentials::Bearer(t.clone()),
+            (None, Some(u)) => {
+                Credentials::Basic { user: u.clone(), password: self.password.clone().unwrap_or_default() }
+            }
+            (None, None) => Credentials::Anonymous,
+        };
+        Ok(RegistryAccess { ca_pem, credentials, force_tls: self.tls })
+    }
+}
+
+fn parse_binary(s: &str) -> Result<(PathBuf, String), String> {
+    match s.split_once('=') {
+        Some((host, image)) if !host.is_empty() && image.starts_with('/') => Ok((host.into(), image.to_owned())),
+        _ => Err(format!("{s:?} is not HOST_PATH=/IMAGE_PATH")),
+    }
+}
