@@ -1,9 +1,9 @@
 //! SHA-256 (FIPS 180-4) where two messages can be hashed at once on one core.
 //!
 //! One message is one dependency chain: a core with the x86 SHA extensions waits on each
-//! round instruction's latency and leaves most of its SHA throughput idle. Interleaving the
+//! round instruction's latency and leaves part of its SHA throughput idle. Interleaving the
 //! rounds of a second, independent message uses that idle throughput (the Linux kernel's
-//! `sha256_finup_2x` for dm-verity and fs-verity; about 1.5× per core on the machines here).
+//! `sha256_finup_2x` for dm-verity and fs-verity; 1.45× per core on the machines here).
 //! ironroot has two natural pairs: adjacent data blocks of an fs-verity tree
 //! ([`digest_pair`]), and a pack blob's running digest together with the fs-verity leaf of
 //! each object block the blob carries ([`update_and_digest`]).
