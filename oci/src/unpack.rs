@@ -66,7 +66,8 @@ pub struct PackStats {
 
 /// Streams pack `pack` straight into `store`: the download task enforces size and deadline
 /// while a blocking thread reads the pack, computing the blob's SHA-256 and every object's
-/// fs-verity digest in one interleaved pass, and stages the objects. Both hashes run on that
+/// fs-verity digest in one interleaved pass (on a sealed store the kernel measures the objects
+/// instead), and stages the objects. Both hashes run on that
 /// thread, so packs fetched in parallel hash in parallel (the task polling the downloads
 /// would otherwise hash every pack's bytes alone).
 /// Staged objects enter the store only when both the pack digest and every object checked.

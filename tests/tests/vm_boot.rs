@@ -121,12 +121,7 @@ fn a_module_whose_object_bytes_changed_after_signing_is_refused() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(lab.registry.blob_file(reference.rsplit('@').next().unwrap())).unwrap())
             .unwrap();
-    let pack = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["mediaType"].as_str().unwrap().contains("objects"))
-        .unwrap();
+    let pack = &manifest["layers"][first_pack(&manifest)];
     let path = lab.registry.blob_file(pack["digest"].as_str().unwrap());
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
@@ -135,6 +130,12 @@ fn a_module_whose_object_bytes_changed_after_signing_is_refused() {
     }
     std::fs::write(&path, bytes).unwrap();
     refused(&lab, "vm-changed", &reference, "digest");
+}
+
+/// The index of a module manifest's first object-pack layer.
+fn first_pack(manifest: &serde_json::Value) -> usize {
+    let layers = manifest["layers"].as_array().unwrap();
+    layers.iter().position(|l| l["mediaType"].as_str().unwrap().contains("objects")).unwrap()
 }
 
 /// The `VERITY-PROBE key=value` line for `key` on the console, once the probe printed it.
@@ -228,12 +229,8 @@ fn with_a_changed_object(lab: &VmLab) -> std::path::PathBuf {
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap())
             .unwrap();
-    let layer = manifest["layers"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|l| l["mediaType"].as_str().unwrap().contains("objects"))
-        .unwrap();
+    let at = first_pack(&manifest);
+    let layer = &mut manifest["layers"][at];
     let mut pack = std::fs::read(blob(layer["digest"].as_str().unwrap())).unwrap();
     // Walk the ustar entries to the first object with bytes; change its first byte.
     let mut at = 0;
