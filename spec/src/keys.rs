@@ -2,7 +2,12 @@
 //! bytes) and ECDSA P-256 with SHA-256 (ASN.1 DER signatures), the two cosign 2.x produces and
 //! verifies with `--key`. Any other key is refused by name, never guessed at.
 //!
-//! Private keys are PKCS#8 PEM, public keys PKIX (SubjectPublicKeyInfo) PEM.
+//! Private keys are PKCS#8 PEM, public keys PKIX (SubjectPublicKeyInfo) PEM. Keys are written
+//! in the form `openssl genpkey` writes, byte for byte: Ed25519 as PKCS#8 v1 (RFC 8410
+//! `OneAsymmetricKey` version 0, no public key), P-256 as PKCS#8 v1 holding a SEC1 `ECPrivateKey`
+//! with the public key and without curve parameters (they are in the algorithm identifier).
+//! OpenSSL 3.0 and python-cryptography refuse the v2 form (with the public key) for Ed25519;
+//! reading accepts both, so keys written by earlier versions keep working.
 
 use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
@@ -204,9 +209,14 @@ impl SigningKey {
         }
     }
 
+    /// The key as a PKCS#8 `PRIVATE KEY` PEM block, in openssl's form (see the module doc).
     pub fn to_pkcs8_pem(&self) -> Result<String, KeyError> {
         let doc = match self {
-            Self::Ed25519(k) => k.to_pkcs8_der(),
+            // v1: ed25519-dalek's own encoding is v2 (with the public key), which OpenSSL 3.0
+            // refuses.
+            Self::Ed25519(k) => {
+                ed25519_dalek::pkcs8::KeypairBytes { secret_key: k.to_bytes(), public_key: None }.to_pkcs8_der()
+            }
             Self::P256(k) => k.to_pkcs8_der(),
         }
         .map_err(|e| KeyError::Decode(e.to_string()))?;
@@ -263,6 +273,68 @@ mod tests {
         let p = SigningKey::generate(KeyAlgorithm::P256).trusted_key().unwrap();
         let err = p.verify(b"m", &ed.sign(b"m")).unwrap_err();
         assert!(matches!(err, VerifyError::Malformed { .. }), "{err}");
+    }
+
+    /// Written by `openssl genpkey -algorithm ed25519` (OpenSSL 3.0).
+    const OPENSSL_ED25519: &str = "-----BEGIN PRIVATE KEY-----
+MC4CAQAwBQYDK2VwBCIEIPwjFbzNMiVSqtwOOLA6IbvKdpoTml5V1gi2u2UuyCHr
+-----END PRIVATE KEY-----
+";
+    const OPENSSL_ED25519_PUB: &str = "-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAo6LB18CEhmA47sEiJmAdX5eOBRk9+UcoLRSGCbN/HnA=
+-----END PUBLIC KEY-----
+";
+    /// Written by `openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256`.
+    const OPENSSL_P256: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg+9m4iky2/CSTzVCz
+8g2LooesAvMM5fVAJDUsAorq/1ehRANCAARyFgtHDkrGNiQkeAEm/HCgin9GSRM6
+YWfRw9GnPKljn2k+RrfPcDfKGXfdRkK8he6yPSNj0ki0UgtR6HUxAMuM
+-----END PRIVATE KEY-----
+";
+    const OPENSSL_P256_PUB: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEchYLRw5KxjYkJHgBJvxwoIp/RkkT
+OmFn0cPRpzypY59pPka3z3A3yhl33UZCvIXusj0jY9JItFILUeh1MQDLjA==
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn keys_are_written_exactly_as_openssl_writes_them() {
+        for (private, public) in [(OPENSSL_ED25519, OPENSSL_ED25519_PUB), (OPENSSL_P256, OPENSSL_P256_PUB)] {
+            let key = SigningKey::parse_pem(private).unwrap();
+            assert_eq!(key.to_pkcs8_pem().unwrap(), private, "{}", key.algorithm());
+            assert_eq!(key.public_pem().unwrap(), public, "{}", key.algorithm());
+        }
+    }
+
+    #[test]
+    fn ed25519_is_pkcs8_v1_without_the_public_key() {
+        let key = SigningKey::generate(KeyAlgorithm::Ed25519);
+        let der = pem_der(&key.to_pkcs8_pem().unwrap(), "PRIVATE KEY").unwrap();
+        // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING (32) } }
+        let prefix = hex::decode("302e020100300506032b657004220420").unwrap();
+        assert_eq!(der.len(), prefix.len() + 32);
+        assert_eq!(der[..prefix.len()], prefix[..]);
+    }
+
+    #[test]
+    fn ed25519_pkcs8_v2_with_the_public_key_still_reads() {
+        let key = SigningKey::parse_pem(OPENSSL_ED25519).unwrap();
+        let SigningKey::Ed25519(k) = &key else { unreachable!() };
+        let v2 = k.to_pkcs8_der().unwrap();
+        assert_eq!(v2.as_bytes()[4], 1, "ed25519-dalek's own encoding is expected to be v2");
+        let pem = v2.to_pem("PRIVATE KEY", spki::der::pem::LineEnding::LF).unwrap();
+        let again = SigningKey::parse_pem(&pem).unwrap();
+        assert_eq!(again.public_pem().unwrap(), OPENSSL_ED25519_PUB);
+        assert_eq!(again.to_pkcs8_pem().unwrap(), OPENSSL_ED25519, "re-written as v1");
+
+        // A v2 key whose public key is not the private key's is refused.
+        let other = SigningKey::generate(KeyAlgorithm::Ed25519);
+        let SigningKey::Ed25519(o) = &other else { unreachable!() };
+        let mut forged = v2.as_bytes().to_vec();
+        let n = forged.len();
+        forged[n - 32..].copy_from_slice(o.verifying_key().as_bytes());
+        let pem = spki::der::pem::encode_string("PRIVATE KEY", spki::der::pem::LineEnding::LF, &forged).unwrap();
+        assert!(matches!(SigningKey::parse_pem(&pem), Err(KeyError::Decode(_))));
     }
 
     #[test]
