@@ -1,11 +1,13 @@
-//! The plane API's routes (docs/interfaces/plane-api.md). Every handler reads a size-capped
-//! body, checks who is calling, calls the store on a blocking thread, and turns a refusal into
-//! a JSON error body and a journal record.
+//! The plane API's routes (docs/interfaces/plane-api.md). Every handler checks who is calling
+//! first, then reads a size-capped, deadline-bound body, calls the store on a blocking thread,
+//! and turns a refusal into a JSON error body and a journal record — at a bounded rate per
+//! caller, so unauthenticated traffic cannot bury the journal (what was not journaled is
+//! counted in the next record).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query};
@@ -18,6 +20,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
+use crate::admission::Admit;
 use crate::ca::Peer;
 use crate::enroll::TokenBinding;
 use crate::lifecycle::NodeState;
@@ -27,45 +30,56 @@ use crate::store::Refusal;
 /// Longest a task long-poll waits.
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// A token bucket per remote address.
-#[derive(Debug)]
-pub struct RateLimiter {
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
-    burst: f64,
-    per_second: f64,
-}
+/// Longest a request body may take to arrive (a trickled body is a slow-loris, not a client).
+const BODY_DEADLINE: Duration = Duration::from_secs(30);
 
-impl RateLimiter {
-    pub fn new(burst: u32, per_second: f64) -> Self {
-        Self { buckets: Mutex::default(), burst: f64::from(burst.max(1)), per_second }
-    }
-
-    fn allow(&self, ip: IpAddr) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() > 100_000 {
-            buckets.clear(); // bounded memory; a reset only ever lets more through
-        }
-        let now = Instant::now();
-        let (tokens, last) = buckets.entry(ip).or_insert((self.burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Long-polling nodes wait here for a task enqueued for them.
+/// Long-polling nodes wait here for a task enqueued for them. Only authenticated nodes get an
+/// entry, and it goes away with its last waiter.
 #[derive(Debug, Default)]
-pub struct Waiters(Mutex<HashMap<String, Arc<Notify>>>);
+pub struct Waiters(Mutex<HashMap<String, (Arc<Notify>, usize)>>);
+
+/// One long-poll's registration; dropping it unregisters.
+struct Waiting<'a> {
+    waiters: &'a Waiters,
+    node: String,
+    notify: Arc<Notify>,
+}
 
 impl Waiters {
-    fn get(&self, node: &str) -> Arc<Notify> {
+    fn wait(&self, node: &str) -> Waiting<'_> {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(map.entry(node.to_owned()).or_default())
+        let entry = map.entry(node.to_owned()).or_insert_with(|| (Arc::default(), 0));
+        entry.1 += 1;
+        Waiting { waiters: self, node: node.to_owned(), notify: Arc::clone(&entry.0) }
+    }
+
+    fn notify(&self, node: &str) {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((notify, _)) = map.get(node) {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Long-polls waiting now for `node`.
+    pub fn waiting(&self, node: &str) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(node).map_or(0, |(_, n)| *n)
+    }
+
+    /// Nodes with at least one long-poll waiting.
+    pub fn nodes(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut map = self.waiters.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = map.get_mut(&self.node) {
+            entry.1 = entry.1.saturating_sub(1);
+            if entry.1 == 0 {
+                map.remove(&self.node);
+            }
+        }
     }
 }
 
@@ -102,11 +116,34 @@ pub(crate) async fn run<T: Send + 'static>(
     out.map_err(|r| refuse(plane, conn, what, r))
 }
 
+/// Journals a refusal at a bounded rate per caller (per address before authentication, per
+/// certificate holder after), naming how many were not journaled since the last record.
 pub(crate) fn refuse(plane: &Plane, conn: &Conn, what: &str, r: Refusal) -> ApiError {
     if r.status >= 400 {
-        plane.store.journal_refusal(&actor(conn), &format!("refused.{what}"), &conn.remote.to_string(), &r);
+        let admit = match &conn.peer {
+            None => plane.noise_journal_limiter.admit(&conn.remote.ip()),
+            Some(_) => plane.peer_journal_limiter.admit(&actor(conn)),
+        };
+        if let Admit::Yes { refused_before } = admit {
+            plane.store.journal_refusal(
+                &actor(conn),
+                &format!("refused.{what}"),
+                &conn.remote.to_string(),
+                &r,
+                refused_before,
+            );
+        }
     }
     ApiError(r)
+}
+
+/// Journals a refusal of an unauthenticated connection (TLS, connection caps) at the bounded
+/// per-address rate.
+pub fn journal_noise(plane: &Plane, remote: SocketAddr, kind: &str, code: &'static str, message: &str) {
+    if let Admit::Yes { refused_before } = plane.noise_journal_limiter.admit(&remote.ip()) {
+        let r = Refusal::new(401, code, message);
+        plane.store.journal_refusal(&format!("remote:{}", remote.ip()), kind, &remote.to_string(), &r, refused_before);
+    }
 }
 
 /// Reads a body of at most `wire::MAX_BODY` bytes and parses it as JSON.
@@ -116,24 +153,23 @@ pub(crate) async fn body<T: DeserializeOwned>(
     what: &str,
     body: Body,
 ) -> Result<T, ApiError> {
-    let bytes: Bytes = axum::body::to_bytes(body, wire::MAX_BODY).await.map_err(|_| {
-        refuse(
-            plane,
-            conn,
-            what,
-            Refusal::new(413, "body_too_large", format!("request body is over {} bytes", wire::MAX_BODY)),
-        )
-    })?;
+    let bytes: Bytes = match tokio::time::timeout(BODY_DEADLINE, axum::body::to_bytes(body, wire::MAX_BODY)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            let r = Refusal::new(413, "body_too_large", format!("request body is over {} bytes", wire::MAX_BODY));
+            return Err(refuse(plane, conn, what, r));
+        }
+        Err(_) => {
+            let r = Refusal::new(408, "body_timeout", format!("request body took over {} s", BODY_DEADLINE.as_secs()));
+            return Err(refuse(plane, conn, what, r));
+        }
+    };
     serde_json::from_slice(&bytes)
         .map_err(|e| refuse(plane, conn, what, Refusal::new(400, "bad_json", format!("request body: {e}"))))
 }
 
 pub fn journal_tls_refusal(plane: &Plane, remote: SocketAddr, error: &str) {
-    // Bounded per address, so a scanner cannot flood the journal.
-    if plane.noise_journal_limiter.allow(remote.ip()) {
-        let r = Refusal::new(401, "tls", format!("TLS handshake refused: {error}"));
-        plane.store.journal_refusal(&format!("remote:{}", remote.ip()), "refused.tls", &remote.to_string(), &r);
-    }
+    journal_noise(plane, remote, "refused.tls", "tls", &format!("TLS handshake refused: {error}"));
 }
 
 pub fn router(plane: Arc<Plane>) -> Router {
@@ -156,19 +192,24 @@ async fn enroll(
     Extension(conn): Extension<Conn>,
     raw: Body,
 ) -> ApiResult<wire::EnrollResponse> {
-    if !plane.limiter.allow(conn.remote.ip()) {
+    if !plane.limiter.allow(&conn.remote.ip()) {
         let r = Refusal::new(429, "rate_limited", "too many enrollment attempts; slow down");
-        // Journaled at most about once a second per address: a flood must not flood the journal.
-        if plane.noise_journal_limiter.allow(conn.remote.ip()) {
-            return Err(refuse(&plane, &conn, "enroll", r));
-        }
-        return Err(ApiError(r));
+        return Err(refuse(&plane, &conn, "enroll", r));
     }
     let req: EnrollRequest = body(&plane, &conn, "enroll", raw).await?;
     let remote = conn.remote.to_string();
     run(&plane, &conn, "enroll", move |p| p.store.enroll(&req, &remote)).await.map(Json)
 }
 
+/// Whether the caller holds a valid certificate for node `id`. The path's id is not looked at
+/// before the certificate names it, so nothing is kept for ids nobody proved.
+async fn authorize(plane: &Arc<Plane>, conn: &Conn, id: &str, what: &'static str) -> Result<(), ApiError> {
+    let (peer, id) = (conn.peer.clone(), id.to_owned());
+    run(plane, conn, what, move |p| p.store.authorize_node(peer.as_ref(), &id)).await
+}
+
+/// A node call: authorization, then `f`, in one blocking-thread hop (a certificate revoked
+/// between two hops is still refused).
 async fn node_call<T: Send + 'static>(
     plane: &Arc<Plane>,
     conn: &Conn,
@@ -190,6 +231,7 @@ async fn renew(
     Path(id): Path<String>,
     raw: Body,
 ) -> ApiResult<wire::EnrollResponse> {
+    authorize(&plane, &conn, &id, "renew").await?;
     let req: RenewRequest = body(&plane, &conn, "renew", raw).await?;
     node_call(&plane, &conn, &id, "renew", move |p, id| {
         p.store.renew(id, &req.csr).map(|certificate| wire::EnrollResponse { node_id: id.to_owned(), certificate })
@@ -204,6 +246,7 @@ async fn handshake(
     Path(id): Path<String>,
     raw: Body,
 ) -> ApiResult<wire::ReportResponse> {
+    authorize(&plane, &conn, &id, "handshake").await?;
     let report: NodeReport = body(&plane, &conn, "handshake", raw).await?;
     let (phase, boot) = (report.phase.clone(), report.boot_id.clone());
     let answer = node_call(&plane, &conn, &id, "handshake", move |p, id| p.store.report(id, &report, true)).await?;
@@ -218,6 +261,7 @@ async fn heartbeat(
     Path(id): Path<String>,
     raw: Body,
 ) -> ApiResult<wire::ReportResponse> {
+    authorize(&plane, &conn, &id, "heartbeat").await?;
     let report: NodeReport = body(&plane, &conn, "heartbeat", raw).await?;
     node_call(&plane, &conn, &id, "heartbeat", move |p, id| p.store.report(id, &report, false)).await.map(Json)
 }
@@ -242,11 +286,19 @@ async fn lease(
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Response, ApiError> {
-    let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(MAX_WAIT);
+    let wait = Duration::from_secs(q.wait.unwrap_or(0).min(MAX_WAIT.as_secs()));
     let deadline = tokio::time::Instant::now() + wait;
-    let notify = plane.waiters.get(&id);
+    // The first lease authorizes; only then does this node get a place among the waiters.
+    if let Some(task) = node_call(&plane, &conn, &id, "lease", |p, id| p.store.lease(id)).await? {
+        return Ok(Json(task).into_response());
+    }
+    if wait.is_zero() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let waiting = plane.waiters.wait(&id);
     loop {
-        let notified = notify.notified();
+        let notified = waiting.notify.notified();
+        // A task enqueued between the first lease and the registration is found here.
         if let Some(task) = node_call(&plane, &conn, &id, "lease", |p, id| p.store.lease(id)).await? {
             return Ok(Json(task).into_response());
         }
@@ -262,6 +314,7 @@ async fn node_audit(
     Path(id): Path<String>,
     raw: Body,
 ) -> ApiResult<serde_json::Value> {
+    authorize(&plane, &conn, &id, "audit").await?;
     let batch: AuditBatch = body(&plane, &conn, "audit", raw).await?;
     node_call(&plane, &conn, &id, "audit", move |p, id| p.store.node_audit(id, &batch.records))
         .await
@@ -274,18 +327,19 @@ async fn task_result(
     Path(task): Path<String>,
     raw: Body,
 ) -> ApiResult<serde_json::Value> {
-    let result: TaskResult = body(&plane, &conn, "task_result", raw).await?;
     let node = match &conn.peer {
         Some(Peer::Node { id, .. }) => id.clone(),
         _ => String::new(),
     };
+    authorize(&plane, &conn, &node, "task_result").await?;
+    let result: TaskResult = body(&plane, &conn, "task_result", raw).await?;
     node_call(&plane, &conn, &node, "task_result", move |p, id| p.store.task_result(id, &task, &result))
         .await
         .map(|recorded| Json(serde_json::json!({"recorded": recorded})))
 }
 
 pub(crate) fn notify_node(plane: &Plane, node: &str) {
-    plane.waiters.get(node).notify_waiters();
+    plane.waiters.notify(node);
 }
 
 pub(crate) fn parse_binding(

@@ -21,7 +21,8 @@ pub struct Record {
     pub hash: String,
 }
 
-fn hash_of(prev: &str, seq: i64, time: i64, actor: &str, kind: &str, subject: &str, data: &str) -> String {
+/// A record's hash: SHA-256 over the previous hash and the record's fields, length-prefixed.
+pub fn hash_of(prev: &str, seq: i64, time: i64, actor: &str, kind: &str, subject: &str, data: &str) -> String {
     let mut h = Sha256::new();
     // Length-prefixed fields: no two different records serialise to the same bytes.
     for field in [prev, &seq.to_string(), &time.to_string(), actor, kind, subject, data] {

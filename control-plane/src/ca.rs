@@ -20,6 +20,8 @@ const BACKDATE: Duration = Duration::from_secs(300);
 /// The CA and server certificates live long; they are replaced by re-creating the state dir.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 const OPERATOR_VALIDITY: Duration = Duration::from_secs(365 * 86_400);
+/// Longest a node certificate may be issued for: nodes renew, and a stolen one should expire.
+pub const MAX_NODE_CERT_TTL: Duration = Duration::from_secs(365 * 86_400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {

@@ -8,6 +8,7 @@ use ironroot_spec::wire::ErrorBody;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::exit::CommandError;
 use crate::server::StateDir;
 
 #[derive(Debug)]
@@ -62,14 +63,22 @@ impl OperatorClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
-        let resp = req.send().await.with_context(|| format!("reaching the plane at {}", self.base))?;
+        let unreachable = |source: reqwest::Error| CommandError::Unreachable { base: self.base.clone(), source };
+        let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.context("reading the plane's answer")?;
+        let bytes = resp.bytes().await.map_err(unreachable)?;
         if !status.is_success() {
-            match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(e) => bail!("plane refused ({status}, {}): {}", e.error, e.message),
-                Err(_) => bail!("plane answered {status}"),
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) => (e.error, e.message),
+                Err(_) => ("unknown".to_owned(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+            };
+            let status = status.as_u16();
+            return Err(if status >= 500 {
+                CommandError::PlaneFailed { status, message }
+            } else {
+                CommandError::Refused { status, code, message }
             }
+            .into());
         }
         serde_json::from_slice(&bytes).context("the plane's answer is not the expected JSON")
     }

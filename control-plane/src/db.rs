@@ -84,6 +84,14 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE nodes ADD COLUMN store TEXT;",
     // 3: why the last boot failed, as the agent reported it (cleared by a later report).
     "ALTER TABLE nodes ADD COLUMN last_error TEXT;",
+    // 4: signed journal checkpoints (the journal key itself is outside the database).
+    "CREATE TABLE checkpoints (
+        seq INTEGER PRIMARY KEY,
+        head TEXT NOT NULL,
+        time INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        signature TEXT NOT NULL
+    );",
 ];
 
 /// Opens (creating) the database at `path` and brings its schema up to date.

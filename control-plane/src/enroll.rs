@@ -14,6 +14,10 @@ use crate::store::{Refusal, Store, now, secs};
 
 /// Identity fields longer than this are refused (names, MACs and UUIDs are far shorter).
 const MAX_IDENTITY_FIELD: usize = 256;
+/// Longest a bootstrap token may live: it is a secret that enrolls a machine.
+pub const MAX_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+/// Node-submitted journal records are kept under this prefix, apart from the plane's own kinds.
+pub const NODE_RECORD_PREFIX: &str = "node-journal.";
 
 fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -55,11 +59,31 @@ impl Store {
         bind: &TokenBinding,
         actor: &str,
     ) -> Result<String, Refusal> {
-        let token = format!("irt_{}", hex::encode(rand::random::<[u8; 24]>()));
         let ttl = ttl.unwrap_or(self.settings.token_ttl);
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(Refusal::new(
+                400,
+                "bad_ttl",
+                format!("token TTL must be 1 s to {} days", MAX_TOKEN_TTL.as_secs() / 86_400),
+            ));
+        }
+        for (field, v) in [("node", &bind.node_name), ("mac", &bind.mac), ("smbios_uuid", &bind.smbios_uuid)] {
+            if let Some(v) = v
+                && (v.is_empty() || v.len() > MAX_IDENTITY_FIELD || v.chars().any(char::is_control))
+            {
+                return Err(Refusal::new(
+                    400,
+                    "bad_identity",
+                    format!("token {field} is empty, too long or has control characters"),
+                ));
+            }
+        }
+        let token = format!("irt_{}", hex::encode(rand::random::<[u8; 24]>()));
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         let t = now();
+        let expires =
+            t.checked_add(secs(ttl)).ok_or_else(|| Refusal::new(400, "bad_ttl", "token TTL overflows the clock"))?;
         if let Some(template) = &bind.template {
             let known: Option<String> =
                 tx.query_row("SELECT name FROM templates WHERE name = ?1", [template], |r| r.get(0)).optional()?;
@@ -69,7 +93,7 @@ impl Store {
         }
         tx.execute(
             "INSERT INTO tokens (hash, created_at, expires_at, node_name, bound_mac, bound_uuid, template) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![token_hash(&token), t, t + secs(ttl), bind.node_name, bind.mac, bind.smbios_uuid, bind.template],
+            params![token_hash(&token), t, expires, bind.node_name, bind.mac, bind.smbios_uuid, bind.template],
         )?;
         let data = serde_json::json!({"ttl_s": ttl.as_secs(), "node": bind.node_name, "mac": bind.mac, "smbios_uuid": bind.smbios_uuid, "template": bind.template});
         audit::append(&tx, t, actor, "token.create", &token_hash(&token)[..16], &data)?;
@@ -260,16 +284,17 @@ impl Store {
         Ok(())
     }
 
-    /// Appends a node's audit records to the journal, skipping sequence numbers already seen.
-    /// Returns how many were new.
+    /// Appends a node's audit records to the journal (kind `node-journal.<kind>`: a node's own
+    /// record never looks like one of the plane's), skipping sequence numbers already seen.
+    /// Every record is checked before any is written. Returns how many were new.
     pub fn node_audit(&self, node_id: &str, records: &[NodeAuditRecord]) -> Result<usize, Refusal> {
+        for r in records {
+            r.validate().map_err(|e| Refusal::new(400, "bad_audit", e.to_string()))?;
+        }
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         let mut added = 0;
         for r in records {
-            if r.kind.len() > 64 {
-                return Err(Refusal::new(400, "bad_audit", format!("record {} kind is too long", r.seq)));
-            }
             let seq =
                 i64::try_from(r.seq).map_err(|_| Refusal::new(400, "bad_audit", "sequence number out of range"))?;
             if tx.execute(
@@ -278,7 +303,8 @@ impl Store {
             )? == 1
             {
                 let data = serde_json::json!({"seq": r.seq, "node_time": r.time, "data": r.data});
-                audit::append(&tx, now(), &format!("node:{node_id}"), &format!("node.{}", r.kind), node_id, &data)?;
+                let kind = format!("{NODE_RECORD_PREFIX}{}", r.kind);
+                audit::append(&tx, now(), &format!("node:{node_id}"), &kind, node_id, &data)?;
                 added += 1;
             }
         }

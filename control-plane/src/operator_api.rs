@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use ironroot_spec::wire::TaskSpec;
+use ironroot_spec::wire::{JournalCheckpoint, TaskSpec};
 use serde::Deserialize;
 
 use crate::api::{ApiError, ApiResult, body, refuse, run};
@@ -46,7 +46,8 @@ pub fn router() -> Router {
         .route("/v1/operator/nodes/{id}/tasks", post(enqueue).get(tasks))
         .route("/v1/operator/templates", post(template_create))
         .route("/v1/operator/audit", get(audit_list))
-        .route("/v1/operator/audit/verify", get(audit_verify))
+        .route("/v1/operator/audit/verify", get(audit_verify).post(audit_verify_against))
+        .route("/v1/operator/audit/checkpoint", get(checkpoint_newest).post(checkpoint_now))
 }
 
 type P = Extension<Arc<Plane>>;
@@ -75,12 +76,18 @@ async fn token_create(Extension(plane): P, Extension(conn): C, raw: Body) -> Api
 
 async fn nodes(Extension(plane): P, Extension(conn): C) -> ApiResult<Vec<crate::store::NodeView>> {
     operator(&plane, &conn, "nodes")?;
-    run(&plane, &conn, "nodes", |p| p.store.nodes()).await.map(Json)
+    let mut nodes = run(&plane, &conn, "nodes", |p| p.store.nodes()).await?;
+    for n in &mut nodes {
+        n.long_polls = plane.waiters.waiting(&n.id);
+    }
+    Ok(Json(nodes))
 }
 
 async fn node(Extension(plane): P, Extension(conn): C, Path(id): Path<String>) -> ApiResult<crate::store::NodeView> {
     operator(&plane, &conn, "node")?;
-    run(&plane, &conn, "node", move |p| p.store.node(&id)).await.map(Json)
+    let mut node = run(&plane, &conn, "node", move |p| p.store.node(&id)).await?;
+    node.long_polls = plane.waiters.waiting(&node.id);
+    Ok(Json(node))
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,7 +213,37 @@ async fn audit_list(
     run(&plane, &conn, "audit", move |p| p.store.audit_list(after, limit)).await.map(Json)
 }
 
-async fn audit_verify(Extension(plane): P, Extension(conn): C) -> ApiResult<crate::audit::ChainReport> {
+async fn audit_verify(Extension(plane): P, Extension(conn): C) -> ApiResult<crate::checkpoint::JournalReport> {
     operator(&plane, &conn, "audit_verify")?;
-    run(&plane, &conn, "audit_verify", |p| p.store.audit_verify()).await.map(Json)
+    run(&plane, &conn, "audit_verify", |p| p.store.verify_journal(&p.journal, None)).await.map(Json)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgainstRequest {
+    against: JournalCheckpoint,
+}
+
+/// Verifies the journal and that it still holds a checkpoint the operator kept elsewhere.
+async fn audit_verify_against(
+    Extension(plane): P,
+    Extension(conn): C,
+    raw: Body,
+) -> ApiResult<crate::checkpoint::JournalReport> {
+    operator(&plane, &conn, "audit_verify")?;
+    let req: AgainstRequest = body(&plane, &conn, "audit_verify", raw).await?;
+    let against = JournalCheckpoint::parse(&serde_json::to_vec(&req.against).unwrap_or_default())
+        .map_err(|e| refuse(&plane, &conn, "audit_verify", Refusal::new(400, "bad_checkpoint", e.to_string())))?;
+    run(&plane, &conn, "audit_verify", move |p| p.store.verify_journal(&p.journal, Some(&against))).await.map(Json)
+}
+
+async fn checkpoint_newest(Extension(plane): P, Extension(conn): C) -> ApiResult<Option<JournalCheckpoint>> {
+    operator(&plane, &conn, "audit_checkpoint")?;
+    run(&plane, &conn, "audit_checkpoint", |p| p.store.newest_checkpoint()).await.map(Json)
+}
+
+/// Signs a checkpoint of the journal's head now (or returns the newest, if it covers the head).
+async fn checkpoint_now(Extension(plane): P, Extension(conn): C) -> ApiResult<Option<JournalCheckpoint>> {
+    operator(&plane, &conn, "audit_checkpoint")?;
+    run(&plane, &conn, "audit_checkpoint", |p| p.store.checkpoint(&p.journal, crate::store::now())).await.map(Json)
 }

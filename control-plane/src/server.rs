@@ -1,7 +1,8 @@
 //! The plane's HTTPS server: rustls with optional client certificates (enrollment is
 //! server-authenticated only; every other endpoint checks the certificate the connection
-//! presented), a per-connection [`Conn`] carrying who is calling, size-capped bodies, and a
-//! journal record for every refusal. Routes are in `api`.
+//! presented), the accept loop within the anonymous-connection caps, and the background loops
+//! (silence sweep, journal checkpoints). One connection's life is in `connection`; routes are
+//! in `api` and `operator_api`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,8 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject as _;
@@ -18,11 +17,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::{ConnectionCaps, ConnectionLimits, RateLimiter};
 use crate::ca::{Authority, Peer, write_secret};
+use crate::checkpoint::Journal;
+use crate::connection::Deadlines;
 use crate::store::{Settings, Store};
-
-/// A TLS handshake that has not finished in this long is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
@@ -55,23 +54,42 @@ impl StateDir {
 #[derive(Debug)]
 pub struct Plane {
     pub store: Store,
+    /// The journal key and the newest checkpoint beside the database.
+    pub journal: Journal,
     /// Enrollment attempts per address.
-    pub limiter: crate::api::RateLimiter,
-    /// Journal records of unauthenticated noise (refused TLS handshakes, rate-limited
-    /// enrollment attempts) per address.
-    pub noise_journal_limiter: crate::api::RateLimiter,
+    pub limiter: RateLimiter,
+    /// Journal records of refusals before authentication (refused TLS handshakes, capped
+    /// connections, rate-limited enrollments, requests without a certificate), per address.
+    pub noise_journal_limiter: RateLimiter,
+    /// Journal records of refusals of authenticated callers, per certificate holder.
+    pub peer_journal_limiter: RateLimiter<String>,
+    pub caps: ConnectionCaps,
+    pub deadlines: Deadlines,
     pub waiters: crate::api::Waiters,
 }
 
+/// How the server treats connections and the journal (`serve` flags).
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub names: Vec<String>,
+    pub limits: ConnectionLimits,
+    pub deadlines: Deadlines,
+    pub checkpoint_interval: Duration,
+}
+
 /// Opens the state directory: the CA (created on first start), a server certificate for
-/// `names`, an operator certificate `admin`, and the database.
-pub fn open_state(dir: &Path, names: &[String], settings: Settings) -> anyhow::Result<(Plane, rustls::ServerConfig)> {
+/// `names`, an operator certificate `admin`, the journal key, and the database.
+pub fn open_state(
+    dir: &Path,
+    settings: Settings,
+    options: &ServerOptions,
+) -> anyhow::Result<(Plane, rustls::ServerConfig)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let state = StateDir(dir.to_owned());
     let ca = Authority::open_or_create(dir)?;
     let (server_cert, server_key) = (dir.join("server.pem"), dir.join("server.key"));
     if !server_cert.exists() {
-        let (cert, key) = ca.issue_server(names)?;
+        let (cert, key) = ca.issue_server(&options.names)?;
         write_secret(&server_key, &key, 0o600)?;
         write_secret(&server_cert, &format!("{cert}{}", ca.cert_pem()), 0o644)?;
     }
@@ -80,6 +98,7 @@ pub fn open_state(dir: &Path, names: &[String], settings: Settings) -> anyhow::R
         write_secret(&state.operator_key(), &key, 0o600)?;
         write_secret(&state.operator_cert(), &cert, 0o644)?;
     }
+    let journal = Journal::open_or_create(dir)?;
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()) {
         roots.add(cert.context("CA certificate")?).context("trusting the CA")?;
@@ -97,45 +116,75 @@ pub fn open_state(dir: &Path, names: &[String], settings: Settings) -> anyhow::R
         .context("server TLS")?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let store = Store::open(&dir.join("plane.db"), ca, settings).context("opening the database")?;
-    let limiter = crate::api::RateLimiter::new(store.settings.enroll_burst, store.settings.enroll_per_second);
-    let noise_journal_limiter = crate::api::RateLimiter::new(10, 1.0);
-    Ok((Plane { store, limiter, noise_journal_limiter, waiters: Default::default() }, tls))
+    let limiter = RateLimiter::new(store.settings.enroll_burst, store.settings.enroll_per_second);
+    let plane = Plane {
+        store,
+        journal,
+        limiter,
+        noise_journal_limiter: RateLimiter::new(NOISE_BURST, NOISE_PER_SECOND),
+        peer_journal_limiter: RateLimiter::new(PEER_NOISE_BURST, PEER_NOISE_PER_SECOND),
+        caps: ConnectionCaps::new(options.limits),
+        deadlines: options.deadlines,
+        waiters: crate::api::Waiters::default(),
+    };
+    Ok((plane, tls))
 }
 
-/// Serves until the process ends: accepts TLS connections on `listener`, and sweeps for
-/// silent nodes in the background.
-pub async fn serve(plane: Arc<Plane>, tls: rustls::ServerConfig, listener: TcpListener) -> anyhow::Result<()> {
+/// Journal records of unauthenticated refusals per address: a burst, then one a second.
+const NOISE_BURST: u32 = 10;
+const NOISE_PER_SECOND: f64 = 1.0;
+/// Journal records of refusals per certificate holder: more, since each is attributable.
+const PEER_NOISE_BURST: u32 = 60;
+const PEER_NOISE_PER_SECOND: f64 = 5.0;
+
+/// Serves until `shutdown` resolves: accepts TLS connections on `listener` (within the
+/// anonymous caps), sweeps for silent nodes and signs journal checkpoints in the background;
+/// on shutdown signs a last checkpoint.
+pub async fn serve(
+    plane: Arc<Plane>,
+    tls: rustls::ServerConfig,
+    listener: TcpListener,
+    checkpoint_interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let router = crate::api::router(Arc::clone(&plane));
-    tokio::spawn(sweep_loop(Arc::clone(&plane)));
+    let sweeper = tokio::spawn(sweep_loop(Arc::clone(&plane)));
+    let checkpointer = tokio::spawn(checkpoint_loop(Arc::clone(&plane), checkpoint_interval));
+    tokio::pin!(shutdown);
     loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let (tcp, remote) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let slot = match plane.caps.admit(remote.ip()) {
+            Ok(slot) => slot,
+            Err(cap) => {
+                drop(tcp);
+                crate::api::journal_noise(&plane, remote, "refused.connection", "connection_cap", &cap.to_string());
                 continue;
             }
         };
-        let (acceptor, router, plane) = (acceptor.clone(), router.clone(), Arc::clone(&plane));
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    crate::api::journal_tls_refusal(&plane, remote, &e.to_string());
-                    return;
-                }
-                Err(_) => return,
-            };
-            let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::ca::peer_of(c));
-            let service = router.layer(axum::Extension(Conn { peer, remote }));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service)).await {
-                tracing::debug!(error = %e, %remote, "connection ended");
-            }
-        });
+        tokio::spawn(crate::connection::serve(Arc::clone(&plane), acceptor.clone(), router.clone(), tcp, remote, slot));
     }
+    sweeper.abort();
+    checkpointer.abort();
+    let p = Arc::clone(&plane);
+    match tokio::task::spawn_blocking(move || p.store.checkpoint(&p.journal, crate::store::now())).await {
+        Ok(Ok(Some(c))) => tracing::info!(seq = c.seq, "journal checkpoint at shutdown"),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "journal checkpoint at shutdown"),
+        Err(e) => tracing::error!(error = %e, "journal checkpoint at shutdown"),
+    }
+    Ok(())
 }
 
 async fn sweep_loop(plane: Arc<Plane>) {
@@ -149,5 +198,30 @@ async fn sweep_loop(plane: Arc<Plane>) {
             Ok(Err(e)) => tracing::warn!(error = %e, "sweep"),
             _ => {}
         }
+    }
+}
+
+async fn checkpoint_loop(plane: Arc<Plane>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await; // the first tick is immediate; the journal was just opened
+    loop {
+        tick.tick().await;
+        let p = Arc::clone(&plane);
+        if let Ok(Err(e)) =
+            tokio::task::spawn_blocking(move || p.store.checkpoint(&p.journal, crate::store::now())).await
+        {
+            tracing::warn!(error = %e, "journal checkpoint");
+        }
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit: every node holds a connection.
+pub fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum
+        && let Err(e) = setrlimit(Resource::Nofile, rustix::process::Rlimit { current: limit.maximum, ..limit })
+    {
+        tracing::warn!(error = %e, "raising the open-file limit");
     }
 }

@@ -108,6 +108,48 @@ pub struct NodeView {
     pub store: Option<String>,
     /// Why the node's last boot failed (with `phase` = `failed:<phase>`), if it did.
     pub last_error: Option<String>,
+    /// Task long-polls the node has waiting on this plane now (it is connected for tasks).
+    pub long_polls: usize,
+}
+
+/// A report's strings are bounded and free of control characters (an error message may span
+/// lines); they reach the journal and every operator's terminal.
+fn check_report(report: &NodeReport) -> Result<(), Refusal> {
+    let fields = [
+        ("boot_id", Some(&report.boot_id), 128),
+        ("agent_version", Some(&report.agent_version), 128),
+        ("phase", Some(&report.phase), 64),
+        ("store", report.store.as_ref(), 64),
+        ("last_reconcile", report.last_reconcile.as_ref(), 256),
+        ("probe_summary", report.probe_summary.as_ref(), 2048),
+    ];
+    for (name, value, max) in fields {
+        if let Some(v) = value
+            && (v.len() > max || v.chars().any(char::is_control))
+        {
+            return Err(Refusal::new(
+                400,
+                "bad_report",
+                format!("{name} is over {max} bytes or has control characters"),
+            ));
+        }
+    }
+    if let Some(e) = &report.error
+        && (e.len() > 2048 || e.chars().any(|c| c.is_control() && c != '\n' && c != '\t'))
+    {
+        return Err(Refusal::new(400, "bad_report", "error is over 2048 bytes or has control characters"));
+    }
+    if let Some(k) = report.phase_timings_ms.keys().find(|k| k.len() > 64 || k.chars().any(char::is_control)) {
+        return Err(Refusal::new(
+            400,
+            "bad_report",
+            format!(
+                "phase timing key {:?} is too long or has control characters",
+                k.chars().take(64).collect::<String>()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Store {
@@ -121,10 +163,15 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Journals a refusal (in its own transaction, so it survives the refused operation).
-    pub fn journal_refusal(&self, actor: &str, kind: &str, subject: &str, refusal: &Refusal) {
+    /// Journals a refusal (in its own transaction, so it survives the refused operation);
+    /// `unjournaled` says how many refusals of the same caller were only counted since its
+    /// last record.
+    pub fn journal_refusal(&self, actor: &str, kind: &str, subject: &str, refusal: &Refusal, unjournaled: u64) {
         let conn = self.conn();
-        let data = serde_json::json!({"code": refusal.code, "message": refusal.message});
+        let mut data = serde_json::json!({"code": refusal.code, "message": refusal.message});
+        if unjournaled > 0 {
+            data["unjournaled_before"] = unjournaled.into();
+        }
         if let Err(e) = audit::append(&conn, now(), actor, kind, subject, &data) {
             tracing::error!(error = %e, "journaling a refusal");
         }
@@ -168,14 +215,7 @@ impl Store {
     /// `running` once it says `ready`, or back to `bootstrapping` when a new boot handshakes
     /// before it is ready.
     pub fn report(&self, id: &str, report: &NodeReport, handshake: bool) -> Result<ReportResponse, Refusal> {
-        if report.boot_id.len() > 128
-            || report.agent_version.len() > 128
-            || report.phase.len() > 64
-            || report.store.as_ref().is_some_and(|s| s.len() > 64)
-            || report.error.as_ref().is_some_and(|s| s.len() > 2048)
-        {
-            return Err(Refusal::new(400, "bad_report", "boot_id, agent_version, phase, store or error is too long"));
-        }
+        check_report(report)?;
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         let actor = format!("node:{id}");
@@ -236,8 +276,8 @@ impl Store {
     pub fn sweep(&self, at: i64) -> Result<usize, Refusal> {
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
-        let suspect_before = at - secs(self.settings.suspect_after);
-        let silent_before = at - secs(self.settings.silent_after);
+        let suspect_before = at.saturating_sub(secs(self.settings.suspect_after));
+        let silent_before = at.saturating_sub(secs(self.settings.silent_after));
         let mut moved = 0;
         let stale: Vec<(String, String, i64)> = {
             let mut stmt = tx.prepare(
@@ -246,7 +286,7 @@ impl Store {
             stmt.query_map([suspect_before], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?
         };
         for (id, state, last_seen) in stale {
-            let why = format!("no heartbeat for {} s", at - last_seen);
+            let why = format!("no heartbeat for {} s", at.saturating_sub(last_seen));
             if state == "running" {
                 Self::transition(&tx, &id, NodeState::Suspect, "plane:sweep", &why)?;
                 moved += 1;
@@ -300,6 +340,7 @@ impl Store {
                 heartbeats: r.get(13)?,
                 store: r.get(14)?,
                 last_error: r.get(15)?,
+                long_polls: 0,
             })
         };
         let rows = match key {
@@ -311,9 +352,5 @@ impl Store {
 
     pub fn audit_list(&self, after: i64, limit: i64) -> Result<Vec<audit::Record>, Refusal> {
         Ok(audit::list(&self.conn(), after, limit)?)
-    }
-
-    pub fn audit_verify(&self) -> Result<audit::ChainReport, Refusal> {
-        Ok(audit::verify(&self.conn())?)
     }
 }

@@ -120,7 +120,7 @@ impl Store {
         let Some((id, spec, deliveries)) = row else {
             return Ok(None);
         };
-        let lease_until = t + secs(self.settings.task_lease);
+        let lease_until = t.saturating_add(secs(self.settings.task_lease));
         tx.execute(
             "UPDATE tasks SET state = 'leased', lease_until = ?1, deliveries = deliveries + 1 WHERE id = ?2",
             params![lease_until, id],

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cli::{Run, binary_named};
@@ -57,6 +58,36 @@ impl TestPlane {
             assert!(Instant::now() < deadline, "plane did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The plane process's id (for reading its memory in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// The plane's resident memory, KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("plane status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Stops the plane with SIGTERM (its shutdown path runs: a last journal checkpoint) and
+    /// waits for it to exit; returns its exit code.
+    pub fn terminate(&mut self) -> i32 {
+        let mut c = self.child.take().expect("a running plane");
+        let pid = rustix::process::Pid::from_raw(c.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        c.wait().expect("reap").code().unwrap_or(-1)
+    }
+
+    /// Starts the plane again on the same state (after [`TestPlane::terminate`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the plane is still running");
+        self.spawn();
     }
 
     /// SIGKILLs the plane (no shutdown path runs) and starts it again on the same state.
@@ -117,6 +148,19 @@ impl TestPlane {
         self.with_identity(&read("operator.pem"), &read("operator.key"))
     }
 
+    /// Waits (up to `within`) until the journal holds a record of `kind`; returns them all.
+    pub fn wait_journal(&self, kind: &str, within: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let records = self.journal(kind);
+            if !records.is_empty() {
+                return records;
+            }
+            assert!(Instant::now() < deadline, "no {kind} record in the journal within {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Journal records whose kind is `kind`.
     pub fn journal(&self, kind: &str) -> Vec<serde_json::Value> {
         let out = Command::new(binary_named("ironroot-plane"))
@@ -172,4 +216,92 @@ impl NodeKey {
     pub fn key_pem(&self) -> String {
         self.key.serialize_pem()
     }
+}
+
+/// An enrolled node: its id, a client presenting its certificate, and its key material.
+#[derive(Debug)]
+pub struct PlaneNode {
+    pub id: String,
+    pub client: reqwest::Client,
+    pub cert: String,
+    pub key_pem: String,
+}
+
+/// `POST /v1/enroll` with `body` from an anonymous client: (status, JSON answer).
+pub async fn enroll_raw(p: &TestPlane, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = p.anonymous().post(p.url("/v1/enroll")).json(body).send().await.expect("enroll request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// Enrolls a node named `name` with `key` through a fresh token.
+pub async fn enroll(p: &TestPlane, name: &str, key: &NodeKey) -> PlaneNode {
+    let token = p.op(&["token", "create", "--node", name]).ok();
+    let body = serde_json::json!({"token": token, "csr": key.csr(&[]), "identity": {"name": name}});
+    let (status, body) = enroll_raw(p, &body).await;
+    assert_eq!(status, 200, "{body}");
+    let cert = body["certificate"].as_str().expect("certificate").to_owned();
+    PlaneNode {
+        id: body["node_id"].as_str().expect("node id").to_owned(),
+        client: p.with_identity(&cert, &key.key_pem()),
+        cert,
+        key_pem: key.key_pem(),
+    }
+}
+
+/// One request: (status, JSON answer), or (0, the error) when the request did not get an answer.
+pub async fn call(
+    client: &reqwest::Client,
+    p: &TestPlane,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let mut req = if method == "GET" { client.get(p.url(path)) } else { client.post(p.url(path)) };
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+        }
+        Err(e) => (0, serde_json::Value::String(format!("{e:?}"))),
+    }
+}
+
+/// A node report in `phase`.
+pub fn report(phase: &str) -> serde_json::Value {
+    serde_json::json!({"boot_id": "boot-1", "agent_version": "0.1.0", "phase": phase,
+           "phase_timings_ms": {"discover": 3, "enroll": 40}, "module_digests": [format!("sha256:{}", "ab".repeat(32))]})
+}
+
+/// A raw TLS connection to the plane (no HTTP on top), presenting `identity` (chain PEM, key
+/// PEM) if given: for tests of what the plane does with slow, idle and half-open connections.
+pub async fn tls_connect(
+    p: &TestPlane,
+    identity: Option<(&str, &str)>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(p.dir().join("ca.pem")).expect("ca.pem") {
+        roots.add(c.expect("CA certificate")).expect("trusting the CA");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((chain, key)) => {
+            let certs: Vec<_> = CertificateDer::pem_slice_iter(chain.as_bytes()).map(|c| c.expect("cert")).collect();
+            builder
+                .with_client_auth_cert(certs, PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key"))
+                .expect("client certificate")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(p.addr()).await?;
+    let name = ServerName::try_from("127.0.0.1").expect("server name").to_owned();
+    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await
 }

@@ -6,51 +6,12 @@
 
 use std::time::Duration;
 
-use ironroot_tests::plane::{NodeKey, TestPlane};
+use ironroot_tests::plane::{NodeKey, TestPlane, call, enroll, enroll_raw, report};
 use serde_json::{Value, json};
-
-struct Node {
-    id: String,
-    client: reqwest::Client,
-    cert: String,
-}
-
-async fn enroll_raw(p: &TestPlane, body: &Value) -> (u16, Value) {
-    let resp = p.anonymous().post(p.url("/v1/enroll")).json(body).send().await.expect("enroll request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
-async fn enroll(p: &TestPlane, name: &str, key: &NodeKey) -> Node {
-    let token = p.op(&["token", "create", "--node", name]).ok();
-    let (status, body) = enroll_raw(p, &json!({"token": token, "csr": key.csr(&[]), "identity": {"name": name}})).await;
-    assert_eq!(status, 200, "{body}");
-    let cert = body["certificate"].as_str().unwrap().to_owned();
-    Node { id: body["node_id"].as_str().unwrap().to_owned(), client: p.with_identity(&cert, &key.key_pem()), cert }
-}
-
-async fn call(client: &reqwest::Client, p: &TestPlane, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = if method == "GET" { client.get(p.url(path)) } else { client.post(p.url(path)) };
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    match req.send().await {
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            (status, resp.json().await.unwrap_or(Value::Null))
-        }
-        Err(e) => (0, Value::String(format!("{e:?}"))),
-    }
-}
 
 /// A `ready` heartbeat from `client` for node `id`.
 async fn heartbeat(client: &reqwest::Client, p: &TestPlane, id: &str) -> (u16, Value) {
     call(client, p, "POST", &format!("/v1/nodes/{id}/heartbeat"), Some(report("ready"))).await
-}
-
-fn report(phase: &str) -> Value {
-    json!({"boot_id": "boot-1", "agent_version": "0.1.0", "phase": phase,
-           "phase_timings_ms": {"discover": 3, "enroll": 40}, "module_digests": [format!("sha256:{}", "ab".repeat(32))]})
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -98,10 +59,12 @@ async fn happy_path_from_token_to_task_result() {
         let (node, url) = (node.clone(), p.url(&format!("/v1/nodes/{id}/tasks?wait=20")));
         tokio::spawn(async move { node.get(url).send().await.unwrap().json::<Value>().await.unwrap() })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Enqueue only once the plane shows the long-poll waiting, so the wake-up is what answers it.
+    wait_for_long_polls(&p, &id, 1).await;
     let task_id = p.op(&["task", "exec", "rack1-n01", "--", "uname", "-r"]).ok();
     let task = tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("long-poll answered").unwrap();
     assert_eq!(task["id"], task_id.as_str());
+    wait_for_long_polls(&p, &id, 0).await;
     assert_eq!(task["spec"], json!({"kind": "exec", "argv": ["uname", "-r"]}));
     let result = json!({"exit_code": 0, "output": "6.12.0"});
     let (s, r) = call(&node, &p, "POST", &format!("/v1/tasks/{task_id}/result"), Some(result.clone())).await;
@@ -112,13 +75,13 @@ async fn happy_path_from_token_to_task_result() {
     assert_eq!(tasks[0]["state"], "done");
     assert_eq!(tasks[0]["result"]["output"], "6.12.0");
 
-    // Node audit batches are journaled once per sequence number.
+    // Node audit batches are journaled once per sequence number, under the node's own namespace.
     let batch = json!({"records": [{"seq": 1, "time": 1, "kind": "exec", "data": {"argv": ["uname"]}}, {"seq": 2, "time": 2, "kind": "exec"}]});
     let (_, a) = call(&node, &p, "POST", &format!("/v1/nodes/{id}/audit"), Some(batch.clone())).await;
     assert_eq!(a["accepted"], 2);
     let (_, a) = call(&node, &p, "POST", &format!("/v1/nodes/{id}/audit"), Some(batch)).await;
     assert_eq!(a["accepted"], 0);
-    assert_eq!(p.journal("node.exec").len(), 2);
+    assert_eq!(p.journal("node-journal.exec").len(), 2);
 
     let verified = p.op(&["audit", "verify"]).ok();
     assert!(verified.starts_with("audit chain intact"), "{verified}");
@@ -245,8 +208,7 @@ async fn every_refusal_is_clear_and_journaled() {
     let foreign = p.with_identity(&foreign_cert, &foreign_key);
     let (s, e) = heartbeat(&foreign, &p, &b.id).await;
     assert_eq!(s, 0, "a foreign certificate was accepted: {e}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!p.journal("refused.tls").is_empty(), "TLS refusal not journaled");
+    p.wait_journal("refused.tls", Duration::from_secs(10));
 
     // A name full of SQL metacharacters is stored and returned verbatim.
     let evil = "x'); DROP TABLE nodes;-- \"%_\\";
@@ -257,7 +219,7 @@ async fn every_refusal_is_clear_and_journaled() {
 
     // An invalid lifecycle move is refused with the current state and reason.
     let out = p.op(&["node", "state", &b.id, "provisioning"]);
-    assert_ne!(out.code, 0);
+    assert_eq!(out.code, 3, "refused by the plane: {}", out.stderr);
     assert!(out.stderr.contains("node is bootstrapping; provisioning is not reachable"), "{}", out.stderr);
     assert!(p.op(&["audit", "verify"]).ok().starts_with("audit chain intact"));
 }
@@ -313,6 +275,19 @@ async fn enrollment_attempts_are_rate_limited() {
     }
     assert_eq!(codes, [401, 401, 401, 401, 401, 429, 429, 429], "burst of 5, then refused");
     refused(&p, enroll_raw(&p, &json!({"token": "irt_spam", "csr": ""})).await, 429, "rate_limited", "enroll");
+}
+
+/// Waits until the plane shows exactly `n` task long-polls waiting for node `id`.
+async fn wait_for_long_polls(p: &TestPlane, id: &str, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let shown: Value = serde_json::from_str(&p.op(&["node", "show", id, "--json"]).ok()).unwrap();
+        if shown["long_polls"] == n {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node {id} never had {n} long-polls waiting: {shown}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn node_state(p: &TestPlane, id: &str) -> String {
@@ -384,9 +359,11 @@ async fn acknowledged_writes_survive_kill_9() {
     // Load: every node heartbeats, submits audit records and finishes tasks as fast as it can;
     // each loop remembers what the plane acknowledged.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut loops = Vec::new();
     for n in &nodes {
         let (client, id, url, stop) = (n.client.clone(), n.id.clone(), p.url(""), std::sync::Arc::clone(&stop));
+        let acknowledged = std::sync::Arc::clone(&acknowledged);
         loops.push(tokio::spawn(async move {
             let (mut beats, mut audited, mut results) = (0u64, Vec::new(), Vec::new());
             let mut seq = 0u64;
@@ -396,6 +373,7 @@ async fn acknowledged_writes_survive_kill_9() {
                     .is_some()
                 {
                     beats += 1;
+                    acknowledged.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 }
                 seq += 1;
                 let batch = json!({"records": [{"seq": seq, "time": seq, "kind": "load", "data": {"n": seq}}]});
@@ -420,7 +398,12 @@ async fn acknowledged_writes_survive_kill_9() {
             (id, beats, audited, results)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Kill once the load is real: enough acknowledged writes that losing one would show.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acknowledged.load(std::sync::atomic::Ordering::SeqCst) < 40 {
+        assert!(tokio::time::Instant::now() < deadline, "the load never reached 40 acknowledged heartbeats");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     p.kill9_and_restart();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut acked = Vec::new();
@@ -440,7 +423,9 @@ async fn acknowledged_writes_survive_kill_9() {
         for seq in audited {
             let needle = format!("\"seq\":{seq}}}");
             assert!(
-                journal.lines().any(|l| l.contains(id.as_str()) && l.contains("node.load") && l.contains(&needle)),
+                journal
+                    .lines()
+                    .any(|l| l.contains(id.as_str()) && l.contains("node-journal.load") && l.contains(&needle)),
                 "{id}: audit record {seq} lost"
             );
         }
@@ -450,7 +435,7 @@ async fn acknowledged_writes_survive_kill_9() {
             assert_eq!(t["state"], "done", "{id}: acknowledged result for {tid} lost");
         }
     }
-    assert!(total_beats > 20, "the load was too light to mean anything: {total_beats} heartbeats");
+    assert!(total_beats >= 40, "the load was too light to mean anything: {total_beats} heartbeats");
     assert!(p.op(&["audit", "verify"]).ok().starts_with("audit chain intact"));
 }
 
@@ -508,7 +493,7 @@ async fn audit_verify_names_the_first_edited_record() {
     db.execute("UPDATE audit SET actor = 'operator:someone-else' WHERE seq = 2", []).unwrap();
     drop(db);
     let out = p.op(&["audit", "verify"]);
-    assert_ne!(out.code, 0);
+    assert_eq!(out.code, 5, "a broken journal has its own exit code: {}", out.stderr);
     assert!(
         out.stderr.contains("audit chain broken at record 2: hash does not match the record's contents (edited)"),
         "{}",
@@ -520,7 +505,7 @@ async fn audit_verify_names_the_first_edited_record() {
 async fn a_token_carries_its_template_and_reports_carry_the_store_kind() {
     let p = TestPlane::start(&[]);
     let err = p.op(&["token", "create", "--node", "t1", "--template", "nope"]);
-    err.refused(1, "unknown_template");
+    err.refused(3, "unknown_template");
     let digest = format!("sha256:{}", "cd".repeat(32));
     p.op(&["template", "create", "web", "--module", &format!("127.0.0.1:5000/ironroot/web@{digest},serial=4")]).ok();
     let token = p.op(&["token", "create", "--node", "t1", "--template", "web"]).ok();

@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::OciDigest;
 
+mod journal;
+
+pub use journal::{AuditBatch, CheckpointError, JournalCheckpoint, NodeAuditRecord, RecordError};
+
 /// Largest request body the plane reads.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -125,24 +129,6 @@ pub struct TaskResult {
     pub exit_code: i32,
     #[serde(default)]
     pub output: String,
-}
-
-/// One record a node submits to the journal; `seq` is the node's own sequence number
-/// (records are deduplicated by it).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeAuditRecord {
-    pub seq: u64,
-    pub time: u64,
-    pub kind: String,
-    #[serde(default)]
-    pub data: serde_json::Value,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AuditBatch {
-    pub records: Vec<NodeAuditRecord>,
 }
 
 /// Every error body: a short machine code and a message naming what was wrong.

@@ -1,0 +1,251 @@
+//! `ironroot-plane`'s command line: the clap definitions (every command and flag has its one
+//! line of help). What each command does is in `cli` (serve) and `cli::operator`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "ironroot-plane", version, about = "The ironroot reference control plane and its operator CLI")]
+pub struct Cli {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The plane's state directory (its CA, operator certificate and address).
+    #[arg(long, global = true, env = "IRONROOT_PLANE_STATE")]
+    pub state: Option<PathBuf>,
+    /// HOST:PORT of a running plane (default: read from STATE/address).
+    #[arg(long, global = true)]
+    pub plane: Option<String>,
+    /// Operator certificate (default: STATE/operator.pem).
+    #[arg(long, global = true)]
+    pub cert: Option<PathBuf>,
+    /// Operator key (default: STATE/operator.key).
+    #[arg(long, global = true)]
+    pub key: Option<PathBuf>,
+    /// The plane CA certificate (default: STATE/ca.pem).
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the plane (creates its CA, certificates and journal key in --state on first start).
+    Serve(ServeArgs),
+    /// Bootstrap tokens: single-use secrets a node enrolls with.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Enrolled nodes: list, show, revoke, re-provision, move through the lifecycle.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Templates: named module sets pinned by digest, assigned to nodes.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Tasks queued for a node (leased by its agent).
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// The hash-chained audit journal and its signed checkpoints.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: String,
+    /// Extra DNS names or addresses for the server certificate (127.0.0.1 and localhost always).
+    #[arg(long = "name")]
+    pub names: Vec<String>,
+    /// Default lifetime of a bootstrap token (at most 30 days).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+    /// Lifetime of a node certificate.
+    #[arg(long, default_value = "72h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    /// How often nodes heartbeat (the silence sweep runs at a third of it).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// A running node silent this long becomes `suspect`.
+    #[arg(long, default_value = "95s", value_parser = parse_duration)]
+    pub suspect_after: Duration,
+    /// ... and this long, `silent`.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub silent_after: Duration,
+    /// How long a leased task stays with its node before it is delivered again.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub task_lease: Duration,
+    /// Enrollment attempts allowed per remote address at once, then --enroll-rate per second.
+    #[arg(long, default_value_t = 10)]
+    pub enroll_burst: u32,
+    /// Enrollment attempts per second per remote address after the burst.
+    #[arg(long, default_value_t = 0.5)]
+    pub enroll_rate: f64,
+    /// A TLS handshake that has not finished in this long is dropped.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+    /// A request's headers must arrive within this of its first byte; also the idle timeout of a
+    /// connection that presented no client certificate.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// A connection with a client certificate and no request for this long is closed (must be
+    /// above --heartbeat-interval, so nodes keep their connection between heartbeats).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+    /// Connections without a client certificate open at once, in total.
+    #[arg(long, default_value_t = 4096)]
+    pub max_anonymous: usize,
+    /// Connections without a client certificate open at once from one address.
+    #[arg(long, default_value_t = 1024)]
+    pub max_anonymous_per_address: usize,
+    /// How often the journal's head is signed into a checkpoint (also at shutdown).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub checkpoint_interval: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a single-use bootstrap token; prints it.
+    Create {
+        /// Bind the token to this node name.
+        #[arg(long)]
+        node: Option<String>,
+        /// Bind the token to this MAC address.
+        #[arg(long)]
+        mac: Option<String>,
+        /// Bind the token to this SMBIOS product UUID.
+        #[arg(long)]
+        smbios_uuid: Option<String>,
+        /// Template the node starts on (its first boot gets these modules).
+        #[arg(long)]
+        template: Option<String>,
+        /// Lifetime, 1 s to 30 days (default: the plane's --token-ttl).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List every node with its state, generation and phase.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one node (by id or name): reports, timings, modules, store, last error.
+    Show {
+        /// Node id or name.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke every certificate of a node, at once.
+    Revoke {
+        /// Node id or name.
+        id: String,
+    },
+    /// Allow a node to enroll again (its old certificates stop working).
+    Reprovision {
+        /// Node id or name.
+        id: String,
+    },
+    /// Move a node through its lifecycle (draining, terminated, quarantined, …).
+    State {
+        /// Node id or name.
+        id: String,
+        /// The state to move to.
+        #[arg(value_name = "STATE")]
+        to: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Create or replace a template: modules pinned by digest, with their serials.
+    Create {
+        /// Template name.
+        name: String,
+        /// `REGISTRY/REPO@sha256:…[,serial=N]`; repeat for several.
+        #[arg(long = "module", required = true)]
+        modules: Vec<String>,
+    },
+    /// Make a node follow a template (its desired-state generation moves).
+    Assign {
+        /// Node id or name.
+        node: String,
+        /// Template name.
+        template: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Queue a command for a node's agent; prints the task id.
+    Exec {
+        /// Node id or name.
+        node: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Move a node to `draining` and queue a drain task.
+    Drain {
+        /// Node id or name.
+        node: String,
+    },
+    /// Queue a vetting probe.
+    Probe {
+        /// Node id or name.
+        node: String,
+    },
+    /// Show a node's tasks and their results (JSON).
+    List {
+        /// Node id or name.
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the journal, oldest first.
+    List {
+        /// Start after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+    },
+    /// Check the hash chain and every signed checkpoint; names the first broken record and
+    /// the records not yet anchored by a checkpoint.
+    Verify {
+        /// Also check that the journal still holds this exported checkpoint.
+        #[arg(long, value_name = "FILE")]
+        against: Option<PathBuf>,
+    },
+    /// Sign a checkpoint of the journal's head now and print it (JSON).
+    Checkpoint {
+        /// Print the newest signed checkpoint without signing a new one, to keep elsewhere.
+        #[arg(long)]
+        export: bool,
+    },
+}
+
+/// `90`, `90s`, `30m`, `1h`, `3d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("duration {s:?} is not like 90s, 30m, 1h, 3d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("duration {s:?}: unit must be s, m, h or d")),
+    };
+    n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("duration {s:?} is too long"))
+}

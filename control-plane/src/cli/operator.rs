@@ -1,0 +1,186 @@
+//! The operator commands: each one request (or a few) to the running plane over mTLS, and the
+//! way its answer is printed.
+
+use anyhow::Context as _;
+use ironroot_spec::wire::{JournalCheckpoint, TaskSpec};
+use serde_json::{Value, json};
+
+use super::args::{AuditCommand, Command, NodeCommand, TaskCommand, TemplateCommand, TokenCommand};
+use crate::client::OperatorClient;
+use crate::exit::CommandError;
+
+/// Journal records fetched per request by `audit list`.
+const AUDIT_PAGE: i64 = 1000;
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+pub async fn run(client: &OperatorClient, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => anyhow::bail!("serve is not an operator command"),
+        Command::Token(TokenCommand::Create { node, mac, smbios_uuid, template, ttl }) => {
+            let v: Value = client
+                .post(
+                    "/v1/operator/tokens",
+                    &json!({"node": node, "mac": mac, "smbios_uuid": smbios_uuid, "template": template, "ttl_s": ttl.map(|d| d.as_secs())}),
+                )
+                .await?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+        }
+        Command::Node(cmd) => node(client, cmd).await?,
+        Command::Template(TemplateCommand::Create { name, modules }) => {
+            let _: Value = client.post("/v1/operator/templates", &json!({"name": name, "modules": modules})).await?;
+            println!("template {name}: {} modules", modules.len());
+        }
+        Command::Template(TemplateCommand::Assign { node, template }) => {
+            let _: Value =
+                client.post(&format!("/v1/operator/nodes/{node}/template"), &json!({"template": template})).await?;
+            println!("{node} now follows {template}");
+        }
+        Command::Task(cmd) => task(client, cmd).await?,
+        Command::Audit(cmd) => audit(client, cmd).await?,
+    }
+    Ok(())
+}
+
+async fn node(client: &OperatorClient, cmd: NodeCommand) -> anyhow::Result<()> {
+    match cmd {
+        NodeCommand::List { json } => {
+            let nodes: Value = client.get("/v1/operator/nodes").await?;
+            if json {
+                print_json(&nodes);
+                return Ok(());
+            }
+            println!("{:<20} {:<24} {:<14} {:>5} {:<10} last seen", "ID", "NAME", "STATE", "GEN", "PHASE");
+            for n in nodes.as_array().into_iter().flatten() {
+                println!(
+                    "{:<20} {:<24} {:<14} {:>5} {:<10} {}",
+                    n["id"].as_str().unwrap_or(""),
+                    n["name"].as_str().unwrap_or("-"),
+                    n["state"].as_str().unwrap_or(""),
+                    n["generation"],
+                    n["phase"].as_str().unwrap_or("-"),
+                    n["last_seen"]
+                );
+            }
+        }
+        NodeCommand::Show { id, json } => {
+            let node: Value = client.get(&format!("/v1/operator/nodes/{id}")).await?;
+            if json {
+                print_json(&node);
+            } else {
+                for (k, v) in node.as_object().into_iter().flatten() {
+                    println!("{k:>18}: {v}");
+                }
+            }
+        }
+        NodeCommand::Revoke { id } => {
+            let _: Value = client.post(&format!("/v1/operator/nodes/{id}/revoke"), &json!({})).await?;
+            println!("revoked {id}");
+        }
+        NodeCommand::Reprovision { id } => {
+            let _: Value = client.post(&format!("/v1/operator/nodes/{id}/reprovision"), &json!({})).await?;
+            println!("{id} may enroll again with a new token");
+        }
+        NodeCommand::State { id, to } => {
+            let v: Value = client.post(&format!("/v1/operator/nodes/{id}/state"), &json!({"state": to})).await?;
+            println!("{id} is {}", v["state"].as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+async fn task(client: &OperatorClient, cmd: TaskCommand) -> anyhow::Result<()> {
+    let (node, spec) = match cmd {
+        TaskCommand::List { node } => {
+            let tasks: Value = client.get(&format!("/v1/operator/nodes/{node}/tasks")).await?;
+            print_json(&tasks);
+            return Ok(());
+        }
+        TaskCommand::Exec { node, argv } => (node, TaskSpec::Exec { argv }),
+        TaskCommand::Drain { node } => (node, TaskSpec::Drain),
+        TaskCommand::Probe { node } => (node, TaskSpec::Probe),
+    };
+    let v: Value = client.post(&format!("/v1/operator/nodes/{node}/tasks"), &spec).await?;
+    println!("{}", v["task"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+async fn audit(client: &OperatorClient, cmd: AuditCommand) -> anyhow::Result<()> {
+    match cmd {
+        AuditCommand::List { after } => {
+            // The server pages; walk every page.
+            let mut after = after;
+            loop {
+                let records: Value =
+                    client.get(&format!("/v1/operator/audit?after={after}&limit={AUDIT_PAGE}")).await?;
+                let page = records.as_array().cloned().unwrap_or_default();
+                for r in &page {
+                    println!(
+                        "{:>6} {} {:<24} {:<28} {} {}",
+                        r["seq"],
+                        r["time"],
+                        r["actor"].as_str().unwrap_or(""),
+                        r["kind"].as_str().unwrap_or(""),
+                        r["subject"].as_str().unwrap_or(""),
+                        r["data"]
+                    );
+                }
+                match page.last().and_then(|r| r["seq"].as_i64()) {
+                    Some(last) if page.len() as i64 == AUDIT_PAGE => after = last,
+                    _ => break,
+                }
+            }
+        }
+        AuditCommand::Verify { against } => {
+            let report: Value = match against {
+                None => client.get("/v1/operator/audit/verify").await?,
+                Some(path) => {
+                    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                    let checkpoint =
+                        JournalCheckpoint::parse(&bytes).with_context(|| format!("checkpoint {}", path.display()))?;
+                    client.post("/v1/operator/audit/verify", &json!({"against": checkpoint})).await?
+                }
+            };
+            print_verify(&report)?;
+        }
+        AuditCommand::Checkpoint { export } => {
+            let c: Value = if export {
+                client.get("/v1/operator/audit/checkpoint").await?
+            } else {
+                client.post("/v1/operator/audit/checkpoint", &json!({})).await?
+            };
+            if c.is_null() {
+                anyhow::bail!("the journal has no checkpoint yet (it is empty)");
+            }
+            println!("{}", serde_json::to_string(&c).unwrap_or_default());
+        }
+    }
+    Ok(())
+}
+
+fn print_verify(report: &Value) -> anyhow::Result<()> {
+    if let Some(b) = report["broken"].as_array() {
+        return Err(CommandError::JournalBroken {
+            seq: b.first().and_then(Value::as_i64).unwrap_or(0),
+            reason: b.get(1).and_then(Value::as_str).unwrap_or("").to_owned(),
+        }
+        .into());
+    }
+    let records = report["records"].as_i64().unwrap_or(0);
+    let unanchored = report["unanchored"].as_i64().unwrap_or(0);
+    match report["anchored_through"].as_i64() {
+        Some(through) => println!(
+            "audit chain intact: {records} records; 1-{through} anchored by a checkpoint signed at {}; {}",
+            report["anchored_at"],
+            if unanchored == 0 {
+                "none after it".to_owned()
+            } else {
+                format!("{}-{records} not yet anchored ({unanchored})", through + 1)
+            }
+        ),
+        None => println!("audit chain intact: {records} records; none anchored by a checkpoint yet"),
+    }
+    Ok(())
+}
