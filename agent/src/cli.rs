@@ -1,5 +1,6 @@
 //! Command line: `boot` (the pipeline), `serve` (the service), `pull` (fetch + verify one module into a store) and
-//! `identity` (what discovery finds, with provenance). Exit codes: [`Exit`].
+//! `identity` (what discovery finds, with provenance). Exit codes: [`Exit`]. Every subcommand and
+//! argument has a one-line description in `--help`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +15,12 @@ use ironroot_spec::TrustedKey;
 
 use crate::boot::{self, BootOptions, discover, retry::Backoff};
 use crate::exit::Exit;
+use crate::external::{self, Links};
+
+/// Largest trust key file `pull` reads (a PEM public key is a few hundred bytes).
+const MAX_TRUST_FILE: u64 = 64 * 1024;
+/// Largest registry CA file read: a whole system bundle is ~200 KiB.
+const MAX_CA_FILE: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, Parser)]
 #[command(name = "ironroot-agent", version, about = "ironroot node agent", args_override_self = true)]
@@ -35,6 +42,7 @@ pub enum Command {
         /// Where real sysfs and device nodes are (zram, disks).
         #[arg(long, default_value = "/")]
         devices: PathBuf,
+        /// The mkfs.ext4 that formats zram and blank disks.
         #[arg(long, default_value = "mkfs.ext4")]
         mkfs_ext4: PathBuf,
         /// Tries for each network step (enroll, desired state, module download).
@@ -53,6 +61,7 @@ pub enum Command {
         /// Trusted public key (PKIX PEM); repeat for several.
         #[arg(long, required = true)]
         trust: Vec<PathBuf>,
+        /// Object store directory (created if missing).
         #[arg(long)]
         store: PathBuf,
         /// Refuse a module whose serial is below this.
@@ -63,6 +72,7 @@ pub enum Command {
         parallel: usize,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// Print the module record as JSON instead of a summary line.
         #[arg(long)]
         json: bool,
     },
@@ -71,15 +81,17 @@ pub enum Command {
         /// Where boot.json (and the node identity it points to) is.
         #[arg(long, default_value = "/run/ironroot")]
         run_dir: PathBuf,
-        /// Seconds between heartbeats, jittered by ±10 % [default: `ironroot.heartbeat=` on the
-        /// kernel command line, else 30].
-        #[arg(long)]
+        /// Seconds between heartbeats (1-3600), jittered by ±10 % [default: the boot record's,
+        /// i.e. `ironroot.heartbeat` from any identity source, else 30].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
         interval: Option<u64>,
     },
     /// Show the identity discovery finds, with where each value came from.
     Identity {
+        /// Root under which proc/, sys/ and etc/ are found.
         #[arg(long, default_value = "/")]
         root: PathBuf,
+        /// Print JSON (the `identity` object of boot.json) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -97,7 +109,7 @@ impl RegistryArgs {
         let ca_pem = self
             .ca
             .iter()
-            .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+            .map(|p| external::read(p, MAX_CA_FILE, Links::Follow).context("registry CA"))
             .collect::<anyhow::Result<_>>()?;
         Ok(RegistryAccess { ca_pem, ..RegistryAccess::default() })
     }
@@ -155,13 +167,12 @@ async fn dispatch(command: Command) -> Exit {
             }
         }
         Command::Serve { run_dir, interval } => {
-            let interval = interval.or_else(crate::serve::cmdline_interval).unwrap_or(30).max(1);
-            let opts = crate::serve::ServeOptions { run_dir, interval: Duration::from_secs(interval) };
+            let opts = crate::serve::ServeOptions { run_dir, interval: interval.map(Duration::from_secs) };
             match crate::serve::serve(&opts).await {
                 Ok(()) => Exit::Ok,
                 Err(e) => {
                     fail(&e);
-                    Exit::Failure
+                    e.exit()
                 }
             }
         }
@@ -217,7 +228,8 @@ async fn pull(
     let keys = trust
         .iter()
         .map(|p| {
-            let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let pem = external::read(p, MAX_TRUST_FILE, Links::Follow).context("trust key")?;
+            let pem = String::from_utf8(pem).with_context(|| format!("trust key {} is not UTF-8 PEM", p.display()))?;
             TrustedKey::parse_pem(&pem).with_context(|| format!("trust key {}", p.display()))
         })
         .collect::<anyhow::Result<Vec<_>>>()

@@ -1,5 +1,6 @@
-//! The agent's exit codes (docs/interfaces/exit-codes.md). Units use them:
-//! `RestartPreventExitStatus=10 11 12` — a bad signature does not get better by restarting.
+//! The agent's exit codes (docs/interfaces/exit-codes.md). Units use them: a bad signature
+//! (10 11 12) does not get better by restarting, nor does the service's unusable boot record or
+//! node identity (30 31: `RestartPreventExitStatus=` in dist/systemd/ironroot-agent.service).
 
 /// Why the agent exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +24,12 @@ pub enum Exit {
     Store = 23,
     Mount = 24,
     HandOff = 25,
+    /// `serve`: boot.json cannot be read, is not a record of a known schema, or carries an
+    /// invalid setting. The initramfs wrote it once; restarting reads the same file.
+    BootRecord = 30,
+    /// `serve`: the node key, certificate or plane CA cannot be read or used, or the
+    /// certificate expired. Only a new boot (which enrolls again) gives the node another.
+    NodeIdentity = 31,
 }
 
 /// An error and its causes, outermost first (`boot failed in phase enroll: enrollment: …`):

@@ -6,33 +6,70 @@
 //! `STATUS=` after every exchange, and `WATCHDOG=1` from the loop at half the watchdog period,
 //! so a hung agent is restarted. What to do next is decided by [`Beat`], a pure schedule; the
 //! loop only performs it.
+//!
+//! What restarting cannot fix ends the service with its own exit code ([`ServeError::exit`]),
+//! which the unit's `RestartPreventExitStatus=` names: a boot record that cannot be read or
+//! used, a node identity that cannot be read, is refused or expired.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ironroot_spec::wire::NodeReport;
 use sd_notify::NotifyState;
 
-use crate::boot::handoff::{BOOT_JSON, BootRecord, RUN_STATE_SCHEMA};
+use crate::boot::handoff::{BOOT_JSON, BootRecord, DEFAULT_HEARTBEAT, HEARTBEAT_SECONDS, RUN_STATE_SCHEMA};
+use crate::exit::Exit;
+use crate::external::{self, Links, ReadError};
 use crate::plane::{PlaneClient, PlaneError};
+
+/// Largest boot.json read: identity values with their conflicts (inline PEM up to 16 KiB
+/// each) and the module list stay well below it.
+const MAX_BOOT_RECORD: u64 = 1024 * 1024;
+/// Largest node key, certificate chain or plane CA read (each is a few KiB).
+const MAX_IDENTITY_FILE: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a boot record this agent understands: {reason}")]
-    Record { path: PathBuf, reason: String },
-    #[error("the plane client: {0}")]
-    Client(#[source] PlaneError),
-    #[error("installing the SIGTERM handler: {0}")]
+    #[error("reading the boot record")]
+    Read(#[source] ReadError),
+    #[error("{path} is not a boot record this agent understands")]
+    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path} has schema {found} (this agent reads {RUN_STATE_SCHEMA})")]
+    Schema { path: PathBuf, found: u64 },
+    #[error("{path}: heartbeat_s {value} is not 1..=3600 seconds")]
+    Heartbeat { path: PathBuf, value: u64 },
+    #[error("ironroot.heartbeat {value:?} on the kernel command line is not 1..=3600 seconds")]
+    CmdlineHeartbeat { value: String },
+    #[error("reading the node identity")]
+    IdentityFile(#[source] ReadError),
+    #[error("{0} is not UTF-8 PEM")]
+    NotPem(PathBuf),
+    #[error("the node identity is not usable")]
+    Identity(#[source] PlaneError),
+    #[error("the node certificate expired at {not_after} (seconds since the epoch)")]
+    Expired { not_after: i64 },
+    #[error("installing the SIGTERM handler")]
     Signal(#[source] std::io::Error),
+}
+
+impl ServeError {
+    /// The exit code: what restarting cannot fix has its own (docs/interfaces/exit-codes.md).
+    pub fn exit(&self) -> Exit {
+        match self {
+            Self::Read(_) | Self::Json { .. } | Self::Schema { .. } | Self::Heartbeat { .. } => Exit::BootRecord,
+            Self::CmdlineHeartbeat { .. } => Exit::BootRecord,
+            Self::IdentityFile(_) | Self::NotPem(_) | Self::Identity(_) | Self::Expired { .. } => Exit::NodeIdentity,
+            Self::Signal(_) => Exit::Failure,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     pub run_dir: PathBuf,
-    pub interval: Duration,
+    /// `--interval`: wins over the boot record's heartbeat.
+    pub interval: Option<Duration>,
 }
 
 /// The heartbeat schedule: when the next exchange is due, given how the last ones went.
@@ -65,15 +102,73 @@ impl Beat {
     }
 }
 
+/// Reads `run_dir/boot.json`: its schema first, so a record of another schema is named as such
+/// even when its fields differ.
 pub fn read_record(run_dir: &Path) -> Result<BootRecord, ServeError> {
-    let path = run_dir.join(BOOT_JSON);
-    let bytes = std::fs::read(&path).map_err(|source| ServeError::Read { path: path.clone(), source })?;
-    let record: BootRecord =
-        serde_json::from_slice(&bytes).map_err(|e| ServeError::Record { path: path.clone(), reason: e.to_string() })?;
-    if record.schema != RUN_STATE_SCHEMA {
-        return Err(ServeError::Record { path, reason: format!("schema {} (want {RUN_STATE_SCHEMA})", record.schema) });
+    #[derive(serde::Deserialize)]
+    struct Schema {
+        schema: u64,
     }
-    Ok(record)
+    let path = run_dir.join(BOOT_JSON);
+    // The initramfs agent wrote it by rename: a symlink there is not its doing.
+    let bytes = external::read(&path, MAX_BOOT_RECORD, Links::Refuse).map_err(ServeError::Read)?;
+    let json = |source| ServeError::Json { path: path.clone(), source };
+    let Schema { schema } = serde_json::from_slice(&bytes).map_err(json)?;
+    if schema != u64::from(RUN_STATE_SCHEMA) {
+        return Err(ServeError::Schema { path, found: schema });
+    }
+    serde_json::from_slice(&bytes).map_err(json)
+}
+
+/// Seconds between heartbeats: `--interval` when given, else the boot record's. A record from an
+/// older initramfs agent carries none: then `ironroot.heartbeat` from the kernel command line
+/// (`cmdline`), as those agents' services read it, else the default. An invalid value is an
+/// error, never a fallback.
+pub fn interval(
+    explicit: Option<Duration>,
+    record: &BootRecord,
+    path: &Path,
+    cmdline: impl FnOnce() -> Option<String>,
+) -> Result<Duration, ServeError> {
+    if let Some(interval) = explicit {
+        return Ok(interval);
+    }
+    match record.heartbeat_s {
+        Some(secs) if HEARTBEAT_SECONDS.contains(&secs) => Ok(Duration::from_secs(secs)),
+        Some(value) => Err(ServeError::Heartbeat { path: path.to_owned(), value }),
+        None => match cmdline() {
+            None => Ok(DEFAULT_HEARTBEAT),
+            Some(value) => match value.parse::<u64>() {
+                Ok(secs) if HEARTBEAT_SECONDS.contains(&secs) => Ok(Duration::from_secs(secs)),
+                _ => Err(ServeError::CmdlineHeartbeat { value }),
+            },
+        },
+    }
+}
+
+/// `ironroot.heartbeat` from `/proc/cmdline`, for boot records of older agents. A command line
+/// that does not parse gives none: the boot that wrote the record read the same line.
+fn cmdline_heartbeat() -> Option<String> {
+    match crate::boot::cmdline::read_cmdline(Path::new("/")) {
+        Ok(line) => line.get("ironroot.heartbeat").map(str::to_owned),
+        Err(e) => {
+            tracing::warn!(error = %crate::exit::describe(&e), "kernel command line unreadable; default heartbeat");
+            None
+        }
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// An expired certificate is refused by the plane on every exchange, and only a new boot
+/// enrolls again: the service stops instead of retrying.
+fn check_expiry(record: &BootRecord, now: i64) -> Result<(), ServeError> {
+    if now >= record.certificate_not_after {
+        return Err(ServeError::Expired { not_after: record.certificate_not_after });
+    }
+    Ok(())
 }
 
 /// The report this boot sends: `ready`, its timings, its modules and store.
@@ -113,11 +208,15 @@ fn timings(phases: &BTreeMap<String, u64>, written: Option<u64>, now: u64) -> BT
 }
 
 fn client(record: &BootRecord) -> Result<PlaneClient, ServeError> {
-    let read = |p: &Path| std::fs::read_to_string(p).map_err(|source| ServeError::Read { path: p.to_owned(), source });
+    // Written by the initramfs agent (0600, by rename); a symlink there is not its doing.
+    let read = |p: &Path| {
+        let bytes = external::read(p, MAX_IDENTITY_FILE, Links::Refuse).map_err(ServeError::IdentityFile)?;
+        String::from_utf8(bytes).map_err(|_| ServeError::NotPem(p.to_owned()))
+    };
     let ca = read(&record.plane_ca)?;
     let cert = read(&record.certificate)?;
     let key = read(&record.key)?;
-    PlaneClient::with_identity(&record.plane, &ca, &cert, &key).map_err(ServeError::Client)
+    PlaneClient::with_identity(&record.plane, &ca, &cert, &key).map_err(ServeError::Identity)
 }
 
 fn notify(states: &[NotifyState<'_>]) {
@@ -130,20 +229,23 @@ fn notify(states: &[NotifyState<'_>]) {
 /// Runs until SIGTERM or SIGINT.
 pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let record = read_record(&opts.run_dir)?;
+    let interval = interval(opts.interval, &record, &opts.run_dir.join(BOOT_JSON), cmdline_heartbeat)?;
+    check_expiry(&record, now())?;
     let client = client(&record)?;
     let report = report(&record);
     let mut watchdog = tokio::time::interval(watchdog_period().unwrap_or(Duration::from_secs(3600)));
-    let mut beat = Beat::new(opts.interval);
+    let mut beat = Beat::new(interval);
     let mut next = tokio::time::Instant::now();
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ServeError::Signal)?;
-    tracing::info!(node = %record.node_id, plane = %record.plane, "serving");
+    tracing::info!(node = %record.node_id, plane = %record.plane, interval_s = interval.as_secs(), "serving");
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = watchdog.tick() => notify(&[NotifyState::Watchdog]),
             _ = tokio::time::sleep_until(next) => {
+                check_expiry(&record, now())?;
                 let first = !beat.handshaken;
                 let result = if first {
                     client.handshake(&record.node_id, &report).await
@@ -175,19 +277,6 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// `ironroot.heartbeat=SECONDS` from the kernel command line, if set and valid.
-pub fn cmdline_interval() -> Option<u64> {
-    let cmdline = crate::boot::cmdline::read_cmdline(Path::new("/")).ok()?;
-    let value = cmdline.get("ironroot.heartbeat")?;
-    match value.parse::<u64>() {
-        Ok(s) if (1..=3600).contains(&s) => Some(s),
-        _ => {
-            tracing::warn!(value, "ironroot.heartbeat is not 1..=3600 seconds; using the default");
-            None
-        }
-    }
-}
-
 /// Half the watchdog period systemd asked for (`WATCHDOG_USEC`), if it asked.
 fn watchdog_period() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
@@ -217,7 +306,7 @@ mod tests {
             "identity": {"values": {}, "conflicts": [], "notes": []},
             "node_id": "n-1", "plane": "https://10.0.2.100:4443", "plane_ca": "/run/ironroot/plane-ca.pem",
             "certificate": "/run/ironroot/node.crt", "key": "/run/ironroot/node.key",
-            "certificate_not_after": 1, "reused_certificate": false, "generation": 1,
+            "certificate_not_after": 1_000_000, "reused_certificate": false, "generation": 1,
             "store": {"kind": "zram", "path": "/run/ironroot/store", "verity": true, "persistent": false,
                       "insecure": false, "device": "/dev/zram1"},
             "modules": [], "root": {"target": "/sysroot", "verity": true, "layers": [], "upper": "/run/u"},
@@ -237,8 +326,43 @@ mod tests {
         assert_eq!(report(&record).store.as_deref(), Some("zram+verity"));
 
         doc["schema"] = serde_json::json!(RUN_STATE_SCHEMA + 1);
+        doc["node_id"] = serde_json::json!({"changed": "meaning"});
         std::fs::write(dir.path().join(BOOT_JSON), doc.to_string()).unwrap();
-        assert!(matches!(read_record(dir.path()), Err(ServeError::Record { .. })));
+        let err = read_record(dir.path()).unwrap_err();
+        assert!(matches!(err, ServeError::Schema { found: 2, .. }), "the schema is named first: {err}");
+        assert_eq!(err.exit(), Exit::BootRecord);
+    }
+
+    #[test]
+    fn the_heartbeat_comes_from_the_flag_then_the_record_and_an_invalid_one_is_an_error() {
+        let mut record: BootRecord = serde_json::from_value(sample()).unwrap();
+        let path = Path::new("/run/ironroot/boot.json");
+        let secs = Duration::from_secs;
+        let unused = || -> Option<String> { panic!("the kernel command line is read only for older records") };
+        record.heartbeat_s = Some(7);
+        assert_eq!(interval(None, &record, path, unused).unwrap(), secs(7));
+        assert_eq!(interval(Some(secs(2)), &record, path, unused).unwrap(), secs(2), "--interval wins");
+        for bad in [0, 3601] {
+            record.heartbeat_s = Some(bad);
+            let err = interval(None, &record, path, unused).unwrap_err();
+            assert_eq!(err.to_string(), format!("/run/ironroot/boot.json: heartbeat_s {bad} is not 1..=3600 seconds"));
+            assert_eq!(err.exit(), Exit::BootRecord);
+        }
+
+        // A record of an older agent: the kernel command line, as its service read it.
+        record.heartbeat_s = None;
+        assert_eq!(interval(None, &record, path, || None).unwrap(), DEFAULT_HEARTBEAT);
+        assert_eq!(interval(None, &record, path, || Some("3".into())).unwrap(), secs(3));
+        let err = interval(None, &record, path, || Some("3s".into())).unwrap_err();
+        assert!(matches!(err, ServeError::CmdlineHeartbeat { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_expired_certificate_stops_the_service_for_good() {
+        let record: BootRecord = serde_json::from_value(sample()).unwrap();
+        assert!(check_expiry(&record, 0).is_ok());
+        let err = check_expiry(&record, record.certificate_not_after).unwrap_err();
+        assert_eq!(err.exit(), Exit::NodeIdentity);
     }
 
     #[test]

@@ -15,6 +15,7 @@ use x509_parser::prelude::*;
 use super::handoff::write_private;
 use super::retry::Backoff;
 use super::settings::BootSettings;
+use crate::external::{self, Links};
 use crate::plane::{PlaneClient, PlaneError, node_uri};
 
 /// A certificate with less than this left is renewed by enrolling again (needs a token).
@@ -23,6 +24,8 @@ const MIN_REMAINING: Duration = Duration::from_secs(10 * 60);
 pub const KEY_FILE: &str = "node.key";
 pub const CERT_FILE: &str = "node.crt";
 pub const ENROLLMENT_FILE: &str = "enrollment.json";
+/// Largest kept key, certificate chain or enrollment record read back (each is a few KiB).
+const MAX_KEPT: u64 = 64 * 1024;
 
 /// A node identity the plane issued and this node checked.
 #[derive(Debug, Clone)]
@@ -102,10 +105,32 @@ pub async fn enroll(settings: &BootSettings, state: &Path, backoff: &Backoff) ->
 }
 
 /// The identity kept from an earlier boot, if it still checks out against today's settings.
+/// Nothing kept (a first boot) is silent; anything kept but unusable is logged, and the node
+/// enrolls again.
 fn reuse(settings: &BootSettings, key_path: &Path, cert_path: &Path, record_path: &Path) -> Option<EnrolledIdentity> {
-    let record: Enrollment = serde_json::from_slice(&std::fs::read(record_path).ok()?).ok()?;
-    let key_pem = std::fs::read_to_string(key_path).ok()?;
-    let cert_pem = std::fs::read_to_string(cert_path).ok()?;
+    // Files this agent wrote and replaces by rename: a symlink among them is not ours.
+    let kept = |path: &Path| match external::read_if_present(path, MAX_KEPT, Links::Refuse) {
+        Ok(Some(bytes)) => String::from_utf8(bytes).map(Some).map_err(|_| format!("{} is not UTF-8", path.display())),
+        Ok(None) => Ok(None),
+        Err(e) => Err(crate::exit::describe(&e)),
+    };
+    let read = [record_path, key_path, cert_path].map(kept);
+    let [record, key_pem, cert_pem] = match read {
+        [Ok(Some(record)), Ok(Some(key)), Ok(Some(cert))] => [record, key, cert],
+        [Ok(None), ..] => return None,
+        read => {
+            let reason = read.into_iter().find_map(|r| r.err()).unwrap_or_else(|| "incomplete".to_owned());
+            tracing::warn!(%reason, "kept identity is not usable; enrolling again");
+            return None;
+        }
+    };
+    let record: Enrollment = match serde_json::from_str(&record) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(path = %record_path.display(), error = %e, "kept enrollment record is not usable; enrolling again");
+            return None;
+        }
+    };
     if record.plane != settings.plane {
         tracing::info!(old = %record.plane, new = %settings.plane, "kept identity is for another plane; enrolling again");
         return None;

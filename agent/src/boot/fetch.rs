@@ -20,6 +20,7 @@ use super::enroll::EnrolledIdentity;
 use super::retry::Backoff;
 use super::settings::BootSettings;
 use super::store::PreparedStore;
+use crate::external::{self, Links};
 use crate::plane::PlaneError;
 
 /// Highest serial accepted per module name.
@@ -172,13 +173,19 @@ async fn verify_one(
         .map_err(|source| VerifyPhaseError::Module { reference, source })
 }
 
+/// Largest serial-floor record read back (a line per module name).
+const MAX_FLOORS: u64 = 64 * 1024;
+
 /// The kept serial floors; an unreadable file means none (the plane's floor still applies).
 fn read_floors(path: &Path) -> BTreeMap<String, u64> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::warn!(path = %path.display(), error = %e, "serial floors unreadable; using the plane's");
-            BTreeMap::new()
-        }),
-        Err(_) => BTreeMap::new(),
-    }
+    // Written by this agent and replaced by rename: a symlink there is not ours.
+    let parsed = match external::read_if_present(path, MAX_FLOORS, Links::Refuse) {
+        Ok(None) => return BTreeMap::new(),
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+        Err(e) => Err(crate::exit::describe(&e)),
+    };
+    parsed.unwrap_or_else(|error| {
+        tracing::warn!(path = %path.display(), %error, "serial floors unreadable; using the plane's");
+        BTreeMap::new()
+    })
 }

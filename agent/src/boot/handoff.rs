@@ -3,7 +3,9 @@
 //! written; the file is replaced atomically and readable by root only.
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ironroot_oci::VerifiedModule;
 use ironroot_spec::config::MountRole;
@@ -19,6 +21,12 @@ use super::discover::{Conflict, Discovered, Sourced};
 /// meaning bumps the schema.
 pub const RUN_STATE_SCHEMA: u32 = 1;
 pub const BOOT_JSON: &str = "boot.json";
+
+/// Seconds between the service's heartbeats a boot may ask for (`ironroot.heartbeat`): from a
+/// second (tests, labs) to an hour.
+pub const HEARTBEAT_SECONDS: RangeInclusive<u64> = 1..=3600;
+/// Heartbeat interval when no identity source sets one (docs/interfaces/kernel-cmdline.md).
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BootRecord {
@@ -47,6 +55,10 @@ pub struct BootRecord {
     /// after switch-root measures systemd's share of the boot from it.
     #[serde(default)]
     pub written_at_boottime_ms: Option<u64>,
+    /// Seconds between the service's heartbeats (`ironroot.heartbeat` from any identity
+    /// source, validated, or the default); absent from records of older agents.
+    #[serde(default)]
+    pub heartbeat_s: Option<u64>,
 }
 
 /// Milliseconds since the kernel started (CLOCK_BOOTTIME: includes suspend, never jumps).

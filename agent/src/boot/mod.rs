@@ -7,6 +7,8 @@
 //!
 //! What it does not do: PID 1 duties, networking, switch-root (`crate::init`). A failure after
 //! enrollment carries a [`ReportTo`], so the caller can tell the plane which phase failed.
+//! [`run`] is [`configure`] (discovery and settings) then [`run_configured`]: the initramfs init
+//! goes by the settings of the first, from any identity source, for what follows.
 
 pub mod cmdline;
 pub mod discover;
@@ -26,6 +28,7 @@ use std::time::Instant;
 use ironroot_oci::{Limits, RegistryAccess};
 
 use crate::exit::Exit;
+use crate::external::{self, Links};
 use handoff::{BootRecord, IdentityRecord, ModuleRecord, RootRecord, StoreRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -139,6 +142,7 @@ impl BootOptions {
     }
 }
 
+#[derive(Debug)]
 struct Timer(BTreeMap<String, u64>, Instant);
 
 impl Timer {
@@ -149,8 +153,22 @@ impl Timer {
     }
 }
 
+/// Discovery done and its values validated: what the rest of the pipeline starts from.
+#[derive(Debug)]
+pub struct Configured {
+    pub found: discover::Discovered,
+    pub settings: settings::BootSettings,
+    timer: Timer,
+}
+
 /// Runs every phase; on success the root is mounted at `opts.target` and boot.json written.
 pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
+    let configured = configure(opts).await?;
+    run_configured(opts, configured).await
+}
+
+/// Phase discover: every identity source, then the settings they make.
+pub async fn configure(opts: &BootOptions) -> Result<Configured, BootError> {
     let mut timer = Timer(opts.early_phases_ms.clone(), Instant::now());
     let found = discover::discover(&discover::DiscoverOptions::new(&opts.root))
         .await
@@ -159,7 +177,12 @@ pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
         settings::settings(&found, &opts.root).map_err(|e| BootError::new(Phase::Discover, Exit::Discover, e))?;
     timer.lap(Phase::Discover);
     tracing::info!(plane = %settings.plane, identity = ?settings.identity, conflicts = found.conflicts.len(), "identity discovered");
+    Ok(Configured { found, settings, timer })
+}
 
+/// Every phase after discover.
+pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Result<BootRecord, BootError> {
+    let Configured { found, settings, mut timer } = configured;
     let store_paths =
         store::StorePaths { root: opts.root.clone(), devices: opts.devices.clone(), mkfs_ext4: opts.mkfs_ext4.clone() };
     let store = tokio::task::block_in_place(|| store::prepare(&settings, &store_paths))
@@ -223,6 +246,7 @@ pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
         },
         phases_ms: timer.0.clone(),
         written_at_boottime_ms: Some(handoff::boottime_ms()),
+        heartbeat_s: Some(settings.heartbeat.as_secs()),
     };
     handoff::write(&opts.run_dir(), &record).map_err(|e| {
         BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &record.boot_id, &timer)
@@ -232,9 +256,10 @@ pub async fn run(opts: &BootOptions) -> Result<BootRecord, BootError> {
 
 /// The kernel's id for this boot (`/proc/sys/kernel/random/boot_id`), or a fresh one.
 fn boot_id(root: &std::path::Path) -> String {
-    std::fs::read_to_string(root.join("proc/sys/kernel/random/boot_id"))
-        .map(|s| s.trim().to_owned())
+    external::read(&root.join("proc/sys/kernel/random/boot_id"), 64, Links::Follow)
         .ok()
-        .filter(|s| !s.is_empty() && s.len() <= 64)
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()))
         .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()))
 }

@@ -4,11 +4,14 @@
 //! default in docs/interfaces/kernel-cmdline.md.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ironroot_spec::TrustedKey;
 use ironroot_spec::wire::Identity;
 
 use super::discover::Discovered;
+use super::handoff::{DEFAULT_HEARTBEAT, HEARTBEAT_SECONDS};
+use crate::external;
 
 /// Where the object store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,16 +62,20 @@ pub struct BootSettings {
     /// A module pinned by digest to boot when the plane assigns none.
     pub module: Option<String>,
     pub debug: bool,
+    /// Between the service's heartbeats; carried to it in boot.json.
+    pub heartbeat: Duration,
     /// What the node tells the plane about itself at enrollment.
     pub identity: Identity,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("no {0} from any identity source")]
     Missing(&'static str),
     #[error("{key} {value:?}: {reason}")]
     Invalid { key: &'static str, value: String, reason: String },
+    #[error("{key}")]
+    File { key: &'static str, source: external::ReadError },
 }
 
 fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> SettingsError {
@@ -81,7 +88,7 @@ fn pem_value(root: &Path, key: &'static str, value: &str) -> Result<String, Sett
         return Ok(value.to_owned());
     }
     let path = root.join(value.trim_start_matches('/'));
-    let bytes = super::discover::read_value_file(&path).map_err(|e| invalid(key, value, e))?;
+    let bytes = super::discover::read_value_file(&path).map_err(|source| SettingsError::File { key, source })?;
     String::from_utf8(bytes).map_err(|_| invalid(key, value, "is not UTF-8 PEM"))
 }
 
@@ -154,6 +161,13 @@ pub fn settings(found: &Discovered, root: &Path) -> Result<BootSettings, Setting
         "0" => false,
         v => return Err(invalid("debug", v, "is not 0 or 1")),
     };
+    let heartbeat = match found.get("heartbeat") {
+        None => DEFAULT_HEARTBEAT,
+        Some(v) => match v.parse::<u64>() {
+            Ok(secs) if HEARTBEAT_SECONDS.contains(&secs) => Duration::from_secs(secs),
+            _ => return Err(invalid("heartbeat", v, "is not 1..=3600 seconds")),
+        },
+    };
     let identity = Identity {
         name: found.get("node").map(str::to_owned),
         mac: found.get("mac").map(str::to_owned),
@@ -170,6 +184,7 @@ pub fn settings(found: &Discovered, root: &Path) -> Result<BootSettings, Setting
         verity,
         module,
         debug,
+        heartbeat,
         identity,
     })
 }
@@ -203,8 +218,8 @@ mod tests {
         assert_eq!(s.plane, "https://10.0.2.2:8443");
         assert_eq!(s.trust.len(), 2);
         assert_eq!(
-            (s.store, s.verity, s.on_failure, s.debug),
-            (StoreKind::Zram, VerityPolicy::Require, OnFailure::Reboot, false)
+            (s.store, s.verity, s.on_failure, s.debug, s.heartbeat),
+            (StoreKind::Zram, VerityPolicy::Require, OnFailure::Reboot, false, Duration::from_secs(30))
         );
         let inline = settings(&found(&[base[0], base[1], ("trust", &format!("{ed}{p256}"))]), root.path()).unwrap();
         assert_eq!(inline.trust.len(), 2, "several inline PEM keys");
@@ -222,10 +237,28 @@ mod tests {
             (&[base[0], base[1], base[2], ("verity", "off")], "is not require or optional"),
             (&[base[0], base[1], base[2], ("on_failure", "panic")], "is not reboot or halt"),
             (&[base[0], base[1], base[2], ("module", "reg/x:latest")], "pinned by digest"),
+            (&[base[0], base[1], base[2], ("debug", "true")], "is not 0 or 1"),
+            (&[base[0], base[1], base[2], ("heartbeat", "0")], "heartbeat \"0\": is not 1..=3600 seconds"),
+            (&[base[0], base[1], base[2], ("heartbeat", "3601")], "is not 1..=3600 seconds"),
+            (&[base[0], base[1], base[2], ("heartbeat", "1m")], "is not 1..=3600 seconds"),
         ];
         for (pairs, needle) in bad {
-            let err = settings(&found(pairs), root.path()).unwrap_err().to_string();
+            let err = crate::exit::describe(&settings(&found(pairs), root.path()).unwrap_err());
             assert!(err.contains(needle), "{needle:?} not in {err:?}");
+        }
+    }
+
+    #[test]
+    fn on_failure_debug_and_heartbeat_count_from_every_source() {
+        let root = tempfile::tempdir().unwrap();
+        let trust = SigningKey::generate(KeyAlgorithm::Ed25519).public_pem().unwrap();
+        for source in [Source::Cmdline, Source::FwCfg, Source::Smbios, Source::Metadata, Source::File] {
+            let mut d = found(&[("plane", "https://10.0.2.2:8443"), ("plane_ca", CA), ("trust", &trust)]);
+            for (k, v) in [("on_failure", "halt"), ("debug", "1"), ("heartbeat", "3600")] {
+                d.offer(k, v.to_owned(), source);
+            }
+            let s = settings(&d, root.path()).unwrap();
+            assert_eq!((s.on_failure, s.debug, s.heartbeat), (OnFailure::Halt, true, Duration::from_secs(3600)));
         }
     }
 }

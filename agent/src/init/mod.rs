@@ -7,7 +7,9 @@
 //!
 //! PID 1 must never exit (the kernel would panic). On any failure it prints why on the
 //! console, tells the plane the failed phase when the node is enrolled, and then reboots or
-//! powers off as `ironroot.on_failure=` says (reboot by default).
+//! powers off as `ironroot.on_failure=` says (reboot by default). Until discovery has made the
+//! boot settings, that and `ironroot.debug` come from the kernel command line alone; from then
+//! on from the settings, i.e. from any identity source (docs/interfaces/kernel-cmdline.md).
 
 pub mod net;
 pub mod sys;
@@ -18,25 +20,35 @@ use std::time::{Duration, Instant};
 
 use ironroot_oci::{Limits, RegistryAccess};
 
-use crate::boot::{self, BootOptions, cmdline, retry::Backoff};
+use crate::boot::settings::OnFailure;
+use crate::boot::{self, BootError, BootOptions, cmdline, retry::Backoff};
+use crate::external::{self, Links};
 
 /// How long the NIC driver gets to create an interface.
 const NIC_WAIT: Duration = Duration::from_secs(20);
 
-/// What `ironroot.on_failure` and `ironroot.debug` say, read straight from the cmdline so a
-/// failure in discovery still knows what to do.
-#[derive(Debug, Clone, Copy)]
+/// Largest registry CA bundle read from the initramfs.
+const MAX_REGISTRY_CA: u64 = 4 * 1024 * 1024;
+
+/// What `ironroot.on_failure` and `ironroot.debug` say on the kernel command line, read before
+/// anything else so that a failure up to and including discovery still knows what to do. An
+/// invalid value counts as the default here; discovery then refuses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Early {
-    halt: bool,
+    on_failure: OnFailure,
     debug: bool,
 }
 
 fn early_settings() -> Early {
     let cmd = cmdline::read_cmdline(Path::new("/")).ok();
-    let get = |k: &str| cmd.as_ref().and_then(|c| c.get(k).map(str::to_owned));
+    early_from(cmd.as_ref())
+}
+
+fn early_from(cmd: Option<&cmdline::Cmdline>) -> Early {
+    let get = |k: &str| cmd.and_then(|c| c.get(k));
     Early {
-        halt: get("ironroot.on_failure").as_deref() == Some("halt"),
-        debug: get("ironroot.debug").as_deref() == Some("1"),
+        on_failure: if get("ironroot.on_failure") == Some("halt") { OnFailure::Halt } else { OnFailure::Reboot },
+        debug: get("ironroot.debug") == Some("1"),
     }
 }
 
@@ -46,10 +58,12 @@ pub fn main() -> ! {
     let mut early_phases = BTreeMap::from([("kernel".to_owned(), crate::boot::handoff::boottime_ms())]);
     console("ironroot: initramfs agent starting");
     if let Err(e) = sys::early_mounts() {
-        fail_early(&format!("early mounts: {e}"), false);
+        fail_early(&format!("early mounts: {e}"), OnFailure::Reboot);
     }
     let early = early_settings();
-    init_logging(early.debug);
+    let set_debug = init_logging(early.debug);
+    // The cmdline's word until the settings are made, theirs after.
+    let mut on_failure = early.on_failure;
     let lap = Instant::now();
     match sys::load_modules(Path::new("/etc/ironroot/modules.load")) {
         Ok(l) => {
@@ -68,7 +82,7 @@ pub fn main() -> ! {
     early_phases.insert("modules".to_owned(), lap.elapsed().as_millis() as u64);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
-        Err(e) => fail_early(&format!("starting the runtime: {e}"), early.halt),
+        Err(e) => fail_early(&format!("starting the runtime: {e}"), on_failure),
     };
     // A panic must not end PID 1 (the kernel would panic too): it becomes a failed boot.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(async {
@@ -86,18 +100,17 @@ pub fn main() -> ! {
             access: registry_access(),
             early_phases_ms: early_phases.clone(),
         };
-        match boot::run(&opts).await {
+        let configured = match boot::configure(&opts).await {
+            Ok(configured) => configured,
+            Err(e) => return Err(failed(e).await),
+        };
+        on_failure = configured.settings.on_failure;
+        if configured.settings.debug != early.debug {
+            set_debug(configured.settings.debug);
+        }
+        match boot::run_configured(&opts, configured).await {
             Ok(record) => Ok(record),
-            Err(e) => {
-                console(&format!("ironroot: BOOT FAILED in phase {}: {}", e.phase, crate::exit::describe(&*e.source)));
-                let told = e.report().await;
-                Err(format!(
-                    "phase {} (exit {}){}",
-                    e.phase,
-                    e.exit.code(),
-                    if told { "; reported to the plane" } else { "; not reported (no plane identity yet)" }
-                ))
-            }
+            Err(e) => Err(failed(e).await),
         }
     })))
     .unwrap_or_else(|panic| {
@@ -119,24 +132,44 @@ pub fn main() -> ! {
             drop(runtime);
             sys::reap();
             let err = sys::switch_root(Path::new("/sysroot"), "/sbin/init");
-            fail_early(&format!("switch root: {err}"), early.halt)
+            fail_early(&format!("switch root: {err}"), on_failure)
         }
-        Err(why) => fail_early(&why, early.halt),
+        Err(why) => fail_early(&why, on_failure),
     }
+}
+
+/// Prints a failed boot on the console and tells the plane when the node is enrolled; returns
+/// the line `fail_early` ends with.
+async fn failed(e: BootError) -> String {
+    console(&format!("ironroot: BOOT FAILED in phase {}: {}", e.phase, crate::exit::describe(&*e.source)));
+    let told = e.report().await;
+    format!(
+        "phase {} (exit {}){}",
+        e.phase,
+        e.exit.code(),
+        if told { "; reported to the plane" } else { "; not reported (no plane identity yet)" }
+    )
 }
 
 /// Registries are reached over TLS (the guest's host is not loopback); the image builder puts
 /// the registry's CA at /etc/ironroot/registry-ca.pem when it is not a public one.
 fn registry_access() -> RegistryAccess {
-    let ca_pem = std::fs::read(REGISTRY_CA).map(|pem| vec![pem]).unwrap_or_default();
+    let ca_pem = match external::read_if_present(Path::new(REGISTRY_CA), MAX_REGISTRY_CA, Links::Follow) {
+        Ok(pem) => pem.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(error = %crate::exit::describe(&e), "registry CA not used");
+            Vec::new()
+        }
+    };
     RegistryAccess { ca_pem, ..RegistryAccess::default() }
 }
 
 const REGISTRY_CA: &str = "/etc/ironroot/registry-ca.pem";
 
 /// Prints why on the console, then reboots or powers off. Never returns.
-fn fail_early(why: &str, halt: bool) -> ! {
+fn fail_early(why: &str, on_failure: OnFailure) -> ! {
     console(&format!("ironroot: boot failed: {why}"));
+    let halt = on_failure == OnFailure::Halt;
     console(if halt { "ironroot: powering off (ironroot.on_failure=halt)" } else { "ironroot: rebooting" });
     sys::reboot(halt)
 }
@@ -145,8 +178,40 @@ fn console(line: &str) {
     eprintln!("{line}");
 }
 
-fn init_logging(debug: bool) {
-    let level = if debug { tracing::Level::DEBUG } else { tracing::Level::INFO };
+/// Sets up logging at INFO, or DEBUG with `debug`; returns how to change that level later, when
+/// the settings (from any identity source) say otherwise.
+fn init_logging(debug: bool) -> impl Fn(bool) {
+    let filter = |debug| tracing_subscriber::EnvFilter::new(if debug { "debug" } else { "info" });
     // A serial console shows escape codes as noise: plain text.
-    let _ = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_max_level(level).try_init();
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(filter(debug))
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    if let Err(e) = builder.try_init() {
+        console(&format!("ironroot: logging not set up: {e}"));
+    }
+    move |debug| {
+        if let Err(e) = handle.reload(filter(debug)) {
+            console(&format!("ironroot: log level not changed: {e}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cmdline_decides_until_discovery_and_an_invalid_value_counts_as_the_default() {
+        let early = |line: &[u8]| early_from(cmdline::parse_cmdline(line).ok().as_ref());
+        let halt = Early { on_failure: OnFailure::Halt, debug: true };
+        let default = Early { on_failure: OnFailure::Reboot, debug: false };
+        assert_eq!(early(b"ironroot.on_failure=halt ironroot.debug=1"), halt);
+        assert_eq!(early(b"quiet"), default);
+        assert_eq!(early(b"ironroot.on_failure=explode ironroot.debug=yes"), default);
+        assert_eq!(early(b"ironroot.on_failure=halt ironroot.nope=1"), default, "a line that does not parse");
+        assert_eq!(early_from(None), default);
+    }
 }

@@ -5,8 +5,6 @@
 //! for more than a string per key.
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
-use std::path::Path;
 
 use crate::boot::cmdline::KEYS;
 
@@ -19,8 +17,6 @@ const MAX_VALUE: usize = 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DocError {
-    #[error("reading: {0}")]
-    Io(String),
     #[error("is over {MAX_DOC} bytes (reading stopped there)")]
     TooLarge,
     #[error("is not UTF-8 (at byte {0})")]
@@ -33,27 +29,6 @@ pub enum DocError {
     ValueTooLong { key: String, len: usize, max: usize },
     #[error("value of {0} holds control characters")]
     Control(String),
-}
-
-/// Reads at most `cap` bytes of `path`; `Ok(None)` when it does not exist; an error when there
-/// is more.
-pub fn read_capped(path: &Path, cap: u64) -> Result<Option<Vec<u8>>, DocError> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(DocError::Io(e.to_string())),
-    };
-    let mut bytes = Vec::new();
-    file.take(cap + 1).read_to_end(&mut bytes).map_err(|e| DocError::Io(e.to_string()))?;
-    if bytes.len() as u64 > cap {
-        return Err(DocError::TooLarge);
-    }
-    Ok(Some(bytes))
-}
-
-/// Reads and parses the identity document at `path`, if there is one.
-pub fn read_file(path: &Path) -> Result<Option<BTreeMap<String, String>>, DocError> {
-    read_capped(path, MAX_DOC)?.map(|b| parse_identity_doc(&b)).transpose()
 }
 
 /// Parses an identity document.

@@ -3,7 +3,8 @@
 //! (only when an earlier source names one), a local file — plus the first network interface's
 //! MAC. Every value keeps the source it came from; where sources disagree the first one wins and
 //! the disagreement is recorded. Reading and parsing are bounded everywhere; hostile input is an
-//! error naming the source, never a panic.
+//! error naming the source, never a panic. Every file is read through [`crate::external`]: a
+//! FIFO, directory, device or socket at an identity path is an error naming it, never a wait.
 //!
 //! What the values mean (URLs, key files, store kinds) is [`crate::boot::settings`]'s business.
 
@@ -21,6 +22,7 @@ pub use doc::{DocError, parse_identity_doc};
 pub use smbios::parse_oem_strings;
 
 use crate::boot::cmdline::{self, Cmdline};
+use crate::external::{self, Links};
 
 /// Where a value came from, in precedence order (earlier wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -93,13 +95,12 @@ impl Discovered {
     }
 }
 
-/// Reads a file a value points at (a PEM key or certificate), capped like an identity document.
-pub fn read_value_file(path: &Path) -> Result<Vec<u8>, String> {
-    match doc::read_capped(path, doc::MAX_DOC) {
-        Ok(Some(bytes)) => Ok(bytes),
-        Ok(None) => Err(format!("{} does not exist", path.display())),
-        Err(e) => Err(format!("{} {e}", path.display())),
-    }
+/// Largest file a value points at (a PEM key or certificate), as large as an identity document.
+pub const MAX_VALUE_FILE: u64 = doc::MAX_DOC;
+
+/// Reads a file a value points at (a PEM key or certificate), capped.
+pub fn read_value_file(path: &Path) -> Result<Vec<u8>, external::ReadError> {
+    external::read(path, MAX_VALUE_FILE, Links::Follow)
 }
 
 /// Where discovery looks: every path is under `root`, so tests point it at a fixture tree.
@@ -123,8 +124,8 @@ impl DiscoverOptions {
 }
 
 /// QEMU fw_cfg: `-fw_cfg name=opt/ironroot/identity,file=id.json` shows up in the guest here
-/// (the `by_name` entries are symlinks into `by_key/`), holding an identity document. Read at
-/// most one byte past the cap, so a 16 MiB blob costs 64 KiB.
+/// (the `by_name` entries are symlinks into `by_key/`, so links are followed), holding an identity
+/// document. Read at most one byte past the cap, so a 16 MiB blob costs 64 KiB.
 pub const FW_CFG_IDENTITY: &str = "sys/firmware/qemu_fw_cfg/by_name/opt/ironroot/identity/raw";
 
 /// The local identity file baked into the initramfs (or dropped by provisioning).
@@ -134,6 +135,8 @@ pub const LOCAL_FILE: &str = "etc/ironroot/identity.json";
 pub enum DiscoverError {
     #[error(transparent)]
     Cmdline(#[from] cmdline::ReadError),
+    #[error("identity source {what}")]
+    Read { what: Source, source: external::ReadError },
     #[error("fw_cfg {path}")]
     FwCfg { path: PathBuf, source: DocError },
     #[error("SMBIOS {path}")]
@@ -151,11 +154,12 @@ pub async fn discover(opts: &DiscoverOptions) -> Result<Discovered, DiscoverErro
     offer_cmdline(&mut found, &line);
 
     let fw = opts.root.join(FW_CFG_IDENTITY);
-    if let Some(doc) = doc::read_file(&fw).map_err(|source| DiscoverError::FwCfg { path: fw.clone(), source })? {
+    if let Some(doc) = read_doc(&fw, Source::FwCfg)? {
+        let doc = doc::parse_identity_doc(&doc).map_err(|source| DiscoverError::FwCfg { path: fw.clone(), source })?;
         offer_doc(&mut found, doc, Source::FwCfg);
     }
 
-    smbios::read(&opts.root, &mut found).map_err(|(path, source)| DiscoverError::Smbios { path, source })?;
+    smbios::read(&opts.root, &mut found)?;
 
     if let Some(url) = found.get("metadata").map(str::to_owned) {
         let doc = metadata::fetch(&url, opts.metadata_deadline)
@@ -165,16 +169,20 @@ pub async fn discover(opts: &DiscoverOptions) -> Result<Discovered, DiscoverErro
     }
 
     let file = opts.root.join(&opts.file);
-    match doc::read_file(&file) {
-        Ok(Some(doc)) => offer_doc(&mut found, doc, Source::File),
-        Ok(None) => {}
-        Err(source) => return Err(DiscoverError::File { path: file, source }),
+    if let Some(doc) = read_doc(&file, Source::File)? {
+        let doc = doc::parse_identity_doc(&doc).map_err(|source| DiscoverError::File { path: file.clone(), source })?;
+        offer_doc(&mut found, doc, Source::File);
     }
 
-    if let Some(mac) = first_mac(&opts.root) {
+    if let Some(mac) = first_mac(&opts.root)? {
         found.offer("mac", mac, Source::Sysfs);
     }
     Ok(found)
+}
+
+/// An identity document's bytes from `path`, if there is one.
+fn read_doc(path: &Path, what: Source) -> Result<Option<Vec<u8>>, DiscoverError> {
+    external::read_if_present(path, doc::MAX_DOC, Links::Follow).map_err(|source| DiscoverError::Read { what, source })
 }
 
 fn offer_cmdline(found: &mut Discovered, line: &Cmdline) {
@@ -192,21 +200,33 @@ fn offer_doc(found: &mut Discovered, doc: BTreeMap<String, String>, source: Sour
 }
 
 /// MAC of the first interface (by name) backed by a device; loopback and virtual ones have none.
-fn first_mac(root: &Path) -> Option<String> {
+/// An address file that cannot be read skips the interface, but one that is not a regular file
+/// is an error, as at every identity path.
+fn first_mac(root: &Path) -> Result<Option<String>, DiscoverError> {
     let dir = root.join("sys/class/net");
-    let mut names: Vec<String> =
-        std::fs::read_dir(&dir).ok()?.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(None) };
+    let mut names: Vec<String> = entries.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
     names.sort();
-    names.into_iter().find_map(|name| {
+    for name in names {
         let iface = dir.join(&name);
         if !iface.join("device").exists() {
-            return None;
+            continue;
         }
-        let mac = doc::read_capped(&iface.join("address"), 64).ok()??;
-        let mac = String::from_utf8(mac).ok()?.trim().to_ascii_lowercase();
+        let mac = match external::read(&iface.join("address"), 64, Links::Follow) {
+            Ok(mac) => mac,
+            Err(source @ external::ReadError::NotRegular { .. }) => {
+                return Err(DiscoverError::Read { what: Source::Sysfs, source });
+            }
+            Err(_) => continue,
+        };
+        let Ok(mac) = String::from_utf8(mac) else { continue };
+        let mac = mac.trim().to_ascii_lowercase();
         let valid = mac.len() == 17 && mac.split(':').all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit()));
-        (valid && mac != "00:00:00:00:00:00").then_some(mac)
-    })
+        if valid && mac != "00:00:00:00:00:00" {
+            return Ok(Some(mac));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -7,13 +7,15 @@
 //! with a note, because firmware is often like that and the operator cannot fix it; a type 11
 //! entry whose structure is broken is ignored with a note for the same reason; but an
 //! `io.ironroot.*` string — which an operator wrote — with an unknown key, an empty value or
-//! bytes that are not UTF-8 is an error, exactly like the kernel command line.
+//! bytes that are not UTF-8 is an error, exactly like the kernel command line. A FIFO,
+//! directory, device or socket where a field or structure should be is no firmware's doing: an
+//! error, as at every identity path.
 
 use std::path::{Path, PathBuf};
 
-use super::doc::read_capped;
-use super::{Discovered, Source};
+use super::{DiscoverError, Discovered, Source};
 use crate::boot::cmdline::KEYS;
+use crate::external::{self, Links, ReadError};
 
 /// Largest raw SMBIOS structure read (a structure is at most a few KiB).
 const MAX_RAW: u64 = 64 * 1024;
@@ -36,15 +38,15 @@ pub enum SmbiosError {
 }
 
 /// Reads the SMBIOS sources under `root` into `found`.
-pub fn read(root: &Path, found: &mut Discovered) -> Result<(), (PathBuf, SmbiosError)> {
+pub fn read(root: &Path, found: &mut Discovered) -> Result<(), DiscoverError> {
     let dmi = root.join("sys/class/dmi/id");
-    if let Some(uuid) = field(&dmi.join("product_uuid"), found) {
+    if let Some(uuid) = field(&dmi.join("product_uuid"), found)? {
         match normalise_uuid(&uuid) {
             Some(u) => found.offer("smbios_uuid", u, Source::Smbios),
             None => found.notes.push(format!("smbios: product_uuid {uuid:?} ignored (placeholder or malformed)")),
         }
     }
-    if let Some(serial) = field(&dmi.join("product_serial"), found) {
+    if let Some(serial) = field(&dmi.join("product_serial"), found)? {
         let printable = serial.len() <= 64 && serial.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
         if printable && !PLACEHOLDERS.contains(&serial.to_ascii_lowercase().as_str()) {
             found.offer("serial", serial, Source::Smbios);
@@ -64,20 +66,14 @@ pub fn read(root: &Path, found: &mut Discovered) -> Result<(), (PathBuf, SmbiosE
     dirs.sort();
     for dir in dirs {
         let path = dir.join("raw");
-        let raw = match read_capped(&path, MAX_RAW) {
-            Ok(Some(raw)) => raw,
-            Ok(None) => continue,
-            Err(e) => {
-                found.notes.push(format!("smbios: {} ignored: {e}", path.display()));
-                continue;
-            }
-        };
+        let Some(raw) = read_or_note(&path, MAX_RAW, found)? else { continue };
         let Some(strings) = parse_oem_strings(&raw) else {
             found.notes.push(format!("smbios: {} ignored: not a well-formed type 11 structure", path.display()));
             continue;
         };
         for s in strings {
-            if let Some((key, value)) = parse_oem(s).map_err(|e| (path.clone(), e))? {
+            let oem = parse_oem(s).map_err(|source| DiscoverError::Smbios { path: path.clone(), source })?;
+            if let Some((key, value)) = oem {
                 found.offer(&key, value, Source::Smbios);
             }
         }
@@ -86,19 +82,26 @@ pub fn read(root: &Path, found: &mut Discovered) -> Result<(), (PathBuf, SmbiosE
 }
 
 /// A hardware field, trimmed; unreadable or oversized fields are noted and skipped.
-fn field(path: &Path, found: &mut Discovered) -> Option<String> {
-    match read_capped(path, MAX_FIELD) {
-        Ok(Some(bytes)) => match String::from_utf8(bytes) {
-            Ok(s) => Some(s.trim().to_owned()),
-            Err(_) => {
-                found.notes.push(format!("smbios: {} ignored: not UTF-8", path.display()));
-                None
-            }
-        },
-        Ok(None) => None,
+fn field(path: &Path, found: &mut Discovered) -> Result<Option<String>, DiscoverError> {
+    let Some(bytes) = read_or_note(path, MAX_FIELD, found)? else { return Ok(None) };
+    match String::from_utf8(bytes) {
+        Ok(s) => Ok(Some(s.trim().to_owned())),
+        Err(_) => {
+            found.notes.push(format!("smbios: {} ignored: not UTF-8", path.display()));
+            Ok(None)
+        }
+    }
+}
+
+/// The bytes at `path`: nothing when absent; unreadable or oversized (firmware's doing) is
+/// noted and skipped; not a regular file is an error.
+fn read_or_note(path: &Path, cap: u64, found: &mut Discovered) -> Result<Option<Vec<u8>>, DiscoverError> {
+    match external::read_if_present(path, cap, Links::Follow) {
+        Ok(bytes) => Ok(bytes),
+        Err(source @ ReadError::NotRegular { .. }) => Err(DiscoverError::Read { what: Source::Smbios, source }),
         Err(e) => {
-            found.notes.push(format!("smbios: {} ignored: {e}", path.display()));
-            None
+            found.notes.push(format!("smbios: ignored: {}", crate::exit::describe(&e)));
+            Ok(None)
         }
     }
 }
