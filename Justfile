@@ -39,7 +39,7 @@ bench: deps
 # not part of CI). SECONDS per target, default 60.
 fuzz seconds="60":
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-    cd fuzz && for t in cmdline identity_doc smbios_oem pack_reader manifest_config; do \
+    cd fuzz && for t in cmdline identity_doc smbios_oem pack_reader manifest_config audit_batch checkpoint; do \
         mkdir -p "corpus/$t" && cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
             -max_total_time={{seconds}} -rss_limit_mb=1024 || exit 1; done
 

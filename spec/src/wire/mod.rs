@@ -10,7 +10,7 @@ use crate::digest::OciDigest;
 
 mod journal;
 
-pub use journal::{AuditBatch, CheckpointError, JournalCheckpoint, NodeAuditRecord, RecordError};
+pub use journal::{AuditBatch, CheckpointError, JournalCheckpoint, NodeAuditRecord, RecordError, valid_kind};
 
 /// Largest request body the plane reads.
 pub const MAX_BODY: usize = 64 * 1024;
