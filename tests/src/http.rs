@@ -1,5 +1,5 @@
 //! Tiny HTTP/1.1 servers on 127.0.0.1 that tests control completely: a bearer-token endpoint
-//! and a registry front that serves a module from an OCI layout but misbehaves on one blob
+//! (with the issuer that signs its tokens) and a registry front that serves a module from an OCI layout but misbehaves on one blob
 //! (endless, or a byte every two seconds). One thread per connection; stopped on drop.
 
 use std::collections::HashMap;
@@ -111,13 +111,140 @@ pub fn respond(conn: &mut TcpStream, status: &str, content_type: &str, body: &[u
     let _client_gone = conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(body));
 }
 
-/// A token endpoint that issues `{"token": …}` only to `user:password` basic auth.
-pub fn token_server(user: &str, password: &str) -> Server {
+/// The `iss` of the tokens a [`TokenIssuer`] signs, and the one a token registry trusts.
+pub const TOKEN_ISSUER: &str = "ironroot-test-issuer";
+/// The `aud` of those tokens: the service name a token registry announces and accepts.
+pub const TOKEN_SERVICE: &str = "ironroot-test";
+
+/// How long an issued token is valid.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+
+/// The signing side of distribution's `token` auth: an ECDSA P-256 key and its self-signed
+/// certificate, which a registry started with [`crate::registry::Auth::Token`] trusts
+/// (`rootcertbundle`). Tokens are ES256 JWTs carrying that certificate (`x5c`).
+pub struct TokenIssuer {
+    key: rcgen::KeyPair,
+    cert: rcgen::Certificate,
+}
+
+impl std::fmt::Debug for TokenIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenIssuer({TOKEN_ISSUER})")
+    }
+}
+
+impl TokenIssuer {
+    pub fn generate() -> Self {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("token signing key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("certificate params");
+        params.distinguished_name.push(rcgen::DnType::CommonName, TOKEN_ISSUER);
+        let cert = params.self_signed(&key).expect("token issuer certificate");
+        Self { key, cert }
+    }
+
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A token for `subject` granting `scopes` as clients ask for them
+    /// (`repository:NAME:ACTION[,ACTION…]`), valid for [`TOKEN_LIFETIME`].
+    pub fn issue(&self, subject: &str, scopes: &[String]) -> String {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        use rcgen::SigningKey as _;
+        static ISSUED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+        let access: Vec<_> = scopes
+            .iter()
+            .filter_map(|scope| {
+                let (kind, rest) = scope.split_once(':')?;
+                let (name, actions) = rest.rsplit_once(':')?;
+                Some(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+            })
+            .collect();
+        let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "x5c": [STANDARD.encode(self.cert.der())]});
+        let claims = serde_json::json!({
+            "iss": TOKEN_ISSUER, "sub": subject, "aud": TOKEN_SERVICE,
+            "iat": now, "nbf": now, "exp": now + TOKEN_LIFETIME.as_secs(),
+            "jti": format!("ironroot-test-{}", ISSUED.fetch_add(1, Ordering::SeqCst)),
+            "access": access,
+        });
+        let signed =
+            format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+        let der = self.key.sign(signed.as_bytes()).expect("signing a token");
+        format!("{signed}.{}", URL_SAFE_NO_PAD.encode(ecdsa_fixed(&der)))
+    }
+}
+
+/// An ECDSA signature's DER `SEQUENCE { INTEGER r, INTEGER s }` as JWS wants it: r ‖ s, 32
+/// bytes each (P-256).
+fn ecdsa_fixed(der: &[u8]) -> [u8; 64] {
+    assert_eq!(der.first(), Some(&0x30), "ECDSA signature is not a DER sequence");
+    let mut out = [0; 64];
+    let mut at = 2; // the sequence's tag and (short) length: a P-256 signature is ≤ 72 bytes
+    for half in out.chunks_mut(32) {
+        assert_eq!(der[at], 0x02, "ECDSA signature: expected an integer");
+        let len = usize::from(der[at + 1]);
+        let int = &der[at + 2..at + 2 + len];
+        let int = &int[int.len().saturating_sub(32)..]; // without DER's sign byte
+        half[32 - int.len()..].copy_from_slice(int);
+        at += 2 + len;
+    }
+    out
+}
+
+/// The values of `key` in `path`'s query string, percent-decoded.
+fn query_values(path: &str, key: &str) -> Vec<String> {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(k, _)| *k == key)
+        .map(|(_, v)| percent_decode(v))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        let hex = tail
+            .get(..2)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (b, hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                rest = &tail[2..];
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                rest = tail;
+            }
+            _ => {
+                out.push(b);
+                rest = tail;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A token endpoint that gives `user:password` basic auth a token from `issuer` for the
+/// scopes it asks, with the user as the token's subject, and refuses anyone else.
+pub fn token_server(user: &str, password: &str, issuer: Arc<TokenIssuer>) -> Server {
     use base64::Engine as _;
     let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+    let user = user.to_owned();
     Server::start(move |req, conn| {
         if req.headers.get("authorization") == Some(&expected) {
-            respond(conn, "200 OK", "application/json", br#"{"token":"ironroot-test-token","expires_in":300}"#);
+            let scopes: Vec<String> = query_values(&req.path, "scope")
+                .iter()
+                .flat_map(|s| s.split(' ').map(str::to_owned).collect::<Vec<_>>())
+                .collect();
+            let token = issuer.issue(&user, &scopes);
+            let body = serde_json::json!({"token": token, "expires_in": TOKEN_LIFETIME.as_secs()});
+            respond(conn, "200 OK", "application/json", body.to_string().as_bytes());
         } else {
             respond(conn, "401 Unauthorized", "application/json", br#"{"errors":[{"code":"UNAUTHORIZED"}]}"#);
         }

@@ -180,11 +180,16 @@ impl Booted {
         self.inside(&self.root.join("sysroot"))
     }
 
-    /// Mount points under the boot root in the namespace.
+    /// Mount points under the boot root in the namespace. Panics when the namespace's mount
+    /// table cannot be read or lists no `/` (the namespace is gone): "nothing mounted" must
+    /// come from a table that was read.
     pub fn mounts(&self) -> Vec<String> {
-        let table = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.child.id())).unwrap_or_default();
+        let path = format!("/proc/{}/mountinfo", self.child.id());
+        let table = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+        let points: Vec<&str> = table.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+        assert!(points.contains(&"/"), "{path} lists no root mount; is the namespace gone?\n{table}");
         let root = s(&self.root);
-        table.lines().filter_map(|l| l.split(' ').nth(4)).filter(|m| m.starts_with(&root)).map(str::to_owned).collect()
+        points.into_iter().filter(|m| m.starts_with(&root)).map(str::to_owned).collect()
     }
 }
 

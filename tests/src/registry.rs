@@ -1,23 +1,50 @@
 //! A real distribution registry (Debian `docker-registry`) per test, on 127.0.0.1 with a port
 //! the kernel picks (read back from the registry's log), filesystem storage in a temp dir,
 //! killed by PID on drop. Variants: plain HTTP, TLS + htpasswd, and bearer-token auth.
+//!
+//! Its log (the access log on stdout, the application log on stderr) is copied by one thread
+//! per pipe, behind the registry; [`TestRegistry::settled_log`] waits for the copy to catch up.
 
-use std::io::{BufRead as _, BufReader};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, ServerName};
+
+use crate::http::{TOKEN_ISSUER, TOKEN_SERVICE, TokenIssuer};
 use crate::tools::tool;
 
 /// How long a registry may take to print its listening address.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How long the copied log may lag behind a request the registry has answered: the copy is a
+/// pipe read away, so this only ends a wait for a line that never comes.
+const LOG_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The query key of [`TestRegistry::settled_log`]'s own requests; their lines are left out.
+const BARRIER: &str = "ironroot-log-barrier";
+
+/// Numbers barrier requests uniquely within the test process (zero-padded, so that no marker
+/// is a prefix of another).
+static BARRIERS: AtomicU64 = AtomicU64::new(0);
+
+/// The registry's output as copied so far, and a signal for every line added.
+#[derive(Debug, Default)]
+struct Log {
+    text: Mutex<String>,
+    grew: Condvar,
+}
+
 pub struct TestRegistry {
     child: Child,
     port: u16,
     dir: tempfile::TempDir,
-    log: Arc<Mutex<String>>,
+    log: Arc<Log>,
     /// For the TLS variant: the CA certificate that signed the registry's certificate.
     pub ca_pem: Option<PathBuf>,
     pub credentials: Option<(String, String)>,
@@ -36,9 +63,11 @@ pub enum Auth<'a> {
     TlsBasic(&'a str, &'a str),
     /// TLS with a fresh CA, anonymous (the QEMU guest's registry).
     Tls,
-    /// Bearer challenges pointing at `realm` (distribution's "silly" token auth).
+    /// Bearer challenges pointing at `realm`; distribution's `token` auth, which accepts only
+    /// JWTs that `issuer` signed for this registry's service (plain HTTP).
     Token {
         realm: &'a str,
+        issuer: &'a TokenIssuer,
     },
 }
 
@@ -78,8 +107,13 @@ impl TestRegistry {
                 ca_pem = Some(ca);
                 credentials = Some((user.to_owned(), pass.to_owned()));
             }
-            Auth::Token { realm } => {
-                config.push_str(&format!("auth:\n  silly:\n    realm: {realm}\n    service: ironroot-test\n"));
+            Auth::Token { realm, issuer } => {
+                let bundle = dir.path().join("token-issuer.pem");
+                std::fs::write(&bundle, issuer.cert_pem()).expect("write token issuer certificate");
+                config.push_str(&format!(
+                    "auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                    bundle.display()
+                ));
             }
         }
         let config_path = dir.path().join("config.yml");
@@ -91,7 +125,7 @@ impl TestRegistry {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting docker-registry (run `just deps`)");
-        let log = Arc::new(Mutex::new(String::new()));
+        let log = Arc::new(Log::default());
         let (tx, rx) = std::sync::mpsc::channel();
         for pipe in [
             child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
@@ -112,10 +146,11 @@ impl TestRegistry {
                     {
                         let _unused_if_test_ended = tx.send(port);
                     }
-                    if let Ok(mut l) = log.lock() {
+                    if let Ok(mut l) = log.text.lock() {
                         l.push_str(&line);
                         l.push('\n');
                     }
+                    log.grew.notify_all();
                 }
             });
         }
@@ -125,7 +160,10 @@ impl TestRegistry {
                 break p;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("docker-registry exited with {status}: {}", log.lock().map(|l| l.clone()).unwrap_or_default());
+                panic!(
+                    "docker-registry exited with {status}: {}",
+                    log.text.lock().map(|l| l.clone()).unwrap_or_default()
+                );
             }
             assert!(Instant::now() < deadline, "docker-registry did not report its address in time");
         };
@@ -143,9 +181,71 @@ impl TestRegistry {
         self.dir.path().join(format!("storage/docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
     }
 
-    /// Everything the registry logged so far (includes its access log).
+    /// Everything copied from the registry's log so far (includes its access log). The copy
+    /// lags behind the registry: what must be complete, such as "no request for X", is read
+    /// with [`TestRegistry::settled_log`].
     pub fn log(&self) -> String {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+        self.log.text.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// The registry's log with every request it answered before this call in, without the
+    /// barrier requests (this one's and earlier ones). The registry writes a request's
+    /// access-log and application-log lines as its handler returns; this sends a request of
+    /// its own with a unique marker after the caller's, and waits until both of its lines
+    /// have been copied. Successive calls return growing prefixes of one text.
+    pub fn settled_log(&self) -> String {
+        let marker = format!("{BARRIER}={:08}", BARRIERS.fetch_add(1, Ordering::SeqCst));
+        let path = format!("/v2/?{marker}");
+        // Any status will do (an auth variant answers 401): the request is logged either way.
+        self.get_status(&path, None);
+        let access = format!("{path} HTTP/"); // "GET /v2/?… HTTP/1.1" 200 …
+        let app = format!("http.request.uri=\"{path}\"");
+        let text = self.log.text.lock().expect("registry log lock");
+        let (text, waited) = self
+            .log
+            .grew
+            .wait_timeout_while(text, LOG_TIMEOUT, |t| !(t.contains(&access) && t.contains(&app)))
+            .expect("registry log lock");
+        assert!(
+            !waited.timed_out(),
+            "the registry's log has no line for our request {path} after {LOG_TIMEOUT:?}:\n{}",
+            *text
+        );
+        let end_of_line = |needle: &str| {
+            let at = text.find(needle).unwrap_or(0);
+            text[at..].find('\n').map_or(text.len(), |n| at + n + 1)
+        };
+        let end = end_of_line(&access).max(end_of_line(&app));
+        text[..end].lines().filter(|l| !l.contains(BARRIER)).flat_map(|l| [l, "\n"]).collect()
+    }
+
+    /// The status of `GET path` (over TLS with the registry's CA for the TLS variants), with
+    /// `authorization` as the Authorization header if given.
+    pub fn get_status(&self, path: &str, authorization: Option<&str>) -> u16 {
+        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n", self.host());
+        if let Some(value) = authorization {
+            request.push_str(&format!("Authorization: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        let tcp = TcpStream::connect(("127.0.0.1", self.port)).expect("connecting to the registry");
+        let mut response = Vec::new();
+        // The response is read to its end; a TLS peer that closes without close_notify ends it
+        // with an error after the bytes that matter.
+        let read = match &self.ca_pem {
+            None => {
+                let mut tcp = tcp;
+                tcp.write_all(request.as_bytes()).expect("sending a request to the registry");
+                tcp.read_to_end(&mut response)
+            }
+            Some(ca) => {
+                let mut tls = rustls::StreamOwned::new(tls_client(ca), tcp);
+                tls.write_all(request.as_bytes()).expect("sending a request to the registry");
+                tls.read_to_end(&mut response)
+            }
+        };
+        let head = String::from_utf8_lossy(&response);
+        let status = head.lines().next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok());
+        status.unwrap_or_else(|| panic!("no HTTP status from the registry for {path} ({read:?}): {head}"))
     }
 
     pub fn dir(&self) -> &Path {
@@ -163,6 +263,21 @@ impl Drop for TestRegistry {
             eprintln!("reaping docker-registry: {e}");
         }
     }
+}
+
+/// A TLS client session to 127.0.0.1 that trusts only the CA at `ca`.
+fn tls_client(ca: &Path) -> rustls::ClientConnection {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("registry CA") {
+        roots.add(cert.expect("registry CA certificate")).expect("registry CA as a root");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+    rustls::ClientConnection::new(Arc::new(config), name).expect("TLS client")
 }
 
 /// A CA and a server certificate for 127.0.0.1 and 10.0.2.100 signed by it (P-256), made with openssl.

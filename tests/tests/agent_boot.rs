@@ -50,8 +50,8 @@ fn full_pipeline_mounts_the_signed_root_and_a_warm_boot_fetches_and_enrolls_noth
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777, 0o600);
     drop(first);
 
-    let (blobs, requests, enrolled) =
-        (blob_gets(&lab.registry.log()), registry_requests(&lab.registry.log()), enrollments(&lab));
+    let log = lab.registry.settled_log();
+    let (blobs, requests, enrolled) = (blob_gets(&log), registry_requests(&log), enrollments(&lab));
     assert!(blobs >= 3, "the cold boot fetched config, image and packs ({blobs} blob GETs)");
     assert_eq!(enrolled, 1);
 
@@ -61,7 +61,8 @@ fn full_pipeline_mounts_the_signed_root_and_a_warm_boot_fetches_and_enrolls_noth
     assert_eq!(warm["reused_certificate"], true);
     assert_eq!(warm["node_id"], record["node_id"]);
     assert_eq!(warm["modules"][0]["downloaded_bytes"], 0);
-    assert_eq!(registry_requests(&lab.registry.log()), requests, "the registry saw no request from the warm boot");
+    let log = lab.registry.settled_log();
+    assert_eq!(registry_requests(&log), requests, "the registry saw no request from the warm boot");
     assert_eq!(enrollments(&lab), enrolled, "the plane recorded no second enrollment");
     // The writable layer lives on /persist/overlay for a disk-backed node: it survived.
     let written = second.sysroot().join("etc/written-at-boot");
@@ -288,11 +289,12 @@ fn a_blank_persistent_disk_is_formatted_once_and_keeps_the_store_across_boots() 
     // Nothing of the store is on the root's own /persist directory: it was on the disk.
     assert_eq!(std::fs::read_dir(node.path().join("persist")).unwrap().count(), 0);
 
-    let requests = registry_requests(&lab.registry.log());
+    let requests = registry_requests(&lab.registry.settled_log());
     let second = node.boot(&[]);
     let warm = second.record();
     assert!(!second.stderr.contains("formatting"), "a disk with a filesystem is never formatted:\n{}", second.stderr);
     assert_eq!(warm["reused_certificate"], true);
     assert_eq!(warm["modules"][0]["downloaded_bytes"], 0);
-    assert_eq!(registry_requests(&lab.registry.log()), requests, "warm from the disk: no registry request");
+    let log = lab.registry.settled_log();
+    assert_eq!(registry_requests(&log), requests, "warm from the disk: no registry request");
 }

@@ -60,18 +60,22 @@ fn signed_module(tmp: &Path, bytes: u64) -> (std::path::PathBuf, String, u64, St
     (layout, pack.digest.to_string(), pack.size, s(&tmp.join("keys/ironroot.pub")))
 }
 
-/// Runs `ironroot-build ARGS`, sampling its peak RSS (VmHWM) until it exits.
+/// Runs `ironroot-build ARGS`, sampling its peak RSS (VmHWM) until it exits. Panics unless
+/// at least one sample was read: a peak of zero would pass any ceiling.
 fn run_measured(args: &[&str]) -> (Run, u64, Duration) {
     let start = Instant::now();
     let mut child =
         Command::new(binary()).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     let status_path = format!("/proc/{}/status", child.id());
-    let mut peak_kib = 0u64;
+    let (mut peak_kib, mut samples) = (0u64, 0usize);
     loop {
+        // An exiting child's status has no VmHWM any more (its memory is gone): not a sample.
         if let Ok(status) = std::fs::read_to_string(&status_path)
             && let Some(hwm) = status.lines().find_map(|l| l.strip_prefix("VmHWM:"))
         {
-            peak_kib = peak_kib.max(hwm.trim().trim_end_matches("kB").trim().parse().unwrap_or(0));
+            let kib: u64 = hwm.trim().strip_suffix("kB").and_then(|k| k.trim().parse().ok()).expect("VmHWM in kB");
+            peak_kib = peak_kib.max(kib);
+            samples += 1;
         }
         if child.try_wait().expect("wait").is_some() {
             break;
@@ -83,6 +87,7 @@ fn run_measured(args: &[&str]) -> (Run, u64, Duration) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(samples > 0 && peak_kib > 0, "no memory sample of the running verifier ({samples} samples)");
     let out = child.wait_with_output().expect("output");
     (out.into(), peak_kib * 1024, start.elapsed())
 }

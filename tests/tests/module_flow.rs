@@ -6,9 +6,10 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
 use ironroot_tests::cli::build_cmd;
-use ironroot_tests::http::token_server;
+use ironroot_tests::http::{TokenIssuer, token_server};
 use ironroot_tests::registry::{Auth, TestRegistry};
 use ironroot_tests::tools::tool;
 use ironroot_tests::tree::{TreeOptions, generate};
@@ -228,34 +229,76 @@ fn tls_with_a_custom_ca_and_basic_auth() {
     let bad = run(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))], "wrong");
     assert_eq!(bad.code, 13, "{}", bad.stderr);
     assert!(bad.stderr.contains("401"), "{}", bad.stderr);
-    // Without the CA the registry's certificate is not trusted.
-    let untrusted =
-        build_cmd(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub")), "--registry-tls"]);
-    assert_eq!(untrusted.code, 13, "{}", untrusted.stderr);
+    // Without the CA the registry's certificate is not trusted. The right password goes along:
+    // with certificate checks off this would succeed, so only the TLS check can refuse it.
+    let untrusted = Command::new(ironroot_tests::cli::binary())
+        .args(["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub")), "--registry-tls"])
+        .args(["--registry-user", "builder"])
+        .env("IRONROOT_REGISTRY_PASSWORD", "s3cret")
+        .output()
+        .expect("run");
+    let untrusted = ironroot_tests::cli::Run::from(untrusted);
+    untrusted.refused(13, "invalid peer certificate: UnknownIssuer");
 }
 
 #[test]
 fn bearer_token_auth() {
-    let tokens = token_server("builder", "tok-pass");
+    let issuer = Arc::new(TokenIssuer::generate());
+    let tokens = token_server("builder", "tok-pass", Arc::clone(&issuer));
     let realm = format!("http://{}/token", tokens.addr());
-    let reg = TestRegistry::start_with(Auth::Token { realm: &realm });
+    let reg = TestRegistry::start_with(Auth::Token { realm: &realm, issuer: &issuer });
     let built = Built::new("ed25519");
     let (layout, keys) = (built.layout.clone(), built.keys.clone());
     let repo = format!("{}/ironroot/token", reg.host());
-    let run = |args: &[&str]| -> ironroot_tests::cli::Run {
+    let run = |args: &[&str], password: &str| -> ironroot_tests::cli::Run {
         Command::new(ironroot_tests::cli::binary())
             .args(args)
             .args(["--registry-user", "builder"])
-            .env("IRONROOT_REGISTRY_PASSWORD", "tok-pass")
+            .env("IRONROOT_REGISTRY_PASSWORD", password)
             .output()
             .expect("run")
             .into()
     };
-    let pinned = run(&["module", "push", &s(&layout), &format!("{repo}:1.0")]).ok();
-    run(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))]).ok();
-    run(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))]).ok();
+    let trust = s(&keys.join("ironroot.pub"));
+    let pinned = run(&["module", "push", &s(&layout), &format!("{repo}:1.0")], "tok-pass").ok();
+    run(&["module", "sign", &pinned, "--key", &s(&keys.join("ironroot.key"))], "tok-pass").ok();
+    let before = reg.settled_log().len();
+    run(&["module", "verify", &pinned, "--trust", &trust], "tok-pass").ok();
     let scopes: Vec<_> = tokens.requests().into_iter().filter(|r| r.contains("scope=repository")).collect();
     assert!(scopes.iter().any(|r| r.contains("pull")), "the verifier never asked the token endpoint: {scopes:?}");
+    // The registry's token auth checked the verifier's tokens (signature by the issuer's key,
+    // issuer, audience, expiry, scope) and authorized its reads: the token the endpoint issued
+    // is what it saw, as nothing else here holds that key yet.
+    let during = reg.settled_log()[before..].to_owned();
+    let authorized = |kind: &str| {
+        during
+            .lines()
+            .any(|l| l.contains("msg=\"authorized request\"") && l.contains(&format!("/v2/ironroot/token/{kind}/")))
+    };
+    assert!(authorized("manifests") && authorized("blobs"), "no read authorized by the issued token:\n{during}");
+
+    // What the registry refuses: no token, a token it cannot parse, one signed by a key it does
+    // not trust, one for another repository. The issuer's token for this repository passes.
+    let tags = "/v2/ironroot/token/tags/list";
+    let pull = |repo: &str| vec![format!("repository:ironroot/{repo}:pull")];
+    let bearer = |token: String| format!("Bearer {token}");
+    assert_eq!(reg.get_status(tags, None), 401);
+    assert_eq!(reg.get_status(tags, Some("Bearer not-a-token")), 401);
+    let forged = TokenIssuer::generate().issue("builder", &pull("token"));
+    assert_eq!(reg.get_status(tags, Some(&bearer(forged))), 401, "a token from an untrusted key");
+    assert_eq!(reg.get_status(tags, Some(&bearer(issuer.issue("builder", &pull("other"))))), 401, "another scope");
+    assert_eq!(reg.get_status(tags, Some(&bearer(issuer.issue("builder", &pull("token"))))), 200);
+
+    // The verifier does not get by without the endpoint's token: a wrong password gets none,
+    // and a registry that trusts another issuer refuses the tokens this endpoint hands out.
+    let refused = run(&["module", "verify", &pinned, "--trust", &trust], "wrong");
+    assert_eq!(refused.code, 13, "{}", refused.stderr);
+    let stranger = TokenIssuer::generate();
+    let other = TestRegistry::start_with(Auth::Token { realm: &realm, issuer: &stranger });
+    let elsewhere = pinned.replacen(&reg.host(), &other.host(), 1);
+    let refused = run(&["module", "verify", &elsewhere, "--trust", &trust], "tok-pass");
+    assert_eq!(refused.code, 13, "{}", refused.stderr);
+    assert!(refused.stderr.contains("401"), "{}", refused.stderr);
 }
 
 #[test]
@@ -284,7 +327,7 @@ fn a_warm_store_fetches_no_packs() {
     };
     let cold = verify();
     assert!(cold["downloaded_bytes"].as_u64().unwrap_or(0) > 0);
-    let before = reg.log().len();
+    let before = reg.settled_log().len();
     let warm = verify();
     assert_eq!(warm["downloaded_bytes"], 0, "{warm}");
     // The registry's own record: the second run read manifests and the signature, no blobs
@@ -293,7 +336,8 @@ fn a_warm_store_fetches_no_packs() {
         &std::fs::read(layout.join("blobs/sha256").join(pinned.rsplit(':').next().expect("hex"))).expect("manifest"),
     )
     .expect("module");
-    let during = reg.log()[before..].to_owned();
+    let during = reg.settled_log()[before..].to_owned();
+    assert!(during.contains("GET /v2/ironroot/warm/manifests/"), "the warm verify's requests are not in:\n{during}");
     for layer in &manifest.manifest.layers {
         assert!(
             !during.contains(&format!("blobs/{}", layer.digest)),

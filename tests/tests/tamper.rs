@@ -387,12 +387,12 @@ fn declared_size_over_the_cap_is_refused_before_download() {
     let (image, pack) = (&m.layers[0], &m.layers[1]);
     assert!(pack.size > image.size, "fixture: the pack must be the largest blob");
     let cap = image.size.to_string();
-    let before = f.reg.log().len();
+    let before = f.reg.settled_log().len();
     f.verify(&reference, &["--max-blob-size", &cap]).refused(
         POLICY,
         &format!("blob {} declares {} bytes, over the {cap}-byte cap (not downloaded)", pack.digest, pack.size),
     );
-    let during = f.reg.log()[before..].to_owned();
+    let during = f.reg.settled_log()[before..].to_owned();
     assert!(
         during.contains(&format!("GET /v2/ironroot/tamper/manifests/{}", f.digest.signature_tag())),
         "registry access log not captured:\n{during}"
