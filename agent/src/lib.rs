@@ -6,7 +6,7 @@
 //! - [`serve`]: the service under systemd (handshake `ready`, heartbeats, sd-notify);
 //! - [`plane`]: the agent's side of the plane API;
 //! - [`external`]: bounded, non-blocking reads of files the agent does not control;
-//! - [`cli`]: `boot`, `pull`, `identity`;
+//! - [`cli`]: `boot`, `serve`, `pull`, `identity`;
 //! - [`exit`]: exit codes.
 
 pub mod boot;
