@@ -33,7 +33,10 @@ pub enum Command {
     #[command(subcommand)]
     Module(ModuleCommand),
     /// Print the fs-verity digest (the object-store name) of each file.
-    Verity { files: Vec<PathBuf> },
+    Verity {
+        /// Files to digest.
+        files: Vec<PathBuf>,
+    },
     /// Kernels: check a configuration against the options a node needs; fetch the default one.
     #[command(subcommand)]
     Kernel(KernelCommand),
@@ -67,6 +70,7 @@ pub struct InitramfsOpts {
     /// A busybox binary for a break-glass shell.
     #[arg(long)]
     pub(super) busybox: Option<PathBuf>,
+    /// Compress the cpio archive (gzip pays off when netbooting).
     #[arg(long, value_enum, default_value_t = crate::initramfs::Compression::None)]
     pub(super) compression: crate::initramfs::Compression,
     /// Where the agent's shared libraries are looked up.
@@ -75,6 +79,7 @@ pub struct InitramfsOpts {
     /// The mtime of every entry (seconds since the epoch).
     #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 0)]
     pub(super) mtime: u32,
+    /// The initramfs file to write.
     #[arg(long)]
     pub(super) out: PathBuf,
 }
@@ -92,10 +97,13 @@ pub enum KernelCommand {
     /// Fetch the default node kernel (a Debian package, resolved through its metapackage) into
     /// OUT: vmlinuz, config, modules/ (with modules.dep), kernel.json. Reuses OUT when current.
     Fetch {
+        /// The directory to write (replaced as a whole, only when everything succeeded).
         #[arg(long, default_value = "target/kernel")]
         out: PathBuf,
+        /// The Debian suite to take the kernel from.
         #[arg(long, default_value = "bookworm-backports")]
         suite: String,
+        /// The metapackage that names the kernel's versioned image package.
         #[arg(long, default_value = "linux-image-cloud-amd64")]
         package: String,
         /// Debian archive address [default: the system's own mirror, from /etc/apt].
@@ -111,8 +119,10 @@ pub enum KernelCommand {
 pub enum KeysCommand {
     /// Generate DIR/ironroot.key (PKCS#8 PEM, 0600) and DIR/ironroot.pub (PKIX PEM).
     Generate {
+        /// The directory DIR (created; existing keys are never overwritten).
         #[arg(long)]
         out: PathBuf,
+        /// `ed25519` or `p256` (ECDSA P-256 with SHA-256).
         #[arg(long, default_value = "ed25519", value_parser = parse_alg)]
         algorithm: KeyAlgorithm,
     },
@@ -138,17 +148,23 @@ pub enum Hardlinks {
 pub enum ModuleCommand {
     /// Build a module from a directory or a tar archive into an OCI layout.
     Build {
+        /// The source: a directory, or a tar archive (unpacked with GNU tar).
         #[arg(long)]
         from: PathBuf,
+        /// The module's name (nodes keep one serial floor per name).
         #[arg(long)]
         name: String,
+        /// The module's version; also its tag in the layout.
         #[arg(long)]
         version: String,
         /// Monotonic per module name; nodes refuse to go below a serial they accepted.
         #[arg(long)]
         serial: u64,
+        /// The OCI layout to write: created, or an existing layout the module is added to.
+        /// Built beside it and moved in only when complete.
         #[arg(long)]
         out: PathBuf,
+        /// Where nodes mount the module: `root`, `usr` or `opt`.
         #[arg(long, default_value = "root", value_parser = parse_role)]
         role: MountRole,
         /// systemd unit to restart when this module is updated in place (repeatable).
@@ -161,6 +177,7 @@ pub enum ModuleCommand {
         /// Force every owner to UID:GID, or `keep`.
         #[arg(long, default_value = "keep")]
         owner: String,
+        /// What hard links in the tree become.
         #[arg(long, value_enum, default_value_t = Hardlinks::Keep)]
         hardlinks: Hardlinks,
         /// Object bytes per pack (packs are written and fetched in parallel; 64 MiB keeps two
@@ -170,14 +187,18 @@ pub enum ModuleCommand {
     },
     /// Copy a module (and its signatures) from an OCI layout to a registry or layout; prints REF@DIGEST.
     Push {
+        /// The source layout: DIR, or oci:DIR:TAG when it holds several modules.
         layout: String,
+        /// The destination: REGISTRY/REPOSITORY[:TAG], or oci:DIR[:TAG].
         reference: String,
         #[command(flatten)]
         registry: RegistryOpts,
     },
     /// Sign REF@DIGEST with a PKCS#8 key; keeps signatures already there.
     Sign {
+        /// The module to sign, pinned by digest: REPOSITORY@sha256:… or oci:DIR@sha256:….
         reference: String,
+        /// The private key (PKCS#8 PEM, Ed25519 or P-256).
         #[arg(long)]
         key: PathBuf,
         #[command(flatten)]
@@ -185,20 +206,24 @@ pub enum ModuleCommand {
     },
     /// Verify the whole trust chain of a module; exit 0 and its digest, or non-zero and why.
     Verify {
+        /// The module: REPOSITORY[:TAG|@sha256:…] or oci:DIR[:TAG|@sha256:…].
         reference: String,
         /// Trusted public key (PKIX PEM); repeatable.
         #[arg(long = "trust", required = true)]
         trust: Vec<PathBuf>,
+        /// Refuse a module whose serial is below this (rollback protection).
         #[arg(long)]
         min_serial: Option<u64>,
         /// Install the verified image and objects here (default: check them, keep nothing).
         #[arg(long)]
         store: Option<PathBuf>,
+        /// Largest manifest read, in bytes.
         #[arg(long, default_value_t = Limits::standard().max_manifest)]
         max_manifest_size: u64,
         /// Total seconds allowed per manifest request.
         #[arg(long, default_value_t = Limits::standard().manifest_deadline.as_secs())]
         manifest_deadline: u64,
+        /// Largest blob fetched, in bytes; a larger one is refused before it is downloaded.
         #[arg(long, default_value_t = Limits::standard().max_blob)]
         max_blob_size: u64,
         /// Total seconds allowed per blob (default: 60 s + 1 s per MiB declared).
@@ -217,12 +242,11 @@ pub struct RegistryOpts {
     /// Extra CA certificate(s) for registry TLS (PEM); implies TLS for loopback registries too.
     #[arg(long = "registry-ca")]
     pub(super) ca: Vec<PathBuf>,
-    /// User name for registry basic or token auth; the password comes from $IRONROOT_REGISTRY_PASSWORD.
+    /// User name for registry basic or token auth; the password comes from $IRONROOT_REGISTRY_PASSWORD
+    /// (never from the command line, which every local user can read).
     #[arg(long = "registry-user")]
     pub(super) user: Option<String>,
-    #[arg(long = "registry-password", env = "IRONROOT_REGISTRY_PASSWORD", hide_env_values = true, hide = true)]
-    pub(super) password: Option<String>,
-    /// A bearer token to send as is.
+    /// A bearer token to send as is; prefer $IRONROOT_REGISTRY_TOKEN (argv is visible to all).
     #[arg(long = "registry-token", env = "IRONROOT_REGISTRY_TOKEN", hide_env_values = true)]
     pub(super) token: Option<String>,
     /// Use TLS even for a loopback registry.
@@ -239,18 +263,72 @@ impl RegistryOpts {
             .collect::<anyhow::Result<_>>()?;
         let credentials = match (&self.token, &self.user) {
             (Some(t), _) => Credentials::Bearer(t.clone()),
-            (None, Some(u)) => {
-                Credentials::Basic { user: u.clone(), password: self.password.clone().unwrap_or_default() }
-            }
+            (None, Some(u)) => Credentials::Basic { user: u.clone(), password: registry_password()? },
             (None, None) => Credentials::Anonymous,
         };
         Ok(RegistryAccess { ca_pem, credentials, force_tls: self.tls })
     }
 }
 
+/// The registry password, from the environment only.
+fn registry_password() -> anyhow::Result<String> {
+    match std::env::var(PASSWORD_VAR) {
+        Ok(p) => Ok(p),
+        Err(std::env::VarError::NotPresent) => Ok(String::new()),
+        Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("${PASSWORD_VAR} is not UTF-8"),
+    }
+}
+
+const PASSWORD_VAR: &str = "IRONROOT_REGISTRY_PASSWORD";
+
 fn parse_binary(s: &str) -> Result<(PathBuf, String), String> {
     match s.split_once('=') {
         Some((host, image)) if !host.is_empty() && image.starts_with('/') => Ok((host.into(), image.to_owned())),
         _ => Err(format!("{s:?} is not HOST_PATH=/IMAGE_PATH")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::Cli;
+
+    /// Every subcommand and every argument says what it is for in `--help`.
+    #[test]
+    fn every_subcommand_and_argument_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "ironroot-build", &mut missing);
+        assert!(missing.is_empty(), "without a description: {missing:#?}");
+    }
+
+    #[test]
+    fn a_password_is_never_an_argument() {
+        let err = Cli::try_parse_from([
+            "ironroot-build",
+            "module",
+            "push",
+            "layout",
+            "127.0.0.1:5000/a",
+            "--registry-password",
+            "secret",
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
     }
 }

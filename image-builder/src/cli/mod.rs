@@ -10,10 +10,10 @@ use ironroot_oci::verify::VerifyOptions;
 use ironroot_oci::{Limits, Target};
 use serde::Serialize;
 
-use crate::exit::Exit;
+use crate::exit::{self, Exit};
 use crate::module::build::{BuildArgs, build};
+use crate::module::staging::{self, Staging};
 use crate::module::tree::{self, Normalise};
-use crate::module::verify::VerifyCommandError;
 use crate::progress::Progress;
 
 mod args;
@@ -45,17 +45,57 @@ pub fn run(cli: Cli) -> Exit {
     };
     let output = cli.output;
     let progress = Progress::new(output == Output::Plain);
+    // Commands that talk to registries or archives say which kind of failure it was.
+    let classified = matches!(
+        cli.command,
+        Command::Module(ModuleCommand::Push { .. } | ModuleCommand::Sign { .. } | ModuleCommand::Verify { .. })
+            | Command::Kernel(KernelCommand::Fetch { .. })
+    );
     match runtime.block_on(dispatch(cli.command, output, &progress)) {
         Ok(()) => Exit::Ok,
         Err(err) => {
             progress.finish();
-            let exit = match err.downcast_ref::<VerifyCommandError>() {
-                Some(VerifyCommandError::Verify(_, v)) => Exit::from(v.kind()),
-                _ => Exit::Failure,
-            };
-            report(output, &format!("{exit:?}").to_lowercase(), &err);
+            let exit = if classified { exit::classify(&err) } else { Exit::Failure };
+            report(output, &kind_name(exit), &err);
             exit
         }
+    }
+}
+
+fn kind_name(exit: Exit) -> String {
+    format!("{exit:?}").to_lowercase()
+}
+
+/// Until dropped, SIGINT and SIGTERM remove `staging` (while its build may still be writing
+/// into it), report the interruption and end the process with [`Exit::Interrupted`].
+struct RemoveOnSignal(tokio::task::JoinHandle<()>);
+
+impl RemoveOnSignal {
+    fn watch(staging: &Staging, output: Output) -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let dir = staging.path().to_owned();
+        Ok(Self(tokio::spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            let err = match staging::abandon(&dir) {
+                Ok(()) => anyhow::anyhow!("module build interrupted"),
+                Err(e) => {
+                    anyhow::Error::new(e).context(format!("module build interrupted; removing {}", dir.display()))
+                }
+            };
+            report(output, &kind_name(Exit::Interrupted), &err);
+            std::process::exit(i32::from(Exit::Interrupted as u8));
+        })))
+    }
+}
+
+impl Drop for RemoveOnSignal {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -98,7 +138,9 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
                 normalise,
                 pack_size: pack_size.max(1),
             };
-            let built = tokio::task::block_in_place(|| build(&args, progress))?;
+            let staging = Staging::create(&out)?;
+            let _watch = RemoveOnSignal::watch(&staging, output)?;
+            let built = tokio::task::block_in_place(|| build(&args, staging, progress))?;
             emit(output, &built, |b| format!("oci:{}:{}@{}", out.display(), b.tag, b.digest));
         }
         Command::Kernel(KernelCommand::Check { config, required }) => {

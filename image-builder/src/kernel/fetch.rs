@@ -14,7 +14,26 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::exit::Exit;
 use crate::kernel::check;
+
+/// apt could not get what it asked the archive for; every other failure of `fetch` is local.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("{what} could not fetch from the archive: {detail}")]
+    Unreachable { what: String, detail: String },
+    #[error("{what}: the archive's signature does not verify: {detail}")]
+    Signature { what: String, detail: String },
+}
+
+impl ArchiveError {
+    pub fn exit(&self) -> Exit {
+        match self {
+            Self::Unreachable { .. } => Exit::Transport,
+            Self::Signature { .. } => Exit::Signature,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct FetchArgs {
@@ -197,9 +216,11 @@ impl Apt {
             format!("Dir::Cache={}", dir.join("cache").display()),
             "APT::Get::List-Cleanup=0".to_owned(),
             "APT::Sandbox::User=root".to_owned(),
+            // An index that cannot be fetched is an error, not a warning over stale lists.
+            "APT::Update::Error-Mode=any".to_owned(),
         ];
         let apt = Apt { opts, debs };
-        run(apt.command().args(["update", "-qq"]), &format!("apt-get update ({suite})"))?;
+        apt.run(apt.command().args(["update", "-qq"]), &format!("apt-get update ({suite})"))?;
         Ok(apt)
     }
 
@@ -208,7 +229,29 @@ impl Apt {
         for o in &self.opts {
             cmd.arg("-o").arg(o);
         }
+        // Its messages are read below to tell a network failure from the rest.
+        cmd.env("LC_ALL", "C");
         cmd
+    }
+
+    /// Runs apt-get; a failure to fetch from the archive is an [`ArchiveError`].
+    fn run(&self, cmd: &mut Command, what: &str) -> anyhow::Result<()> {
+        let out = cmd.output().with_context(|| format!("running {what} (is it installed?)"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let detail = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let has = |needles: &[&str]| needles.iter().any(|n| detail.contains(n));
+        let signature = has(&["GPG error", "is not signed", "NO_PUBKEY", "BADSIG", "EXPKEYSIG"]);
+        let unreachable = has(&["Failed to fetch", "Could not connect", "Could not resolve", "Temporary failure"]);
+        let what = what.to_owned();
+        if signature {
+            return Err(ArchiveError::Signature { what, detail }.into());
+        }
+        if unreachable {
+            return Err(ArchiveError::Unreachable { what, detail }.into());
+        }
+        bail!("{what} failed ({}): {detail}", out.status)
     }
 
     /// Downloads the candidate of `package` and returns the .deb's path (older downloads of
@@ -218,7 +261,7 @@ impl Apt {
             std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
         }
         let what = format!("apt-get download {package}");
-        run(self.command().current_dir(&self.debs).args(["download", "-qq", package]), &what)?;
+        self.run(self.command().current_dir(&self.debs).args(["download", "-qq", package]), &what)?;
         match self.list_debs(package)?.as_slice() {
             [one] => Ok(one.clone()),
             other => bail!("{what} left {} matching files in {}", other.len(), self.debs.display()),

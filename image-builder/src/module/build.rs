@@ -1,6 +1,8 @@
 //! `module build`: source tree → composefs EROFS image (format V1, byte-compatible with
 //! `mkcomposefs --min-version=1`) + object packs + config + manifest, written into an OCI image
 //! layout and tagged with the module version. Same tree and arguments, same manifest digest.
+//! Everything is written into a [`Staging`] directory beside `--out` and moved there only
+//! when complete, so a failed or interrupted build leaves `--out` as it was.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -20,6 +22,7 @@ use ironroot_spec::{ModuleConfig, MountRole, OciDigest, VerityDigest, media, ver
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
+use super::staging::Staging;
 use super::tree::{self, MtimePolicy, Normalise, ObjectSource, SourceTree};
 use crate::progress::Progress;
 
@@ -48,7 +51,8 @@ pub struct BuildOutput {
     pub packs: usize,
 }
 
-pub fn build(args: &BuildArgs, progress: &Progress) -> anyhow::Result<BuildOutput> {
+/// Builds the module into `staging` and moves it to `args.out` (whose [`Staging`] it must be).
+pub fn build(args: &BuildArgs, staging: Staging, progress: &Progress) -> anyhow::Result<BuildOutput> {
     config::validate_name(&args.name)?;
     config::validate_version(&args.version)?;
     let source = SourceTree::open(&args.from)?;
@@ -61,11 +65,12 @@ pub fn build(args: &BuildArgs, progress: &Progress) -> anyhow::Result<BuildOutpu
     drop(validated);
     let composefs_digest = verity_digest(&image);
 
-    let layout = Layout::create(&args.out)?;
+    let layout = Layout::create(staging.path())?;
     let image_digest = layout.write_blob(&image)?;
     let object_bytes: u64 = objects.values().map(|o| o.size).sum();
     progress.bytes("writing object packs", object_bytes);
     let packs = write_packs(&layout, &objects, args.pack_size, progress)?;
+    drop(source);
 
     let created = match args.normalise.mtime {
         MtimePolicy::Fixed(t) => format_epoch(u64::try_from(t).unwrap_or(0)),
@@ -108,7 +113,10 @@ pub fn build(args: &BuildArgs, progress: &Progress) -> anyhow::Result<BuildOutpu
     let digest = layout.write_blob(&manifest_bytes)?;
     let mut desc = Descriptor::new(media::OCI_MANIFEST, digest, manifest_bytes.len() as u64);
     desc.artifact_type = Some(media::MODULE_ARTIFACT_TYPE.into());
-    layout.set_tag(&args.version, desc)?;
+    layout.set_tag(&args.version, desc.clone())?;
+    let blobs: Vec<OciDigest> =
+        [digest, config_digest].into_iter().chain(manifest.layers.iter().map(|l| l.digest)).collect();
+    staging.finish(&args.version, desc, &blobs)?;
     progress.finish();
     Ok(BuildOutput {
         digest,

@@ -4,5 +4,6 @@ pub mod build;
 pub mod dest;
 pub mod push;
 pub mod sign;
+pub mod staging;
 pub mod tree;
 pub mod verify;

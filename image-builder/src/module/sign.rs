@@ -3,16 +3,46 @@
 //! `optional`; the signature goes into the `sha256-<hex>.sig` manifest as one more layer, so
 //! signatures already there (ours or cosign's) are kept.
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use base64::Engine as _;
 use ironroot_oci::download::{self, Limits};
 use ironroot_oci::source::AnySource;
 use ironroot_oci::{RegistryAccess, Target};
-use ironroot_spec::manifest::{Descriptor, ImageManifest, ModuleManifest};
+use ironroot_spec::config::ConfigError;
+use ironroot_spec::manifest::{Descriptor, ImageManifest, ManifestError, ModuleManifest};
 use ironroot_spec::{ModuleConfig, OciDigest, SigningKey, SimpleSigningPayload, media};
 use serde::Serialize;
 
 use super::dest::Destination;
+use crate::exit::Exit;
+
+/// Why `sign` refused what it found at the reference (transport failures come through as the
+/// registry's own errors, classified by [`crate::exit::classify`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    #[error("sign needs REF@sha256:<digest>: sign exactly what you pushed, never a tag")]
+    Unpinned,
+    #[error("{0} has no manifest")]
+    NotFound(String),
+    #[error("manifest served for {expected} has digest {found}")]
+    ManifestDigest { expected: OciDigest, found: OciDigest },
+    #[error("{0} is not an ironroot module")]
+    NotModule(String, #[source] ManifestError),
+    #[error("module config of {0}")]
+    Config(String, #[source] ConfigError),
+}
+
+impl SignError {
+    /// The exit class, as `module verify` would class the same finding.
+    pub fn exit(&self) -> Option<Exit> {
+        match self {
+            Self::Unpinned => None,
+            Self::NotFound(_) => Some(Exit::Transport),
+            Self::ManifestDigest { .. } | Self::Config(..) => Some(Exit::Content),
+            Self::NotModule(..) => Some(Exit::Policy),
+        }
+    }
+}
 
 #[derive(Debug, Serialize)]
 pub struct SignOutput {
@@ -28,19 +58,20 @@ pub struct SignOutput {
 /// Signs the module `target` (which must pin a digest) with `key`.
 pub async fn sign(target: &Target, key: &SigningKey, access: &RegistryAccess) -> anyhow::Result<SignOutput> {
     let Some(digest) = target.digest() else {
-        bail!("sign needs REF@sha256:<digest>: sign exactly what you pushed, never a tag");
+        return Err(SignError::Unpinned.into());
     };
     let limits = Limits::standard();
     let src = AnySource::open(target, access)?;
     let bytes = download::fetch_manifest(&src, &digest.to_string(), &limits)
         .await?
-        .with_context(|| format!("{target} has no manifest"))?;
-    if OciDigest::of(&bytes) != digest {
-        bail!("manifest served for {digest} has another digest");
+        .ok_or_else(|| SignError::NotFound(target.to_string()))?;
+    let found = OciDigest::of(&bytes);
+    if found != digest {
+        return Err(SignError::ManifestDigest { expected: digest, found }.into());
     }
-    let module = ModuleManifest::parse(&bytes).with_context(|| format!("{target} is not an ironroot module"))?;
+    let module = ModuleManifest::parse(&bytes).map_err(|e| SignError::NotModule(target.to_string(), e))?;
     let config_bytes = download::fetch_small(&src, &module.config, 64 * 1024, &limits).await?;
-    let config = ModuleConfig::parse(&config_bytes)?;
+    let config = ModuleConfig::parse(&config_bytes).map_err(|e| SignError::Config(target.to_string(), e))?;
     let payload =
         SimpleSigningPayload::for_module(&target.repository(), digest, &config.name, &config.version, config.serial);
     attach_signature(target, &src, access, digest, &payload.to_bytes(), key).await
