@@ -133,6 +133,14 @@ fn fw_cfg(root: &Path, bytes: &[u8]) {
     fw_cfg_link(root);
 }
 
+fn identity_file(root: &Path, bytes: &[u8]) {
+    write(root, "etc/ironroot/identity.json", bytes);
+}
+
+/// Where an identity document is put, by the source name messages give it.
+type Put = fn(&Path, &[u8]);
+const DOCUMENT_PLACES: [(&str, Put); 2] = [("fw_cfg", fw_cfg), ("file", identity_file)];
+
 fn type11(strings: &[&[u8]]) -> Vec<u8> {
     let mut raw = vec![11, 5, 0x10, 0x00, strings.len() as u8];
     for s in strings {
@@ -259,9 +267,7 @@ fn hostile_fw_cfg_blobs_are_clear_errors() {
 /// 16 MiB at fw_cfg or in the identity file: refused after reading one byte past the 64 KiB cap.
 #[test]
 fn oversized_identity_documents_are_read_only_up_to_the_cap() {
-    let place: [(&str, fn(&Path, &[u8])); 2] =
-        [("fw_cfg", fw_cfg), ("file", |r, b| write(r, "etc/ironroot/identity.json", b))];
-    for (name, put) in place {
+    for (name, put) in DOCUMENT_PLACES {
         let baseline = tempfile::tempdir().unwrap();
         write(baseline.path(), "proc/cmdline", b"ironroot.node=n1\n");
         put(baseline.path(), br#"{"node":"n1"}"#);
@@ -361,8 +367,7 @@ fn a_directory_device_or_socket_at_an_identity_path_is_refused_by_name() {
         ("character device", |r, rel| {
             std::fs::create_dir_all(r.join(rel).parent().unwrap()).unwrap();
             let zero = rustix::fs::makedev(1, 5);
-            rustix::fs::mknodat(CWD, &r.join(rel), FileType::CharacterDevice, Mode::from_raw_mode(0o600), zero)
-                .unwrap();
+            rustix::fs::mknodat(CWD, r.join(rel), FileType::CharacterDevice, Mode::from_raw_mode(0o600), zero).unwrap();
         }),
         ("socket", |r, rel| {
             std::fs::create_dir_all(r.join(rel).parent().unwrap()).unwrap();
@@ -436,9 +441,7 @@ fn boot(root: &Path) -> Run {
 
 #[test]
 fn on_failure_debug_and_heartbeat_from_any_source_are_validated_in_discover() {
-    type Put = fn(&Path, &[u8]);
-    let sources: [(&str, Put); 2] = [("fw_cfg", fw_cfg), ("file", |r, b| write(r, "etc/ironroot/identity.json", b))];
-    for (name, put) in sources {
+    for (name, put) in DOCUMENT_PLACES {
         let root = settings_root("");
         put(root.path(), br#"{"on_failure":"halt","debug":"1","heartbeat":"3600"}"#);
         boot(root.path()).refused(21, "no bootstrap token");
