@@ -229,6 +229,7 @@ fn tls_with_a_custom_ca_and_basic_auth() {
     let bad = run(&["module", "verify", &pinned, "--trust", &s(&keys.join("ironroot.pub"))], "wrong");
     assert_eq!(bad.code, 13, "{}", bad.stderr);
     assert!(bad.stderr.contains("401"), "{}", bad.stderr);
+    assert_eq!(reg.get_status("/v2/", None), 401, "the registry itself refuses anonymous reads");
     // Without the CA the registry's certificate is not trusted. The right password goes along:
     // with certificate checks off this would succeed, so only the TLS check can refuse it.
     let untrusted = Command::new(ironroot_tests::cli::binary())
