@@ -3,7 +3,8 @@
 //! - [`tools`]: finds cosign, mkcomposefs, docker-registry, openssl (installed by `just deps`);
 //! - [`registry`]: a distribution registry per test on 127.0.0.1, plain, TLS + htpasswd, or
 //!   token auth, killed on drop;
-//! - [`http`]: tiny loopback HTTP servers we control (a token endpoint, a hostile blob server);
+//! - [`http`]: tiny loopback HTTP servers we control (a token endpoint and the issuer whose
+//!   signed tokens a token registry checks, a hostile blob server);
 //! - [`tree`]: a generated tree holding everything a root filesystem has;
 //! - [`cli`]: running the `ironroot-build` binary;
 //! - [`vm`]: QEMU boots of the `just image` artifacts against the plane and a TLS registry;
