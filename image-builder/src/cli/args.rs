@@ -246,9 +246,6 @@ pub struct RegistryOpts {
     /// (never from the command line, which every local user can read).
     #[arg(long = "registry-user")]
     pub(super) user: Option<String>,
-    /// A bearer token to send as is; prefer $IRONROOT_REGISTRY_TOKEN (argv is visible to all).
-    #[arg(long = "registry-token", env = "IRONROOT_REGISTRY_TOKEN", hide_env_values = true)]
-    pub(super) token: Option<String>,
     /// Use TLS even for a loopback registry.
     #[arg(long = "registry-tls")]
     pub(super) tls: bool,
@@ -261,8 +258,11 @@ impl RegistryOpts {
             .iter()
             .map(|p| std::fs::read(p).with_context(|| format!("reading registry CA {}", p.display())))
             .collect::<anyhow::Result<_>>()?;
-        let credentials = match (&self.token, &self.user) {
-            (Some(t), _) => Credentials::Bearer(t.clone()),
+        // A bearer token comes from the environment only, like the password: argv is visible to
+        // every local user.
+        let token = std::env::var(TOKEN_VAR).ok().filter(|t| !t.is_empty());
+        let credentials = match (token, &self.user) {
+            (Some(t), _) => Credentials::Bearer(t),
             (None, Some(u)) => Credentials::Basic { user: u.clone(), password: registry_password()? },
             (None, None) => Credentials::Anonymous,
         };
@@ -280,6 +280,8 @@ fn registry_password() -> anyhow::Result<String> {
 }
 
 const PASSWORD_VAR: &str = "IRONROOT_REGISTRY_PASSWORD";
+/// A bearer token sent as is (instead of basic or token auth).
+const TOKEN_VAR: &str = "IRONROOT_REGISTRY_TOKEN";
 
 fn parse_binary(s: &str) -> Result<(PathBuf, String), String> {
     match s.split_once('=') {
@@ -318,17 +320,12 @@ mod tests {
     }
 
     #[test]
-    fn a_password_is_never_an_argument() {
-        let err = Cli::try_parse_from([
-            "ironroot-build",
-            "module",
-            "push",
-            "layout",
-            "127.0.0.1:5000/a",
-            "--registry-password",
-            "secret",
-        ])
-        .unwrap_err();
-        assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument);
+    fn a_secret_is_never_an_argument() {
+        for flag in ["--registry-password", "--registry-token"] {
+            let err =
+                Cli::try_parse_from(["ironroot-build", "module", "push", "layout", "127.0.0.1:5000/a", flag, "s"])
+                    .unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::UnknownArgument, "{flag}");
+        }
     }
 }
