@@ -103,12 +103,9 @@ async fn slow_and_idle_connections_are_closed_but_a_node_keeps_its_connection() 
             break;
         }
         let mut byte = [0u8; 1];
-        match tokio::time::timeout(Duration::from_millis(300), slow.read(&mut byte)).await {
-            Ok(Ok(0) | Err(_)) => {
-                cut = true;
-                break;
-            }
-            _ => {}
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(300), slow.read(&mut byte)).await {
+            cut = true;
+            break;
         }
     }
     assert!(cut, "a trickled request head was never cut off");
