@@ -15,6 +15,13 @@ test: deps
     cargo build --workspace --locked
     cargo test --workspace --locked
 
+# The fast tier: formatting, lints and the unit tests of every crate (no root, no network, no
+# QEMU; a few minutes). `just test` is the whole suite.
+check:
+    cargo fmt --all -- --check
+    cargo clippy --all-targets --locked -- -D warnings
+    cargo test --workspace --locked --lib --bins
+
 # A node netboots the image in QEMU against the reference plane and a local registry and
 # reaches `running` (exit 0 only then). Builds the image first (cached).
 demo: deps
