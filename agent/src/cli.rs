@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use ironroot_contract::TrustedKey;
 use ironroot_oci::source::AnySource;
 use ironroot_oci::store::ObjectStore;
 use ironroot_oci::verify::verify_module;
 use ironroot_oci::{Limits, RegistryAccess, Target, VerifyOptions};
-use ironroot_spec::TrustedKey;
 
-use crate::boot::{self, BootOptions, discover, retry::Backoff};
+use crate::backoff::Backoff;
+use crate::boot::{self, BootOptions};
 use crate::exit::Exit;
 use crate::external::{self, Links};
+use crate::identity::discover;
 
 /// Largest trust key file `pull` reads (a PEM public key is a few hundred bytes).
 const MAX_TRUST_FILE: u64 = 64 * 1024;
@@ -167,8 +169,8 @@ async fn dispatch(command: Command) -> Exit {
             }
         }
         Command::Serve { run_dir, interval } => {
-            let opts = crate::serve::ServeOptions { run_dir, interval: interval.map(Duration::from_secs) };
-            match crate::serve::serve(&opts).await {
+            let opts = crate::service::ServeOptions { run_dir, interval: interval.map(Duration::from_secs) };
+            match crate::service::serve(&opts).await {
                 Ok(()) => Exit::Ok,
                 Err(e) => {
                     fail(&e);
@@ -188,7 +190,7 @@ async fn dispatch(command: Command) -> Exit {
         }
         Command::Identity { root, json } => match discover::discover(&discover::DiscoverOptions::new(&root)).await {
             Ok(found) => {
-                let record = boot::handoff::IdentityRecord::new(&found);
+                let record = boot::handoff::identity_record(&found);
                 if json {
                     println!("{}", serde_json::to_string_pretty(&record).unwrap_or_default());
                 } else {
@@ -244,7 +246,7 @@ async fn pull(
         let exit = Exit::from(e.kind());
         (exit, anyhow::Error::new(e).context(format!("pulling {reference}")))
     })?;
-    let record = boot::handoff::ModuleRecord::new(&v);
+    let record = crate::modules::record(&v);
     if json {
         println!("{}", serde_json::to_string(&record).unwrap_or_default());
     } else {

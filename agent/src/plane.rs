@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
-use ironroot_spec::wire::{self, DesiredState, EnrollRequest, EnrollResponse, ErrorBody, NodeReport, ReportResponse};
+use ironroot_contract::wire::{
+    self, DesiredState, EnrollRequest, EnrollResponse, ErrorBody, NodeReport, ReportResponse,
+};
 use serde::de::DeserializeOwned;
 
 /// Largest answer read from the plane (desired state and certificates are a few KiB).

@@ -15,7 +15,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use ironroot_spec::wire::{self, AuditBatch, EnrollRequest, ErrorBody, NodeReport, RenewRequest, TaskResult};
+use ironroot_contract::wire::{self, AuditBatch, EnrollRequest, ErrorBody, NodeReport, RenewRequest, TaskResult};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;

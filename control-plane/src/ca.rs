@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ironroot_spec::wire::{NODE_URI_PREFIX, OPERATOR_URI_PREFIX};
+use ironroot_contract::wire::{NODE_URI_PREFIX, OPERATOR_URI_PREFIX};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,

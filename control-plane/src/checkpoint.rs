@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use base64::Engine as _;
-use ironroot_spec::wire::JournalCheckpoint;
-use ironroot_spec::{KeyAlgorithm, SigningKey, TrustedKey};
+use ironroot_contract::wire::JournalCheckpoint;
+use ironroot_contract::{KeyAlgorithm, SigningKey, TrustedKey};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::Serialize;
 

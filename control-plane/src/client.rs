@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use ironroot_spec::wire::ErrorBody;
+use ironroot_contract::wire::ErrorBody;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 

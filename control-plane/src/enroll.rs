@@ -3,7 +3,7 @@
 //! may be bound to an expected identity. Enrollment issues a certificate whose only identity is
 //! the node id from the enrollment record.
 
-use ironroot_spec::wire::{EnrollRequest, EnrollResponse, Identity, NodeAuditRecord};
+use ironroot_contract::wire::{EnrollRequest, EnrollResponse, Identity, NodeAuditRecord};
 use rusqlite::{OptionalExtension as _, params};
 use sha2::{Digest as _, Sha256};
 

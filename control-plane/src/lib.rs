@@ -1,5 +1,5 @@
 //! ironroot-plane: the reference control plane. The plane side of the wire API in
-//! `ironroot_spec::wire` — CA and bootstrap tokens, enrollment, node lifecycle, heartbeats,
+//! `ironroot_contract::wire` — CA and bootstrap tokens, enrollment, node lifecycle, heartbeats,
 //! desired state, a task queue, the audit journal — plus the operator CLI.
 
 pub mod admission;

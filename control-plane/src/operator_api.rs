@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use ironroot_spec::wire::{JournalCheckpoint, TaskSpec};
+use ironroot_contract::wire::{JournalCheckpoint, TaskSpec};
 use serde::Deserialize;
 
 use crate::api::{ApiError, ApiResult, body, refuse, run};

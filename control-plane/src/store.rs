@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ironroot_spec::wire::{NodeReport, ReportResponse};
+use ironroot_contract::wire::{NodeReport, ReportResponse};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::Serialize;
 

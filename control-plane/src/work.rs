@@ -2,7 +2,7 @@
 //! bumps the node's generation), and the task queue (leases that expire and are redelivered,
 //! results idempotent by task id).
 
-use ironroot_spec::wire::{DesiredModule, DesiredState, Task, TaskResult, TaskSpec};
+use ironroot_contract::wire::{DesiredModule, DesiredState, Task, TaskResult, TaskSpec};
 use rusqlite::{OptionalExtension as _, params};
 use serde::Serialize;
 
@@ -28,7 +28,7 @@ pub fn parse_module(arg: &str) -> Result<DesiredModule, Refusal> {
     };
     let (repo, digest) =
         reference.split_once('@').ok_or_else(|| bad(format!("{reference:?} is not pinned by @sha256:…")))?;
-    let digest = digest.parse().map_err(|e: ironroot_spec::DigestError| bad(e.to_string()))?;
+    let digest = digest.parse().map_err(|e: ironroot_contract::DigestError| bad(e.to_string()))?;
     let name = repo.rsplit('/').next().unwrap_or(repo).split(':').next().unwrap_or(repo).to_owned();
     Ok(DesiredModule { name, reference: reference.to_owned(), digest, serial })
 }

@@ -3,7 +3,7 @@
 //! control characters.
 #![no_main]
 
-use ironroot_spec::wire::{AuditBatch, valid_kind};
+use ironroot_contract::wire::{AuditBatch, valid_kind};
 
 fn no_control(v: &serde_json::Value) -> bool {
     match v {
@@ -15,7 +15,7 @@ fn no_control(v: &serde_json::Value) -> bool {
 }
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if data.len() > ironroot_spec::wire::MAX_BODY {
+    if data.len() > ironroot_contract::wire::MAX_BODY {
         return;
     }
     let Ok(batch) = serde_json::from_slice::<AuditBatch>(data) else { return };

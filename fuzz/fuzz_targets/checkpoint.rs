@@ -2,7 +2,7 @@
 //! parses has the documented shape and serializes back to something that parses to itself.
 #![no_main]
 
-use ironroot_spec::wire::JournalCheckpoint;
+use ironroot_contract::wire::JournalCheckpoint;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(c) = JournalCheckpoint::parse(data) {

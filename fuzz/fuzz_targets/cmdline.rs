@@ -3,7 +3,7 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Ok(line) = ironroot_agent::boot::cmdline::parse_cmdline(data) {
+    if let Ok(line) = ironroot_agent::cmdline::parse_cmdline(data) {
         for key in line.keys() {
             assert!(key.starts_with("ironroot.") && !key.chars().any(char::is_control));
             let value = line.get(key).unwrap_or_default();

@@ -1,8 +1,8 @@
 //! Registry-supplied JSON: image and module manifests, module configs, signature payloads.
 #![no_main]
 
-use ironroot_spec::manifest::{ImageManifest, ModuleManifest};
-use ironroot_spec::{ModuleConfig, SimpleSigningPayload};
+use ironroot_contract::manifest::{ImageManifest, ModuleManifest};
+use ironroot_contract::{ModuleConfig, SimpleSigningPayload};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     if let Ok(m) = ImageManifest::parse(data) {

@@ -10,9 +10,9 @@ use sha2::Digest as _;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let reader = if data.len() % 2 == 1 {
-        ironroot_spec::pack::PackReader::kernel_checked(data)
+        ironroot_contract::pack::PackReader::kernel_checked(data)
     } else {
-        ironroot_spec::pack::PackReader::new(data)
+        ironroot_contract::pack::PackReader::new(data)
     };
     let mut reader = reader.with_blob_digest();
     let mut buf = [0u8; 4096];
@@ -34,7 +34,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         Some(digest) => {
             assert!(ended);
             let expected: [u8; 32] = sha2::Sha256::digest(data).into();
-            assert_eq!(digest, ironroot_spec::OciDigest::new(expected));
+            assert_eq!(digest, ironroot_contract::OciDigest::new(expected));
         }
         None => assert!(!ended),
     }

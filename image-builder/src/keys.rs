@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use ironroot_spec::{KeyAlgorithm, SigningKey, TrustedKey};
+use ironroot_contract::{KeyAlgorithm, SigningKey, TrustedKey};
 
 pub const PRIVATE_KEY_FILE: &str = "ironroot.key";
 pub const PUBLIC_KEY_FILE: &str = "ironroot.pub";

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
-use ironroot_spec::OciDigest;
-use ironroot_spec::manifest::Descriptor;
-use ironroot_spec::pack::PackError;
+use ironroot_contract::OciDigest;
+use ironroot_contract::manifest::Descriptor;
+use ironroot_contract::pack::PackError;
 use sha2::{Digest as _, Sha256};
 use tokio::time::Instant;
 

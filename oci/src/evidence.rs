@@ -12,7 +12,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt as _;
-use ironroot_spec::OciDigest;
+use ironroot_contract::OciDigest;
 
 use crate::layout::write_atomic;
 use crate::source::{BlobStream, ModuleSource, SourceError, file_chunks};

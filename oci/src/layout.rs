@@ -7,8 +7,8 @@ use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
-use ironroot_spec::manifest::Descriptor;
-use ironroot_spec::{OciDigest, media};
+use ironroot_contract::manifest::Descriptor;
+use ironroot_contract::{OciDigest, media};
 use serde::{Deserialize, Serialize};
 
 const LAYOUT_FILE: &str = "oci-layout";

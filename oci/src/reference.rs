@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use ironroot_spec::OciDigest;
+use ironroot_contract::OciDigest;
 use oci_client::Reference;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,7 +17,7 @@ pub enum ReferenceError {
     #[error("reference {0:?} does not parse: {1}")]
     Registry(String, String),
     #[error("reference {0:?}: {1}")]
-    Digest(String, ironroot_spec::DigestError),
+    Digest(String, ironroot_contract::DigestError),
     #[error("reference {0:?} names no directory")]
     NoDir(String),
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use futures_util::{StreamExt as _, TryStreamExt as _};
-use ironroot_spec::OciDigest;
+use ironroot_contract::OciDigest;
 use oci_client::Reference;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;

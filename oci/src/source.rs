@@ -6,7 +6,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _, TryStreamExt as _};
-use ironroot_spec::OciDigest;
+use ironroot_contract::OciDigest;
 
 use crate::layout::{Layout, LayoutError};
 use crate::registry::{Registry, RegistryError};
@@ -58,10 +58,10 @@ pub struct RegistrySource {
 }
 
 const ACCEPT_MANIFESTS: &[&str] = &[
-    ironroot_spec::media::OCI_MANIFEST,
-    ironroot_spec::media::OCI_INDEX,
-    ironroot_spec::media::DOCKER_MANIFEST,
-    ironroot_spec::media::DOCKER_MANIFEST_LIST,
+    ironroot_contract::media::OCI_MANIFEST,
+    ironroot_contract::media::OCI_INDEX,
+    ironroot_contract::media::DOCKER_MANIFEST,
+    ironroot_contract::media::DOCKER_MANIFEST_LIST,
 ];
 
 impl ModuleSource for RegistrySource {

@@ -13,7 +13,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use ironroot_spec::VerityDigest;
+use ironroot_contract::VerityDigest;
 
 #[derive(Debug, Clone)]
 pub struct ObjectStore {

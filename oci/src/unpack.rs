@@ -6,9 +6,9 @@
 use std::io::{self, Read};
 
 use bytes::Bytes;
-use ironroot_spec::OciDigest;
-use ironroot_spec::manifest::PackDescriptor;
-use ironroot_spec::pack::{PackError, PackReader};
+use ironroot_contract::OciDigest;
+use ironroot_contract::manifest::PackDescriptor;
+use ironroot_contract::pack::{PackError, PackReader};
 
 use crate::download::{AsyncSink, DownloadError, Limits, stream_blob};
 use crate::source::ModuleSource;

@@ -9,10 +9,10 @@ use std::path::PathBuf;
 
 use composefs::fsverity::{FsVerityHashValue as _, Sha256HashValue};
 use futures_util::{StreamExt as _, TryStreamExt as _};
-use ironroot_spec::config::ConfigError;
-use ironroot_spec::manifest::{ImageManifest, ModuleManifest};
-use ironroot_spec::signing::{self, MAX_PAYLOAD_SIZE, SignatureError, SignedPayload};
-use ironroot_spec::{ManifestError, ModuleConfig, OciDigest, TrustedKey, VerityDigest, media};
+use ironroot_contract::config::ConfigError;
+use ironroot_contract::manifest::{ImageManifest, ModuleManifest};
+use ironroot_contract::signing::{self, MAX_PAYLOAD_SIZE, SignatureError, SignedPayload};
+use ironroot_contract::{ManifestError, ModuleConfig, OciDigest, TrustedKey, VerityDigest, media};
 
 use crate::download::{self, DownloadError, Limits};
 use crate::evidence::{Evidence, Record};
@@ -246,7 +246,7 @@ pub async fn verify_module<S: ModuleSource>(
             source,
         })?
     } else {
-        ironroot_spec::verity_digest(&image_bytes)
+        ironroot_contract::verity_digest(&image_bytes)
     };
     if found != config.composefs_digest {
         remove_quietly(&image);

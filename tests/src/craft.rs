@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
+use ironroot_contract::manifest::{Descriptor, ImageManifest};
+use ironroot_contract::{OciDigest, SimpleSigningPayload, media};
 use ironroot_oci::layout::Layout;
 use ironroot_oci::source::AnySource;
 use ironroot_oci::{RegistryAccess, Target};
-use ironroot_spec::manifest::{Descriptor, ImageManifest};
-use ironroot_spec::{OciDigest, SimpleSigningPayload, media};
 
 /// The manifest tagged `tag` in the layout at `dir`.
 pub fn load(dir: &Path, tag: &str) -> (Layout, ImageManifest) {

@@ -19,7 +19,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use ironroot_spec::keys::{KeyAlgorithm, SigningKey};
+use ironroot_contract::keys::{KeyAlgorithm, SigningKey};
 use ironroot_tests::cli::{Run, binary_named};
 use ironroot_tests::http::{Server, respond};
 use ironroot_tests::lab::Lab;

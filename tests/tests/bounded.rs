@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ironroot_spec::manifest::ModuleManifest;
+use ironroot_contract::manifest::ModuleManifest;
 use ironroot_tests::cli::{Run, binary, build_cmd};
 use ironroot_tests::http::{Misbehaviour, hostile_registry};
 use ironroot_tests::tree::generate_bulk;

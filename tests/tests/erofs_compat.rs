@@ -8,10 +8,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
+use ironroot_contract::manifest::ModuleManifest;
+use ironroot_contract::pack::PackReader;
+use ironroot_contract::verity_digest;
 use ironroot_oci::layout::Layout;
-use ironroot_spec::manifest::ModuleManifest;
-use ironroot_spec::pack::PackReader;
-use ironroot_spec::verity_digest;
 use ironroot_tests::cli::build_cmd;
 use ironroot_tests::tools::tool;
 use ironroot_tests::tree::{TreeOptions, generate};

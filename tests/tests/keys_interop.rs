@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ironroot_spec::TrustedKey;
+use ironroot_contract::TrustedKey;
 use ironroot_tests::cli::build_cmd;
 use ironroot_tests::registry::TestRegistry;
 use ironroot_tests::tools::tool;

@@ -333,7 +333,7 @@ fn a_warm_store_fetches_no_packs() {
     assert_eq!(warm["downloaded_bytes"], 0, "{warm}");
     // The registry's own record: the second run read manifests and the signature, no blobs
     // beyond the small signature payload and config.
-    let manifest = ironroot_spec::manifest::ModuleManifest::parse(
+    let manifest = ironroot_contract::manifest::ModuleManifest::parse(
         &std::fs::read(layout.join("blobs/sha256").join(pinned.rsplit(':').next().expect("hex"))).expect("manifest"),
     )
     .expect("module");

@@ -8,10 +8,10 @@
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use ironroot_contract::manifest::{Descriptor, ImageManifest};
+use ironroot_contract::pack::PackWriter;
+use ironroot_contract::{OciDigest, VerityDigest, media, verity_digest};
 use ironroot_oci::Target;
-use ironroot_spec::manifest::{Descriptor, ImageManifest};
-use ironroot_spec::pack::PackWriter;
-use ironroot_spec::{OciDigest, VerityDigest, media, verity_digest};
 use ironroot_tests::cli::{Run, build_cmd};
 use ironroot_tests::craft;
 use ironroot_tests::registry::TestRegistry;

@@ -10,15 +10,9 @@
 //! [`run`] is [`configure`] (discovery and settings) then [`run_configured`]: the initramfs init
 //! goes by the settings of the first, from any identity source, for what follows.
 
-pub mod cmdline;
-pub mod discover;
-pub mod enroll;
 pub mod fetch;
 pub mod handoff;
-pub mod mount;
-pub mod retry;
 pub mod settings;
-pub mod store;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -27,9 +21,13 @@ use std::time::Instant;
 
 use ironroot_oci::{Limits, RegistryAccess};
 
+use ironroot_contract::run_state::{BootRecord, RUN_STATE_SCHEMA, RootRecord, StoreRecord};
+
+use crate::backoff::Backoff;
 use crate::exit::Exit;
 use crate::external::{self, Links};
-use handoff::{BootRecord, IdentityRecord, ModuleRecord, RootRecord, StoreRecord};
+use crate::identity::{discover, enroll};
+use crate::{modules, root, run_state, store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
@@ -96,7 +94,7 @@ impl BootError {
     /// node got far enough to have an identity. Best effort: a failure here is only logged.
     pub async fn report(&self) -> bool {
         let Some(to) = &self.report_to else { return false };
-        let report = ironroot_spec::wire::NodeReport {
+        let report = ironroot_contract::wire::NodeReport {
             boot_id: to.boot_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             phase: format!("failed:{}", self.phase),
@@ -127,7 +125,7 @@ pub struct BootOptions {
     /// Where the composefs root is mounted (`/sysroot` in the initramfs).
     pub target: PathBuf,
     pub mkfs_ext4: PathBuf,
-    pub backoff: retry::Backoff,
+    pub backoff: Backoff,
     pub limits: Limits,
     pub access: RegistryAccess,
     /// Timings measured before the pipeline started (the initramfs agent's kernel, modules
@@ -185,11 +183,17 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
     let Configured { found, settings, mut timer } = configured;
     let store_paths =
         store::StorePaths { root: opts.root.clone(), devices: opts.devices.clone(), mkfs_ext4: opts.mkfs_ext4.clone() };
-    let store = tokio::task::block_in_place(|| store::prepare(&settings, &store_paths))
+    let store = tokio::task::block_in_place(|| store::prepare(&settings.store, settings.verity, &store_paths))
         .map_err(|e| BootError::new(Phase::Store, Exit::Store, e))?;
     timer.lap(Phase::Store);
 
-    let enrolled = enroll::enroll(&settings, &store.state_dir, &opts.backoff)
+    let with = enroll::EnrollWith {
+        plane: &settings.plane,
+        plane_ca_pem: &settings.plane_ca_pem,
+        token: settings.token.as_deref(),
+        identity: &settings.identity,
+    };
+    let enrolled = enroll::enroll(&with, &store.state_dir, &opts.backoff)
         .await
         .map_err(|e| BootError::new(Phase::Enroll, Exit::Enroll, e))?;
     timer.lap(Phase::Enroll);
@@ -200,27 +204,30 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
         .map_err(|e| BootError::new(Phase::Fetch, Exit::Fetch, e).reported_to(&enrolled, &boot_id, &timer))?;
     timer.lap(Phase::Fetch);
 
-    let policy = fetch::FetchPolicy { access: opts.access.clone(), limits: opts.limits.clone(), backoff: opts.backoff };
-    let verified = fetch::verify(&assignment, &store, &settings, &policy).await.map_err(|e| {
+    let policy =
+        modules::FetchPolicy { access: opts.access.clone(), limits: opts.limits.clone(), backoff: opts.backoff };
+    let verified = modules::verify(&assignment.modules, &store, &settings.trust, &policy).await.map_err(|e| {
         let exit = Exit::from(e.kind());
         BootError::new(Phase::Verify, exit, e).reported_to(&enrolled, &boot_id, &timer)
     })?;
+    modules::raise_floors(&store, &verified)
+        .map_err(|e| BootError::new(Phase::Verify, Exit::Failure, e).reported_to(&enrolled, &boot_id, &timer))?;
     tokio::task::block_in_place(|| store.sync())
         .map_err(|e| BootError::new(Phase::Store, Exit::Store, e).reported_to(&enrolled, &boot_id, &timer))?;
     timer.lap(Phase::Verify);
 
-    let mounted = tokio::task::block_in_place(|| mount::mount_root(&verified, &store, &opts.run_dir(), &opts.target))
+    let mounted = tokio::task::block_in_place(|| root::mount_root(&verified, &store, &opts.run_dir(), &opts.target))
         .map_err(|e| BootError::new(Phase::Mount, Exit::Mount, e).reported_to(&enrolled, &boot_id, &timer))?;
     timer.lap(Phase::Mount);
 
     let plane_ca = opts.run_dir().join("plane-ca.pem");
-    std::fs::write(&plane_ca, &settings.plane_ca_pem)
+    run_state::write_private(&plane_ca, settings.plane_ca_pem.as_bytes())
         .map_err(|e| BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &boot_id, &timer))?;
     let record = BootRecord {
-        schema: handoff::RUN_STATE_SCHEMA,
+        schema: RUN_STATE_SCHEMA,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         boot_id,
-        identity: IdentityRecord::new(&found),
+        identity: handoff::identity_record(&found),
         node_id: enrolled.node_id.clone(),
         plane: settings.plane.clone(),
         plane_ca,
@@ -237,7 +244,7 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
             insecure: !store.verity,
             device: store.device.clone(),
         },
-        modules: verified.iter().map(ModuleRecord::new).collect(),
+        modules: verified.iter().map(modules::record).collect(),
         root: RootRecord {
             target: mounted.target.clone(),
             verity: mounted.verity,
@@ -245,10 +252,10 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
             upper: mounted.upper.clone(),
         },
         phases_ms: timer.0.clone(),
-        written_at_boottime_ms: Some(handoff::boottime_ms()),
+        written_at_boottime_ms: Some(run_state::boottime_ms()),
         heartbeat_s: Some(settings.heartbeat.as_secs()),
     };
-    handoff::write(&opts.run_dir(), &record).map_err(|e| {
+    run_state::write(&opts.run_dir(), &record).map_err(|e| {
         BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &record.boot_id, &timer)
     })?;
     Ok(record)

@@ -3,50 +3,23 @@
 //! metadata). Nothing here has a `Default`: a setting is either given, or has a documented
 //! default in docs/interfaces/kernel-cmdline.md.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use ironroot_spec::TrustedKey;
-use ironroot_spec::wire::Identity;
+use ironroot_contract::TrustedKey;
+use ironroot_contract::wire::Identity;
 
-use super::discover::Discovered;
-use super::handoff::{DEFAULT_HEARTBEAT, HEARTBEAT_SECONDS};
+use ironroot_contract::run_state::{DEFAULT_HEARTBEAT, HEARTBEAT_SECONDS};
+
 use crate::external;
-
-/// Where the object store lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreKind {
-    /// ext4 (`-O verity`, 4 KiB blocks) on a zram device the agent creates. The default.
-    Zram,
-    /// A block device mounted at `/persist` (formatted ext4 `-O verity` only if blank).
-    Disk(PathBuf),
-    /// An already-mounted persistent directory used as `/persist` (dracut flavour, tests).
-    Dir(PathBuf),
-    /// tmpfs: digests are checked at download only; reported as insecure everywhere.
-    TmpfsInsecure,
-}
-
-impl StoreKind {
-    /// Whether the store, key and serial floors survive a reboot.
-    pub fn persistent(&self) -> bool {
-        matches!(self, Self::Disk(_) | Self::Dir(_))
-    }
-}
+use crate::identity::discover::Discovered;
+pub use crate::store::{StoreKind, VerityPolicy};
 
 /// What to do when the boot fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFailure {
     Reboot,
     Halt,
-}
-
-/// Whether kernel-enforced fs-verity is required of the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VerityPolicy {
-    /// Refuse to boot from a store without fs-verity. The default.
-    Require,
-    /// Use fs-verity where the kernel has it; otherwise mount without and say so.
-    Optional,
 }
 
 #[derive(Debug, Clone)]
@@ -88,7 +61,8 @@ fn pem_value(root: &Path, key: &'static str, value: &str) -> Result<String, Sett
         return Ok(value.to_owned());
     }
     let path = root.join(value.trim_start_matches('/'));
-    let bytes = super::discover::read_value_file(&path).map_err(|source| SettingsError::File { key, source })?;
+    let bytes =
+        crate::identity::discover::read_value_file(&path).map_err(|source| SettingsError::File { key, source })?;
     String::from_utf8(bytes).map_err(|_| invalid(key, value, "is not UTF-8 PEM"))
 }
 
@@ -191,10 +165,10 @@ pub fn settings(found: &Discovered, root: &Path) -> Result<BootSettings, Setting
 
 #[cfg(test)]
 mod tests {
-    use ironroot_spec::{KeyAlgorithm, SigningKey};
+    use ironroot_contract::{KeyAlgorithm, SigningKey};
 
     use super::*;
-    use crate::boot::discover::Source;
+    use crate::identity::discover::Source;
 
     const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 

@@ -20,8 +20,10 @@ use std::time::{Duration, Instant};
 
 use ironroot_oci::{Limits, RegistryAccess};
 
+use crate::backoff::Backoff;
 use crate::boot::settings::OnFailure;
-use crate::boot::{self, BootError, BootOptions, cmdline, retry::Backoff};
+use crate::boot::{self, BootError, BootOptions};
+use crate::cmdline;
 use crate::external::{self, Links};
 
 /// How long the NIC driver gets to create an interface.
@@ -55,7 +57,7 @@ fn early_from(cmd: Option<&cmdline::Cmdline>) -> Early {
 /// Runs as PID 1. Never returns.
 pub fn main() -> ! {
     let started = Instant::now();
-    let mut early_phases = BTreeMap::from([("kernel".to_owned(), crate::boot::handoff::boottime_ms())]);
+    let mut early_phases = BTreeMap::from([("kernel".to_owned(), crate::run_state::boottime_ms())]);
     console("ironroot: initramfs agent starting");
     if let Err(e) = sys::early_mounts() {
         fail_early(&format!("early mounts: {e}"), OnFailure::Reboot);

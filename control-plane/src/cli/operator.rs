@@ -2,7 +2,7 @@
 //! way its answer is printed.
 
 use anyhow::Context as _;
-use ironroot_spec::wire::{JournalCheckpoint, TaskSpec};
+use ironroot_contract::wire::{JournalCheckpoint, TaskSpec};
 use serde_json::{Value, json};
 
 use super::args::{AuditCommand, Command, NodeCommand, TaskCommand, TemplateCommand, TokenCommand};

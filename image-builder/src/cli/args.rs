@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ironroot_contract::{KeyAlgorithm, MountRole};
 use ironroot_oci::{Credentials, Limits, RegistryAccess};
-use ironroot_spec::{KeyAlgorithm, MountRole};
 
 #[derive(Debug, Parser)]
 #[command(name = "ironroot-build", version, about = "Build, push, sign and verify ironroot modules")]

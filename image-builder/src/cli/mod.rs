@@ -210,7 +210,7 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
         Command::Verity { files } => {
             for file in files {
                 let f = std::fs::File::open(&file).with_context(|| format!("opening {}", file.display()))?;
-                let digest = ironroot_spec::verity::verity_digest_of(f)
+                let digest = ironroot_contract::verity::verity_digest_of(f)
                     .with_context(|| format!("reading {}", file.display()))?;
                 emit(output, &serde_json::json!({"file": file, "verity": digest.to_string()}), |_| {
                     format!("{digest}  {}", file.display())

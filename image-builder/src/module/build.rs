@@ -14,11 +14,11 @@ use std::sync::Mutex;
 use anyhow::{Context as _, bail};
 use composefs::erofs::format::FormatVersion;
 use composefs::erofs::writer::{ValidatedFileSystem, mkfs_erofs_versioned};
+use ironroot_contract::config::{self, CONFIG_SCHEMA_VERSION, format_epoch};
+use ironroot_contract::manifest::{Descriptor, ImageManifest};
+use ironroot_contract::pack::PackWriter;
+use ironroot_contract::{ModuleConfig, MountRole, OciDigest, VerityDigest, media, verity_digest};
 use ironroot_oci::layout::{Layout, partial_path};
-use ironroot_spec::config::{self, CONFIG_SCHEMA_VERSION, format_epoch};
-use ironroot_spec::manifest::{Descriptor, ImageManifest};
-use ironroot_spec::pack::PackWriter;
-use ironroot_spec::{ModuleConfig, MountRole, OciDigest, VerityDigest, media, verity_digest};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 

@@ -3,11 +3,11 @@
 use std::path::Path;
 
 use anyhow::Context as _;
+use ironroot_contract::OciDigest;
+use ironroot_contract::manifest::Descriptor;
 use ironroot_oci::layout::Layout;
 use ironroot_oci::registry::Registry;
 use ironroot_oci::{RegistryAccess, Target};
-use ironroot_spec::OciDigest;
-use ironroot_spec::manifest::Descriptor;
 
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant, reason = "one per push; boxing buys nothing")]

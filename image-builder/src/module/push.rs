@@ -3,10 +3,10 @@
 //! sees a manifest whose blobs are missing.
 
 use anyhow::{Context as _, bail};
+use ironroot_contract::manifest::ImageManifest;
+use ironroot_contract::{OciDigest, media};
 use ironroot_oci::layout::Layout;
 use ironroot_oci::{RegistryAccess, Target};
-use ironroot_spec::manifest::ImageManifest;
-use ironroot_spec::{OciDigest, media};
 use serde::Serialize;
 
 use super::dest::Destination;

@@ -5,12 +5,12 @@
 
 use anyhow::Context as _;
 use base64::Engine as _;
+use ironroot_contract::config::ConfigError;
+use ironroot_contract::manifest::{Descriptor, ImageManifest, ManifestError, ModuleManifest};
+use ironroot_contract::{ModuleConfig, OciDigest, SigningKey, SimpleSigningPayload, media};
 use ironroot_oci::download::{self, Limits};
 use ironroot_oci::source::AnySource;
 use ironroot_oci::{RegistryAccess, Target};
-use ironroot_spec::config::ConfigError;
-use ironroot_spec::manifest::{Descriptor, ImageManifest, ManifestError, ModuleManifest};
-use ironroot_spec::{ModuleConfig, OciDigest, SigningKey, SimpleSigningPayload, media};
 use serde::Serialize;
 
 use super::dest::Destination;

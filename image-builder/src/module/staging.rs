@@ -12,9 +12,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
+use ironroot_contract::OciDigest;
+use ironroot_contract::manifest::Descriptor;
 use ironroot_oci::layout::Layout;
-use ironroot_spec::OciDigest;
-use ironroot_spec::manifest::Descriptor;
 use rustix::fs::FlockOperation;
 
 /// What `--out` is before the module moves in.

@@ -18,7 +18,7 @@ use composefs::fs::{HardlinkBehavior, ReadFilesystemOpts, read_filesystem_with_o
 use composefs::fsverity::{FsVerityHashValue as _, Sha256HashValue};
 use composefs::generic_tree::{Inode, LeafContent};
 use composefs::tree::{Directory, FileSystem, RegularFile};
-use ironroot_spec::VerityDigest;
+use ironroot_contract::VerityDigest;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MtimePolicy {

@@ -3,11 +3,11 @@
 
 use std::path::PathBuf;
 
+use ironroot_contract::{OciDigest, VerityDigest};
 use ironroot_oci::source::AnySource;
 use ironroot_oci::store::ObjectStore;
 use ironroot_oci::verify::{self, VerifiedModule, VerifyError, VerifyOptions};
 use ironroot_oci::{RegistryAccess, Target};
-use ironroot_spec::{OciDigest, VerityDigest};
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::boot::cmdline::KEYS;
+use crate::cmdline::KEYS;
 
 /// Largest identity document read from any source.
 pub const MAX_DOC: u64 = 64 * 1024;

@@ -15,13 +15,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ironroot_spec::wire::NodeReport;
+use ironroot_contract::wire::NodeReport;
 use sd_notify::NotifyState;
 
-use crate::boot::handoff::{BOOT_JSON, BootRecord, DEFAULT_HEARTBEAT, HEARTBEAT_SECONDS, RUN_STATE_SCHEMA};
 use crate::exit::Exit;
 use crate::external::{self, Links, ReadError};
 use crate::plane::{PlaneClient, PlaneError};
+use ironroot_contract::run_state::{BOOT_JSON, BootRecord, DEFAULT_HEARTBEAT, HEARTBEAT_SECONDS, RUN_STATE_SCHEMA};
 
 /// Largest boot.json read: identity values with their conflicts (inline PEM up to 16 KiB
 /// each) and the module list stay well below it.
@@ -149,7 +149,7 @@ pub fn interval(
 /// `ironroot.heartbeat` from `/proc/cmdline`, for boot records of older agents. A command line
 /// that does not parse gives none: the boot that wrote the record read the same line.
 fn cmdline_heartbeat() -> Option<String> {
-    match crate::boot::cmdline::read_cmdline(Path::new("/")) {
+    match crate::cmdline::read_cmdline(Path::new("/")) {
         Ok(line) => line.get("ironroot.heartbeat").map(str::to_owned),
         Err(e) => {
             tracing::warn!(error = %crate::exit::describe(&e), "kernel command line unreadable; default heartbeat");
@@ -184,11 +184,7 @@ pub fn report(record: &BootRecord) -> NodeReport {
         boot_id: record.boot_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         phase: "ready".to_owned(),
-        phase_timings_ms: timings(
-            &record.phases_ms,
-            record.written_at_boottime_ms,
-            crate::boot::handoff::boottime_ms(),
-        ),
+        phase_timings_ms: timings(&record.phases_ms, record.written_at_boottime_ms, crate::run_state::boottime_ms()),
         module_digests: record.modules.iter().map(|m| m.digest).collect(),
         last_reconcile: None,
         probe_summary: None,

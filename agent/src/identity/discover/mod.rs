@@ -6,7 +6,7 @@
 //! error naming the source, never a panic. Every file is read through [`crate::external`]: a
 //! FIFO, directory, device or socket at an identity path is an error naming it, never a wait.
 //!
-//! What the values mean (URLs, key files, store kinds) is [`crate::boot::settings`]'s business.
+//! What the values mean (URLs, key files, store kinds) is `boot::settings`'s business.
 
 mod doc;
 mod metadata;
@@ -21,7 +21,7 @@ use serde::Serialize;
 pub use doc::{DocError, parse_identity_doc};
 pub use smbios::parse_oem_strings;
 
-use crate::boot::cmdline::{self, Cmdline};
+use crate::cmdline::{self, Cmdline};
 use crate::external::{self, Links};
 
 /// Where a value came from, in precedence order (earlier wins).

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{DiscoverError, Discovered, Source};
-use crate::boot::cmdline::KEYS;
+use crate::cmdline::KEYS;
 use crate::external::{self, Links, ReadError};
 
 /// Largest raw SMBIOS structure read (a structure is at most a few KiB).

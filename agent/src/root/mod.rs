@@ -9,12 +9,12 @@ use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use composefs::mount::{FsHandle, erofs_mount, mount_at};
+use ironroot_contract::config::MountRole;
 use ironroot_oci::VerifiedModule;
-use ironroot_spec::config::MountRole;
 use rustix::fs::{CWD, Mode, OFlags};
 use rustix::mount::{FsMountFlags, MountAttrFlags, MountFlags, fsconfig_create, fsconfig_set_string, fsmount};
 
-use super::store::PreparedStore;
+use crate::store::PreparedStore;
 
 use composefs_ioctls::loop_device::flags::{LO_FLAGS_AUTOCLEAR, LO_FLAGS_READ_ONLY};
 

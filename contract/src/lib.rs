@@ -12,6 +12,7 @@ pub mod keys;
 pub mod manifest;
 pub mod media;
 pub mod pack;
+pub mod run_state;
 pub mod signing;
 pub mod verity;
 pub mod wire;

@@ -20,7 +20,34 @@ use std::process::Command;
 use ironroot_oci::store::ObjectStore;
 use rustix::mount::{MountFlags, mount};
 
-use super::settings::{BootSettings, StoreKind, VerityPolicy};
+/// Where the object store lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// ext4 (`-O verity`, 4 KiB blocks) on a zram device the agent creates. The default.
+    Zram,
+    /// A block device mounted at `/persist` (formatted ext4 `-O verity` only if blank).
+    Disk(PathBuf),
+    /// An already-mounted persistent directory used as `/persist` (dracut flavour, tests).
+    Dir(PathBuf),
+    /// tmpfs: digests are checked at download only; reported as insecure everywhere.
+    TmpfsInsecure,
+}
+
+impl StoreKind {
+    /// Whether the store, key and serial floors survive a reboot.
+    pub fn persistent(&self) -> bool {
+        matches!(self, Self::Disk(_) | Self::Dir(_))
+    }
+}
+
+/// Whether kernel-enforced fs-verity is required of the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerityPolicy {
+    /// Refuse to boot from a store without fs-verity. The default.
+    Require,
+    /// Use fs-verity where the kernel has it; otherwise mount without and say so.
+    Optional,
+}
 
 /// zram device size: zram only uses memory for what is written, so this is a ceiling.
 const ZRAM_SIZE: &str = "16G";
@@ -94,14 +121,14 @@ fn mkfs(paths: &StorePaths, dev: &Path, verity: bool) -> Result<(), StoreError> 
     run(cmd.arg(dev))
 }
 
-/// Prepares the store `settings` asks for.
-pub fn prepare(settings: &BootSettings, paths: &StorePaths) -> Result<PreparedStore, StoreError> {
+/// Prepares a store of `kind`; `verity` says whether one the kernel cannot seal is refused.
+pub fn prepare(kind: &StoreKind, policy: VerityPolicy, paths: &StorePaths) -> Result<PreparedStore, StoreError> {
     let run_dir = paths.root.join("run/ironroot");
     let store_dir = run_dir.join("store");
-    let (kind, persist, device) = match &settings.store {
+    let (kind, persist, device) = match kind {
         StoreKind::Zram => {
             let verity = ext4_has_verity(&paths.devices);
-            if !verity && settings.verity == VerityPolicy::Require {
+            if !verity && policy == VerityPolicy::Require {
                 return Err(StoreError::NoVerity { kind: "zram" });
             }
             let dev = zram_create(&paths.devices)?;
@@ -136,7 +163,7 @@ pub fn prepare(settings: &BootSettings, paths: &StorePaths) -> Result<PreparedSt
     };
     std::fs::create_dir_all(&store_dir).map_err(io("creating", &store_dir))?;
     let verity = kind != "tmpfs-insecure" && probe_verity(&store_dir);
-    if !verity && settings.verity == VerityPolicy::Require {
+    if !verity && policy == VerityPolicy::Require {
         return Err(StoreError::NoVerity { kind });
     }
     if !verity {

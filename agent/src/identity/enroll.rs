@@ -1,4 +1,4 @@
-//! Phase 2, enroll: an Ed25519 key made on the node, a PKCS#10 CSR, and `POST /v1/enroll` with
+//! Enrollment (the boot's phase 2): an Ed25519 key made on the node, a PKCS#10 CSR, and `POST /v1/enroll` with
 //! the bootstrap token over server-authenticated TLS. The returned certificate is checked before
 //! it is kept: signed by the plane CA we were given, valid now, naming exactly our node in its
 //! URI SAN, carrying our public key. Key and certificate are stored 0600 in the state directory;
@@ -7,16 +7,17 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ironroot_spec::wire::EnrollRequest;
+use ironroot_contract::wire::EnrollRequest;
 use serde::{Deserialize, Serialize};
 use x509_parser::pem::Pem;
 use x509_parser::prelude::*;
 
-use super::handoff::write_private;
-use super::retry::Backoff;
-use super::settings::BootSettings;
+use ironroot_contract::wire::Identity;
+
+use crate::backoff::Backoff;
 use crate::external::{self, Links};
 use crate::plane::{PlaneClient, PlaneError, node_uri};
+use crate::run_state::write_private;
 
 /// A certificate with less than this left is renewed by enrolling again (needs a token).
 const MIN_REMAINING: Duration = Duration::from_secs(10 * 60);
@@ -66,12 +67,26 @@ impl EnrollError {
     }
 }
 
+/// Which plane to enroll with, and what to tell it.
+#[derive(Debug, Clone, Copy)]
+pub struct EnrollWith<'a> {
+    /// `https://host:port`.
+    pub plane: &'a str,
+    pub plane_ca_pem: &'a str,
+    pub token: Option<&'a str>,
+    pub identity: &'a Identity,
+}
+
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Reuses a still-valid identity from `state`, or enrolls with the token.
-pub async fn enroll(settings: &BootSettings, state: &Path, backoff: &Backoff) -> Result<EnrolledIdentity, EnrollError> {
+pub async fn enroll(
+    settings: &EnrollWith<'_>,
+    state: &Path,
+    backoff: &Backoff,
+) -> Result<EnrolledIdentity, EnrollError> {
     let io = |op, path: &Path| {
         let path = path.to_owned();
         move |source| EnrollError::Io { op, path, source }
@@ -81,33 +96,33 @@ pub async fn enroll(settings: &BootSettings, state: &Path, backoff: &Backoff) ->
     if let Some(identity) = reuse(settings, &key_path, &cert_path, &record_path) {
         return Ok(identity);
     }
-    let token = settings.token.as_deref().ok_or_else(|| EnrollError::NoToken { dir: state.to_owned() })?;
+    let token = settings.token.ok_or_else(|| EnrollError::NoToken { dir: state.to_owned() })?;
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| EnrollError::Key(e.to_string()))?;
     let csr = rcgen::CertificateParams::new(Vec::<String>::new())
         .and_then(|p| p.serialize_request(&key))
         .and_then(|r| r.pem())
         .map_err(|e| EnrollError::Key(e.to_string()))?;
-    let anonymous = PlaneClient::anonymous(&settings.plane, &settings.plane_ca_pem)?;
+    let anonymous = PlaneClient::anonymous(settings.plane, settings.plane_ca_pem)?;
     let req = EnrollRequest { token: token.to_owned(), csr, identity: settings.identity.clone() };
     let resp = backoff.run("enrollment", PlaneError::transient, || anonymous.enroll(&req)).await?;
     let not_after =
-        check_certificate(&resp.certificate, &settings.plane_ca_pem, &resp.node_id, key.public_key_raw(), now())
+        check_certificate(&resp.certificate, settings.plane_ca_pem, &resp.node_id, key.public_key_raw(), now())
             .map_err(EnrollError::Certificate)?;
     let key_pem = key.serialize_pem();
     write_private(&key_path, key_pem.as_bytes()).map_err(io("writing", &key_path))?;
     write_private(&cert_path, resp.certificate.as_bytes()).map_err(io("writing", &cert_path))?;
-    let record = Enrollment { node_id: resp.node_id.clone(), plane: settings.plane.clone() };
+    let record = Enrollment { node_id: resp.node_id.clone(), plane: settings.plane.to_owned() };
     let record_json = serde_json::to_vec_pretty(&record).unwrap_or_default();
     write_private(&record_path, &record_json).map_err(io("writing", &record_path))?;
     tracing::info!(node.id = %resp.node_id, "enrolled");
-    let client = PlaneClient::with_identity(&settings.plane, &settings.plane_ca_pem, &resp.certificate, &key_pem)?;
+    let client = PlaneClient::with_identity(settings.plane, settings.plane_ca_pem, &resp.certificate, &key_pem)?;
     Ok(EnrolledIdentity { node_id: resp.node_id, cert_path, key_path, not_after, reused: false, client })
 }
 
 /// The identity kept from an earlier boot, if it still checks out against today's settings.
 /// Nothing kept (a first boot) is silent; anything kept but unusable is logged, and the node
 /// enrolls again.
-fn reuse(settings: &BootSettings, key_path: &Path, cert_path: &Path, record_path: &Path) -> Option<EnrolledIdentity> {
+fn reuse(settings: &EnrollWith<'_>, key_path: &Path, cert_path: &Path, record_path: &Path) -> Option<EnrolledIdentity> {
     // Files this agent wrote and replaces by rename: a symlink among them is not ours.
     let kept = |path: &Path| match external::read_if_present(path, MAX_KEPT, Links::Refuse) {
         Ok(Some(bytes)) => String::from_utf8(bytes).map(Some).map_err(|_| format!("{} is not UTF-8", path.display())),
@@ -137,10 +152,9 @@ fn reuse(settings: &BootSettings, key_path: &Path, cert_path: &Path, record_path
     }
     let key = rcgen::KeyPair::from_pem(&key_pem).ok()?;
     let remaining_from = now() + MIN_REMAINING.as_secs() as i64;
-    match check_certificate(&cert_pem, &settings.plane_ca_pem, &record.node_id, key.public_key_raw(), remaining_from) {
+    match check_certificate(&cert_pem, settings.plane_ca_pem, &record.node_id, key.public_key_raw(), remaining_from) {
         Ok(not_after) => {
-            let client =
-                PlaneClient::with_identity(&settings.plane, &settings.plane_ca_pem, &cert_pem, &key_pem).ok()?;
+            let client = PlaneClient::with_identity(settings.plane, settings.plane_ca_pem, &cert_pem, &key_pem).ok()?;
             tracing::info!(node.id = %record.node_id, "reusing the certificate from an earlier boot");
             Some(EnrolledIdentity {
                 node_id: record.node_id,

@@ -1,0 +1,117 @@
+//! The run-state file `/run/ironroot/boot.json` (docs/interfaces/run-state.md): what the
+//! initramfs agent hands to the service under systemd (and to operators) about this boot. The
+//! initramfs agent that writes it and the root's agent that reads it come from different builds
+//! in practice, so this is a contract: fields are only added within a schema, and readers ignore
+//! fields they do not know.
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::MountRole;
+use crate::digest::{OciDigest, VerityDigest};
+
+/// This file's schema version; readers refuse others. Within a schema, fields are only added
+/// and readers ignore fields they do not know: the initramfs agent that writes this file and
+/// the root's agent that reads it come from different builds (nodes keep netbooting one
+/// initramfs while the base module is updated through the plane). A removal or a change of
+/// meaning bumps the schema.
+pub const RUN_STATE_SCHEMA: u32 = 1;
+pub const BOOT_JSON: &str = "boot.json";
+
+/// Seconds between the service's heartbeats a boot may ask for (`ironroot.heartbeat`): from a
+/// second (tests, labs) to an hour.
+pub const HEARTBEAT_SECONDS: RangeInclusive<u64> = 1..=3600;
+/// Heartbeat interval when no identity source sets one (docs/interfaces/kernel-cmdline.md).
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BootRecord {
+    pub schema: u32,
+    pub agent_version: String,
+    pub boot_id: String,
+    pub identity: IdentityRecord,
+    pub node_id: String,
+    pub plane: String,
+    /// The plane's CA (PEM), copied under /run so the service can verify the plane after
+    /// switch-root, when the initramfs is gone.
+    pub plane_ca: PathBuf,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    /// Seconds since the epoch.
+    pub certificate_not_after: i64,
+    pub reused_certificate: bool,
+    pub generation: u64,
+    pub store: StoreRecord,
+    pub modules: Vec<ModuleRecord>,
+    pub root: RootRecord,
+    /// Milliseconds per phase: discover, store, enroll, fetch, verify, mount; booted by the
+    /// initramfs agent also kernel (kernel start to /init), modules and network.
+    pub phases_ms: BTreeMap<String, u64>,
+    /// CLOCK_BOOTTIME (ms since the kernel started) when this record was written: the service
+    /// after switch-root measures systemd's share of the boot from it.
+    #[serde(default)]
+    pub written_at_boottime_ms: Option<u64>,
+    /// Seconds between the service's heartbeats (`ironroot.heartbeat` from any identity
+    /// source, validated, or the default); absent from records of older agents.
+    #[serde(default)]
+    pub heartbeat_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IdentityRecord {
+    pub values: BTreeMap<String, SourcedRecord>,
+    pub conflicts: Vec<ConflictRecord>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourcedRecord {
+    pub value: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ConflictRecord {
+    pub key: String,
+    pub chosen: SourcedRecord,
+    pub other: SourcedRecord,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoreRecord {
+    /// `zram`, `disk`, `dir` or `tmpfs-insecure`.
+    pub kind: String,
+    pub path: PathBuf,
+    /// Whether the kernel enforces every object's fs-verity digest.
+    pub verity: bool,
+    pub persistent: bool,
+    /// True for `tmpfs-insecure`, and for any store without verity.
+    pub insecure: bool,
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModuleRecord {
+    pub name: String,
+    pub version: String,
+    pub serial: u64,
+    pub digest: OciDigest,
+    pub composefs_digest: VerityDigest,
+    pub role: MountRole,
+    pub image: PathBuf,
+    pub signed_by: String,
+    pub downloaded_bytes: u64,
+    pub new_objects: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RootRecord {
+    pub target: PathBuf,
+    pub verity: bool,
+    pub layers: Vec<PathBuf>,
+    pub upper: PathBuf,
+}
