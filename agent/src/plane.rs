@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use ironroot_contract::wire::{
-    self, DesiredState, EnrollRequest, EnrollResponse, ErrorBody, NodeReport, ReportResponse,
+    self, DesiredState, EnrollRequest, EnrollResponse, ErrorBody, NodeId, NodeReport, ReportResponse,
 };
 use serde::de::DeserializeOwned;
 
@@ -74,16 +74,16 @@ impl PlaneClient {
         self.call("enroll", self.http.post(format!("{}/v1/enroll", self.base)).json(req)).await
     }
 
-    pub async fn desired(&self, node: &str) -> Result<DesiredState, PlaneError> {
+    pub async fn desired(&self, node: &NodeId) -> Result<DesiredState, PlaneError> {
         self.call("desired", self.http.get(format!("{}/v1/nodes/{node}/desired", self.base))).await
     }
 
     /// Once per boot (`phase` = `ready` under systemd, `failed:<phase>` from a failed boot).
-    pub async fn handshake(&self, node: &str, report: &NodeReport) -> Result<ReportResponse, PlaneError> {
+    pub async fn handshake(&self, node: &NodeId, report: &NodeReport) -> Result<ReportResponse, PlaneError> {
         self.call("handshake", self.http.post(format!("{}/v1/nodes/{node}/handshake", self.base)).json(report)).await
     }
 
-    pub async fn heartbeat(&self, node: &str, report: &NodeReport) -> Result<ReportResponse, PlaneError> {
+    pub async fn heartbeat(&self, node: &NodeId, report: &NodeReport) -> Result<ReportResponse, PlaneError> {
         self.call("heartbeat", self.http.post(format!("{}/v1/nodes/{node}/heartbeat", self.base)).json(report)).await
     }
 

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::MountRole;
 use crate::digest::{OciDigest, VerityDigest};
+use crate::wire::NodeId;
 
 /// This file's schema version; readers refuse others. Within a schema, fields are only added
 /// and readers ignore fields they do not know: the initramfs agent that writes this file and
@@ -34,7 +35,7 @@ pub struct BootRecord {
     pub agent_version: String,
     pub boot_id: String,
     pub identity: IdentityRecord,
-    pub node_id: String,
+    pub node_id: NodeId,
     pub plane: String,
     /// The plane's CA (PEM), copied under /run so the service can verify the plane after
     /// switch-root, when the initramfs is gone.

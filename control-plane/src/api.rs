@@ -234,7 +234,8 @@ async fn renew(
     authorize(&plane, &conn, &id, "renew").await?;
     let req: RenewRequest = body(&plane, &conn, "renew", raw).await?;
     node_call(&plane, &conn, &id, "renew", move |p, id| {
-        p.store.renew(id, &req.csr).map(|certificate| wire::EnrollResponse { node_id: id.to_owned(), certificate })
+        let certificate = p.store.renew(id, &req.csr)?;
+        Ok(wire::EnrollResponse { node_id: crate::store::wire_id(id)?, certificate })
     })
     .await
     .map(Json)
@@ -248,7 +249,7 @@ async fn handshake(
 ) -> ApiResult<wire::ReportResponse> {
     authorize(&plane, &conn, &id, "handshake").await?;
     let report: NodeReport = body(&plane, &conn, "handshake", raw).await?;
-    let (phase, boot) = (report.phase.clone(), report.boot_id.clone());
+    let (phase, boot) = (report.phase, report.boot_id.clone());
     let answer = node_call(&plane, &conn, &id, "handshake", move |p, id| p.store.report(id, &report, true)).await?;
     // Once per boot: the operator's log shows each boot's arrival (heartbeats stay quiet).
     tracing::info!(node = %id, phase = %phase, boot = %boot, state = %answer.state, "node handshake");

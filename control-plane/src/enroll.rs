@@ -196,7 +196,7 @@ impl Store {
         let data = serde_json::json!({"remote": remote, "identity": req.identity, "certificate_serial": serial, "token": &hash[..16]});
         audit::append(&tx, t, &actor, "enroll.accepted", &node_id, &data)?;
         tx.commit()?;
-        Ok(EnrollResponse { node_id, certificate: chain })
+        Ok(EnrollResponse { node_id: crate::store::wire_id(&node_id)?, certificate: chain })
     }
 
     /// Whether `peer` may act on node `path_id`: a node certificate for exactly that node,

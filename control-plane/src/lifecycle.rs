@@ -1,52 +1,8 @@
 //! Node lifecycle: the states a node moves through and which moves are allowed. Pure: the
 //! caller loads the current state, asks [`check`], and records the move and a journal entry.
 
-use std::fmt;
-use std::str::FromStr;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum NodeState {
-    NoInstance,
-    Provisioning,
-    Bootstrapping,
-    Running,
-    Draining,
-    Terminated,
-    /// Missed heartbeats for a few intervals.
-    Suspect,
-    /// Missed heartbeats for much longer.
-    Silent,
-    /// Failed vetting; kept away from work until an operator acts.
-    Quarantined,
-}
-
 use NodeState::*;
-
-const NAMES: [(NodeState, &str); 9] = [
-    (NoInstance, "no_instance"),
-    (Provisioning, "provisioning"),
-    (Bootstrapping, "bootstrapping"),
-    (Running, "running"),
-    (Draining, "draining"),
-    (Terminated, "terminated"),
-    (Suspect, "suspect"),
-    (Silent, "silent"),
-    (Quarantined, "quarantined"),
-];
-
-impl fmt::Display for NodeState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name = NAMES.iter().find(|(s, _)| s == self).map_or("?", |(_, n)| n);
-        f.write_str(name)
-    }
-}
-
-impl FromStr for NodeState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        NAMES.iter().find(|(_, n)| *n == s).map(|(st, _)| *st).ok_or_else(|| format!("unknown node state {s:?}"))
-    }
-}
+pub use ironroot_contract::wire::NodeState;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("node is {from}; {to} is not reachable from there ({reason})")]
@@ -95,15 +51,6 @@ pub fn is_active(s: NodeState) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_round_trip() {
-        for (s, n) in NAMES {
-            assert_eq!(s.to_string(), n);
-            assert_eq!(n.parse::<NodeState>().unwrap(), s);
-        }
-        assert!("zombie".parse::<NodeState>().is_err());
-    }
 
     #[test]
     fn table() {

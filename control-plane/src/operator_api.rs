@@ -158,6 +158,16 @@ async fn enqueue(
 ) -> ApiResult<serde_json::Value> {
     let actor = operator(&plane, &conn, "enqueue")?;
     let spec: TaskSpec = body(&plane, &conn, "enqueue", raw).await?;
+    let unknown = match &spec {
+        TaskSpec::Invalid { kind, reason } => Some(format!("task {kind}: {reason}")),
+        TaskSpec::Unsupported { kind } => {
+            Some(format!("task kind {kind:?} is not one of {}", ironroot_contract::wire::KINDS.join(", ")))
+        }
+        _ => None,
+    };
+    if let Some(why) = unknown {
+        return Err(refuse(&plane, &conn, "enqueue", Refusal::new(400, "bad_task", why)));
+    }
     let (task, node) = run(&plane, &conn, "enqueue", move |p| {
         let node = p.store.node(&id)?.id;
         if spec == TaskSpec::Drain {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ironroot_contract::wire::{NodeReport, ReportResponse};
+use ironroot_contract::wire::{NodeReport, ReportPhase, ReportResponse};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use serde::Serialize;
 
@@ -84,6 +84,11 @@ pub fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+/// An id from the database as the wire type (ids the plane made always are).
+pub(crate) fn wire_id<T: TryFrom<String, Error = String>>(s: &str) -> Result<T, Refusal> {
+    T::try_from(s.to_owned()).map_err(|e| Refusal::new(500, "internal", e))
+}
+
 pub(crate) fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
@@ -118,7 +123,6 @@ fn check_report(report: &NodeReport) -> Result<(), Refusal> {
     let fields = [
         ("boot_id", Some(&report.boot_id), 128),
         ("agent_version", Some(&report.agent_version), 128),
-        ("phase", Some(&report.phase), 64),
         ("store", report.store.as_ref(), 64),
         ("last_reconcile", report.last_reconcile.as_ref(), 256),
         ("probe_summary", report.probe_summary.as_ref(), 2048),
@@ -220,8 +224,8 @@ impl Store {
         let tx = conn.unchecked_transaction()?;
         let actor = format!("node:{id}");
         let state = Self::node_state(&tx, id)?;
-        let target = match (report.phase.as_str(), handshake) {
-            ("ready", _) => NodeState::Running,
+        let target = match (report.phase, handshake) {
+            (ReportPhase::Ready, _) => NodeState::Running,
             (_, true) => NodeState::Bootstrapping,
             (_, false) => state,
         };
@@ -241,7 +245,7 @@ impl Store {
                 now(),
                 report.boot_id,
                 report.agent_version,
-                report.phase,
+                report.phase.to_string(),
                 serde_json::to_string(&report.phase_timings_ms).unwrap_or_default(),
                 serde_json::to_string(&report.module_digests).unwrap_or_default(),
                 report.last_reconcile,
@@ -264,11 +268,7 @@ impl Store {
         }
         let generation: i64 = tx.query_row("SELECT generation FROM nodes WHERE id = ?1", [id], |r| r.get(0))?;
         tx.commit()?;
-        Ok(ReportResponse {
-            node_id: id.to_owned(),
-            state: new_state.to_string(),
-            generation: generation.max(0) as u64,
-        })
+        Ok(ReportResponse { node_id: wire_id(id)?, state: new_state, generation: generation.max(0) as u64 })
     }
 
     /// Marks running nodes `suspect`, and suspect ones `silent`, by time since last seen.

@@ -2,7 +2,7 @@
 //! bumps the node's generation), and the task queue (leases that expire and are redelivered,
 //! results idempotent by task id).
 
-use ironroot_contract::wire::{DesiredModule, DesiredState, Task, TaskResult, TaskSpec};
+use ironroot_contract::wire::{DesiredModule, DesiredState, Intent, Task, TaskResult, TaskSpec};
 use rusqlite::{OptionalExtension as _, params};
 use serde::Serialize;
 
@@ -84,7 +84,7 @@ impl Store {
             }
             None => Vec::new(),
         };
-        let intents = if state == "draining" { vec!["drain".to_owned()] } else { Vec::new() };
+        let intents = if state == "draining" { vec![Intent::Drain] } else { Vec::new() };
         Ok(DesiredState { generation: generation.max(0) as u64, template, modules, intents })
     }
 
@@ -129,13 +129,13 @@ impl Store {
         audit::append(&tx, t, &format!("node:{node_id}"), kind, &id, &serde_json::json!({"delivery": deliveries + 1}))?;
         tx.commit()?;
         let spec: TaskSpec = serde_json::from_str(&spec).map_err(|e| Refusal::new(500, "internal", e.to_string()))?;
-        Ok(Some(Task { id, spec, lease_until: lease_until.max(0) as u64 }))
+        Ok(Some(Task { id: crate::store::wire_id(&id)?, spec, lease_until: lease_until.max(0) as u64, deadline: None }))
     }
 
     /// Records a result; a repeated result for a finished task is accepted and changes nothing.
     pub fn task_result(&self, node_id: &str, task_id: &str, result: &TaskResult) -> Result<bool, Refusal> {
-        if result.output.len() > 48 * 1024 {
-            return Err(Refusal::new(400, "bad_result", "task output is over 48 KiB"));
+        if result.output.len() > 48 * 1024 || result.reason.as_ref().is_some_and(|r| r.len() > 4096) {
+            return Err(Refusal::new(400, "bad_result", "task output is over 48 KiB or its reason over 4 KiB"));
         }
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
@@ -162,7 +162,7 @@ impl Store {
             &format!("node:{node_id}"),
             "task.result",
             task_id,
-            &serde_json::json!({"exit_code": result.exit_code}),
+            &serde_json::json!({"outcome": result.outcome, "exit_code": result.exit_code}),
         )?;
         tx.commit()?;
         Ok(true)

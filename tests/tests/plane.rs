@@ -66,7 +66,7 @@ async fn happy_path_from_token_to_task_result() {
     assert_eq!(task["id"], task_id.as_str());
     wait_for_long_polls(&p, &id, 0).await;
     assert_eq!(task["spec"], json!({"kind": "exec", "argv": ["uname", "-r"]}));
-    let result = json!({"exit_code": 0, "output": "6.12.0"});
+    let result = json!({"outcome": "succeeded", "exit_code": 0, "output": "6.12.0"});
     let (s, r) = call(&node, &p, "POST", &format!("/v1/tasks/{task_id}/result"), Some(result.clone())).await;
     assert_eq!((s, &r["recorded"]), (200, &json!(true)));
     let (s, r) = call(&node, &p, "POST", &format!("/v1/tasks/{task_id}/result"), Some(result)).await;
@@ -328,7 +328,7 @@ async fn a_silent_node_becomes_suspect_then_silent() {
 async fn an_unfinished_lease_is_redelivered() {
     let p = TestPlane::start(&["--task-lease", "1s"]);
     let n = enroll(&p, "worker", &NodeKey::p256()).await;
-    let task = p.op(&["task", "probe", "worker"]).ok();
+    let task = p.op(&["task", "vet", "worker"]).ok();
     let path = format!("/v1/nodes/{}/tasks", n.id);
     let (_, first) = call(&n.client, &p, "GET", &path, None).await;
     assert_eq!(first["id"], task.as_str());
@@ -387,7 +387,7 @@ async fn acknowledged_writes_survive_kill_9() {
                     let tid = task["id"].as_str().unwrap_or("").to_owned();
                     let res = client
                         .post(format!("{url}/v1/tasks/{tid}/result"))
-                        .json(&json!({"exit_code": 0, "output": "ok"}))
+                        .json(&json!({"outcome": "succeeded", "exit_code": 0, "output": "ok"}))
                         .send()
                         .await;
                     if ok(res).is_some() {

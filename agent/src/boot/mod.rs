@@ -15,7 +15,6 @@ pub mod handoff;
 pub mod settings;
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -29,30 +28,8 @@ use crate::external::{self, Links};
 use crate::identity::{discover, enroll};
 use crate::{modules, root, run_state, store};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
-    Discover,
-    Enroll,
-    Fetch,
-    Store,
-    Verify,
-    Mount,
-    HandOff,
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Discover => "discover",
-            Self::Enroll => "enroll",
-            Self::Fetch => "fetch",
-            Self::Store => "store",
-            Self::Verify => "verify",
-            Self::Mount => "mount",
-            Self::HandOff => "hand-off",
-        })
-    }
-}
+/// The pipeline's phases, as the plane sees them in reports.
+pub use ironroot_contract::wire::BootPhase as Phase;
 
 /// A failed boot: the phase, why, and the exit code that says what kind of failure it was.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +47,7 @@ pub struct BootError {
 #[derive(Debug, Clone)]
 pub struct ReportTo {
     pub client: crate::plane::PlaneClient,
-    pub node_id: String,
+    pub node_id: ironroot_contract::wire::NodeId,
     pub boot_id: String,
     pub phases_ms: BTreeMap<String, u64>,
 }
@@ -97,7 +74,7 @@ impl BootError {
         let report = ironroot_contract::wire::NodeReport {
             boot_id: to.boot_id.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            phase: format!("failed:{}", self.phase),
+            phase: ironroot_contract::wire::ReportPhase::Failed(self.phase),
             phase_timings_ms: to.phases_ms.clone(),
             module_digests: Vec::new(),
             last_reconcile: None,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use x509_parser::pem::Pem;
 use x509_parser::prelude::*;
 
-use ironroot_contract::wire::Identity;
+use ironroot_contract::wire::{Identity, NodeId};
 
 use crate::backoff::Backoff;
 use crate::external::{self, Links};
@@ -31,7 +31,7 @@ const MAX_KEPT: u64 = 64 * 1024;
 /// A node identity the plane issued and this node checked.
 #[derive(Debug, Clone)]
 pub struct EnrolledIdentity {
-    pub node_id: String,
+    pub node_id: NodeId,
     pub cert_path: PathBuf,
     pub key_path: PathBuf,
     /// Seconds since the epoch.
@@ -43,7 +43,7 @@ pub struct EnrolledIdentity {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Enrollment {
-    node_id: String,
+    node_id: NodeId,
     plane: String,
 }
 
@@ -106,7 +106,7 @@ pub async fn enroll(
     let req = EnrollRequest { token: token.to_owned(), csr, identity: settings.identity.clone() };
     let resp = backoff.run("enrollment", PlaneError::transient, || anonymous.enroll(&req)).await?;
     let not_after =
-        check_certificate(&resp.certificate, settings.plane_ca_pem, &resp.node_id, key.public_key_raw(), now())
+        check_certificate(&resp.certificate, settings.plane_ca_pem, resp.node_id.as_str(), key.public_key_raw(), now())
             .map_err(EnrollError::Certificate)?;
     let key_pem = key.serialize_pem();
     write_private(&key_path, key_pem.as_bytes()).map_err(io("writing", &key_path))?;
@@ -152,7 +152,13 @@ fn reuse(settings: &EnrollWith<'_>, key_path: &Path, cert_path: &Path, record_pa
     }
     let key = rcgen::KeyPair::from_pem(&key_pem).ok()?;
     let remaining_from = now() + MIN_REMAINING.as_secs() as i64;
-    match check_certificate(&cert_pem, settings.plane_ca_pem, &record.node_id, key.public_key_raw(), remaining_from) {
+    match check_certificate(
+        &cert_pem,
+        settings.plane_ca_pem,
+        record.node_id.as_str(),
+        key.public_key_raw(),
+        remaining_from,
+    ) {
         Ok(not_after) => {
             let client = PlaneClient::with_identity(settings.plane, settings.plane_ca_pem, &cert_pem, &key_pem).ok()?;
             tracing::info!(node.id = %record.node_id, "reusing the certificate from an earlier boot");

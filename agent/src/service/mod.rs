@@ -183,7 +183,7 @@ pub fn report(record: &BootRecord) -> NodeReport {
     NodeReport {
         boot_id: record.boot_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        phase: "ready".to_owned(),
+        phase: ironroot_contract::wire::ReportPhase::Ready,
         phase_timings_ms: timings(&record.phases_ms, record.written_at_boottime_ms, crate::run_state::boottime_ms()),
         module_digests: record.modules.iter().map(|m| m.digest).collect(),
         last_reconcile: None,

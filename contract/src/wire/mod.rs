@@ -9,8 +9,12 @@ use serde::{Deserialize, Serialize};
 use crate::digest::OciDigest;
 
 mod journal;
+mod node;
+mod task;
 
 pub use journal::{AuditBatch, CheckpointError, JournalCheckpoint, NodeAuditRecord, RecordError, valid_kind};
+pub use node::{BootPhase, Intent, MAX_ID, NodeId, NodeState, ReportPhase, TaskId, valid_id};
+pub use task::{KINDS, Task, TaskOutcome, TaskResult, TaskSpec};
 
 /// Largest request body the plane reads.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -41,7 +45,7 @@ pub struct EnrollRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EnrollResponse {
-    pub node_id: String,
+    pub node_id: NodeId,
     /// The node certificate followed by the plane CA certificate, PEM.
     pub certificate: String,
 }
@@ -53,13 +57,14 @@ pub struct RenewRequest {
 }
 
 /// Handshake (once per boot) and heartbeat (periodic) carry the same report.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeReport {
     pub boot_id: String,
     pub agent_version: String,
-    /// Boot phase (`discover`, `enroll`, …) or `ready` once the agent runs under systemd.
-    pub phase: String,
+    /// Boot phase (`discover`, `enroll`, …), `ready` once the agent runs under systemd and its
+    /// health gate passed, `failed:<phase>` after a failed boot.
+    pub phase: ReportPhase,
     #[serde(default)]
     pub phase_timings_ms: BTreeMap<String, u64>,
     #[serde(default)]
@@ -80,8 +85,8 @@ pub struct NodeReport {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReportResponse {
-    pub node_id: String,
-    pub state: String,
+    pub node_id: NodeId,
+    pub state: NodeState,
     /// Desired-state generation; fetch `desired` when it changes.
     pub generation: u64,
 }
@@ -103,32 +108,7 @@ pub struct DesiredState {
     pub modules: Vec<DesiredModule>,
     /// Node intents: `drain`, `vet`, …
     #[serde(default)]
-    pub intents: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum TaskSpec {
-    Exec { argv: Vec<String> },
-    Drain,
-    Probe,
-    ModuleUpdate { reference: String },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Task {
-    pub id: String,
-    pub spec: TaskSpec,
-    /// Lease expiry, seconds since the epoch; an unfinished task is redelivered after it.
-    pub lease_until: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TaskResult {
-    pub exit_code: i32,
-    #[serde(default)]
-    pub output: String,
+    pub intents: Vec<Intent>,
 }
 
 /// Every error body: a short machine code and a message naming what was wrong.

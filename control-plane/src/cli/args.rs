@@ -201,8 +201,8 @@ pub enum TaskCommand {
         /// Node id or name.
         node: String,
     },
-    /// Queue a vetting probe.
-    Probe {
+    /// Queue a vetting run.
+    Vet {
         /// Node id or name.
         node: String,
     },

@@ -100,7 +100,7 @@ async fn task(client: &OperatorClient, cmd: TaskCommand) -> anyhow::Result<()> {
         }
         TaskCommand::Exec { node, argv } => (node, TaskSpec::Exec { argv }),
         TaskCommand::Drain { node } => (node, TaskSpec::Drain),
-        TaskCommand::Probe { node } => (node, TaskSpec::Probe),
+        TaskCommand::Vet { node } => (node, TaskSpec::Vet),
     };
     let v: Value = client.post(&format!("/v1/operator/nodes/{node}/tasks"), &spec).await?;
     println!("{}", v["task"].as_str().unwrap_or_default());
