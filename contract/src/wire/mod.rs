@@ -10,10 +10,12 @@ use crate::digest::OciDigest;
 
 mod journal;
 mod node;
+mod receipt;
 mod task;
 
 pub use journal::{AuditBatch, CheckpointError, JournalCheckpoint, NodeAuditRecord, RecordError, valid_kind};
 pub use node::{BootPhase, Intent, MAX_ID, NodeId, NodeState, ReportPhase, TaskId, valid_id};
+pub use receipt::{Health, ModuleVersion, Outcome, RECEIPT_KIND, Receipt};
 pub use task::{KINDS, Task, TaskOutcome, TaskResult, TaskSpec};
 
 /// Largest request body the plane reads.
