@@ -5,8 +5,8 @@
 #   initrd.img    the native initramfs (`ironroot-build initramfs`): the agent as /init
 #   cmdline       the kernel command line the bundle was built for
 #   boot.ipxe     an iPXE script that boots the three above from the same directory
-#   base/         the signed base module (an OCI layout): debootstrap of bookworm with systemd,
-#                 udev, iproute2 and the agent with its unit
+#   base/         the signed base module (an OCI layout): debootstrap of Debian 13 (trixie) with
+#                 systemd 257, udev, dbus, iproute2 and the agent with its unit
 #   keys/         the module signing key pair (kept across builds; the .pub is in the initramfs)
 #   bundle.json   every artifact's digest, the kernel release, the module reference
 #
@@ -18,8 +18,12 @@ STEP_PREFIX=image
 source "$(dirname "$0")/lib.sh"
 
 OUT=${IRONROOT_IMAGE:-target/image}
-SUITE=bookworm
-PACKAGES=systemd,systemd-sysv,udev,iproute2,ca-certificates,kmod
+# trixie for systemd >= 254 (SoftReboot); the kernel comes from the same suite. Beyond minbase:
+# dbus for the system bus the agent drives systemd over (systemd only recommends one, and
+# debootstrap installs no recommends); e2fsprogs, no longer Priority: required in trixie
+# (fsck/tune2fs for /persist, filefrag for the VM tier's verity probe).
+SUITE=trixie
+PACKAGES=systemd,systemd-sysv,udev,dbus,iproute2,ca-certificates,kmod,e2fsprogs
 SERIAL=${IRONROOT_BASE_SERIAL:-1}
 BIN=target/release/ironroot-build
 AGENT=target/release/ironroot-agent
@@ -34,7 +38,7 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 mkdir -p "$OUT"
 
 step "kernel"
-$BIN kernel fetch --out target/kernel >&2
+$BIN kernel fetch --suite "$SUITE" --out target/kernel >&2
 
 if [ ! -f "$OUT/keys/ironroot.key" ]; then
     $BIN keys generate --out "$OUT/keys" >/dev/null
@@ -64,6 +68,9 @@ root=$(mktemp -d "${TMPDIR:-/tmp}/ironroot-root.XXXXXX")
 trap 'rm -rf "$root"' EXIT
 tar -C "$root" --numeric-owner --xattrs -xf "$tarball"
 install -m 0755 "$AGENT" "$root/usr/bin/ironroot-agent"
+# Built against the host's (bookworm's) glibc: it must load with the root's own loader and libraries.
+chroot "$root" /usr/bin/ironroot-agent --version >/dev/null \
+    || { echo "image: the agent does not run in the $SUITE root" >&2; exit 1; }
 install -m 0644 dist/systemd/ironroot-agent.service "$root/etc/systemd/system/ironroot-agent.service"
 mkdir -p "$root/etc/systemd/system/multi-user.target.wants" "$root/usr/share/doc/ironroot"
 ln -sf ../ironroot-agent.service "$root/etc/systemd/system/multi-user.target.wants/ironroot-agent.service"

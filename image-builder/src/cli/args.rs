@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ironroot_contract::config::{DEFAULT_HEALTH_DEADLINE_S, HealthCheck, HttpProbe};
 use ironroot_contract::{KeyAlgorithm, MountRole};
 use ironroot_oci::{Credentials, Limits, RegistryAccess};
 
@@ -100,8 +101,8 @@ pub enum KernelCommand {
         /// The directory to write (replaced as a whole, only when everything succeeded).
         #[arg(long, default_value = "target/kernel")]
         out: PathBuf,
-        /// The Debian suite to take the kernel from.
-        #[arg(long, default_value = "bookworm-backports")]
+        /// The Debian suite to take the kernel from (the base module's suite by default).
+        #[arg(long, default_value = "trixie")]
         suite: String,
         /// The metapackage that names the kernel's versioned image package.
         #[arg(long, default_value = "linux-image-cloud-amd64")]
@@ -130,6 +131,49 @@ pub enum KeysCommand {
 
 fn parse_alg(s: &str) -> Result<KeyAlgorithm, String> {
     s.parse()
+}
+
+/// What a live module (`opt`, `ext`) declares: where it mounts, its units, its health check.
+#[derive(Debug, Args)]
+pub struct LiveOpts {
+    /// Role ext: where nodes mount the module (an absolute path, e.g. /srv/app).
+    #[arg(long = "mount")]
+    pub mount: Option<String>,
+    /// A systemd unit the module ships in usr/lib/systemd/system (roles opt and ext;
+    /// repeatable): linked, started when attached, restarted when updated.
+    #[arg(long = "unit")]
+    pub units: Vec<String>,
+    /// Health probe: an absolute command and its arguments, split on spaces (no shell); it must
+    /// exit 0 once the units are active.
+    #[arg(long = "health-cmd")]
+    pub health_cmd: Option<String>,
+    /// Health probe over HTTP on the node's 127.0.0.1: PORT/PATH, answered 2xx.
+    #[arg(long = "health-http")]
+    pub health_http: Option<String>,
+    /// Seconds the health gate may take [default: 60].
+    #[arg(long = "health-deadline")]
+    pub health_deadline: Option<u64>,
+}
+
+impl LiveOpts {
+    /// The health check these flags declare, if any.
+    pub fn health(&self) -> anyhow::Result<Option<HealthCheck>> {
+        if self.health_cmd.is_none() && self.health_http.is_none() && self.health_deadline.is_none() {
+            return Ok(None);
+        }
+        let command =
+            self.health_cmd.as_deref().map(|c| c.split_whitespace().map(str::to_owned).collect()).unwrap_or_default();
+        let http = match &self.health_http {
+            None => None,
+            Some(v) => {
+                let (port, path) =
+                    v.split_once('/').with_context(|| format!("--health-http {v:?} is not PORT/PATH"))?;
+                let port = port.parse().with_context(|| format!("--health-http {v:?}: the port is not a number"))?;
+                Some(HttpProbe { port, path: format!("/{path}") })
+            }
+        };
+        Ok(Some(HealthCheck { command, http, deadline_s: self.health_deadline.unwrap_or(DEFAULT_HEALTH_DEADLINE_S) }))
+    }
 }
 
 fn parse_role(s: &str) -> Result<MountRole, String> {
@@ -164,12 +208,15 @@ pub enum ModuleCommand {
         /// Built beside it and moved in only when complete.
         #[arg(long)]
         out: PathBuf,
-        /// Where nodes mount the module: `root`, `usr` or `opt`.
+        /// Where nodes mount the module: `root`, `usr` (both layered into the root at boot),
+        /// `opt` (live at /opt/NAME) or `ext` (live at --mount).
         #[arg(long, default_value = "root", value_parser = parse_role)]
         role: MountRole,
         /// systemd unit to restart when this module is updated in place (repeatable).
         #[arg(long = "restart-unit")]
         restart_units: Vec<String>,
+        #[command(flatten)]
+        live: LiveOpts,
         /// Every inode's mtime: seconds since the epoch, or `source` to keep the tree's.
         /// Default: $SOURCE_DATE_EPOCH, else 0.
         #[arg(long)]

@@ -1,10 +1,13 @@
 //! `ironroot-build kernel fetch`: the default node kernel, Debian's `linux-image-cloud-amd64`
-//! from bookworm-backports, resolved through the metapackage to the versioned image package.
+//! from trixie (the suite the base module is debootstrapped from; any suite can be asked for),
+//! resolved through the metapackage to the versioned image package.
 //!
 //! apt does the downloading and the signature checks (the archive keyring), with a private
 //! source list and list state under the cache directory, so the system's apt configuration is
 //! never touched. The result is `OUT/vmlinuz`, `OUT/config`, `OUT/modules/lib/modules/REL`
 //! (with `modules.dep` from `depmod -b`, which the .deb does not carry) and `OUT/kernel.json`.
+//! The package keeps its modules in `lib/modules` (bookworm) or `usr/lib/modules` (trixie,
+//! merged /usr); OUT has one layout either way.
 //! OUT is replaced as a whole, only after everything, including the config check, succeeded.
 
 use std::path::{Path, PathBuf};
@@ -49,10 +52,12 @@ pub struct FetchArgs {
 /// What `OUT/kernel.json` records.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct KernelInfo {
+    /// The suite it was resolved in (a kernel.json without one is not reused).
+    pub suite: String,
     /// The metapackage and the version of it that was resolved.
     pub metapackage: String,
     pub metapackage_version: String,
-    /// The versioned image package, e.g. linux-image-6.12.95+deb12-cloud-amd64.
+    /// The versioned image package, e.g. linux-image-6.12.117+deb13-cloud-amd64.
     pub package: String,
     pub version: String,
     /// `uname -r` of the kernel.
@@ -74,6 +79,7 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<KernelInfo> {
         .with_context(|| format!("{} {meta_version} depends on no linux-image package ({depends})", args.package))?;
 
     if let Some(info) = existing(&args.out)?
+        && info.suite == args.suite
         && info.package == image
         && info.metapackage_version == meta_version
     {
@@ -91,15 +97,15 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<KernelInfo> {
     let unpacked = staging.path().join("deb");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked), "dpkg-deb -x")?;
 
-    let release = single_release(&unpacked.join("lib/modules"))?;
+    let packaged = packaged_modules(&unpacked)?;
+    let release = single_release(&packaged)?;
     let built = staging.path().join("out");
     let modules = built.join("modules/lib/modules");
     std::fs::create_dir_all(&modules)?;
     let vmlinuz = built.join("vmlinuz");
     copy(&unpacked.join(format!("boot/vmlinuz-{release}")), &vmlinuz)?;
     copy(&unpacked.join(format!("boot/config-{release}")), &built.join("config"))?;
-    std::fs::rename(unpacked.join("lib/modules").join(&release), modules.join(&release))
-        .context("moving the kernel modules into place")?;
+    std::fs::rename(packaged.join(&release), modules.join(&release)).context("moving the kernel modules into place")?;
     run(Command::new("depmod").arg("-b").arg(built.join("modules")).arg(&release), "depmod -b")?;
 
     let config = std::fs::read_to_string(built.join("config")).context("reading the kernel config")?;
@@ -111,6 +117,7 @@ pub fn fetch(args: &FetchArgs) -> anyhow::Result<KernelInfo> {
     }
 
     let info = KernelInfo {
+        suite: args.suite.clone(),
         metapackage: args.package.clone(),
         metapackage_version: meta_version,
         package: image,
@@ -144,6 +151,18 @@ pub fn image_dependency(depends: &str) -> Option<String> {
         .map(|d| d.trim().split([' ', '(']).next().unwrap_or(""))
         .find(|name| name.strip_prefix("linux-image-").is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit())))
         .map(str::to_owned)
+}
+
+/// Where the unpacked package keeps its modules: `usr/lib/modules` (merged /usr, trixie on)
+/// or `lib/modules` (bookworm); a package with both is refused rather than half-copied.
+fn packaged_modules(unpacked: &Path) -> anyhow::Result<PathBuf> {
+    let found: Vec<PathBuf> =
+        ["usr/lib/modules", "lib/modules"].iter().map(|d| unpacked.join(d)).filter(|d| d.is_dir()).collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("the package has neither usr/lib/modules nor lib/modules"),
+        _ => bail!("the package has both usr/lib/modules and lib/modules"),
+    }
 }
 
 fn single_release(modules: &Path) -> anyhow::Result<String> {
@@ -300,10 +319,14 @@ fn system_mirror() -> anyhow::Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::image_dependency;
+    use super::{image_dependency, packaged_modules};
 
     #[test]
     fn the_versioned_image_is_found_among_alternatives() {
+        assert_eq!(
+            image_dependency("linux-image-6.12.117+deb13-cloud-amd64 (= 6.12.117-1)").as_deref(),
+            Some("linux-image-6.12.117+deb13-cloud-amd64")
+        );
         assert_eq!(
             image_dependency("linux-image-6.12.95+deb12-cloud-amd64 (= 6.12.95-1~bpo12+1)").as_deref(),
             Some("linux-image-6.12.95+deb12-cloud-amd64")
@@ -313,5 +336,18 @@ mod tests {
             Some("linux-image-6.1.0-31-cloud-amd64-unsigned")
         );
         assert_eq!(image_dependency("linux-image-cloud-amd64, initramfs-tools"), None);
+    }
+
+    #[test]
+    fn modules_are_found_in_either_layout_and_an_ambiguous_package_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        assert!(packaged_modules(root).is_err(), "no modules at all");
+        std::fs::create_dir_all(root.join("usr/lib/modules/6.12.117+deb13-cloud-amd64")).unwrap();
+        assert_eq!(packaged_modules(root).unwrap(), root.join("usr/lib/modules"));
+        std::fs::create_dir_all(root.join("lib/modules/6.12.95+deb12-cloud-amd64")).unwrap();
+        assert!(packaged_modules(root).is_err(), "both layouts");
+        std::fs::remove_dir_all(root.join("usr")).unwrap();
+        assert_eq!(packaged_modules(root).unwrap(), root.join("lib/modules"));
     }
 }
