@@ -9,9 +9,11 @@
 //! - [`evidence`]: the store's record of what it verified, so warm boots verify offline;
 //! - [`store`]: the flat, content-addressed object store packs unpack into;
 //! - [`unpack`]: a pack streamed from its source straight into the store;
-//! - [`verify`]: the trust chain, start to end; only it constructs a [`VerifiedModule`].
+//! - [`verify`]: the trust chain, start to end; only it constructs a [`VerifiedModule`] (and,
+//!   for a control plane that publishes modules, a [`SignedModule`]: signature and config only).
 //!
-//! Shared by `ironroot-build` (verify, push, sign) and the agent (fetch into its store).
+//! Shared by `ironroot-build` (verify, push, sign), the agent (fetch into its store) and the
+//! plane (signature and config of what it publishes).
 
 pub mod download;
 pub mod evidence;
@@ -26,4 +28,4 @@ pub mod verify;
 pub use download::Limits;
 pub use reference::Target;
 pub use registry::{Credentials, RegistryAccess};
-pub use verify::{VerifiedModule, VerifyError, VerifyOptions};
+pub use verify::{SignedModule, VerifiedModule, VerifyError, VerifyOptions};

@@ -203,20 +203,44 @@ async fn verify_signatures<S: ModuleSource>(
     Err(pick.unwrap_or(SignatureError::Missing(digest)).into())
 }
 
-/// Verifies the module at `tag`/`digest` in `src` into `store`.
-pub async fn verify_module<S: ModuleSource>(
+/// A module whose signature and config checked, and nothing more: no image or pack was
+/// fetched. What a control plane needs to publish a module (its name, serial and role); not
+/// something a node may mount (only [`VerifiedModule`] is).
+#[derive(Debug, Clone)]
+pub struct SignedModule {
+    digest: OciDigest,
+    config: ModuleConfig,
+    signature: SignedPayload,
+}
+
+impl SignedModule {
+    /// Digest of the signed manifest.
+    pub fn digest(&self) -> OciDigest {
+        self.digest
+    }
+    pub fn config(&self) -> &ModuleConfig {
+        &self.config
+    }
+    pub fn signature(&self) -> &SignedPayload {
+        &self.signature
+    }
+}
+
+/// The head of the chain, shared by both entry points: resolve, a trusted signature over the
+/// digest, the manifest's module shape and caps, the config (agreeing with the signed payload)
+/// and the serial floor.
+async fn verify_head<S: ModuleSource>(
     src: &S,
     tag: Option<&str>,
     digest: Option<OciDigest>,
-    store: &ObjectStore,
     opts: &VerifyOptions,
-) -> Result<VerifiedModule, VerifyError> {
+    record: &mut Record,
+) -> Result<(SignedModule, ModuleManifest), VerifyError> {
     let limits = &opts.limits;
     let (digest, manifest_bytes) = resolve(src, tag, digest, limits).await?;
     tracing::debug!(module.digest = %digest, "resolved");
-    let mut record = Record::default();
     record.manifest(&digest.to_string(), &manifest_bytes);
-    let signature = verify_signatures(src, digest, opts, &mut record).await?;
+    let signature = verify_signatures(src, digest, opts, record).await?;
     tracing::debug!(module.digest = %digest, key = %signature.key_id, "signature verified");
 
     let module = ModuleManifest::parse(&manifest_bytes)?;
@@ -232,6 +256,31 @@ pub async fn verify_module<S: ModuleSource>(
     {
         return Err(VerifyError::Serial { name: config.name, serial: config.serial, min });
     }
+    Ok((SignedModule { digest, config, signature }, module))
+}
+
+/// Verifies the signature and the config of the module at `tag`/`digest` in `src`, fetching
+/// only its manifests, signature payloads and config blob.
+pub async fn verify_signed_config<S: ModuleSource>(
+    src: &S,
+    tag: Option<&str>,
+    digest: Option<OciDigest>,
+    opts: &VerifyOptions,
+) -> Result<SignedModule, VerifyError> {
+    Ok(verify_head(src, tag, digest, opts, &mut Record::default()).await?.0)
+}
+
+/// Verifies the module at `tag`/`digest` in `src` into `store`.
+pub async fn verify_module<S: ModuleSource>(
+    src: &S,
+    tag: Option<&str>,
+    digest: Option<OciDigest>,
+    store: &ObjectStore,
+    opts: &VerifyOptions,
+) -> Result<VerifiedModule, VerifyError> {
+    let limits = &opts.limits;
+    let mut record = Record::default();
+    let (SignedModule { digest, config, signature }, module) = verify_head(src, tag, digest, opts, &mut record).await?;
 
     let image = store.images_dir().join(module.image.digest.hex());
     let mut downloaded = download::fetch_to_file(src, &module.image, &image, limits).await?;
@@ -331,4 +380,117 @@ fn referenced_objects(image: &[u8], digest: OciDigest) -> Result<Vec<VerityDiges
     let mut out: Vec<VerityDigest> = referenced.iter().filter_map(|id| id.to_hex().parse().ok()).collect();
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use ironroot_contract::config::MountRole;
+    use ironroot_contract::manifest::Descriptor;
+    use ironroot_contract::signing::SimpleSigningPayload;
+    use ironroot_contract::{KeyAlgorithm, SigningKey};
+
+    use super::*;
+    use crate::layout::Layout;
+
+    fn config(serial: u64) -> ModuleConfig {
+        ModuleConfig {
+            schema_version: ironroot_contract::config::CONFIG_SCHEMA_VERSION,
+            name: "web".into(),
+            version: format!("1.{serial}"),
+            serial,
+            composefs_digest: "ab".repeat(32).parse().unwrap(),
+            objects: 1,
+            object_bytes: 10,
+            role: MountRole::Opt,
+            restart_units: vec![],
+            created: "2024-01-01T00:00:00Z".into(),
+            mount_point: None,
+            units: vec![],
+            health: None,
+        }
+    }
+
+    /// A module of `serial` in a layout, tagged `tag` and signed by `key` (its image and pack
+    /// are described but absent: this verification must not fetch them).
+    fn publish(layout: &Layout, tag: &str, serial: u64, key: Option<&SigningKey>) -> OciDigest {
+        let config_bytes = config(serial).to_bytes();
+        layout.write_blob(&config_bytes).unwrap();
+        let mut pack = Descriptor::of(media::OBJECT_PACK, b"absent pack");
+        pack.annotations.insert(media::ANNOTATION_PACK_OBJECTS.into(), "1".into());
+        pack.annotations.insert(media::ANNOTATION_PACK_BYTES.into(), "10".into());
+        let manifest = ImageManifest {
+            schema_version: 2,
+            media_type: Some(media::OCI_MANIFEST.into()),
+            artifact_type: Some(media::MODULE_ARTIFACT_TYPE.into()),
+            config: Descriptor::of(media::MODULE_CONFIG, &config_bytes),
+            layers: vec![Descriptor::of(media::EROFS_IMAGE, b"absent image"), pack],
+            subject: None,
+            annotations: Default::default(),
+        }
+        .to_bytes();
+        let digest = layout.write_blob(&manifest).unwrap();
+        layout.set_tag(tag, Descriptor::of(media::OCI_MANIFEST, &manifest)).unwrap();
+        let Some(key) = key else {
+            return digest;
+        };
+        let c = config(serial);
+        let payload = SimpleSigningPayload::for_module("reg/web", digest, &c.name, &c.version, serial).to_bytes();
+        layout.write_blob(&payload).unwrap();
+        let mut layer = Descriptor::of(media::COSIGN_SIMPLESIGNING, &payload);
+        let signature = base64::engine::general_purpose::STANDARD.encode(key.sign(&payload));
+        layer.annotations.insert(media::COSIGN_SIGNATURE_ANNOTATION.into(), signature);
+        let empty = layout.write_blob(b"{}").unwrap();
+        let sig = ImageManifest {
+            schema_version: 2,
+            media_type: Some(media::OCI_MANIFEST.into()),
+            artifact_type: None,
+            config: Descriptor::new(media::OCI_EMPTY, empty, 2),
+            layers: vec![layer],
+            subject: None,
+            annotations: Default::default(),
+        }
+        .to_bytes();
+        layout.write_blob(&sig).unwrap();
+        layout.set_tag(&digest.signature_tag(), Descriptor::of(media::OCI_MANIFEST, &sig)).unwrap();
+        digest
+    }
+
+    fn run<T>(f: impl Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn signed_config_checks_the_signature_and_serial_and_fetches_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::create(dir.path()).unwrap();
+        let (key, other) = (SigningKey::generate(KeyAlgorithm::Ed25519), SigningKey::generate(KeyAlgorithm::P256));
+        let digest = publish(&layout, "v3", 3, Some(&key));
+        let opts = |trust: &SigningKey, min_serial| VerifyOptions {
+            trust: vec![trust.trusted_key().unwrap()],
+            min_serial,
+            limits: Limits::standard(),
+        };
+
+        let signed = run(verify_signed_config(&layout, Some("v3"), None, &opts(&key, None))).unwrap();
+        assert_eq!(signed.digest(), digest);
+        assert_eq!((signed.config().name.as_str(), signed.config().serial), ("web", 3));
+        assert_eq!(signed.config().role, MountRole::Opt);
+        assert_eq!(signed.signature().serial, Some(3));
+        let by_digest = run(verify_signed_config(&layout, None, Some(digest), &opts(&key, Some(3)))).unwrap();
+        assert_eq!(by_digest.digest(), digest);
+
+        let err = run(verify_signed_config(&layout, Some("v3"), None, &opts(&other, None))).unwrap_err();
+        assert_eq!(err.kind(), FailureKind::Signature, "{err}");
+        let err = run(verify_signed_config(&layout, Some("v3"), None, &opts(&key, Some(4)))).unwrap_err();
+        assert!(matches!(err, VerifyError::Serial { serial: 3, min: 4, .. }), "{err}");
+        let err = run(verify_signed_config(&layout, Some("v9"), None, &opts(&key, None))).unwrap_err();
+        assert!(matches!(err, VerifyError::NotFound(_)), "{err}");
+
+        let unsigned = tempfile::tempdir().unwrap();
+        let bare = Layout::create(unsigned.path()).unwrap();
+        publish(&bare, "v3", 3, None);
+        let err = run(verify_signed_config(&bare, Some("v3"), None, &opts(&key, None))).unwrap_err();
+        assert!(matches!(err, VerifyError::Signature(SignatureError::Missing(_))), "{err}");
+    }
 }
