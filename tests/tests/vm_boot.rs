@@ -148,10 +148,79 @@ fn first_pack(manifest: &serde_json::Value) -> usize {
     layers.iter().position(|l| l["mediaType"].as_str().unwrap().contains("objects")).unwrap()
 }
 
+/// The `TAG key=value` line for `key` on the console, once a probe printed it.
+fn tagged_line(console: &str, tag: &str, key: &str) -> Option<String> {
+    let prefix = format!("{tag} {key}=");
+    console.lines().find_map(|l| l.split_once(&prefix).map(|(_, v)| v.trim().to_owned()))
+}
+
 /// The `VERITY-PROBE key=value` line for `key` on the console, once the probe printed it.
 fn probe_line(console: &str, key: &str) -> Option<String> {
-    let prefix = format!("VERITY-PROBE {key}=");
-    console.lines().find_map(|l| l.split_once(&prefix).map(|(_, v)| v.trim().to_owned()))
+    tagged_line(console, "VERITY-PROBE", key)
+}
+
+/// A second oneshot in the probe module: what the agent will rely on in the booted root to
+/// apply root updates, asked the way the agent will ask it — systemd's manager over the system
+/// bus (its Version property, whether it has SoftReboot, systemd >= 254) and the bus daemon
+/// itself. busctl talks to the bus only (never systemd's private socket), so an answer means
+/// the bus is up. `ROOT-PROBE key=value` lines on the console.
+const ROOT_PROBE_SH: &str = r#"#!/bin/sh
+set -u
+say() { echo "ROOT-PROBE $*"; }
+manager="org.freedesktop.systemd1 /org/freedesktop/systemd1 org.freedesktop.systemd1.Manager"
+if version=$(busctl --system get-property $manager Version 2>&1); then
+    say "version=$version"
+else
+    say "error=$version"
+    exit 1
+fi
+busctl --system introspect $manager | grep -q '^\.SoftReboot ' && say "softreboot=yes" || say "softreboot=no"
+say "dbus=$(systemctl is-active dbus.service)"
+"#;
+
+const ROOT_PROBE_UNIT: &str = "\
+# Test module only (tests/tests/vm_boot.rs): systemd's version and the system bus, over the bus.
+[Unit]
+Description=ironroot test: systemd and the system bus as the agent sees them
+After=ironroot-agent.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh /usr/lib/ironroot-test/root-probe.sh
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// The major version in busctl's rendering of the Version property (`s "257.13-1~deb13u1"`).
+fn systemd_major(property: &str) -> Option<u32> {
+    let version = property.strip_prefix("s \"")?.trim_end_matches('"');
+    version.split(['.', '-', '~']).next()?.parse().ok()
+}
+
+/// Adds the root probe (script, unit, enablement) to a module tree.
+fn add_root_probe(tree: &std::path::Path) {
+    let dir = tree.join("usr/lib/ironroot-test");
+    let units = tree.join("usr/lib/systemd/system");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(units.join("multi-user.target.wants")).unwrap();
+    std::fs::write(dir.join("root-probe.sh"), ROOT_PROBE_SH).unwrap();
+    std::fs::write(units.join("ironroot-root-probe.service"), ROOT_PROBE_UNIT).unwrap();
+    std::os::unix::fs::symlink(
+        "../ironroot-root-probe.service",
+        units.join("multi-user.target.wants/ironroot-root-probe.service"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn busctl_versions_read_as_their_major() {
+    assert_eq!(systemd_major(r#"s "257.13-1~deb13u1""#), Some(257));
+    assert_eq!(systemd_major(r#"s "252.39-1~deb12u1""#), Some(252));
+    assert_eq!(systemd_major(r#"s "258""#), Some(258));
+    assert_eq!(systemd_major("Failed to connect to bus"), None);
 }
 
 #[test]
@@ -159,6 +228,8 @@ fn a_store_object_corrupted_after_verification_cannot_be_read_while_the_rest_of_
     let lab = VmLab::start();
     // A second module: a 1 MiB + 1 byte canary (the only object of that size) and a oneshot unit
     // that corrupts the canary's object on the store's block device, then reads it again.
+    // The same module carries the root probe (systemd and the system bus; this boot is the
+    // cheapest place for it).
     let fixtures = ironroot_tests::vm::workspace().join("tests/fixtures/verity-probe");
     let tree = lab.work.path().join("verity-probe");
     let dir = tree.join("usr/lib/ironroot-test");
@@ -182,6 +253,7 @@ fn a_store_object_corrupted_after_verification_cannot_be_read_while_the_rest_of_
         })
         .collect();
     std::fs::write(dir.join("canary.bin"), &canary).unwrap();
+    add_root_probe(&tree);
     let (probe, probe_digest) = lab.extension(&tree, "verity-probe");
 
     let token = lab.token_for("vm-verity", "verity", &[&lab.guest_reference, &probe]);
@@ -194,17 +266,27 @@ fn a_store_object_corrupted_after_verification_cannot_be_read_while_the_rest_of_
     expected.sort_by_key(|d| d.to_string());
     assert_eq!(digests, expected, "{view}");
 
-    // The probe runs once the agent service started; wait for its verdict on the console.
+    // The probes run once the agent service started; wait for both verdicts on the console.
     let deadline = std::time::Instant::now() + Duration::from_secs(300);
     let console = loop {
         let console = vm.console();
-        if probe_line(&console, "kernel").is_some() || probe_line(&console, "error").is_some() {
+        let verity = probe_line(&console, "kernel").is_some() || probe_line(&console, "error").is_some();
+        let root = tagged_line(&console, "ROOT-PROBE", "dbus").is_some()
+            || tagged_line(&console, "ROOT-PROBE", "error").is_some();
+        if verity && root {
             break console;
         }
         assert!(std::time::Instant::now() < deadline, "no probe verdict:\n{}", vm.console_tail(60));
         std::thread::sleep(Duration::from_secs(2));
     };
-    eprintln!("{}", console.lines().filter(|l| l.contains("VERITY-PROBE")).collect::<Vec<_>>().join("\n"));
+    eprintln!("{}", console.lines().filter(|l| l.contains("-PROBE ")).collect::<Vec<_>>().join("\n"));
+    // The booted root: systemd >= 254 (SoftReboot, for root updates) answering on the system bus.
+    let root = |key| tagged_line(&console, "ROOT-PROBE", key);
+    assert_eq!(root("error"), None, "{}", vm.console_tail(60));
+    let version = root("version").unwrap();
+    assert!(systemd_major(&version).is_some_and(|major| major >= 254), "systemd {version} has no SoftReboot");
+    assert_eq!(root("softreboot").as_deref(), Some("yes"), "{}", vm.console_tail(60));
+    assert_eq!(root("dbus").as_deref(), Some("active"), "{}", vm.console_tail(60));
     assert_eq!(probe_line(&console, "error"), None, "{}", vm.console_tail(60));
     let before = probe_line(&console, "before").unwrap();
     let expected_sum: String = sha2::Sha256::digest(&canary).iter().map(|b| format!("{b:02x}")).collect();
