@@ -16,8 +16,29 @@ pub enum MountRole {
     Root,
     /// An extension layered over `/usr`.
     Usr,
-    /// An extension layered over `/opt`.
+    /// An extension mounted live at `/opt/<name>` (its tree is that directory's content).
     Opt,
+    /// An extension mounted live at its declared `mountPoint`.
+    Ext,
+}
+
+impl MountRole {
+    /// Whether modules of this role are attached and updated while the node runs (each its own
+    /// mount), rather than layered into the root at boot.
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Opt | Self::Ext)
+    }
+}
+
+impl std::fmt::Display for MountRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Root => "root",
+            Self::Usr => "usr",
+            Self::Opt => "opt",
+            Self::Ext => "ext",
+        })
+    }
 }
 
 impl std::str::FromStr for MountRole {
@@ -27,7 +48,8 @@ impl std::str::FromStr for MountRole {
             "root" => Ok(Self::Root),
             "usr" => Ok(Self::Usr),
             "opt" => Ok(Self::Opt),
-            _ => Err(format!("mount role {s:?} is not one of root, usr, opt")),
+            "ext" => Ok(Self::Ext),
+            _ => Err(format!("mount role {s:?} is not one of root, usr, opt, ext")),
         }
     }
 }
@@ -51,7 +73,59 @@ pub struct ModuleConfig {
     pub restart_units: Vec<String>,
     /// RFC 3339 UTC creation time; fixed by the builder for reproducible output.
     pub created: String,
+    // Fields below are absent from modules that do not use them, so those keep their bytes.
+    /// Role `ext`: where the module is mounted (absolute, normalized).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_point: Option<String>,
+    /// Live roles: systemd units the module ships (`usr/lib/systemd/system/NAME` in its tree),
+    /// linked into `/run/systemd/system` and started when it is attached, restarted on update.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<String>,
+    /// Live roles: the module's own health probe, on top of its units being active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
 }
+
+/// How a module says it is healthy after an attach or update.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// A command (absolute path, no shell) that must exit 0.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// An HTTP GET on 127.0.0.1 that must answer 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
+    /// Seconds the whole gate may take (units reaching `active`, settling, the probe).
+    pub deadline_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbe {
+    pub port: u16,
+    pub path: String,
+}
+
+/// Health deadline when a module declares none (docs/interfaces/module-artifact.md).
+pub const DEFAULT_HEALTH_DEADLINE_S: u64 = 60;
+
+/// Directories an `ext` module may not be mounted on or under: the OS's own trees, kernel
+/// interfaces, and ironroot's state.
+const FORBIDDEN_MOUNTS: &[&str] = &[
+    "/usr",
+    "/etc",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/boot",
+    "/persist",
+    "/sbin",
+    "/bin",
+    "/lib",
+    "/var/lib/ironroot",
+];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -96,11 +170,26 @@ fn validate_unit(unit: &str) -> Result<(), ConfigError> {
     let ok = unit.len() <= 256
         && suffixes.iter().any(|s| unit.len() > s.len() && unit.ends_with(s))
         && unit.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.@\\".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::Field { field: "restartUnits", reason: format!("{unit:?} is not a unit name") })
+    if ok { Ok(()) } else { Err(ConfigError::Field { field: "units", reason: format!("{unit:?} is not a unit name") }) }
+}
+
+/// An `ext` mount point: absolute, normalized (no `.`, `..`, empty or trailing components),
+/// at most 256 bytes of `A-Z a-z 0-9 . _ - /`, not `/` and not on or under the OS's own trees.
+pub fn validate_mount_point(path: &str) -> Result<(), ConfigError> {
+    let bad = |reason: &str| ConfigError::Field { field: "mountPoint", reason: format!("{path:?} {reason}") };
+    if path.len() > 256 || !path.starts_with('/') || path == "/" {
+        return Err(bad("must be an absolute path other than / (at most 256 bytes)"));
     }
+    if !path.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b)) {
+        return Err(bad("may hold only A-Z a-z 0-9 . _ - /"));
+    }
+    if path[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(bad("is not normalized"));
+    }
+    if let Some(f) = FORBIDDEN_MOUNTS.iter().find(|f| path == **f || path.starts_with(&format!("{f}/"))) {
+        return Err(bad(&format!("is on or under {f}, which ironroot does not mount extensions over")));
+    }
+    Ok(())
 }
 
 fn validate_created(created: &str) -> Result<(), ConfigError> {
@@ -127,6 +216,15 @@ fn validate_created(created: &str) -> Result<(), ConfigError> {
 }
 
 impl ModuleConfig {
+    /// Where a live module is mounted: `/opt/<name>` for `opt`, the declared point for `ext`.
+    pub fn mount_point(&self) -> Option<String> {
+        match self.role {
+            MountRole::Opt => Some(format!("/opt/{}", self.name)),
+            MountRole::Ext => self.mount_point.clone(),
+            MountRole::Root | MountRole::Usr => None,
+        }
+    }
+
     /// Checks every field; a config that passes is one the agent can act on.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.schema_version != CONFIG_SCHEMA_VERSION {
@@ -136,6 +234,38 @@ impl ModuleConfig {
         validate_version(&self.version)?;
         validate_created(&self.created)?;
         self.restart_units.iter().try_for_each(|u| validate_unit(u))?;
+        self.units.iter().try_for_each(|u| validate_unit(u))?;
+        let field = |field: &'static str, reason: &str| ConfigError::Field { field, reason: reason.to_owned() };
+        match (self.role, &self.mount_point) {
+            (MountRole::Ext, Some(m)) => validate_mount_point(m)?,
+            (MountRole::Ext, None) => return Err(field("mountPoint", "role ext needs a mount point")),
+            (_, Some(_)) => return Err(field("mountPoint", "only role ext declares a mount point")),
+            (_, None) => {}
+        }
+        if !self.role.is_live() && (!self.units.is_empty() || self.health.is_some()) {
+            return Err(field("units", "only live roles (opt, ext) ship units and a health check"));
+        }
+        if let Some(h) = &self.health {
+            if h.deadline_s == 0 || h.deadline_s > 3600 {
+                return Err(field("health", "deadlineS must be 1 to 3600 seconds"));
+            }
+            if let Some(c) = h.command.first()
+                && !c.starts_with('/')
+            {
+                return Err(field("health", "the command must be an absolute path (no shell, no PATH)"));
+            }
+            if h.command.iter().any(|a| a.len() > 4096 || a.contains('\0')) || h.command.len() > 64 {
+                return Err(field("health", "the command has over 64 arguments, one over 4 KiB, or a NUL"));
+            }
+            if let Some(p) = &h.http
+                && (p.port == 0
+                    || !p.path.starts_with('/')
+                    || p.path.len() > 1024
+                    || p.path.chars().any(char::is_control))
+            {
+                return Err(field("health", "the HTTP probe needs a port and an absolute path"));
+            }
+        }
         if self.objects > 0 && self.object_bytes == 0 {
             return Err(ConfigError::Field {
                 field: "objectBytes",
@@ -191,6 +321,54 @@ mod tests {
             role: MountRole::Root,
             restart_units: vec!["ironroot-agent.service".into()],
             created: format_epoch(0),
+            mount_point: None,
+            units: Vec::new(),
+            health: None,
+        }
+    }
+
+    #[test]
+    fn fields_a_module_does_not_use_keep_its_bytes() {
+        let bytes = String::from_utf8(sample().to_bytes()).unwrap();
+        for absent in ["mountPoint", "units\"", "health"] {
+            assert!(!bytes.contains(absent), "{absent} in {bytes}");
+        }
+    }
+
+    #[test]
+    fn live_roles_declare_where_they_mount_and_how_they_are_healthy() {
+        let mut c = sample();
+        c.role = MountRole::Ext;
+        c.restart_units.clear();
+        c.mount_point = Some("/srv/app".into());
+        c.units = vec!["app.service".into()];
+        c.health = Some(HealthCheck {
+            command: vec!["/srv/app/bin/check".into()],
+            http: Some(HttpProbe { port: 8080, path: "/healthz".into() }),
+            deadline_s: 30,
+        });
+        assert_eq!(ModuleConfig::parse(&c.to_bytes()).unwrap(), c);
+        assert_eq!(c.mount_point().as_deref(), Some("/srv/app"));
+        c.role = MountRole::Opt;
+        c.mount_point = None;
+        assert_eq!(c.mount_point().as_deref(), Some("/opt/base"));
+        for bad in ["srv", "/", "/srv/../etc", "/srv//a", "/srv/a/", "/usr/local", "/run/x", "/srv/a b", "/etc"] {
+            assert!(validate_mount_point(bad).is_err(), "{bad}");
+        }
+        type Case = (fn(&mut ModuleConfig), &'static str);
+        let cases: Vec<Case> = vec![
+            (|c| c.role = MountRole::Ext, "role ext needs a mount point"),
+            (|c| c.mount_point = Some("/srv/x".into()), "only role ext"),
+            (|c| c.role = MountRole::Root, "only live roles"),
+            (|c| c.health.as_mut().unwrap().deadline_s = 0, "deadlineS"),
+            (|c| c.health.as_mut().unwrap().command = vec!["check".into()], "absolute path"),
+            (|c| c.units = vec!["app".into()], "not a unit name"),
+        ];
+        for (mutate, needle) in cases {
+            let mut m = c.clone();
+            mutate(&mut m);
+            let err = m.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err} should say {needle}");
         }
     }
 
@@ -212,7 +390,7 @@ mod tests {
             (|c| c.name = "Base".into(), "name"),
             (|c| c.version = "1 0".into(), "version"),
             (|c| c.created = "yesterday".into(), "created"),
-            (|c| c.restart_units = vec!["../x".into()], "restartUnits"),
+            (|c| c.restart_units = vec!["../x".into()], "not a unit name"),
             (|c| c.schema_version = 2, "schema 2"),
         ];
         for (mutate, needle) in cases {

@@ -393,22 +393,21 @@ mod tests {
     use super::*;
     use crate::layout::Layout;
 
+    /// Parsed from JSON, not built field by field: fields a module does not use stay absent.
     fn config(serial: u64) -> ModuleConfig {
-        ModuleConfig {
-            schema_version: ironroot_contract::config::CONFIG_SCHEMA_VERSION,
-            name: "web".into(),
-            version: format!("1.{serial}"),
-            serial,
-            composefs_digest: "ab".repeat(32).parse().unwrap(),
-            objects: 1,
-            object_bytes: 10,
-            role: MountRole::Opt,
-            restart_units: vec![],
-            created: "2024-01-01T00:00:00Z".into(),
-            mount_point: None,
-            units: vec![],
-            health: None,
-        }
+        let json = serde_json::json!({
+            "schemaVersion": ironroot_contract::config::CONFIG_SCHEMA_VERSION,
+            "name": "web",
+            "version": format!("1.{serial}"),
+            "serial": serial,
+            "composefsDigest": "ab".repeat(32),
+            "objects": 1,
+            "objectBytes": 10,
+            "role": "opt",
+            "restartUnits": [],
+            "created": "2024-01-01T00:00:00Z",
+        });
+        ModuleConfig::parse(json.to_string().as_bytes()).unwrap()
     }
 
     /// A module of `serial` in a layout, tagged `tag` and signed by `key` (its image and pack

@@ -1,12 +1,15 @@
-//! Phase 5, mount: the composefs root. Each verified module's EROFS image is mounted read-only
-//! (file-backed, through the `composefs` crate) under `/run/ironroot/layers/<digest>`; one
-//! overlayfs then stacks the extension layers over the root layer, with the object store as its
+//! Composefs roots (the boot's phase 5, and a staged root for a soft reboot). Each verified
+//! module's EROFS image is mounted read-only (file-backed, through the `composefs` crate) under
+//! `/run/ironroot/layers/<digest>`; one overlayfs then stacks the `usr` layers over the root layer
+//! (live `opt`/`ext` modules are mounted by the service, not here), with the object store as its
 //! data-only lower layer (`lower:…::store`), `metacopy=on,redirect_dir=on`, `verity=require`
 //! whenever the store is sealed, and a writable upper on tmpfs or `/persist/overlay`.
 //! Accepts only [`VerifiedModule`]s: nothing unverified can be mounted.
 
 use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
+
+pub mod extension;
 
 use composefs::mount::{FsHandle, erofs_mount, mount_at};
 use ironroot_contract::config::MountRole;
@@ -59,8 +62,9 @@ pub fn mount_root(
         1 => {}
         count => return Err(MountError::TwoRoots { count }),
     }
-    // Upper layers first in overlayfs order: extensions over the root.
-    let mut ordered: Vec<&VerifiedModule> = modules.iter().filter(|m| m.config().role != MountRole::Root).collect();
+    // Upper layers first in overlayfs order: `usr` layers over the root. Live modules (`opt`,
+    // `ext`) are not part of the root: the service attaches each as its own mount.
+    let mut ordered: Vec<&VerifiedModule> = modules.iter().filter(|m| m.config().role == MountRole::Usr).collect();
     ordered.extend(modules.iter().filter(|m| m.config().role == MountRole::Root));
 
     let mut mounted = Vec::new();
@@ -110,15 +114,20 @@ fn assemble(
     let layer_refs: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
 
     let name = ordered.last().map_or("root", |m| m.config().name.as_str());
-    let dirs = OverlayDirs { lower: &layer_refs, data: store.objects.root(), upper: &upper, work: &work };
-    mount_overlay(name, &dirs, store.verity, target)?;
+    let dirs = OverlayDirs { lower: &layer_refs, data: store.objects.root(), upper: Some((&upper, &work)) };
+    let mnt = overlay(&format!("composefs:{name}"), &dirs, store.verity, target)?;
+    mount_at(mnt.as_fd(), CWD, target).map_err(|e| MountError::Overlay {
+        target: target.to_owned(),
+        kernel: "attaching at the target".into(),
+        source: e.into(),
+    })?;
     tracing::info!(target = %target.display(), verity = store.verity, layers = layers.len(), "composefs root mounted");
     Ok(MountedRoot { target: target.to_owned(), verity: store.verity, layers, upper })
 }
 
 /// Mounts one verified EROFS image read-only at `dir` (already there from an earlier attempt:
 /// left as is).
-fn mount_image(module: &VerifiedModule, dir: &Path) -> Result<(), MountError> {
+pub(crate) fn mount_image(module: &VerifiedModule, dir: &Path) -> Result<(), MountError> {
     std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
     let erofs = |source| MountError::Erofs { module: module.config().name.clone(), source };
     let open = || rustix::fs::open(module.image_path(), OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty());
@@ -140,18 +149,25 @@ fn mount_image(module: &VerifiedModule, dir: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-/// The directories of one overlay mount; lower layers uppermost first.
-struct OverlayDirs<'a> {
-    lower: &'a [&'a Path],
-    data: &'a Path,
-    upper: &'a Path,
-    work: &'a Path,
+/// The directories of one overlay mount; lower layers uppermost first. Without an upper (and
+/// work) directory the overlay is read-only.
+pub(crate) struct OverlayDirs<'a> {
+    pub lower: &'a [&'a Path],
+    pub data: &'a Path,
+    pub upper: Option<(&'a Path, &'a Path)>,
 }
 
-/// Layers are handed over one per `lowerdir+`/`datadir+` (kernel ≥ 6.8) as `/proc/self/fd/N`
-/// of an O_PATH descriptor: fsconfig string values are capped at 256 bytes, which a `lowerdir`
-/// list of long paths exceeds, and no path needs escaping this way.
-fn mount_overlay(name: &str, dirs: &OverlayDirs<'_>, verity: bool, target: &Path) -> Result<(), MountError> {
+/// Creates an overlay (a detached mount: the caller attaches it) named `source` in the mount
+/// table. Layers are handed over one per `lowerdir+`/`datadir+` (kernel ≥ 6.8) as
+/// `/proc/self/fd/N` of an O_PATH descriptor: fsconfig string values are capped at 256 bytes,
+/// which a `lowerdir` list of long paths exceeds, and no path needs escaping this way. `target`
+/// only names the mount in errors.
+pub(crate) fn overlay(
+    source: &str,
+    dirs: &OverlayDirs<'_>,
+    verity: bool,
+    target: &Path,
+) -> Result<OwnedFd, MountError> {
     let fail = |kernel: String| {
         move |e: rustix::io::Errno| MountError::Overlay { target: target.to_owned(), kernel, source: e.into() }
     };
@@ -161,7 +177,7 @@ fn mount_overlay(name: &str, dirs: &OverlayDirs<'_>, verity: bool, target: &Path
         source: e,
     })?;
     let set = |k: &str, v: &str| fsconfig_set_string(fs.as_fd(), k, v).map_err(fail(format!("{k}={v} refused")));
-    set("source", &format!("composefs:{name}"))?;
+    set("source", source)?;
     set("metacopy", "on")?;
     set("redirect_dir", "on")?;
     if verity {
@@ -179,11 +195,15 @@ fn mount_overlay(name: &str, dirs: &OverlayDirs<'_>, verity: bool, target: &Path
         set_dir("lowerdir+", lower)?;
     }
     set_dir("datadir+", dirs.data)?;
-    set_dir("upperdir", dirs.upper)?;
-    set_dir("workdir", dirs.work)?;
+    let attrs = match dirs.upper {
+        Some((upper, work)) => {
+            set_dir("upperdir", upper)?;
+            set_dir("workdir", work)?;
+            MountAttrFlags::empty()
+        }
+        None => MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV,
+    };
     fsconfig_create(fs.as_fd()).map_err(fail("creating the overlay".into()))?;
-    let mnt =
-        fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty()).map_err(fail("fsmount".into()))?;
-    mount_at(mnt.as_fd(), CWD, target).map_err(fail("attaching at the target".into()))?;
-    Ok(())
+    let mnt = fsmount(fs.as_fd(), FsMountFlags::FSMOUNT_CLOEXEC, attrs).map_err(fail("fsmount".into()))?;
+    Ok(mnt)
 }

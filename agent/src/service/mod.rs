@@ -11,6 +11,15 @@
 //! which the unit's `RestartPreventExitStatus=` names: a boot record that cannot be read or
 //! used, a node identity that cannot be read, is refused or expired.
 
+pub mod heartbeat;
+pub mod journal;
+pub mod node;
+pub mod renewal;
+pub mod rollout;
+pub mod spool;
+pub mod systemd;
+pub mod tasks;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

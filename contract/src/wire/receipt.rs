@@ -63,7 +63,9 @@ pub struct Receipt {
     pub transaction: String,
     /// The module name.
     pub module: String,
-    pub role: MountRole,
+    /// Absent when the change failed before the module's signed config was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<MountRole>,
     /// Absent for a first attach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<ModuleVersion>,
@@ -100,11 +102,15 @@ mod tests {
         let r = Receipt {
             transaction: "x-1".into(),
             module: "hello".into(),
-            role: MountRole::Opt,
+            role: Some(MountRole::Opt),
             from: Some(v(1)),
             to: Some(v(2)),
             units: vec!["hello.service".into()],
-            health: Some(Health { healthy: false, units: vec![("hello.service".into(), "failed".into())], probe: None }),
+            health: Some(Health {
+                healthy: false,
+                units: vec![("hello.service".into(), "failed".into())],
+                probe: None,
+            }),
             started: 10,
             finished: 20,
             outcome: Outcome::RolledBack,

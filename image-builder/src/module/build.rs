@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use anyhow::{Context as _, bail};
 use composefs::erofs::format::FormatVersion;
 use composefs::erofs::writer::{ValidatedFileSystem, mkfs_erofs_versioned};
-use ironroot_contract::config::{self, CONFIG_SCHEMA_VERSION, format_epoch};
+use ironroot_contract::config::{self, CONFIG_SCHEMA_VERSION, HealthCheck, format_epoch};
 use ironroot_contract::manifest::{Descriptor, ImageManifest};
 use ironroot_contract::pack::PackWriter;
 use ironroot_contract::{ModuleConfig, MountRole, OciDigest, VerityDigest, media, verity_digest};
@@ -34,6 +34,11 @@ pub struct BuildArgs {
     pub serial: u64,
     pub role: MountRole,
     pub restart_units: Vec<String>,
+    /// Role ext: where nodes mount it.
+    pub mount_point: Option<String>,
+    /// Units the module ships (in `usr/lib/systemd/system/` of its tree).
+    pub units: Vec<String>,
+    pub health: Option<HealthCheck>,
     pub out: PathBuf,
     pub normalise: Normalise,
     /// Packs are filled up to this many object bytes (an object larger than this gets its own).
@@ -56,6 +61,7 @@ pub fn build(args: &BuildArgs, staging: Staging, progress: &Progress) -> anyhow:
     config::validate_name(&args.name)?;
     config::validate_version(&args.version)?;
     let source = SourceTree::open(&args.from)?;
+    check_units(source.root(), &args.units)?;
     progress.phase("scanning tree and hashing objects");
     let fs = tree::scan(source.root(), &args.normalise)?;
     let objects = tree::external_objects(&fs, source.root())?;
@@ -89,6 +95,9 @@ pub fn build(args: &BuildArgs, staging: Staging, progress: &Progress) -> anyhow:
         role: args.role,
         restart_units: args.restart_units.clone(),
         created: created.clone(),
+        mount_point: args.mount_point.clone(),
+        units: args.units.clone(),
+        health: args.health.clone(),
     };
     config.validate()?;
     let config_bytes = config.to_bytes();
@@ -127,6 +136,20 @@ pub fn build(args: &BuildArgs, staging: Staging, progress: &Progress) -> anyhow:
         object_bytes,
         packs: packs.len(),
     })
+}
+
+/// Every declared unit is a file (or a link) in the tree's `usr/lib/systemd/system/`: a node
+/// must not find a module's unit missing when it attaches it.
+fn check_units(root: &std::path::Path, units: &[String]) -> anyhow::Result<()> {
+    for unit in units {
+        let path = root.join("usr/lib/systemd/system").join(unit);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() || m.is_symlink() => {}
+            Ok(_) => bail!("unit {unit}: usr/lib/systemd/system/{unit} in the tree is not a file"),
+            Err(_) => bail!("unit {unit} is declared but usr/lib/systemd/system/{unit} is not in the tree"),
+        }
+    }
+    Ok(())
 }
 
 /// Splits objects (ascending digest) into packs of about `pack_size` bytes and writes them in

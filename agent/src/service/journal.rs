@@ -1,0 +1,296 @@
+//! The node journal: every step of a module transaction, every receipt, every finished task and
+//! every audit record the node makes, in one append-only, hash-chained file
+//! (`/persist/ironroot/journal/node.jsonl` on disk-backed nodes, else under `/run/ironroot`).
+//! It is both the runtime's memory across a `kill -9` (transactions resume or roll back from it)
+//! and the spool the plane receives in order once it is reachable.
+//!
+//! A record is synced to disk before `append` returns, so a step is journaled before it is
+//! taken. The file is bounded: records the plane acknowledged are dropped when it is rewritten;
+//! records it has not are never dropped — when they alone fill it, `append` refuses and the
+//! runtime refuses new changes until the plane takes them.
+
+use std::io::{BufRead as _, Write as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The hash the chain starts from.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// The file name beside the delivery cursor.
+const FILE: &str = "node.jsonl";
+const CURSOR: &str = "delivered";
+
+/// One journal record as kept and sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    /// Seconds since the epoch, the node's clock.
+    pub time: u64,
+    pub kind: String,
+    pub data: serde_json::Value,
+    pub prev: String,
+    pub hash: String,
+}
+
+fn hash_of(prev: &str, seq: u64, time: u64, kind: &str, data: &str) -> String {
+    let mut h = Sha256::new();
+    for field in [prev, &seq.to_string(), &time.to_string(), kind, data] {
+        h.update((field.len() as u64).to_le_bytes());
+        h.update(field.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{op} {path}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("the node journal {path} is broken at record {seq}: {reason}")]
+    Broken { path: PathBuf, seq: u64, reason: String },
+    #[error(
+        "the node journal is full ({bytes} bytes of records the plane has not received); changes are refused until it does"
+    )]
+    Full { bytes: u64 },
+}
+
+/// The journal, open for appending.
+#[derive(Debug)]
+pub struct Journal {
+    dir: PathBuf,
+    file: std::fs::File,
+    /// The last record's sequence number and hash.
+    head: (u64, String),
+    /// Records up to this one were acknowledged by the plane.
+    delivered: u64,
+    /// Bytes in the file, and bytes of records not yet delivered.
+    bytes: u64,
+    limit: u64,
+    /// Records kept in memory from the oldest undelivered one (what the spool sends).
+    pending: Vec<Record>,
+    /// Every record read at open, for the runtime to resume from (transactions, finished tasks).
+    replay: Vec<Record>,
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> JournalError + use<> {
+    let path = path.to_owned();
+    move |source| JournalError::Io { op, path, source }
+}
+
+/// Bytes of one record as a line.
+fn line(r: &Record) -> Vec<u8> {
+    let mut l = serde_json::to_vec(r).unwrap_or_default();
+    l.push(b'\n');
+    l
+}
+
+impl Journal {
+    /// Opens (creating) the journal in `dir`, at most `limit` bytes. Checks the whole chain; a
+    /// torn last line (a crash mid-write) is cut off, anything else broken is an error.
+    pub fn open(dir: &Path, limit: u64) -> Result<Self, JournalError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
+        let path = dir.join(FILE);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io("opening", &path))?;
+        let mut records = Vec::new();
+        let mut good_bytes = 0u64;
+        let mut reader = std::io::BufReader::new(&file);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            let n = reader.read_until(b'\n', &mut buf).map_err(io("reading", &path))?;
+            if n == 0 {
+                break;
+            }
+            let complete = buf.last() == Some(&b'\n');
+            match serde_json::from_slice::<Record>(&buf) {
+                Ok(r) if complete => {
+                    records.push(r);
+                    good_bytes += n as u64;
+                }
+                _ if !complete => break, // torn by a crash mid-write: cut below
+                Err(e) => {
+                    let seq = records.last().map_or(1, |r: &Record| r.seq + 1);
+                    return Err(JournalError::Broken { path, seq, reason: e.to_string() });
+                }
+                Ok(_) => break,
+            }
+        }
+        drop(reader);
+        file.set_len(good_bytes).map_err(io("cutting a torn record from", &path))?;
+        let mut prev: Option<&Record> = None;
+        for r in &records {
+            let expected_seq = prev.map_or(r.seq, |p| p.seq + 1);
+            let data = r.data.to_string();
+            let problem = if r.seq != expected_seq {
+                Some(format!("sequence {} where {expected_seq} was expected", r.seq))
+            } else if prev.is_some_and(|p| p.hash != r.prev) {
+                Some("previous-hash link does not match".to_owned())
+            } else if r.hash != hash_of(&r.prev, r.seq, r.time, &r.kind, &data) {
+                Some("hash does not match the record".to_owned())
+            } else {
+                None
+            };
+            if let Some(reason) = problem {
+                return Err(JournalError::Broken { path, seq: r.seq, reason });
+            }
+            prev = Some(r);
+        }
+        let head = records.last().map_or((0, GENESIS.to_owned()), |r| (r.seq, r.hash.clone()));
+        let delivered = read_cursor(dir).min(head.0);
+        let pending: Vec<Record> = records.iter().filter(|r| r.seq > delivered).cloned().collect();
+        Ok(Self { dir: dir.to_owned(), file, head, delivered, bytes: good_bytes, limit, pending, replay: records })
+    }
+
+    /// Every record the journal held when it was opened, oldest first.
+    pub fn replay(&self) -> &[Record] {
+        &self.replay
+    }
+
+    /// Records the plane has not acknowledged yet, oldest first.
+    pub fn pending(&self) -> &[Record] {
+        &self.pending
+    }
+
+    pub fn head(&self) -> u64 {
+        self.head.0
+    }
+
+    /// Bytes of records the plane has not acknowledged.
+    pub fn undelivered_bytes(&self) -> u64 {
+        self.pending.iter().map(|r| line(r).len() as u64).sum()
+    }
+
+    /// Appends a record and syncs it to disk before returning its sequence number. When the
+    /// file would pass its limit, delivered records are dropped first; when undelivered ones
+    /// alone fill it, the record is refused.
+    pub fn append(&mut self, time: u64, kind: &str, data: serde_json::Value) -> Result<u64, JournalError> {
+        let seq = self.head.0 + 1;
+        let hash = hash_of(&self.head.1, seq, time, kind, &data.to_string());
+        let record = Record { seq, time, kind: kind.to_owned(), data, prev: self.head.1.clone(), hash };
+        let bytes = line(&record);
+        if self.bytes + bytes.len() as u64 > self.limit {
+            self.compact()?;
+            if self.bytes + bytes.len() as u64 > self.limit {
+                return Err(JournalError::Full { bytes: self.bytes });
+            }
+        }
+        let path = self.dir.join(FILE);
+        self.file.write_all(&bytes).map_err(io("appending to", &path))?;
+        self.file.sync_data().map_err(io("syncing", &path))?;
+        self.bytes += bytes.len() as u64;
+        self.head = (seq, record.hash.clone());
+        self.pending.push(record);
+        Ok(seq)
+    }
+
+    /// The plane acknowledged every record up to `seq`.
+    pub fn delivered(&mut self, seq: u64) -> Result<(), JournalError> {
+        let seq = seq.min(self.head.0);
+        if seq <= self.delivered {
+            return Ok(());
+        }
+        let path = self.dir.join(CURSOR);
+        ironroot_oci::layout::write_atomic(&path, seq.to_string().as_bytes()).map_err(io("writing", &path))?;
+        self.delivered = seq;
+        self.pending.retain(|r| r.seq > seq);
+        Ok(())
+    }
+
+    /// Rewrites the file with only the undelivered records (the chain continues from the first
+    /// kept record's `prev`).
+    fn compact(&mut self) -> Result<(), JournalError> {
+        let path = self.dir.join(FILE);
+        let mut bytes = Vec::new();
+        for r in &self.pending {
+            bytes.extend_from_slice(&line(r));
+        }
+        ironroot_oci::layout::write_atomic(&path, &bytes).map_err(io("rewriting", &path))?;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        self.file = std::fs::OpenOptions::new().append(true).mode(0o600).open(&path).map_err(io("opening", &path))?;
+        self.bytes = bytes.len() as u64;
+        Ok(())
+    }
+}
+
+fn read_cursor(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join(CURSOR)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(i: u64) -> serde_json::Value {
+        serde_json::json!({"i": i, "pad": "x".repeat(100)})
+    }
+
+    #[test]
+    fn records_chain_survive_reopening_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), 1 << 20).unwrap();
+        for i in 1..=3 {
+            assert_eq!(j.append(100 + i, "txn.planned", data(i)).unwrap(), i);
+        }
+        drop(j);
+        // A crash mid-write leaves half a line.
+        let mut f = std::fs::OpenOptions::new().append(true).open(dir.path().join(FILE)).unwrap();
+        f.write_all(br#"{"seq":4,"time":1,"ki"#).unwrap();
+        drop(f);
+        let mut j = Journal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(j.replay().len(), 3);
+        assert_eq!(j.append(200, "receipt", data(4)).unwrap(), 4, "the torn record is gone, its number reused");
+        assert_eq!(j.pending().len(), 4);
+        j.delivered(2).unwrap();
+        drop(j);
+        let j = Journal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(j.pending().iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4], "the cursor survives");
+    }
+
+    #[test]
+    fn an_edited_record_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::open(dir.path(), 1 << 20).unwrap();
+        for i in 1..=3 {
+            j.append(i, "k", data(i)).unwrap();
+        }
+        drop(j);
+        let path = dir.path().join(FILE);
+        let text = std::fs::read_to_string(&path).unwrap().replace("\"i\":2", "\"i\":9");
+        std::fs::write(&path, text).unwrap();
+        let err = Journal::open(dir.path(), 1 << 20).unwrap_err();
+        assert!(matches!(err, JournalError::Broken { seq: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn delivered_records_make_room_and_undelivered_ones_are_never_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = line(&Record {
+            seq: 10,
+            time: 1000,
+            kind: "audit".into(),
+            data: data(10),
+            prev: GENESIS.into(),
+            hash: GENESIS.into(),
+        })
+        .len() as u64;
+        let mut j = Journal::open(dir.path(), one * 4).unwrap();
+        for i in 1..=4 {
+            j.append(1000, "audit", data(i)).unwrap();
+        }
+        let full = j.append(1000, "audit", data(5)).unwrap_err();
+        assert!(matches!(full, JournalError::Full { .. }), "{full}");
+        assert_eq!(j.pending().len(), 4, "nothing undelivered was dropped");
+        j.delivered(3).unwrap();
+        assert_eq!(j.append(1000, "audit", data(5)).unwrap(), 5, "delivered records made room");
+        drop(j);
+        let j = Journal::open(dir.path(), one * 4).unwrap();
+        assert_eq!(j.replay().iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5], "compacted, chain intact");
+    }
+}

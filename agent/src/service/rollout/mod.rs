@@ -1,0 +1,534 @@
+//! The rollout machine: from the plane's desired state to the modules that run, one
+//! transaction at a time. A live module (`opt`, `ext`) goes planned → staged → attached →
+//! health-gated → committed, or is rolled back to the version before it, with the reason; a
+//! removed one is detached (units stopped first). Every step is journaled before it is taken
+//! (the shell syncs a `Record` before running what follows it), so after a `kill -9` the
+//! service resumes from the journal: a transaction that passed its health gate is committed,
+//! any other rolled back (see [`Rollout::new`]'s `open`). Serial floors rise only at commit.
+//! Each transaction ends in a receipt.
+//!
+//! A changed root (or `usr` layer) is staged as a whole new root and entered by soft reboot.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use ironroot_contract::config::MountRole;
+use ironroot_contract::wire::{DesiredModule, DesiredState, Health, ModuleVersion};
+use ironroot_contract::{OciDigest, VerityDigest};
+use serde::{Deserialize, Serialize};
+
+#[cfg(test)]
+mod tests;
+mod txn;
+
+use super::node::{Action, Now};
+use super::systemd::PowerOp;
+
+/// A verified module's facts the core decides by (from its signed config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleInfo {
+    pub name: String,
+    /// Where it came from (`registry/repository@sha256:…`).
+    pub reference: String,
+    pub digest: OciDigest,
+    pub composefs: VerityDigest,
+    pub version: String,
+    pub serial: u64,
+    pub role: MountRole,
+    /// Live roles: where it is mounted.
+    pub mount_point: Option<String>,
+    pub units: Vec<String>,
+}
+
+impl ModuleInfo {
+    pub fn version(&self) -> ModuleVersion {
+        ModuleVersion {
+            version: self.version.clone(),
+            serial: self.serial,
+            digest: self.digest,
+            composefs_digest: self.composefs,
+        }
+    }
+
+    /// The module as the plane would pin it (to verify it again).
+    pub fn pinned(&self) -> DesiredModule {
+        DesiredModule {
+            name: self.name.clone(),
+            reference: self.reference.clone(),
+            digest: self.digest,
+            serial: self.serial,
+        }
+    }
+}
+
+/// A long job the shell runs; it answers with the matching [`JobDone`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Job {
+    /// Verify one module into the store (offline from evidence when it can).
+    Verify {
+        module: DesiredModule,
+    },
+    /// Mount the new version, detached.
+    Stage {
+        txn: String,
+        to: ModuleInfo,
+    },
+    /// Put it in place of `from` (or first), link its units, reload, (re)start them.
+    Attach {
+        txn: String,
+        to: ModuleInfo,
+        from: Option<ModuleInfo>,
+    },
+    /// Units active and settled, then the module's own probe.
+    Gate {
+        txn: String,
+        module: ModuleInfo,
+    },
+    /// Raise its serial floor; let go of the old version's layer.
+    Commit {
+        txn: String,
+        to: ModuleInfo,
+        from: Option<ModuleInfo>,
+    },
+    /// Make `from` the live version again (nothing, when there was none), units restarted.
+    Restore {
+        txn: String,
+        to: ModuleInfo,
+        from: Option<ModuleInfo>,
+    },
+    /// Stop its units, unlink them, unmount it.
+    Detach {
+        txn: String,
+        module: ModuleInfo,
+    },
+    /// Assemble the new root (root + usr layers) at /run/nextroot.
+    StageRoot {
+        txn: String,
+        modules: Vec<ModuleInfo>,
+    },
+    Power(PowerOp),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobDone {
+    Verified {
+        name: String,
+        result: Result<ModuleInfo, String>,
+    },
+    Staged {
+        txn: String,
+        result: Result<(), String>,
+    },
+    /// The units (re)started.
+    Attached {
+        txn: String,
+        result: Result<Vec<String>, String>,
+    },
+    Gated {
+        txn: String,
+        health: Health,
+    },
+    Committed {
+        txn: String,
+        result: Result<(), String>,
+    },
+    Restored {
+        txn: String,
+        result: Result<(), String>,
+    },
+    /// The units stopped.
+    Detached {
+        txn: String,
+        result: Result<Vec<String>, String>,
+    },
+    RootStaged {
+        txn: String,
+        result: Result<(), String>,
+    },
+    /// The soft reboot or reboot could not begin.
+    PowerFailed(String),
+}
+
+/// Where a transaction is (journaled as `txn` records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    Planned,
+    Staged,
+    Attached,
+    Healthy,
+    Unhealthy,
+    Restoring,
+}
+
+/// The transaction a stopped agent left open, read back from the journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpenTxn {
+    pub id: String,
+    pub step: Step,
+    pub to: ModuleInfo,
+    pub from: Option<ModuleInfo>,
+    pub started: u64,
+}
+
+/// One module change.
+#[derive(Debug, Clone, PartialEq)]
+enum Change {
+    /// `from` is None for a first attach.
+    Put {
+        to: ModuleInfo,
+        from: Option<ModuleInfo>,
+    },
+    Remove(ModuleInfo),
+    Root {
+        modules: Vec<ModuleInfo>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Txn {
+    id: String,
+    change: Change,
+    step: Step,
+    started: u64,
+    units: Vec<String>,
+    health: Option<Health>,
+    reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Idle,
+    Fetching,
+    Verifying {
+        generation: Option<u64>,
+        todo: VecDeque<DesiredModule>,
+        done: Vec<ModuleInfo>,
+        failed: usize,
+    },
+    Applying {
+        generation: Option<u64>,
+        queue: VecDeque<Change>,
+        txn: Option<Box<Txn>>,
+        failed: usize,
+    },
+    /// A soft reboot was asked for; this userspace is ending.
+    Leaving,
+}
+
+/// How a reconcile ended (for a waiting `module-update` task).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    pub ok: bool,
+    pub summary: String,
+}
+
+#[derive(Debug)]
+pub struct Rollout {
+    /// What runs now, by module name.
+    live: BTreeMap<String, ModuleInfo>,
+    known: Option<u64>,
+    applied: Option<u64>,
+    state: State,
+    /// Verifying the booted modules once an open transaction is finished.
+    startup: Option<(u64, Vec<DesiredModule>)>,
+    /// Digests refused or rolled back at the current generation: not tried again until it moves.
+    refused: BTreeSet<OciDigest>,
+    /// Live modules the plane no longer wants (collected while verifying).
+    removals: Vec<ModuleInfo>,
+    retry_at: Option<Duration>,
+    failures: u32,
+    last: Option<String>,
+    ready: bool,
+    now_requested: bool,
+    next_txn: u64,
+    /// The wall clock at the latest event (transactions' start times).
+    wall: u64,
+    /// How the latest reconcile ended, until the node takes it.
+    reconciled: Option<Reconciled>,
+    boot_tag: String,
+    agent_version: String,
+}
+
+/// Retry delay after a failed exchange with the plane: 5 s doubling to 5 min.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(5).saturating_mul(1 << failures.min(6)).min(Duration::from_secs(300))
+}
+
+fn record(kind: &str, data: serde_json::Value) -> Action {
+    Action::Record { kind: kind.to_owned(), data }
+}
+
+impl Rollout {
+    /// Starts from what this boot runs (`booted`, every role, with live modules as the last
+    /// committed receipts of this boot left them) at `generation`. When a transaction was left
+    /// open, it is finished first; then every booted module is verified again (offline) and
+    /// the live ones attached before the node says `ready`.
+    pub fn new(
+        booted: Vec<DesiredModule>,
+        generation: u64,
+        open: Option<OpenTxn>,
+        boot_id: &str,
+        agent_version: &str,
+        out: &mut Vec<Action>,
+    ) -> Self {
+        let mut r = Self {
+            live: BTreeMap::new(),
+            known: None,
+            applied: None,
+            state: State::Idle,
+            startup: Some((generation, booted)),
+            refused: BTreeSet::new(),
+            removals: Vec::new(),
+            retry_at: None,
+            failures: 0,
+            last: None,
+            ready: false,
+            now_requested: false,
+            next_txn: 0,
+            wall: 0,
+            reconciled: None,
+            boot_tag: boot_id.chars().filter(char::is_ascii_alphanumeric).take(8).collect(),
+            agent_version: agent_version.to_owned(),
+        };
+        match open {
+            Some(open) => {
+                let (job, step) = if open.step == Step::Healthy {
+                    (Job::Commit { txn: open.id.clone(), to: open.to.clone(), from: open.from.clone() }, Step::Healthy)
+                } else {
+                    (
+                        Job::Restore { txn: open.id.clone(), to: open.to.clone(), from: open.from.clone() },
+                        Step::Restoring,
+                    )
+                };
+                let reason = format!("the agent stopped during the change (after step {})", step_name(open.step));
+                let txn = Txn {
+                    id: open.id,
+                    change: Change::Put { to: open.to, from: open.from },
+                    step,
+                    started: open.started,
+                    units: Vec::new(),
+                    health: None,
+                    reason: Some(reason),
+                };
+                r.state =
+                    State::Applying { generation: None, queue: VecDeque::new(), txn: Some(Box::new(txn)), failed: 0 };
+                out.push(Action::Run(Box::new(job)));
+            }
+            None => r.start_verifying_booted(out),
+        }
+        r
+    }
+
+    fn start_verifying_booted(&mut self, out: &mut Vec<Action>) {
+        if let Some((generation, booted)) = self.startup.take() {
+            self.state =
+                State::Verifying { generation: Some(generation), todo: booted.into(), done: Vec::new(), failed: 0 };
+            self.verify_next(out);
+        }
+    }
+
+    /// Whether the live modules are attached (or given up on): the handshake may say `ready`.
+    pub fn ready(&self) -> bool {
+        self.ready
+    }
+
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Idle | State::Fetching)
+    }
+
+    pub fn last_result(&self) -> Option<String> {
+        self.last.clone()
+    }
+
+    /// What runs now.
+    pub fn live(&self) -> impl Iterator<Item = &ModuleInfo> {
+        self.live.values()
+    }
+
+    pub fn next_wake(&self) -> Option<Duration> {
+        self.retry_at
+    }
+
+    /// The plane's desired-state generation, from a heartbeat answer.
+    pub fn on_generation(&mut self, generation: u64, now: Now, out: &mut Vec<Action>) {
+        self.wall = now.wall;
+        if self.known != Some(generation) {
+            self.known = Some(generation);
+            self.refused.clear();
+            self.retry_at = None;
+        }
+        self.due(now, out);
+    }
+
+    /// A `module-update` task: fetch the desired state and reconcile now, whatever the
+    /// generation says.
+    pub fn reconcile_now(&mut self, now: Now, out: &mut Vec<Action>) {
+        self.now_requested = true;
+        self.refused.clear();
+        self.retry_at = None;
+        self.due(now, out);
+    }
+
+    /// Fetches the desired state when it moved (or was asked for) and nothing else runs.
+    pub fn due(&mut self, now: Now, out: &mut Vec<Action>) {
+        if self.state != State::Idle || !self.ready || self.retry_at.is_some_and(|t| now.mono < t) {
+            return;
+        }
+        let moved = self.known.is_some() && self.known != self.applied;
+        if moved || self.now_requested {
+            self.now_requested = false;
+            self.retry_at = None;
+            self.state = State::Fetching;
+            out.push(Action::FetchDesired);
+        }
+    }
+
+    pub fn on_desired(&mut self, result: Result<DesiredState, String>, now: Now, out: &mut Vec<Action>) {
+        self.wall = now.wall;
+        if self.state != State::Fetching {
+            return;
+        }
+        let desired = match result {
+            Ok(d) => d,
+            Err(why) => {
+                self.failures = self.failures.saturating_add(1);
+                self.retry_at = Some(now.mono + backoff(self.failures));
+                self.last = Some(format!("desired state: {why}"));
+                self.state = State::Idle;
+                return;
+            }
+        };
+        self.failures = 0;
+        let wanted: BTreeSet<&str> = desired.modules.iter().map(|m| m.name.as_str()).collect();
+        self.removals =
+            self.live.values().filter(|m| m.role.is_live() && !wanted.contains(m.name.as_str())).cloned().collect();
+        let todo: VecDeque<DesiredModule> = desired
+            .modules
+            .into_iter()
+            .filter(|m| {
+                self.live.get(&m.name).is_none_or(|l| l.digest != m.digest) && !self.refused.contains(&m.digest)
+            })
+            .collect();
+        self.state = State::Verifying { generation: Some(desired.generation), todo, done: Vec::new(), failed: 0 };
+        self.verify_next(out);
+    }
+
+    fn verify_next(&mut self, out: &mut Vec<Action>) {
+        let State::Verifying { generation, todo, done, failed } = &mut self.state else { return };
+        if let Some(module) = todo.front() {
+            out.push(Action::run(Job::Verify { module: module.clone() }));
+            return;
+        }
+        let (generation, done, failed) = (*generation, std::mem::take(done), *failed);
+        let mut queue = VecDeque::new();
+        let mut root_changed = false;
+        for m in done {
+            if m.role.is_live() {
+                queue.push_back(Change::Put { from: self.live.get(&m.name).cloned(), to: m });
+            } else if self.live.get(&m.name).is_some_and(|l| l.digest != m.digest) {
+                root_changed = true;
+                self.live.insert(m.name.clone(), m);
+            } else {
+                // A booted root/usr module verified again: it is what runs.
+                self.live.insert(m.name.clone(), m);
+            }
+        }
+        queue.extend(std::mem::take(&mut self.removals).into_iter().map(Change::Remove));
+        if root_changed {
+            let modules = self.live.values().filter(|m| !m.role.is_live()).cloned().collect();
+            queue.push_back(Change::Root { modules });
+        }
+        self.state = State::Applying { generation, queue, txn: None, failed };
+        self.apply_next(out);
+    }
+
+    fn txn_id(&mut self) -> String {
+        self.next_txn += 1;
+        format!("x-{}-{}", self.boot_tag, self.next_txn)
+    }
+
+    /// Starts the next queued change, or finishes the reconcile.
+    fn apply_next(&mut self, out: &mut Vec<Action>) {
+        let wall = self.wall;
+        let State::Applying { queue, txn, .. } = &mut self.state else { return };
+        if txn.is_some() {
+            return;
+        }
+        let Some(change) = queue.pop_front() else {
+            self.finish(out);
+            return;
+        };
+        let id = self.txn_id();
+        let (job, data) = match &change {
+            Change::Put { to, from } => (
+                Job::Stage { txn: id.clone(), to: to.clone() },
+                serde_json::json!({"txn": id, "step": Step::Planned, "module": to.name, "to": to, "from": from}),
+            ),
+            Change::Remove(m) => (
+                Job::Detach { txn: id.clone(), module: m.clone() },
+                serde_json::json!({"txn": id, "step": Step::Planned, "module": m.name, "detach": m}),
+            ),
+            Change::Root { modules } => (
+                Job::StageRoot { txn: id.clone(), modules: modules.clone() },
+                serde_json::json!({"txn": id, "step": Step::Planned, "module": "root", "root": modules}),
+            ),
+        };
+        let State::Applying { txn, .. } = &mut self.state else { return };
+        *txn = Some(Box::new(Txn {
+            id,
+            change,
+            step: Step::Planned,
+            started: wall,
+            units: Vec::new(),
+            health: None,
+            reason: None,
+        }));
+        out.push(record("txn", data));
+        out.push(Action::Run(Box::new(job)));
+    }
+
+    /// How the latest reconcile ended, once.
+    pub fn take_reconciled(&mut self) -> Option<Reconciled> {
+        self.reconciled.take()
+    }
+
+    fn finish(&mut self, out: &mut Vec<Action>) {
+        let (generation, failed) = match &self.state {
+            State::Applying { generation, failed, .. } => (*generation, *failed),
+            _ => (None, 0),
+        };
+        if generation.is_some() {
+            self.applied = generation;
+        }
+        self.ready = true;
+        self.state = State::Idle;
+        let summary = if failed == 0 {
+            format!("ok: generation {}", generation.map_or("-".into(), |g| g.to_string()))
+        } else {
+            format!(
+                "{failed} change(s) failed or rolled back at generation {}",
+                generation.map_or("-".into(), |g| g.to_string())
+            )
+        };
+        self.last = Some(summary.clone());
+        if self.startup.is_some() {
+            // An open transaction was finished first: now the booted modules.
+            self.ready = false;
+            self.start_verifying_booted(out);
+            return;
+        }
+        self.reconciled = Some(Reconciled { ok: failed == 0, summary });
+    }
+}
+
+fn step_name(step: Step) -> &'static str {
+    match step {
+        Step::Planned => "planned",
+        Step::Staged => "staged",
+        Step::Attached => "attached",
+        Step::Healthy => "healthy",
+        Step::Unhealthy => "unhealthy",
+        Step::Restoring => "restoring",
+    }
+}

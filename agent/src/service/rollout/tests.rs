@@ -1,0 +1,301 @@
+//! The rollout machine, event by event: every step of a transaction, its failure at each step,
+//! recovery of an open transaction, removals, root changes, and what is refused.
+
+use std::time::Duration;
+
+use ironroot_contract::config::MountRole;
+use ironroot_contract::wire::{DesiredState, Health, Outcome, RECEIPT_KIND, Receipt};
+
+use super::*;
+
+fn at(s: u64) -> Now {
+    Now { mono: Duration::from_secs(s), wall: 1_000 + s }
+}
+
+fn digest(n: u8) -> ironroot_contract::OciDigest {
+    format!("sha256:{}", format!("{n:02x}").repeat(32)).parse().unwrap()
+}
+
+fn info(name: &str, n: u8, role: MountRole) -> ModuleInfo {
+    ModuleInfo {
+        name: name.into(),
+        reference: format!("reg/{name}@{}", digest(n)),
+        digest: digest(n),
+        composefs: format!("{n:02x}").repeat(32).parse().unwrap(),
+        version: format!("1.{n}"),
+        serial: u64::from(n),
+        role,
+        mount_point: role.is_live().then(|| format!("/opt/{name}")),
+        units: if role.is_live() { vec![format!("{name}.service")] } else { Vec::new() },
+    }
+}
+
+fn desired(generation: u64, modules: &[&ModuleInfo]) -> DesiredState {
+    DesiredState {
+        generation,
+        template: Some("base".into()),
+        modules: modules.iter().map(|m| m.pinned()).collect(),
+        intents: Vec::new(),
+    }
+}
+
+fn jobs(out: &[Action]) -> Vec<Job> {
+    out.iter().filter_map(|a| if let Action::Run(j) = a { Some((**j).clone()) } else { None }).collect()
+}
+
+fn receipts(out: &[Action]) -> Vec<Receipt> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Record { kind, data } if kind == RECEIPT_KIND => serde_json::from_value(data.clone()).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+fn steps(out: &[Action]) -> Vec<String> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Record { kind, data } if kind == "txn" => data["step"].as_str().map(str::to_owned),
+            _ => None,
+        })
+        .collect()
+}
+
+fn txn_of(out: &[Action]) -> String {
+    jobs(out)
+        .iter()
+        .find_map(|j| match j {
+            Job::Stage { txn, .. } | Job::Detach { txn, .. } | Job::StageRoot { txn, .. } => Some(txn.clone()),
+            _ => None,
+        })
+        .expect("a transaction started")
+}
+
+/// A rollout that booted `base` (root) at generation 1 and has nothing live.
+fn booted() -> (Rollout, ModuleInfo) {
+    let base = info("base", 1, MountRole::Root);
+    let mut out = Vec::new();
+    let mut r = Rollout::new(vec![base.pinned()], 1, None, "boot-1", "0.1.0", &mut out);
+    assert_eq!(jobs(&out), [Job::Verify { module: base.pinned() }]);
+    out.clear();
+    r.on_job(JobDone::Verified { name: "base".into(), result: Ok(base.clone()) }, at(0), &mut out);
+    assert!(r.ready(), "nothing live to attach: ready");
+    assert!(receipts(&out).is_empty());
+    (r, base)
+}
+
+fn healthy() -> Health {
+    Health { healthy: true, units: vec![("hello.service".into(), "active".into())], probe: None }
+}
+
+/// Runs a generation bump to `modules` up to the start of the first transaction.
+fn reconcile(r: &mut Rollout, generation: u64, modules: &[&ModuleInfo], verified: &[&ModuleInfo]) -> Vec<Action> {
+    let mut out = Vec::new();
+    r.on_generation(generation, at(10), &mut out);
+    assert_eq!(out, [Action::FetchDesired]);
+    out.clear();
+    r.on_desired(Ok(desired(generation, modules)), at(11), &mut out);
+    for v in verified {
+        assert_eq!(jobs(&out).last(), Some(&Job::Verify { module: v.pinned() }), "{out:?}");
+        out.clear();
+        r.on_job(JobDone::Verified { name: v.name.clone(), result: Ok((*v).clone()) }, at(12), &mut out);
+    }
+    out
+}
+
+#[test]
+fn an_attach_goes_through_every_step_and_ends_committed() {
+    let (mut r, base) = booted();
+    let hello = info("hello", 2, MountRole::Opt);
+    let out = reconcile(&mut r, 2, &[&base, &hello], &[&hello]);
+    assert_eq!(steps(&out), ["planned"]);
+    let txn = txn_of(&out);
+    let mut out = Vec::new();
+    r.on_job(JobDone::Staged { txn: txn.clone(), result: Ok(()) }, at(13), &mut out);
+    assert_eq!(jobs(&out), [Job::Attach { txn: txn.clone(), to: hello.clone(), from: None }]);
+    assert_eq!(steps(&out), ["staged"], "journaled before the attach runs");
+    out.clear();
+    r.on_job(JobDone::Attached { txn: txn.clone(), result: Ok(vec!["hello.service".into()]) }, at(14), &mut out);
+    assert_eq!(jobs(&out), [Job::Gate { txn: txn.clone(), module: hello.clone() }]);
+    out.clear();
+    r.on_job(JobDone::Gated { txn: txn.clone(), health: healthy() }, at(15), &mut out);
+    assert_eq!(jobs(&out), [Job::Commit { txn: txn.clone(), to: hello.clone(), from: None }]);
+    assert_eq!(steps(&out), ["healthy"]);
+    out.clear();
+    r.on_job(JobDone::Committed { txn: txn.clone(), result: Ok(()) }, at(16), &mut out);
+    let rs = receipts(&out);
+    assert_eq!(rs.len(), 1);
+    assert_eq!(
+        (rs[0].outcome, rs[0].to.as_ref().map(|v| v.serial), rs[0].from.is_none()),
+        (Outcome::Committed, Some(2), true)
+    );
+    assert_eq!(rs[0].units, ["hello.service"]);
+    assert_eq!((rs[0].started, rs[0].finished), (1_012, 1_016));
+    assert!(r.live().any(|m| m == &hello));
+    assert_eq!(r.take_reconciled(), Some(Reconciled { ok: true, summary: "ok: generation 2".into() }));
+    assert!(r.is_idle());
+    let mut out = Vec::new();
+    r.on_generation(2, at(20), &mut out);
+    assert!(out.is_empty(), "generation 2 is applied");
+}
+
+#[test]
+fn an_unhealthy_update_is_rolled_back_with_the_reason_and_not_retried() {
+    let (mut r, base) = booted();
+    let (v1, v2) = (info("hello", 2, MountRole::Opt), info("hello", 3, MountRole::Opt));
+    // Attach v1 quickly.
+    let out = reconcile(&mut r, 2, &[&base, &v1], &[&v1]);
+    let t = txn_of(&out);
+    let mut out = Vec::new();
+    for done in [
+        JobDone::Staged { txn: t.clone(), result: Ok(()) },
+        JobDone::Attached { txn: t.clone(), result: Ok(vec![]) },
+        JobDone::Gated { txn: t.clone(), health: healthy() },
+        JobDone::Committed { txn: t.clone(), result: Ok(()) },
+    ] {
+        r.on_job(done, at(13), &mut out);
+    }
+    r.take_reconciled();
+    let out = reconcile(&mut r, 3, &[&base, &v2], &[&v2]);
+    let t = txn_of(&out);
+    let mut out = Vec::new();
+    r.on_job(JobDone::Staged { txn: t.clone(), result: Ok(()) }, at(13), &mut out);
+    r.on_job(JobDone::Attached { txn: t.clone(), result: Ok(vec!["hello.service".into()]) }, at(14), &mut out);
+    out.clear();
+    let sick = Health { healthy: false, units: vec![("hello.service".into(), "failed".into())], probe: None };
+    r.on_job(JobDone::Gated { txn: t.clone(), health: sick }, at(15), &mut out);
+    assert_eq!(jobs(&out), [Job::Restore { txn: t.clone(), to: v2.clone(), from: Some(v1.clone()) }]);
+    assert_eq!(steps(&out), ["restoring"]);
+    out.clear();
+    r.on_job(JobDone::Restored { txn: t.clone(), result: Ok(()) }, at(16), &mut out);
+    let rs = receipts(&out);
+    assert_eq!(rs[0].outcome, Outcome::RolledBack);
+    assert_eq!((rs[0].from.as_ref().unwrap().serial, rs[0].to.as_ref().unwrap().serial), (2, 3));
+    assert!(rs[0].reason.as_deref().unwrap().contains("hello.service is failed"), "{:?}", rs[0].reason);
+    assert!(r.live().any(|m| m == &v1), "the old version is live again");
+    assert!(!r.take_reconciled().unwrap().ok);
+    // Heartbeats at the same generation do not try v2 again.
+    let mut out = Vec::new();
+    r.on_generation(3, at(20), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    // An operator's explicit module-update does (a redelivered one is answered by tasks).
+    r.reconcile_now(at(21), &mut out);
+    assert!(matches!(out[..], [Action::FetchDesired]), "{out:?}");
+    out.clear();
+    r.on_desired(Ok(desired(3, &[&base, &v2])), at(22), &mut out);
+    assert!(matches!(jobs(&out)[..], [Job::Verify { .. }]), "{out:?}");
+}
+
+#[test]
+fn a_refused_module_leaves_nothing_half_applied() {
+    let (mut r, base) = booted();
+    let hello = info("hello", 2, MountRole::Opt);
+    let mut out = Vec::new();
+    r.on_generation(2, at(10), &mut out);
+    out.clear();
+    r.on_desired(Ok(desired(2, &[&base, &hello])), at(11), &mut out);
+    out.clear();
+    r.on_job(
+        JobDone::Verified { name: "hello".into(), result: Err("serial 2 is below the floor 5".into()) },
+        at(12),
+        &mut out,
+    );
+    let rs = receipts(&out);
+    assert_eq!((rs[0].outcome, rs[0].module.as_str()), (Outcome::Failed, "hello"));
+    assert!(rs[0].reason.as_deref().unwrap().contains("below the floor"));
+    assert!(jobs(&out).is_empty(), "nothing staged, attached or mounted");
+    assert!(!r.live().any(|m| m.name == "hello"));
+    // A failing stage is a failed change with nothing changed, too.
+    let mut r2 = booted().0;
+    let out = reconcile(&mut r2, 2, &[&base, &hello], &[&hello]);
+    let t = txn_of(&out);
+    let mut out = Vec::new();
+    r2.on_job(JobDone::Staged { txn: t, result: Err("EROFS mount refused".into()) }, at(13), &mut out);
+    assert_eq!(receipts(&out)[0].outcome, Outcome::Failed);
+    assert!(jobs(&out).is_empty());
+}
+
+#[test]
+fn a_removed_module_is_detached_and_a_busy_one_reported() {
+    let (mut r, base) = booted();
+    let hello = info("hello", 2, MountRole::Opt);
+    let out = reconcile(&mut r, 2, &[&base, &hello], &[&hello]);
+    let t = txn_of(&out);
+    let mut out = Vec::new();
+    for done in [
+        JobDone::Staged { txn: t.clone(), result: Ok(()) },
+        JobDone::Attached { txn: t.clone(), result: Ok(vec![]) },
+        JobDone::Gated { txn: t.clone(), health: healthy() },
+        JobDone::Committed { txn: t.clone(), result: Ok(()) },
+    ] {
+        r.on_job(done, at(13), &mut out);
+    }
+    let out = reconcile(&mut r, 3, &[&base], &[]);
+    assert_eq!(jobs(&out).len(), 1);
+    let t = txn_of(&out);
+    assert!(matches!(&jobs(&out)[0], Job::Detach { module, .. } if module == &hello));
+    let mut out = Vec::new();
+    r.on_job(JobDone::Detached { txn: t, result: Err("/opt/hello is busy".into()) }, at(14), &mut out);
+    let rs = receipts(&out);
+    assert_eq!(rs[0].outcome, Outcome::Failed);
+    assert!(r.live().any(|m| m.name == "hello"), "a busy module stays, reported, not half-removed");
+}
+
+#[test]
+fn a_changed_root_is_staged_and_entered_by_soft_reboot() {
+    let (mut r, base) = booted();
+    let base2 = info("base", 9, MountRole::Root);
+    let out = reconcile(&mut r, 2, &[&base2], &[&base2]);
+    let t = txn_of(&out);
+    assert_eq!(jobs(&out), [Job::StageRoot { txn: t.clone(), modules: vec![base2.clone()] }]);
+    let mut out = Vec::new();
+    r.on_job(JobDone::RootStaged { txn: t, result: Ok(()) }, at(13), &mut out);
+    assert_eq!(jobs(&out), [Job::Power(PowerOp::SoftReboot)]);
+    assert!(!r.is_idle(), "this userspace is ending");
+    let _ = base;
+}
+
+#[test]
+fn an_open_transaction_is_finished_before_anything_else() {
+    let base = info("base", 1, MountRole::Root);
+    let (v1, v2) = (info("hello", 2, MountRole::Opt), info("hello", 3, MountRole::Opt));
+    for (step, commit) in [(Step::Attached, false), (Step::Planned, false), (Step::Healthy, true)] {
+        let open = OpenTxn { id: "x-old-1".into(), step, to: v2.clone(), from: Some(v1.clone()), started: 900 };
+        let mut out = Vec::new();
+        let mut r = Rollout::new(vec![base.pinned(), v1.pinned()], 1, Some(open), "boot-1", "0.1.0", &mut out);
+        let expected = if commit {
+            Job::Commit { txn: "x-old-1".into(), to: v2.clone(), from: Some(v1.clone()) }
+        } else {
+            Job::Restore { txn: "x-old-1".into(), to: v2.clone(), from: Some(v1.clone()) }
+        };
+        assert_eq!(jobs(&out), [expected], "{step:?}");
+        assert!(!r.ready());
+        out.clear();
+        let done = if commit {
+            JobDone::Committed { txn: "x-old-1".into(), result: Ok(()) }
+        } else {
+            JobDone::Restored { txn: "x-old-1".into(), result: Ok(()) }
+        };
+        r.on_job(done, at(1), &mut out);
+        let rs = receipts(&out);
+        assert_eq!(rs[0].outcome, if commit { Outcome::Committed } else { Outcome::RolledBack });
+        assert!(rs[0].reason.as_deref().unwrap().contains("the agent stopped"), "{:?}", rs[0].reason);
+        assert_eq!(jobs(&out), [Job::Verify { module: base.pinned() }], "then the booted modules");
+        assert!(!r.ready());
+    }
+}
+
+#[test]
+fn the_desired_state_is_fetched_again_with_backoff_when_the_plane_fails() {
+    let (mut r, _) = booted();
+    let mut out = Vec::new();
+    r.on_generation(2, at(10), &mut out);
+    out.clear();
+    r.on_desired(Err("plane unreachable".into()), at(11), &mut out);
+    r.due(at(12), &mut out);
+    assert!(out.is_empty(), "backing off");
+    assert!(r.next_wake().is_some());
+    r.due(at(30), &mut out);
+    assert_eq!(out, [Action::FetchDesired]);
+    assert!(r.last_result().unwrap().contains("plane unreachable"));
+}

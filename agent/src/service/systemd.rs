@@ -1,0 +1,167 @@
+//! systemd, driven over D-Bus on the system bus (`zbus`), never by running `systemctl`: reload,
+//! start/stop/restart a unit and wait for its job, read a unit's state, soft-reboot and reboot.
+//! [`Units`] is the small seam the runtime uses; [`Systemd`] is the real one. The other
+//! implementation is the tests' (systemd cannot run as PID 1 on the build machine).
+
+use std::future::Future;
+
+use futures_util::StreamExt as _;
+use zbus::zvariant::OwnedObjectPath;
+
+#[zbus::proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Manager {
+    fn start_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn stop_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Replies once the reload finished.
+    fn reload(&self) -> zbus::Result<()>;
+    fn subscribe(&self) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String) -> zbus::Result<()>;
+}
+
+#[zbus::proxy(interface = "org.freedesktop.systemd1.Unit", default_service = "org.freedesktop.systemd1")]
+trait Unit {
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn sub_state(&self) -> zbus::Result<String>;
+}
+
+/// What to do with a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitOp {
+    Start,
+    Stop,
+    Restart,
+}
+
+/// Leaving this userspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerOp {
+    /// Restart userspace into `/run/nextroot` when it holds an OS, else into the same root
+    /// (systemd ≥ 254); the kernel keeps running.
+    SoftReboot,
+    Reboot,
+}
+
+/// A unit's state as systemd reports it (`ActiveState`/`SubState`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitState {
+    pub active: String,
+    pub sub: String,
+}
+
+impl UnitState {
+    pub fn is_active(&self) -> bool {
+        self.active == "active"
+    }
+
+    /// Whether the unit will not become active without someone acting.
+    pub fn is_failed(&self) -> bool {
+        matches!(self.active.as_str(), "failed" | "inactive")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    #[error("connecting to the system bus")]
+    Connect(#[source] zbus::Error),
+    #[error("systemd: {op} {unit}")]
+    Call { op: &'static str, unit: String, source: zbus::Error },
+    #[error("systemd: the {op} job of {unit} ended {result}")]
+    Job { op: &'static str, unit: String, result: String },
+}
+
+/// The runtime's view of systemd.
+pub trait Units: Send + Sync {
+    /// `daemon-reload`; returns when it finished.
+    fn reload(&self) -> impl Future<Output = Result<(), SystemdError>> + Send;
+    /// Starts, stops or restarts `unit` and waits for its job to finish.
+    fn apply(&self, unit: &str, op: UnitOp) -> impl Future<Output = Result<(), SystemdError>> + Send;
+    fn state(&self, unit: &str) -> impl Future<Output = Result<UnitState, SystemdError>> + Send;
+    /// Begins a soft reboot or reboot (an orderly shutdown of this userspace).
+    fn power(&self, op: PowerOp) -> impl Future<Output = Result<(), SystemdError>> + Send;
+}
+
+/// systemd on the system bus.
+#[derive(Debug, Clone)]
+pub struct Systemd {
+    conn: zbus::Connection,
+}
+
+impl Systemd {
+    pub async fn connect() -> Result<Self, SystemdError> {
+        let conn = zbus::Connection::system().await.map_err(SystemdError::Connect)?;
+        Ok(Self { conn })
+    }
+
+    async fn manager(&self) -> Result<ManagerProxy<'_>, SystemdError> {
+        ManagerProxy::new(&self.conn).await.map_err(SystemdError::Connect)
+    }
+}
+
+impl Units for Systemd {
+    async fn reload(&self) -> Result<(), SystemdError> {
+        let call = |source| SystemdError::Call { op: "reload", unit: String::new(), source };
+        self.manager().await?.reload().await.map_err(call)
+    }
+
+    async fn apply(&self, unit: &str, op: UnitOp) -> Result<(), SystemdError> {
+        let name = match op {
+            UnitOp::Start => "start",
+            UnitOp::Stop => "stop",
+            UnitOp::Restart => "restart",
+        };
+        let call = |source| SystemdError::Call { op: name, unit: unit.to_owned(), source };
+        let manager = self.manager().await?;
+        // Listen before asking, so the job's end cannot be missed.
+        let mut removed = manager.receive_job_removed().await.map_err(call)?;
+        manager.subscribe().await.map_err(call)?;
+        let job = match op {
+            UnitOp::Start => manager.start_unit(unit, "replace").await,
+            UnitOp::Stop => manager.stop_unit(unit, "replace").await,
+            UnitOp::Restart => manager.restart_unit(unit, "replace").await,
+        }
+        .map_err(call)?;
+        while let Some(signal) = removed.next().await {
+            let Ok(args) = signal.args() else { continue };
+            if *args.job() == job {
+                return match args.result().as_str() {
+                    "done" => Ok(()),
+                    other => Err(SystemdError::Job { op: name, unit: unit.to_owned(), result: other.to_owned() }),
+                };
+            }
+        }
+        Err(SystemdError::Job { op: name, unit: unit.to_owned(), result: "unknown (the bus closed)".into() })
+    }
+
+    async fn state(&self, unit: &str) -> Result<UnitState, SystemdError> {
+        let call = |source| SystemdError::Call { op: "read the state of", unit: unit.to_owned(), source };
+        let path = self.manager().await?.load_unit(unit).await.map_err(call)?;
+        let proxy = UnitProxy::builder(&self.conn)
+            .path(path)
+            .map_err(call)?
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+            .map_err(call)?;
+        Ok(UnitState { active: proxy.active_state().await.map_err(call)?, sub: proxy.sub_state().await.map_err(call)? })
+    }
+
+    async fn power(&self, op: PowerOp) -> Result<(), SystemdError> {
+        // The targets `systemctl soft-reboot` / `reboot` start: services stop in order.
+        let target = match op {
+            PowerOp::SoftReboot => "soft-reboot.target",
+            PowerOp::Reboot => "reboot.target",
+        };
+        let call = |source| SystemdError::Call { op: "start", unit: target.to_owned(), source };
+        self.manager().await?.start_unit(target, "replace-irreversibly").await.map_err(call)?;
+        Ok(())
+    }
+}
