@@ -183,6 +183,7 @@ pub fn router(plane: Arc<Plane>) -> Router {
         .route("/v1/nodes/{id}/audit", post(node_audit))
         .route("/v1/tasks/{id}/result", post(task_result))
         .merge(crate::operator_api::router())
+        .merge(crate::catalog_api::router())
         .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(Extension(plane))
 }

@@ -63,6 +63,12 @@ impl OperatorClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> anyhow::Result<T> {
+        let bytes = self.send_raw(req).await?;
+        serde_json::from_slice(&bytes).context("the plane's answer is not the expected JSON")
+    }
+
+    /// The answer's bytes as the plane sent them (a refusal is an error, as for [`Self::get`]).
+    async fn send_raw(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Vec<u8>> {
         let unreachable = |source: reqwest::Error| CommandError::Unreachable { base: self.base.clone(), source };
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
@@ -80,11 +86,19 @@ impl OperatorClient {
             }
             .into());
         }
-        serde_json::from_slice(&bytes).context("the plane's answer is not the expected JSON")
+        Ok(bytes.to_vec())
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    pub async fn get_raw(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        self.send_raw(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.send(self.http.delete(format!("{}{path}", self.base))).await
     }
 
     pub async fn post<T: DeserializeOwned>(&self, path: &str, body: &impl Serialize) -> anyhow::Result<T> {

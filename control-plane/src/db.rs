@@ -92,6 +92,81 @@ const MIGRATIONS: &[&str] = &[
         key_id TEXT NOT NULL,
         signature TEXT NOT NULL
     );",
+    // 5: release channels; templates as entries (each following a channel or pinned by
+    // digest) rendered into numbered renderings; rollouts (which rendering is the target, the
+    // one before it, batch size, halt); which rendering each node is served and how far its
+    // rollout got; the receipts nodes send. Existing templates become unverified digest
+    // entries rendered exactly as they were served, as revision 1.
+    "CREATE TABLE channels (
+        repo TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        serial INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        set_at INTEGER NOT NULL,
+        set_by TEXT NOT NULL,
+        PRIMARY KEY (repo, channel)
+    );
+    CREATE TABLE template_entries (
+        template TEXT NOT NULL,
+        module TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        channel TEXT,
+        digest TEXT,
+        serial INTEGER,
+        verified INTEGER NOT NULL,
+        PRIMARY KEY (template, module),
+        CHECK ((channel IS NULL) != (digest IS NULL))
+    );
+    CREATE INDEX template_entries_channel ON template_entries(repo, channel);
+    CREATE TABLE renderings (
+        template TEXT NOT NULL,
+        revision INTEGER NOT NULL,
+        modules TEXT NOT NULL,
+        digests TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (template, revision)
+    );
+    CREATE TABLE rollouts (
+        template TEXT PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        previous INTEGER,
+        batch INTEGER,
+        halted_node TEXT,
+        halted_reason TEXT,
+        halted_at INTEGER
+    );
+    CREATE TABLE receipts (
+        node_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        txn TEXT NOT NULL,
+        module TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        to_digest TEXT,
+        received_at INTEGER NOT NULL,
+        receipt TEXT NOT NULL,
+        PRIMARY KEY (node_id, seq)
+    );
+    ALTER TABLE nodes ADD COLUMN revision INTEGER;
+    ALTER TABLE nodes ADD COLUMN rollout TEXT;
+    ALTER TABLE nodes ADD COLUMN rollout_since INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX nodes_rollout ON nodes(template, rollout);
+    INSERT OR REPLACE INTO template_entries (template, module, repo, digest, serial, verified)
+        SELECT t.name, json_extract(m.value, '$.name'),
+               substr(json_extract(m.value, '$.reference'), 1, instr(json_extract(m.value, '$.reference'), '@') - 1),
+               json_extract(m.value, '$.digest'), json_extract(m.value, '$.serial'), 0
+        FROM templates t, json_each(t.modules) m;
+    INSERT INTO renderings (template, revision, modules, digests, created_at)
+        SELECT t.name, 1, t.modules,
+               (SELECT json_group_array(d) FROM (SELECT DISTINCT json_extract(value, '$.digest') AS d
+                                                 FROM json_each(t.modules) ORDER BY d)),
+               t.created_at
+        FROM templates t;
+    INSERT INTO rollouts (template, revision) SELECT name, 1 FROM templates;
+    UPDATE nodes SET revision = 1, rollout = 'waiting' WHERE template IS NOT NULL;
+    ALTER TABLE templates DROP COLUMN modules;",
 ];
 
 /// Opens (creating) the database at `path` and brings its schema up to date.

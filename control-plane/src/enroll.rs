@@ -184,10 +184,7 @@ impl Store {
         }
         Self::transition(&tx, &node_id, NodeState::Bootstrapping, &actor, "enrolled")?;
         if let Some(template) = &template {
-            tx.execute(
-                "UPDATE nodes SET template = ?1, generation = generation + 1 WHERE id = ?2",
-                params![template, node_id],
-            )?;
+            crate::rollout::join(&tx, &node_id, template)?;
         }
         tx.execute(
             "INSERT INTO certs (serial, node_id, not_after) VALUES (?1, ?2, ?3)",
@@ -286,15 +283,18 @@ impl Store {
 
     /// Appends a node's audit records to the journal (kind `node-journal.<kind>`: a node's own
     /// record never looks like one of the plane's), skipping sequence numbers already seen.
-    /// Every record is checked before any is written. Returns how many were new.
+    /// Every record is checked before any is written (a `receipt` record must carry a receipt,
+    /// which is also kept in the receipts table). Returns how many were new.
     pub fn node_audit(&self, node_id: &str, records: &[NodeAuditRecord]) -> Result<usize, Refusal> {
+        let mut receipts = Vec::with_capacity(records.len());
         for r in records {
             r.validate().map_err(|e| Refusal::new(400, "bad_audit", e.to_string()))?;
+            receipts.push(crate::receipts::parse(r)?);
         }
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         let mut added = 0;
-        for r in records {
+        for (r, receipt) in records.iter().zip(&receipts) {
             let seq =
                 i64::try_from(r.seq).map_err(|_| Refusal::new(400, "bad_audit", "sequence number out of range"))?;
             if tx.execute(
@@ -305,6 +305,9 @@ impl Store {
                 let data = serde_json::json!({"seq": r.seq, "node_time": r.time, "data": r.data});
                 let kind = format!("{NODE_RECORD_PREFIX}{}", r.kind);
                 audit::append(&tx, now(), &format!("node:{node_id}"), &kind, node_id, &data)?;
+                if let Some(receipt) = receipt {
+                    crate::receipts::keep(&tx, node_id, seq, receipt)?;
+                }
                 added += 1;
             }
         }

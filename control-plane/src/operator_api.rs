@@ -1,5 +1,6 @@
 //! Operator routes (`/v1/operator/...`): only an operator certificate may call them; a node
-//! certificate is refused as the wrong kind, and the refusal is journaled.
+//! certificate is refused as the wrong kind, and the refusal is journaled. Channels, templates,
+//! rollouts and receipts are in `catalog_api`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use crate::ca::Peer;
 use crate::server::{Conn, Plane};
 use crate::store::Refusal;
 
-fn operator(plane: &Plane, conn: &Conn, what: &str) -> Result<String, ApiError> {
+pub(crate) fn operator(plane: &Plane, conn: &Conn, what: &str) -> Result<String, ApiError> {
     match &conn.peer {
         Some(Peer::Operator { name }) => Ok(format!("operator:{name}")),
         Some(Peer::Node { .. }) => Err(refuse(
@@ -44,7 +45,6 @@ pub fn router() -> Router {
         .route("/v1/operator/nodes/{id}/reprovision", post(reprovision))
         .route("/v1/operator/nodes/{id}/state", post(set_state))
         .route("/v1/operator/nodes/{id}/tasks", post(enqueue).get(tasks))
-        .route("/v1/operator/templates", post(template_create))
         .route("/v1/operator/audit", get(audit_list))
         .route("/v1/operator/audit/verify", get(audit_verify).post(audit_verify_against))
         .route("/v1/operator/audit/checkpoint", get(checkpoint_newest).post(checkpoint_now))
@@ -187,24 +187,6 @@ async fn tasks(
 ) -> ApiResult<Vec<crate::work::TaskView>> {
     operator(&plane, &conn, "tasks")?;
     run(&plane, &conn, "tasks", move |p| p.store.tasks(&id)).await.map(Json)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TemplateRequest {
-    name: String,
-    modules: Vec<String>,
-}
-
-async fn template_create(Extension(plane): P, Extension(conn): C, raw: Body) -> ApiResult<serde_json::Value> {
-    let actor = operator(&plane, &conn, "template_create")?;
-    let req: TemplateRequest = body(&plane, &conn, "template_create", raw).await?;
-    run(&plane, &conn, "template_create", move |p| {
-        let modules = req.modules.iter().map(|m| crate::work::parse_module(m)).collect::<Result<Vec<_>, _>>()?;
-        p.store.template_create(&req.name, &modules, &actor)
-    })
-    .await?;
-    Ok(Json(serde_json::json!({"created": true})))
 }
 
 #[derive(Debug, Deserialize)]

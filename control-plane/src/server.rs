@@ -66,6 +66,8 @@ pub struct Plane {
     pub caps: ConnectionCaps,
     pub deadlines: Deadlines,
     pub waiters: crate::api::Waiters,
+    /// Trust keys and registry access for publishing modules (channels, template pins).
+    pub publisher: crate::publish::Publisher,
 }
 
 /// How the server treats connections and the journal (`serve` flags).
@@ -75,6 +77,7 @@ pub struct ServerOptions {
     pub limits: ConnectionLimits,
     pub deadlines: Deadlines,
     pub checkpoint_interval: Duration,
+    pub publisher: crate::publish::Publisher,
 }
 
 /// Opens the state directory: the CA (created on first start), a server certificate for
@@ -126,6 +129,7 @@ pub fn open_state(
         caps: ConnectionCaps::new(options.limits),
         deadlines: options.deadlines,
         waiters: crate::api::Waiters::default(),
+        publisher: options.publisher.clone(),
     };
     Ok((plane, tls))
 }

@@ -1,7 +1,8 @@
 //! The plane's state: one SQLite connection behind a mutex (SQLite serialises writers anyway,
 //! and every operation is a short transaction), with the CA. Every state change and every
 //! refusal is journaled. Operations live in domain files: `enroll` (tokens, enrollment,
-//! renewal), `work` (templates, desired state, tasks), here (node reports, lifecycle, sweep).
+//! renewal), `catalog` (channels, templates), `rollout` (renderings, batches), `receipts`,
+//! `work` (assignment, desired state, tasks), here (node reports, lifecycle, sweep).
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -266,6 +267,7 @@ impl Store {
                 &serde_json::json!({"boot_id": report.boot_id, "phase": report.phase, "error": report.error}),
             )?;
         }
+        crate::rollout::observe(&tx, id, &report.module_digests)?;
         let generation: i64 = tx.query_row("SELECT generation FROM nodes WHERE id = ?1", [id], |r| r.get(0))?;
         tx.commit()?;
         Ok(ReportResponse { node_id: wire_id(id)?, state: new_state, generation: generation.max(0) as u64 })

@@ -1,8 +1,8 @@
-//! Templates and desired state (named module sets pinned by digest; assigning or changing one
-//! bumps the node's generation), and the task queue (leases that expire and are redelivered,
-//! results idempotent by task id).
+//! What a node is given: its template and the desired state it is served (the rendering its
+//! rollout reached; templates themselves are `catalog`'s, renderings `rollout`'s), and the task
+//! queue (leases that expire and are redelivered, results idempotent by task id).
 
-use ironroot_contract::wire::{DesiredModule, DesiredState, Intent, Task, TaskResult, TaskSpec};
+use ironroot_contract::wire::{DesiredModule, DesiredState, Task, TaskResult, TaskSpec};
 use rusqlite::{OptionalExtension as _, params};
 use serde::Serialize;
 
@@ -19,73 +19,41 @@ pub struct TaskView {
     pub result: serde_json::Value,
 }
 
-/// Parses `REGISTRY/REPO@sha256:…[,serial=N]` into a pinned module.
-pub fn parse_module(arg: &str) -> Result<DesiredModule, Refusal> {
-    let bad = |m: String| Refusal::new(400, "bad_module", m);
-    let (reference, serial) = match arg.split_once(",serial=") {
-        Some((r, s)) => (r, s.parse::<u64>().map_err(|_| bad(format!("serial in {arg:?} is not a number")))?),
-        None => (arg, 0),
-    };
-    let (repo, digest) =
-        reference.split_once('@').ok_or_else(|| bad(format!("{reference:?} is not pinned by @sha256:…")))?;
-    let digest = digest.parse().map_err(|e: ironroot_contract::DigestError| bad(e.to_string()))?;
-    let name = repo.rsplit('/').next().unwrap_or(repo).split(':').next().unwrap_or(repo).to_owned();
-    Ok(DesiredModule { name, reference: reference.to_owned(), digest, serial })
-}
-
 impl Store {
-    pub fn template_create(&self, name: &str, modules: &[DesiredModule], actor: &str) -> Result<(), Refusal> {
-        if name.is_empty() || name.len() > 128 {
-            return Err(Refusal::new(400, "bad_template", "template name must be 1-128 characters"));
-        }
-        let conn = self.conn();
-        let tx = conn.unchecked_transaction()?;
-        let json = serde_json::to_string(modules).unwrap_or_default();
-        tx.execute(
-            "INSERT INTO templates (name, modules, created_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT(name) DO UPDATE SET modules = excluded.modules",
-            params![name, json, now()],
-        )?;
-        // Nodes on this template now want something else.
-        tx.execute("UPDATE nodes SET generation = generation + 1 WHERE template = ?1", [name])?;
-        audit::append(&tx, now(), actor, "template.set", name, &serde_json::to_value(modules).unwrap_or_default())?;
-        tx.commit()?;
-        Ok(())
-    }
-
+    /// Makes a node follow `template` (see `rollout::join` for which rendering it is served).
     pub fn template_assign(&self, node: &str, template: &str, actor: &str) -> Result<(), Refusal> {
         let id = self.node(node)?.id;
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
-        let exists: Option<String> =
-            tx.query_row("SELECT name FROM templates WHERE name = ?1", [template], |r| r.get(0)).optional()?;
-        if exists.is_none() {
-            return Err(Refusal::new(404, "unknown_template", format!("no template {template:?}")));
-        }
-        tx.execute("UPDATE nodes SET template = ?1, generation = generation + 1 WHERE id = ?2", params![template, id])?;
+        crate::rollout::join(&tx, &id, template)?;
         audit::append(&tx, now(), actor, "template.assign", &id, &serde_json::json!({"template": template}))?;
         tx.commit()?;
         Ok(())
     }
 
+    /// What node `node_id` is served: the rendering of its template its rollout has reached.
     pub fn desired(&self, node_id: &str) -> Result<DesiredState, Refusal> {
         let conn = self.conn();
-        let (template, generation, state): (Option<String>, i64, String) = conn
-            .query_row("SELECT template, generation, state FROM nodes WHERE id = ?1", [node_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?
-            .ok_or_else(|| Refusal::new(404, "unknown_node", format!("no node {node_id:?}")))?;
-        let modules = match &template {
-            Some(t) => {
-                let json: String =
-                    conn.query_row("SELECT modules FROM templates WHERE name = ?1", [t], |r| r.get(0))?;
-                serde_json::from_str(&json).unwrap_or_default()
+        let row: Option<(Option<String>, i64, String, Option<String>)> = conn
+            .query_row(
+                "SELECT n.template, n.generation, n.state, g.modules FROM nodes n
+                 LEFT JOIN renderings g ON g.template = n.template AND g.revision = n.revision WHERE n.id = ?1",
+                [node_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let (template, generation, state, modules) =
+            row.ok_or_else(|| Refusal::new(404, "unknown_node", format!("no node {node_id:?}")))?;
+        let modules: Vec<DesiredModule> = match (&template, modules) {
+            (None, _) => Vec::new(),
+            (Some(_), Some(json)) => {
+                serde_json::from_str(&json).map_err(|e| Refusal::new(500, "internal", e.to_string()))?
             }
-            None => Vec::new(),
+            (Some(t), None) => {
+                return Err(Refusal::new(500, "internal", format!("node {node_id} has no rendering of {t}")));
+            }
         };
-        let intents = if state == "draining" { vec![Intent::Drain] } else { Vec::new() };
-        Ok(DesiredState { generation: generation.max(0) as u64, template, modules, intents })
+        Ok(crate::render::desired(generation.max(0) as u64, template, modules, state == "draining"))
     }
 
     pub fn enqueue(&self, node: &str, spec: &TaskSpec, actor: &str) -> Result<String, Refusal> {

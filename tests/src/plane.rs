@@ -305,3 +305,117 @@ pub async fn tls_connect(
     let name = ServerName::try_from("127.0.0.1").expect("server name").to_owned();
     tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await
 }
+
+/// A registry holding modules the real `ironroot-build` built, signed and pushed, and the keys
+/// that signed them: what a plane publishing channels reads (`serve --trust Shelf::trust()`).
+pub struct Shelf {
+    pub registry: crate::registry::TestRegistry,
+    pub work: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Shelf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Shelf({:?})", self.registry)
+    }
+}
+
+impl Shelf {
+    /// A plain loopback registry, and two key pairs: `keys` (trusted) and `other-keys`.
+    pub fn start() -> Self {
+        let registry = crate::registry::TestRegistry::start();
+        let work = tempfile::Builder::new().prefix("ironroot-shelf-").tempdir().expect("shelf dir");
+        for keys in ["keys", "other-keys"] {
+            let out = work.path().join(keys);
+            crate::cli::build_cmd(&["keys", "generate", "--out", &out.to_string_lossy()]).ok();
+        }
+        Self { registry, work }
+    }
+
+    /// The public key of `keys`, for `serve --trust`.
+    pub fn trust(&self) -> String {
+        self.work.path().join("keys/ironroot.pub").to_string_lossy().into_owned()
+    }
+
+    /// `127.0.0.1:PORT/ironroot/NAME`.
+    pub fn repo(&self, name: &str) -> String {
+        format!("{}/ironroot/{name}", self.registry.host())
+    }
+
+    fn layout(&self, name: &str, serial: u64) -> std::path::PathBuf {
+        self.work.path().join(format!("layout-{name}-{serial}"))
+    }
+
+    /// Builds module `name` at `serial` (role `opt`, version `1.SERIAL`) from a one-file tree,
+    /// signs it with the key pair in `keys` (`None`: unsigned) and pushes it as `tag`; returns
+    /// its manifest digest.
+    pub fn publish(&self, name: &str, serial: u64, tag: &str, keys: Option<&str>) -> String {
+        let tree = self.work.path().join(format!("tree-{name}"));
+        std::fs::create_dir_all(&tree).expect("tree");
+        std::fs::write(tree.join("README"), format!("module {name}\n")).expect("tree file");
+        let layout = self.layout(name, serial);
+        let (version, serial_s) = (format!("1.{serial}"), serial.to_string());
+        let printed = crate::cli::build_cmd(&[
+            "module",
+            "build",
+            "--from",
+            &tree.to_string_lossy(),
+            "--name",
+            name,
+            "--version",
+            &version,
+            "--serial",
+            &serial_s,
+            "--role",
+            "opt",
+            "--out",
+            &layout.to_string_lossy(),
+        ])
+        .ok();
+        let digest = printed.rsplit('@').next().expect("digest").to_owned();
+        let local = format!("oci:{}@{digest}", layout.display());
+        if let Some(keys) = keys {
+            let key = self.work.path().join(keys).join("ironroot.key");
+            crate::cli::build_cmd(&["module", "sign", &local, "--key", &key.to_string_lossy()]).ok();
+        }
+        self.push(name, serial, &digest, tag);
+        digest
+    }
+
+    /// Pushes the build of `name` at `serial` (manifest `digest`, with its signatures) as `tag`.
+    pub fn push(&self, name: &str, serial: u64, digest: &str, tag: &str) {
+        let local = format!("oci:{}@{digest}", self.layout(name, serial).display());
+        crate::cli::build_cmd(&["module", "push", &local, &format!("{}:{tag}", self.repo(name))]).ok();
+    }
+}
+
+/// `POST /v1/nodes/{id}/heartbeat` (`ready`) reporting `digests` as the node's modules:
+/// (status, answer).
+pub async fn heartbeat_with(p: &TestPlane, node: &PlaneNode, digests: &[&str]) -> (u16, serde_json::Value) {
+    let mut body = report("ready");
+    body["module_digests"] = serde_json::json!(digests);
+    call(&node.client, p, "POST", &format!("/v1/nodes/{}/heartbeat", node.id), Some(body)).await
+}
+
+/// A node journal record of kind `receipt`: module `module` changed from `from` to `to`
+/// (`(version, serial, digest)`) with `outcome` (`committed`, `rolled-back`, `failed`).
+pub fn receipt_record(
+    seq: u64,
+    module: &str,
+    from: Option<(&str, u64, &str)>,
+    to: (&str, u64, &str),
+    outcome: &str,
+    reason: Option<&str>,
+) -> serde_json::Value {
+    let side = |(version, serial, digest): (&str, u64, &str)| serde_json::json!({"version": version, "serial": serial, "digest": digest, "composefs_digest": "ab".repeat(32)});
+    let mut receipt = serde_json::json!({
+        "transaction": format!("tx-{seq}"), "module": module, "role": "opt", "to": side(to),
+        "units": [], "started": 100, "finished": 120, "outcome": outcome, "agent_version": "0.1.0",
+    });
+    if let Some(from) = from {
+        receipt["from"] = side(from);
+    }
+    if let Some(reason) = reason {
+        receipt["reason"] = reason.into();
+    }
+    serde_json::json!({"seq": seq, "time": 120, "kind": "receipt", "data": receipt})
+}

@@ -1,10 +1,13 @@
 //! `ironroot-plane`'s command line: the clap definitions (every command and flag has its one
-//! line of help). What each command does is in `cli` (serve) and `cli::operator`.
+//! line of help; the catalog commands' are in `cli::catalog`). What each command does is in
+//! `cli` (serve), `cli::operator` and `cli::catalog`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+pub use super::catalog::{ChannelCommand, RolloutCommand, TemplateCommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "ironroot-plane", version, about = "The ironroot reference control plane and its operator CLI")]
@@ -44,9 +47,15 @@ pub enum Command {
     /// Enrolled nodes: list, show, revoke, re-provision, move through the lifecycle.
     #[command(subcommand)]
     Node(NodeCommand),
-    /// Templates: named module sets pinned by digest, assigned to nodes.
+    /// Release channels: REPO:CHANNEL names one verified module; templates follow channels.
+    #[command(subcommand)]
+    Channel(ChannelCommand),
+    /// Templates: a role's module catalog (channels or digests), rendered for and assigned to nodes.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Rollouts: how a template's nodes move to a new rendering (batches, halt, resume).
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Tasks queued for a node (leased by its agent).
     #[command(subcommand)]
     Task(TaskCommand),
@@ -107,6 +116,17 @@ pub struct ServeArgs {
     /// How often the journal's head is signed into a checkpoint (also at shutdown).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub checkpoint_interval: Duration,
+    /// A public key (PEM) module signatures must verify with before a module is published in a
+    /// channel or pinned in a template; repeat for several. Without one, channels are refused.
+    #[arg(long = "trust", value_name = "KEY.pub")]
+    pub trust: Vec<PathBuf>,
+    /// A CA certificate bundle (PEM) to trust for registries (their reads then use TLS).
+    #[arg(long, value_name = "PEM")]
+    pub registry_ca: Option<PathBuf>,
+    /// User name for registry basic or token auth; the password comes from
+    /// $IRONROOT_REGISTRY_PASSWORD.
+    #[arg(long)]
+    pub registry_user: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +177,14 @@ pub enum NodeCommand {
         /// Node id or name.
         id: String,
     },
+    /// A node's receipts: every module change it committed, rolled back or failed.
+    Receipts {
+        /// Node id or name.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a node through its lifecycle (draining, terminated, quarantined, …).
     State {
         /// Node id or name.
@@ -164,25 +192,6 @@ pub enum NodeCommand {
         /// The state to move to.
         #[arg(value_name = "STATE")]
         to: String,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum TemplateCommand {
-    /// Create or replace a template: modules pinned by digest, with their serials.
-    Create {
-        /// Template name.
-        name: String,
-        /// `REGISTRY/REPO@sha256:…[,serial=N]`; repeat for several.
-        #[arg(long = "module", required = true)]
-        modules: Vec<String>,
-    },
-    /// Make a node follow a template (its desired-state generation moves).
-    Assign {
-        /// Node id or name.
-        node: String,
-        /// Template name.
-        template: String,
     },
 }
 

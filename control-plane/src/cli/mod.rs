@@ -2,6 +2,7 @@
 //! running plane over mTLS. Exit codes: [`crate::exit::Exit`].
 
 mod args;
+mod catalog;
 mod operator;
 
 use std::path::PathBuf;
@@ -69,6 +70,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, ServerOptions)> {
     if args.max_anonymous == 0 || args.max_anonymous_per_address == 0 {
         bail!("--max-anonymous and --max-anonymous-per-address must be at least 1 (enrollment needs them)");
     }
+    let publisher = publisher(args)?;
     let mut names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
     names.extend(args.names.iter().cloned());
     let options = ServerOptions {
@@ -83,8 +85,34 @@ fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, ServerOptions)> {
             idle: args.idle_timeout,
         },
         checkpoint_interval: args.checkpoint_interval,
+        publisher,
     };
     Ok((settings, options))
+}
+
+/// Where the registry password comes from (never argv: it is world-readable).
+const PASSWORD_VAR: &str = "IRONROOT_REGISTRY_PASSWORD";
+
+/// `--trust`, `--registry-ca` and `--registry-user` as the publisher's keys and registry access.
+fn publisher(args: &ServeArgs) -> anyhow::Result<crate::publish::Publisher> {
+    let mut trust = Vec::new();
+    for path in &args.trust {
+        let pem = std::fs::read_to_string(path).with_context(|| format!("--trust: reading {}", path.display()))?;
+        trust.push(
+            ironroot_contract::TrustedKey::parse_pem(&pem).with_context(|| format!("--trust {}", path.display()))?,
+        );
+    }
+    let mut access = ironroot_oci::RegistryAccess::default();
+    if let Some(path) = &args.registry_ca {
+        let pem = std::fs::read(path).with_context(|| format!("--registry-ca: reading {}", path.display()))?;
+        reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("--registry-ca {}", path.display()))?;
+        access.ca_pem.push(pem);
+    }
+    if let Some(user) = &args.registry_user {
+        let password = std::env::var(PASSWORD_VAR).with_context(|| format!("--registry-user needs ${PASSWORD_VAR}"))?;
+        access.credentials = ironroot_oci::Credentials::Basic { user: user.clone(), password };
+    }
+    Ok(crate::publish::Publisher::new(trust, access))
 }
 
 async fn serve(state: PathBuf, args: ServeArgs) -> anyhow::Result<()> {

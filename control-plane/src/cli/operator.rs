@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use ironroot_contract::wire::{JournalCheckpoint, TaskSpec};
 use serde_json::{Value, json};
 
-use super::args::{AuditCommand, Command, NodeCommand, TaskCommand, TemplateCommand, TokenCommand};
+use super::args::{AuditCommand, Command, NodeCommand, TaskCommand, TokenCommand};
 use crate::client::OperatorClient;
 use crate::exit::CommandError;
 
@@ -29,15 +29,9 @@ pub async fn run(client: &OperatorClient, command: Command) -> anyhow::Result<()
             println!("{}", v["token"].as_str().unwrap_or_default());
         }
         Command::Node(cmd) => node(client, cmd).await?,
-        Command::Template(TemplateCommand::Create { name, modules }) => {
-            let _: Value = client.post("/v1/operator/templates", &json!({"name": name, "modules": modules})).await?;
-            println!("template {name}: {} modules", modules.len());
-        }
-        Command::Template(TemplateCommand::Assign { node, template }) => {
-            let _: Value =
-                client.post(&format!("/v1/operator/nodes/{node}/template"), &json!({"template": template})).await?;
-            println!("{node} now follows {template}");
-        }
+        Command::Channel(cmd) => super::catalog::channel(client, cmd).await?,
+        Command::Template(cmd) => super::catalog::template(client, cmd).await?,
+        Command::Rollout(cmd) => super::catalog::rollout(client, cmd).await?,
         Command::Task(cmd) => task(client, cmd).await?,
         Command::Audit(cmd) => audit(client, cmd).await?,
     }
@@ -73,6 +67,27 @@ async fn node(client: &OperatorClient, cmd: NodeCommand) -> anyhow::Result<()> {
                 for (k, v) in node.as_object().into_iter().flatten() {
                     println!("{k:>18}: {v}");
                 }
+            }
+        }
+        NodeCommand::Receipts { id, json } => {
+            let receipts: Value = client.get(&format!("/v1/operator/nodes/{id}/receipts")).await?;
+            if json {
+                print_json(&receipts);
+                return Ok(());
+            }
+            for r in receipts.as_array().into_iter().flatten() {
+                let version = |side: &str| r[side]["version"].as_str().unwrap_or("-").to_owned();
+                println!(
+                    "{:>6} {} {:<12} {:<20} {} -> {} {}{}",
+                    r["seq"],
+                    r["finished"],
+                    r["outcome"].as_str().unwrap_or(""),
+                    r["module"].as_str().unwrap_or(""),
+                    version("from"),
+                    version("to"),
+                    r["transaction"].as_str().unwrap_or(""),
+                    r["reason"].as_str().map(|w| format!(": {w}")).unwrap_or_default()
+                );
             }
         }
         NodeCommand::Revoke { id } => {
