@@ -9,7 +9,7 @@
 //! records it has not are never dropped — when they alone fill it, `append` refuses and the
 //! runtime refuses new changes until the plane takes them.
 
-use std::io::{BufRead as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -66,8 +66,11 @@ pub struct Journal {
     /// Bytes in the file, and bytes of records not yet delivered.
     bytes: u64,
     limit: u64,
-    /// Records kept in memory from the oldest undelivered one (what the spool sends).
-    pending: Vec<Record>,
+    /// Records kept in memory: every undelivered one (what the spool sends) and every one
+    /// from `pin` on (what a resumed transaction needs), oldest first.
+    kept: Vec<Record>,
+    /// The first record the runtime still needs after a restart, delivered or not.
+    pin: u64,
     /// Every record read at open, for the runtime to resume from (transactions, finished tasks).
     replay: Vec<Record>,
 }
@@ -98,54 +101,16 @@ impl Journal {
             .mode(0o600)
             .open(&path)
             .map_err(io("opening", &path))?;
-        let mut records = Vec::new();
-        let mut good_bytes = 0u64;
-        let mut reader = std::io::BufReader::new(&file);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            let n = reader.read_until(b'\n', &mut buf).map_err(io("reading", &path))?;
-            if n == 0 {
-                break;
-            }
-            let complete = buf.last() == Some(&b'\n');
-            match serde_json::from_slice::<Record>(&buf) {
-                Ok(r) if complete => {
-                    records.push(r);
-                    good_bytes += n as u64;
-                }
-                _ if !complete => break, // torn by a crash mid-write: cut below
-                Err(e) => {
-                    let seq = records.last().map_or(1, |r: &Record| r.seq + 1);
-                    return Err(JournalError::Broken { path, seq, reason: e.to_string() });
-                }
-                Ok(_) => break,
-            }
-        }
-        drop(reader);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(io("reading", &path))?;
+        let (records, good_bytes) =
+            parse_chain(&bytes).map_err(|(seq, reason)| JournalError::Broken { path: path.clone(), seq, reason })?;
         file.set_len(good_bytes).map_err(io("cutting a torn record from", &path))?;
-        let mut prev: Option<&Record> = None;
-        for r in &records {
-            let expected_seq = prev.map_or(r.seq, |p| p.seq + 1);
-            let data = r.data.to_string();
-            let problem = if r.seq != expected_seq {
-                Some(format!("sequence {} where {expected_seq} was expected", r.seq))
-            } else if prev.is_some_and(|p| p.hash != r.prev) {
-                Some("previous-hash link does not match".to_owned())
-            } else if r.hash != hash_of(&r.prev, r.seq, r.time, &r.kind, &data) {
-                Some("hash does not match the record".to_owned())
-            } else {
-                None
-            };
-            if let Some(reason) = problem {
-                return Err(JournalError::Broken { path, seq: r.seq, reason });
-            }
-            prev = Some(r);
-        }
         let head = records.last().map_or((0, GENESIS.to_owned()), |r| (r.seq, r.hash.clone()));
         let delivered = read_cursor(dir).min(head.0);
-        let pending: Vec<Record> = records.iter().filter(|r| r.seq > delivered).cloned().collect();
-        Ok(Self { dir: dir.to_owned(), file, head, delivered, bytes: good_bytes, limit, pending, replay: records })
+        let kept: Vec<Record> = records.iter().filter(|r| r.seq > delivered).cloned().collect();
+        let pin = u64::MAX;
+        Ok(Self { dir: dir.to_owned(), file, head, delivered, bytes: good_bytes, limit, kept, pin, replay: records })
     }
 
     /// Every record the journal held when it was opened, oldest first.
@@ -155,7 +120,16 @@ impl Journal {
 
     /// Records the plane has not acknowledged yet, oldest first.
     pub fn pending(&self) -> &[Record] {
-        &self.pending
+        let first = self.kept.partition_point(|r| r.seq <= self.delivered);
+        &self.kept[first..]
+    }
+
+    /// Keeps every record from `seq` on (delivered or not) across compaction: the first record
+    /// of an open transaction. `None` releases it.
+    pub fn pin(&mut self, seq: Option<u64>) {
+        self.pin = seq.unwrap_or(u64::MAX);
+        let (delivered, pin) = (self.delivered, self.pin);
+        self.kept.retain(|r| r.seq > delivered || r.seq >= pin);
     }
 
     pub fn head(&self) -> u64 {
@@ -164,7 +138,7 @@ impl Journal {
 
     /// Bytes of records the plane has not acknowledged.
     pub fn undelivered_bytes(&self) -> u64 {
-        self.pending.iter().map(|r| line(r).len() as u64).sum()
+        self.pending().iter().map(|r| line(r).len() as u64).sum()
     }
 
     /// Appends a record and syncs it to disk before returning its sequence number. When the
@@ -186,7 +160,7 @@ impl Journal {
         self.file.sync_data().map_err(io("syncing", &path))?;
         self.bytes += bytes.len() as u64;
         self.head = (seq, record.hash.clone());
-        self.pending.push(record);
+        self.kept.push(record);
         Ok(seq)
     }
 
@@ -199,16 +173,17 @@ impl Journal {
         let path = self.dir.join(CURSOR);
         ironroot_oci::layout::write_atomic(&path, seq.to_string().as_bytes()).map_err(io("writing", &path))?;
         self.delivered = seq;
-        self.pending.retain(|r| r.seq > seq);
+        let pin = self.pin;
+        self.kept.retain(|r| r.seq > seq || r.seq >= pin);
         Ok(())
     }
 
-    /// Rewrites the file with only the undelivered records (the chain continues from the first
-    /// kept record's `prev`).
+    /// Rewrites the file with only the records still needed: undelivered or pinned (the chain
+    /// continues from the first kept record's `prev`).
     fn compact(&mut self) -> Result<(), JournalError> {
         let path = self.dir.join(FILE);
         let mut bytes = Vec::new();
-        for r in &self.pending {
+        for r in &self.kept {
             bytes.extend_from_slice(&line(r));
         }
         ironroot_oci::layout::write_atomic(&path, &bytes).map_err(io("rewriting", &path))?;
@@ -217,6 +192,38 @@ impl Journal {
         self.bytes = bytes.len() as u64;
         Ok(())
     }
+}
+
+/// Reads a journal file's bytes: the records of its chain and how many bytes they take. A torn
+/// last line (no newline: a crash mid-write) is left out; anything else that does not parse or
+/// does not chain is `Err((seq, reason))`, naming the first bad record.
+pub fn parse_chain(bytes: &[u8]) -> Result<(Vec<Record>, u64), (u64, String)> {
+    let mut records: Vec<Record> = Vec::new();
+    let mut good = 0usize;
+    let mut rest = bytes;
+    while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+        let (text, tail) = rest.split_at(end + 1);
+        rest = tail;
+        let next = records.last().map_or(Some(1), |r| r.seq.checked_add(1));
+        let r: Record = serde_json::from_slice(text).map_err(|e| (next.unwrap_or(u64::MAX), e.to_string()))?;
+        let problem = match records.last() {
+            _ if r.seq == 0 => Some("sequence 0".to_owned()),
+            Some(p) if Some(r.seq) != p.seq.checked_add(1) => {
+                Some(format!("sequence {} where {} was expected", r.seq, p.seq.saturating_add(1)))
+            }
+            Some(p) if p.hash != r.prev => Some("previous-hash link does not match".to_owned()),
+            _ if r.hash != hash_of(&r.prev, r.seq, r.time, &r.kind, &r.data.to_string()) => {
+                Some("hash does not match the record".to_owned())
+            }
+            _ => None,
+        };
+        if let Some(reason) = problem {
+            return Err((r.seq, reason));
+        }
+        good += text.len();
+        records.push(r);
+    }
+    Ok((records, good as u64))
 }
 
 fn read_cursor(dir: &Path) -> u64 {
@@ -292,5 +299,49 @@ mod tests {
         drop(j);
         let j = Journal::open(dir.path(), one * 4).unwrap();
         assert_eq!(j.replay().iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5], "compacted, chain intact");
+    }
+
+    #[test]
+    fn a_pinned_transaction_survives_compaction_after_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = line(&Record {
+            seq: 1,
+            time: 1,
+            kind: "audit".into(),
+            data: data(1),
+            prev: GENESIS.into(),
+            hash: GENESIS.into(),
+        })
+        .len() as u64;
+        let limit = one * 7 + one / 2;
+        let mut j = Journal::open(dir.path(), limit).unwrap();
+        j.append(1, "audit", data(1)).unwrap();
+        let first = j.append(2, "txn", data(2)).unwrap();
+        j.pin(Some(first));
+        for i in 3..=8 {
+            j.delivered(i - 1).unwrap();
+            j.append(i, "audit", data(i)).unwrap();
+        }
+        drop(j);
+        let j = Journal::open(dir.path(), limit).unwrap();
+        let seqs: Vec<u64> = j.replay().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs.first(), Some(&first), "compacted, yet the pinned record stays: {seqs:?}");
+        assert_eq!(j.pending().iter().map(|r| r.seq).collect::<Vec<_>>(), [8]);
+    }
+
+    #[test]
+    fn parse_chain_names_the_first_bad_record() {
+        assert_eq!(parse_chain(b"").unwrap(), (vec![], 0));
+        let err = parse_chain(b"{\"seq\":1}\n").unwrap_err();
+        assert_eq!(err.0, 1, "{err:?}");
+        let zero =
+            Record { seq: 0, time: 0, kind: "k".into(), data: data(0), prev: GENESIS.into(), hash: String::new() };
+        assert_eq!(parse_chain(&line(&zero)).unwrap_err(), (0, "sequence 0".to_owned()));
+        let max = Record { seq: u64::MAX, ..zero };
+        let hash = hash_of(&max.prev, max.seq, max.time, &max.kind, &max.data.to_string());
+        let max = Record { hash, ..max };
+        let mut two = line(&max);
+        two.extend_from_slice(&line(&max));
+        assert_eq!(parse_chain(&two).unwrap_err().0, u64::MAX, "no overflow past the last sequence number");
     }
 }
