@@ -246,7 +246,7 @@ async fn pull(
         let exit = Exit::from(e.kind());
         (exit, anyhow::Error::new(e).context(format!("pulling {reference}")))
     })?;
-    let record = crate::modules::record(&v);
+    let record = crate::modules::record(&v, Some(reference));
     if json {
         println!("{}", serde_json::to_string(&record).unwrap_or_default());
     } else {

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use ironroot_contract::wire::{
-    self, DesiredState, EnrollRequest, EnrollResponse, ErrorBody, NodeId, NodeReport, ReportResponse,
+    self, AuditBatch, DesiredState, EnrollRequest, EnrollResponse, ErrorBody, NodeId, NodeReport, RenewRequest,
+    ReportResponse, Task, TaskId, TaskResult,
 };
 use serde::de::DeserializeOwned;
 
@@ -87,7 +88,41 @@ impl PlaneClient {
         self.call("heartbeat", self.http.post(format!("{}/v1/nodes/{node}/heartbeat", self.base)).json(report)).await
     }
 
+    /// Leases the next task, waiting up to `wait` at the plane for one (`None`: none came).
+    pub async fn lease(&self, node: &NodeId, wait: Duration) -> Result<Option<Task>, PlaneError> {
+        let req = self
+            .http
+            .get(format!("{}/v1/nodes/{node}/tasks?wait={}", self.base, wait.as_secs()))
+            .timeout(CALL_DEADLINE + wait);
+        self.call_maybe("lease", req).await
+    }
+
+    pub async fn post_result(&self, task: &TaskId, result: &TaskResult) -> Result<(), PlaneError> {
+        let req = self.http.post(format!("{}/v1/tasks/{task}/result", self.base)).json(result);
+        self.call::<serde_json::Value>("task result", req).await.map(drop)
+    }
+
+    /// A certificate for a new key, while the current one is valid.
+    pub async fn renew(&self, node: &NodeId, req: &RenewRequest) -> Result<EnrollResponse, PlaneError> {
+        self.call("renew", self.http.post(format!("{}/v1/nodes/{node}/renew", self.base)).json(req)).await
+    }
+
+    /// Delivers journal records; the plane keeps each (node, seq) once.
+    pub async fn audit(&self, node: &NodeId, batch: &AuditBatch) -> Result<(), PlaneError> {
+        let req = self.http.post(format!("{}/v1/nodes/{node}/audit", self.base)).json(batch);
+        self.call::<serde_json::Value>("audit", req).await.map(drop)
+    }
+
     async fn call<T: DeserializeOwned>(&self, op: &'static str, req: reqwest::RequestBuilder) -> Result<T, PlaneError> {
+        self.call_maybe(op, req).await?.ok_or(PlaneError::Answer { op, reason: "no content".into() })
+    }
+
+    /// A call whose empty answer (204) is `None`.
+    async fn call_maybe<T: DeserializeOwned>(
+        &self,
+        op: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<Option<T>, PlaneError> {
         let unreachable =
             |e: reqwest::Error| PlaneError::Unreachable { base: self.base.clone(), source: e.without_url() };
         let resp = req.send().await.map_err(unreachable)?;
@@ -107,7 +142,10 @@ impl PlaneClient {
             };
             return Err(PlaneError::Refused { op, status: status.as_u16(), code, message });
         }
-        serde_json::from_slice(&body).map_err(|e| PlaneError::Answer { op, reason: e.to_string() })
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        serde_json::from_slice(&body).map(Some).map_err(|e| PlaneError::Answer { op, reason: e.to_string() })
     }
 }
 

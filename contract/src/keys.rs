@@ -130,6 +130,15 @@ impl TrustedKey {
         &self.id
     }
 
+    /// The key as a PKIX `PUBLIC KEY` PEM block (what [`TrustedKey::parse_pem`] reads).
+    pub fn to_pem(&self) -> Result<String, KeyError> {
+        let r = match &self.key {
+            PublicKey::Ed25519(k) => k.to_public_key_pem(spki::der::pem::LineEnding::LF),
+            PublicKey::P256(k) => k.to_public_key_pem(spki::der::pem::LineEnding::LF),
+        };
+        r.map_err(|e| KeyError::Decode(e.to_string()))
+    }
+
     /// Verifies `signature` over `message`: pure Ed25519 (strict), or ECDSA P-256 over SHA-256
     /// of the message with a DER signature.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), VerifyError> {

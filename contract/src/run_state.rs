@@ -60,6 +60,12 @@ pub struct BootRecord {
     /// source, validated, or the default); absent from records of older agents.
     #[serde(default)]
     pub heartbeat_s: Option<u64>,
+    /// The keys module signatures are checked against (PEM), for the service's updates.
+    #[serde(default)]
+    pub trust: Option<PathBuf>,
+    /// Extra registry CA certificates (PEM) the boot trusted, for the service's updates.
+    #[serde(default)]
+    pub registry_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -107,6 +113,9 @@ pub struct ModuleRecord {
     pub signed_by: String,
     pub downloaded_bytes: u64,
     pub new_objects: u64,
+    /// Where it came from (`registry/repository@sha256:…`), to verify it again.
+    #[serde(default)]
+    pub reference: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

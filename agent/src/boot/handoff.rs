@@ -27,3 +27,25 @@ pub fn identity_record(found: &Discovered) -> IdentityRecord {
         notes: found.notes.clone(),
     }
 }
+
+/// Writes what the service needs to verify updates as the boot did: the trusted keys
+/// (`trust.pem`) and the extra registry CAs (`registry-ca.pem`, when there are any).
+pub fn write_trust(
+    run_dir: &std::path::Path,
+    trust: &[ironroot_contract::TrustedKey],
+    access: &ironroot_oci::RegistryAccess,
+) -> std::io::Result<(std::path::PathBuf, Option<std::path::PathBuf>)> {
+    let mut pem = String::new();
+    for key in trust {
+        pem.push_str(&key.to_pem().map_err(std::io::Error::other)?);
+    }
+    let trust_path = run_dir.join("trust.pem");
+    ironroot_oci::layout::write_atomic(&trust_path, pem.as_bytes())?;
+    if access.ca_pem.is_empty() {
+        return Ok((trust_path, None));
+    }
+    let ca: Vec<u8> = access.ca_pem.iter().flat_map(|c| c.iter().copied().chain(*b"\n")).collect();
+    let ca_path = run_dir.join("registry-ca.pem");
+    ironroot_oci::layout::write_atomic(&ca_path, &ca)?;
+    Ok((trust_path, Some(ca_path)))
+}

@@ -200,6 +200,8 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
     let plane_ca = opts.run_dir().join("plane-ca.pem");
     run_state::write_private(&plane_ca, settings.plane_ca_pem.as_bytes())
         .map_err(|e| BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &boot_id, &timer))?;
+    let (trust, registry_ca) = handoff::write_trust(&opts.run_dir(), &settings.trust, &opts.access)
+        .map_err(|e| BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &boot_id, &timer))?;
     let record = BootRecord {
         schema: RUN_STATE_SCHEMA,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -221,7 +223,11 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
             insecure: !store.verity,
             device: store.device.clone(),
         },
-        modules: verified.iter().map(modules::record).collect(),
+        modules: verified
+            .iter()
+            .zip(&assignment.modules)
+            .map(|(v, wanted)| modules::record(v, Some(&wanted.reference)))
+            .collect(),
         root: RootRecord {
             target: mounted.target.clone(),
             verity: mounted.verity,
@@ -231,6 +237,8 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
         phases_ms: timer.0.clone(),
         written_at_boottime_ms: Some(run_state::boottime_ms()),
         heartbeat_s: Some(settings.heartbeat.as_secs()),
+        trust: Some(trust),
+        registry_ca,
     };
     run_state::write(&opts.run_dir(), &record).map_err(|e| {
         BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &record.boot_id, &timer)

@@ -76,8 +76,8 @@ pub async fn verify(
     Ok(verified)
 }
 
-/// A verified module as the run state records it.
-pub fn record(m: &VerifiedModule) -> ModuleRecord {
+/// A verified module as the run state records it; `reference` is where it was asked for.
+pub fn record(m: &VerifiedModule, reference: Option<&str>) -> ModuleRecord {
     let c = m.config();
     ModuleRecord {
         name: c.name.clone(),
@@ -90,6 +90,7 @@ pub fn record(m: &VerifiedModule) -> ModuleRecord {
         signed_by: m.signature().key_id.clone(),
         downloaded_bytes: m.downloaded(),
         new_objects: m.new_objects(),
+        reference: reference.map(str::to_owned),
     }
 }
 

@@ -94,6 +94,17 @@ pub fn detach(root: &Path, mount_point: &str) -> Result<(), AttachError> {
     }
 }
 
+/// Lets go of a module version's EROFS layer once no version mounted over it is live (lazily:
+/// the swapped-out overlay may still be draining).
+pub fn release_layer(run_dir: &Path, digest: &ironroot_contract::OciDigest) {
+    let layer = run_dir.join("layers").join(digest.hex());
+    if is_mount_point(&layer)
+        && let Err(e) = unmount(&layer, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW)
+    {
+        tracing::warn!(layer = %layer.display(), error = %e, "releasing an old module layer");
+    }
+}
+
 /// The mount-table name of what is mounted on top at `path` (`ironroot:<name>@<digest>`), if
 /// an ironroot live module is.
 pub fn live_source(path: &Path) -> Option<String> {

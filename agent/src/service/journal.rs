@@ -89,8 +89,11 @@ fn line(r: &Record) -> Vec<u8> {
 
 impl Journal {
     /// Opens (creating) the journal in `dir`, at most `limit` bytes. Checks the whole chain; a
-    /// torn last line (a crash mid-write) is cut off, anything else broken is an error.
-    pub fn open(dir: &Path, limit: u64) -> Result<Self, JournalError> {
+    /// torn last line (a crash mid-write) is cut off, anything else broken is an error. A new
+    /// journal numbers its records from `first`: the plane keeps each (node, sequence number)
+    /// once, so a journal under `/run` that starts again at every boot starts from the clock
+    /// (microseconds) rather than from 1.
+    pub fn open(dir: &Path, limit: u64, first: u64) -> Result<Self, JournalError> {
         use std::os::unix::fs::OpenOptionsExt as _;
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let path = dir.join(FILE);
@@ -106,8 +109,9 @@ impl Journal {
         let (records, good_bytes) =
             parse_chain(&bytes).map_err(|(seq, reason)| JournalError::Broken { path: path.clone(), seq, reason })?;
         file.set_len(good_bytes).map_err(io("cutting a torn record from", &path))?;
-        let head = records.last().map_or((0, GENESIS.to_owned()), |r| (r.seq, r.hash.clone()));
-        let delivered = read_cursor(dir).min(head.0);
+        let head = records.last().map_or((first.max(1) - 1, GENESIS.to_owned()), |r| (r.seq, r.hash.clone()));
+        // An empty journal has nothing to deliver, whatever a cursor from before says.
+        let delivered = if records.is_empty() { head.0 } else { read_cursor(dir).min(head.0) };
         let kept: Vec<Record> = records.iter().filter(|r| r.seq > delivered).cloned().collect();
         let pin = u64::MAX;
         Ok(Self { dir: dir.to_owned(), file, head, delivered, bytes: good_bytes, limit, kept, pin, replay: records })
@@ -134,6 +138,11 @@ impl Journal {
 
     pub fn head(&self) -> u64 {
         self.head.0
+    }
+
+    /// Records up to this one were acknowledged by the plane.
+    pub fn delivered_upto(&self) -> u64 {
+        self.delivered
     }
 
     /// Bytes of records the plane has not acknowledged.
@@ -241,7 +250,7 @@ mod tests {
     #[test]
     fn records_chain_survive_reopening_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut j = Journal::open(dir.path(), 1 << 20, 1).unwrap();
         for i in 1..=3 {
             assert_eq!(j.append(100 + i, "txn.planned", data(i)).unwrap(), i);
         }
@@ -250,20 +259,20 @@ mod tests {
         let mut f = std::fs::OpenOptions::new().append(true).open(dir.path().join(FILE)).unwrap();
         f.write_all(br#"{"seq":4,"time":1,"ki"#).unwrap();
         drop(f);
-        let mut j = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut j = Journal::open(dir.path(), 1 << 20, 1).unwrap();
         assert_eq!(j.replay().len(), 3);
         assert_eq!(j.append(200, "receipt", data(4)).unwrap(), 4, "the torn record is gone, its number reused");
         assert_eq!(j.pending().len(), 4);
         j.delivered(2).unwrap();
         drop(j);
-        let j = Journal::open(dir.path(), 1 << 20).unwrap();
+        let j = Journal::open(dir.path(), 1 << 20, 1).unwrap();
         assert_eq!(j.pending().iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4], "the cursor survives");
     }
 
     #[test]
     fn an_edited_record_is_refused_at_open() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open(dir.path(), 1 << 20).unwrap();
+        let mut j = Journal::open(dir.path(), 1 << 20, 1).unwrap();
         for i in 1..=3 {
             j.append(i, "k", data(i)).unwrap();
         }
@@ -271,7 +280,7 @@ mod tests {
         let path = dir.path().join(FILE);
         let text = std::fs::read_to_string(&path).unwrap().replace("\"i\":2", "\"i\":9");
         std::fs::write(&path, text).unwrap();
-        let err = Journal::open(dir.path(), 1 << 20).unwrap_err();
+        let err = Journal::open(dir.path(), 1 << 20, 1).unwrap_err();
         assert!(matches!(err, JournalError::Broken { seq: 2, .. }), "{err}");
     }
 
@@ -287,7 +296,7 @@ mod tests {
             hash: GENESIS.into(),
         })
         .len() as u64;
-        let mut j = Journal::open(dir.path(), one * 4).unwrap();
+        let mut j = Journal::open(dir.path(), one * 4, 1).unwrap();
         for i in 1..=4 {
             j.append(1000, "audit", data(i)).unwrap();
         }
@@ -297,7 +306,7 @@ mod tests {
         j.delivered(3).unwrap();
         assert_eq!(j.append(1000, "audit", data(5)).unwrap(), 5, "delivered records made room");
         drop(j);
-        let j = Journal::open(dir.path(), one * 4).unwrap();
+        let j = Journal::open(dir.path(), one * 4, 1).unwrap();
         assert_eq!(j.replay().iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5], "compacted, chain intact");
     }
 
@@ -314,7 +323,7 @@ mod tests {
         })
         .len() as u64;
         let limit = one * 7 + one / 2;
-        let mut j = Journal::open(dir.path(), limit).unwrap();
+        let mut j = Journal::open(dir.path(), limit, 1).unwrap();
         j.append(1, "audit", data(1)).unwrap();
         let first = j.append(2, "txn", data(2)).unwrap();
         j.pin(Some(first));
@@ -323,7 +332,7 @@ mod tests {
             j.append(i, "audit", data(i)).unwrap();
         }
         drop(j);
-        let j = Journal::open(dir.path(), limit).unwrap();
+        let j = Journal::open(dir.path(), limit, 1).unwrap();
         let seqs: Vec<u64> = j.replay().iter().map(|r| r.seq).collect();
         assert_eq!(seqs.first(), Some(&first), "compacted, yet the pinned record stays: {seqs:?}");
         assert_eq!(j.pending().iter().map(|r| r.seq).collect::<Vec<_>>(), [8]);

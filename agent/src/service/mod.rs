@@ -1,21 +1,26 @@
-//! `ironroot-agent serve`: the service under systemd (first version; the runtime loop of
-//! reconcile, drain, vetting and exec comes later).
+//! `ironroot-agent serve`: the node runtime under systemd. A pure core ([`node::Node`], made
+//! of small machines: heartbeat, rollout, tasks, renewal, spool) decides; the shell
+//! ([`shell`]) carries out what it decides — plane calls, the node journal, jobs that verify,
+//! mount and health-gate modules, systemd over D-Bus — and feeds back what happened.
 //!
-//! Reads `/run/ironroot/boot.json`, handshakes with `phase=ready` and the boot timings, then
-//! heartbeats every interval (jittered ±10 %). systemd is told `READY=1` after the handshake,
-//! `STATUS=` after every exchange, and `WATCHDOG=1` from the loop at half the watchdog period,
-//! so a hung agent is restarted. What to do next is decided by [`Beat`], a pure schedule; the
-//! loop only performs it.
+//! systemd is told `READY=1` after the handshake (which waits until the live modules of this
+//! boot are attached), `STATUS=` after every exchange, and `WATCHDOG=1` from the loop at half
+//! the watchdog period, so a hung agent is restarted. A `kill -9` at any point is resumed from
+//! the node journal (see [`replay`]).
 //!
 //! What restarting cannot fix ends the service with its own exit code ([`ServeError::exit`]),
 //! which the unit's `RestartPreventExitStatus=` names: a boot record that cannot be read or
 //! used, a node identity that cannot be read, is refused or expired.
 
 pub mod heartbeat;
+pub mod jobs;
 pub mod journal;
 pub mod node;
+pub mod renew;
 pub mod renewal;
+pub mod replay;
 pub mod rollout;
+pub mod shell;
 pub mod spool;
 pub mod systemd;
 pub mod tasks;
@@ -60,6 +65,8 @@ pub enum ServeError {
     Expired { not_after: i64 },
     #[error("installing the SIGTERM handler")]
     Signal(#[source] std::io::Error),
+    #[error("the node journal")]
+    Journal(#[source] journal::JournalError),
 }
 
 impl ServeError {
@@ -69,7 +76,7 @@ impl ServeError {
             Self::Read(_) | Self::Json { .. } | Self::Schema { .. } | Self::Heartbeat { .. } => Exit::BootRecord,
             Self::CmdlineHeartbeat { .. } => Exit::BootRecord,
             Self::IdentityFile(_) | Self::NotPem(_) | Self::Identity(_) | Self::Expired { .. } => Exit::NodeIdentity,
-            Self::Signal(_) => Exit::Failure,
+            Self::Signal(_) | Self::Journal(_) => Exit::Failure,
         }
     }
 }
@@ -79,36 +86,6 @@ pub struct ServeOptions {
     pub run_dir: PathBuf,
     /// `--interval`: wins over the boot record's heartbeat.
     pub interval: Option<Duration>,
-}
-
-/// The heartbeat schedule: when the next exchange is due, given how the last ones went.
-/// A failed exchange is retried sooner (5 s, doubling up to the interval).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Beat {
-    pub interval: Duration,
-    pub failures: u32,
-    pub handshaken: bool,
-}
-
-impl Beat {
-    pub fn new(interval: Duration) -> Self {
-        Beat { interval, failures: 0, handshaken: false }
-    }
-
-    /// Records an exchange's outcome and returns the delay before the next one; `jitter` in
-    /// [-1, 1] spreads nodes by up to ±10 % of the interval.
-    pub fn after(&mut self, ok: bool, jitter: f64) -> Duration {
-        if ok {
-            self.failures = 0;
-            self.handshaken = true;
-            let spread = self.interval.as_secs_f64() * 0.1 * jitter.clamp(-1.0, 1.0);
-            Duration::from_secs_f64((self.interval.as_secs_f64() + spread).max(0.1))
-        } else {
-            self.failures = self.failures.saturating_add(1);
-            let backoff = Duration::from_secs(5).saturating_mul(1 << self.failures.min(6).saturating_sub(1));
-            backoff.min(self.interval)
-        }
-    }
 }
 
 /// Reads `run_dir/boot.json`: its schema first, so a record of another schema is named as such
@@ -173,9 +150,9 @@ fn now() -> i64 {
 
 /// An expired certificate is refused by the plane on every exchange, and only a new boot
 /// enrolls again: the service stops instead of retrying.
-fn check_expiry(record: &BootRecord, now: i64) -> Result<(), ServeError> {
-    if now >= record.certificate_not_after {
-        return Err(ServeError::Expired { not_after: record.certificate_not_after });
+fn check_expiry(not_after: i64, now: i64) -> Result<(), ServeError> {
+    if now >= not_after {
+        return Err(ServeError::Expired { not_after });
     }
     Ok(())
 }
@@ -224,66 +201,89 @@ fn client(record: &BootRecord) -> Result<PlaneClient, ServeError> {
     PlaneClient::with_identity(&record.plane, &ca, &cert, &key).map_err(ServeError::Identity)
 }
 
-fn notify(states: &[NotifyState<'_>]) {
+pub(crate) fn notify(states: &[NotifyState<'_>]) {
     // Outside systemd (no NOTIFY_SOCKET) this does nothing.
     if let Err(e) = sd_notify::notify(states) {
         tracing::debug!(error = %e, "sd_notify");
     }
 }
 
+/// Bytes the node journal may hold (records the plane has not received are never dropped).
+const JOURNAL_LIMIT: u64 = 16 * 1024 * 1024;
+
+/// Where the node journal lives: beside the store on a persistent one, else under `/run`.
+fn journal_dir(record: &BootRecord, run_dir: &Path) -> PathBuf {
+    match record.store.path.parent() {
+        Some(state) if record.store.persistent => state.join("journal"),
+        _ => run_dir.join("journal"),
+    }
+}
+
+/// The keys and registry access the boot used, for verifying updates the same way.
+fn verification(record: &BootRecord) -> (Vec<ironroot_contract::TrustedKey>, ironroot_oci::RegistryAccess) {
+    let read = |p: &Path| external::read(p, MAX_IDENTITY_FILE, Links::Refuse).ok();
+    let trust = record
+        .trust
+        .as_deref()
+        .and_then(read)
+        .map(|pem| {
+            let text = String::from_utf8_lossy(&pem).into_owned();
+            text.split_inclusive("-----END PUBLIC KEY-----")
+                .filter(|b| b.contains("-----BEGIN"))
+                .filter_map(|b| ironroot_contract::TrustedKey::parse_pem(b.trim()).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let ca_pem = record.registry_ca.as_deref().and_then(read).into_iter().collect();
+    (trust, ironroot_oci::RegistryAccess { ca_pem, ..Default::default() })
+}
+
 /// Runs until SIGTERM or SIGINT.
 pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let record = read_record(&opts.run_dir)?;
     let interval = interval(opts.interval, &record, &opts.run_dir.join(BOOT_JSON), cmdline_heartbeat)?;
-    check_expiry(&record, now())?;
+    renew::repair(&record);
     let client = client(&record)?;
+    let cert =
+        external::read(&record.certificate, MAX_IDENTITY_FILE, Links::Refuse).map_err(ServeError::IdentityFile)?;
+    let (not_before, not_after) =
+        renew::validity(&String::from_utf8_lossy(&cert)).unwrap_or((now() - 1, record.certificate_not_after));
+    check_expiry(not_after, now())?;
+
+    let dir = journal_dir(&record, &opts.run_dir);
+    let first = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    let journal = journal::Journal::open(&dir, JOURNAL_LIMIT, first).map_err(ServeError::Journal)?;
+    let finished = replay::finished_tasks(journal.replay());
+    let open = replay::open_txn(journal.replay());
+    let (running, attach) = replay::startup(&record, &opts.run_dir);
+
+    let store = crate::store::reopen(&record.store, &opts.run_dir).map_err(|e| crate::exit::describe(&e));
+    let (trust, access) = verification(&record);
+    let policy = crate::modules::FetchPolicy {
+        access,
+        limits: ironroot_oci::Limits::standard(),
+        backoff: crate::backoff::Backoff::BOOT,
+    };
+    let runner = jobs::Runner::new(opts.run_dir.clone(), store, trust, policy);
+
+    let mut first_actions = Vec::new();
+    let version = env!("CARGO_PKG_VERSION");
+    let rollout =
+        rollout::Rollout::new(running, attach, record.generation, open, &record.boot_id, version, &mut first_actions);
+    let mut jitter = heartbeat::Jitter::new(rand::random());
+    let renewal = renewal::Renewal::new(not_before.max(0) as u64, not_after as u64, jitter.sample());
+    let beat = heartbeat::Beat::new(interval, jitter);
+    let spool = spool::Spool::new(journal.head(), journal.delivered_upto());
+    let node = node::Node::new(beat, rollout, tasks::Tasks::new(finished), renewal, spool);
+    tracing::info!(node = %record.node_id, plane = %record.plane, interval_s = interval.as_secs(), journal = %dir.display(), "serving");
     let report = report(&record);
-    let mut watchdog = tokio::time::interval(watchdog_period().unwrap_or(Duration::from_secs(3600)));
-    let mut beat = Beat::new(interval);
-    let mut next = tokio::time::Instant::now();
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(ServeError::Signal)?;
-    tracing::info!(node = %record.node_id, plane = %record.plane, interval_s = interval.as_secs(), "serving");
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-            _ = watchdog.tick() => notify(&[NotifyState::Watchdog]),
-            _ = tokio::time::sleep_until(next) => {
-                check_expiry(&record, now())?;
-                let first = !beat.handshaken;
-                let result = if first {
-                    client.handshake(&record.node_id, &report).await
-                } else {
-                    client.heartbeat(&record.node_id, &report).await
-                };
-                let ok = result.is_ok();
-                match &result {
-                    Ok(r) => {
-                        if first {
-                            tracing::info!(state = %r.state, "handshake: ready");
-                            notify(&[NotifyState::Ready]);
-                        }
-                        let status = format!("node {} {}; generation {}", record.node_id, r.state, r.generation);
-                        notify(&[NotifyState::Status(&status)]);
-                    }
-                    Err(e) => {
-                        let why = crate::exit::describe(e);
-                        tracing::warn!(error = %why, failures = beat.failures + 1, "plane exchange failed");
-                        notify(&[NotifyState::Status(&format!("plane unreachable: {why}"))]);
-                    }
-                }
-                next = tokio::time::Instant::now() + beat.after(ok, rand::random::<f64>() * 2.0 - 1.0);
-            }
-        }
-    }
-    notify(&[NotifyState::Stopping]);
-    tracing::info!("stopping");
-    Ok(())
+    let shell =
+        shell::Shell::new(record, opts.run_dir.clone(), client, journal, node, runner, report, not_after as u64);
+    shell.run(first_actions).await
 }
 
 /// Half the watchdog period systemd asked for (`WATCHDOG_USEC`), if it asked.
-fn watchdog_period() -> Option<Duration> {
+pub(crate) fn watchdog_period() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
@@ -291,19 +291,6 @@ fn watchdog_period() -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_schedule_spreads_beats_and_backs_off_after_failures() {
-        let mut b = Beat::new(Duration::from_secs(30));
-        assert_eq!(b.after(true, 0.0), Duration::from_secs(30));
-        assert!(b.handshaken);
-        assert_eq!(b.after(true, 1.0), Duration::from_secs(33));
-        assert_eq!(b.after(true, -5.0), Duration::from_secs(27), "jitter is clamped");
-        let delays: Vec<_> = (0..5).map(|_| b.after(false, 0.0).as_secs()).collect();
-        assert_eq!(delays, [5, 10, 20, 30, 30], "doubling, capped at the interval");
-        assert_eq!(b.after(true, 0.0), Duration::from_secs(30));
-        assert_eq!(b.failures, 0);
-    }
 
     fn sample() -> serde_json::Value {
         serde_json::json!({
@@ -365,8 +352,8 @@ mod tests {
     #[test]
     fn an_expired_certificate_stops_the_service_for_good() {
         let record: BootRecord = serde_json::from_value(sample()).unwrap();
-        assert!(check_expiry(&record, 0).is_ok());
-        let err = check_expiry(&record, record.certificate_not_after).unwrap_err();
+        assert!(check_expiry(record.certificate_not_after, 0).is_ok());
+        let err = check_expiry(record.certificate_not_after, record.certificate_not_after).unwrap_err();
         assert_eq!(err.exit(), Exit::NodeIdentity);
     }
 

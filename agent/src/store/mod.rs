@@ -225,3 +225,30 @@ fn probe_verity(dir: &Path) -> bool {
     let _ignored = std::fs::remove_file(&probe); // only its answer matters
     ok
 }
+
+/// The store a boot prepared, opened again by the service from the boot's record of it (its
+/// mounts moved into the root with `/run` and `/persist`).
+pub fn reopen(record: &ironroot_contract::run_state::StoreRecord, run_dir: &Path) -> Result<PreparedStore, StoreError> {
+    let kind = match record.kind.as_str() {
+        "zram" => "zram",
+        "tmpfs-insecure" => "tmpfs-insecure",
+        "disk" => "disk",
+        _ => "dir",
+    };
+    let objects = if record.verity { ObjectStore::open_sealed(&record.path) } else { ObjectStore::open(&record.path) }
+        .map_err(io("opening the object store in", &record.path))?;
+    // A persistent store keeps its state beside the objects (`…/ironroot/store` → `…/ironroot`).
+    let state_dir = match record.path.parent() {
+        Some(parent) if record.persistent => parent.to_owned(),
+        _ => run_dir.to_owned(),
+    };
+    Ok(PreparedStore {
+        kind,
+        objects,
+        state_dir,
+        overlay_dir: None,
+        verity: record.verity,
+        persistent: record.persistent,
+        device: record.device.clone(),
+    })
+}

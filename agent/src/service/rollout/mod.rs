@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use ironroot_contract::config::MountRole;
+use ironroot_contract::config::{HealthCheck, MountRole};
 use ironroot_contract::wire::{DesiredModule, DesiredState, Health, ModuleVersion};
 use ironroot_contract::{OciDigest, VerityDigest};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,9 @@ pub struct ModuleInfo {
     /// Live roles: where it is mounted.
     pub mount_point: Option<String>,
     pub units: Vec<String>,
+    /// Live roles: the module's own health probe and the gate's deadline.
+    #[serde(default)]
+    pub health: Option<HealthCheck>,
 }
 
 impl ModuleInfo {
@@ -109,6 +112,8 @@ pub enum Job {
     Power(PowerOp),
 }
 
+// One at a time, short-lived: boxing the large variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobDone {
     Verified {
@@ -145,6 +150,8 @@ pub enum JobDone {
         txn: String,
         result: Result<(), String>,
     },
+    /// The soft reboot or reboot began (this userspace is ending).
+    PowerBegun,
     /// The soft reboot or reboot could not begin.
     PowerFailed(String),
 }
@@ -172,6 +179,7 @@ pub struct OpenTxn {
 }
 
 /// One module change.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 enum Change {
     /// `from` is None for a first attach.
@@ -260,12 +268,15 @@ fn record(kind: &str, data: serde_json::Value) -> Action {
 }
 
 impl Rollout {
-    /// Starts from what this boot runs (`booted`, every role, with live modules as the last
-    /// committed receipts of this boot left them) at `generation`. When a transaction was left
-    /// open, it is finished first; then every booted module is verified again (offline) and
-    /// the live ones attached before the node says `ready`.
+    /// Starts from what this boot runs: `running` (the root and `usr` layers the boot mounted,
+    /// and live modules already attached by an earlier run of this service) and `attach` (live
+    /// modules to verify again, offline when the store has them, and attach), at `generation`.
+    /// When a transaction was left open it is finished first. The node says `ready` once
+    /// `attach` is done.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        booted: Vec<DesiredModule>,
+        running: Vec<ModuleInfo>,
+        attach: Vec<DesiredModule>,
         generation: u64,
         open: Option<OpenTxn>,
         boot_id: &str,
@@ -273,11 +284,11 @@ impl Rollout {
         out: &mut Vec<Action>,
     ) -> Self {
         let mut r = Self {
-            live: BTreeMap::new(),
+            live: running.into_iter().map(|m| (m.name.clone(), m)).collect(),
             known: None,
             applied: None,
             state: State::Idle,
-            startup: Some((generation, booted)),
+            startup: Some((generation, attach)),
             refused: BTreeSet::new(),
             removals: Vec::new(),
             retry_at: None,
@@ -424,7 +435,9 @@ impl Rollout {
         let mut queue = VecDeque::new();
         let mut root_changed = false;
         for m in done {
-            if m.role.is_live() {
+            if m.role.is_live() && self.live.get(&m.name).is_some_and(|l| l.digest == m.digest) {
+                // Already live (a restarted service finding what it attached): nothing to do.
+            } else if m.role.is_live() {
                 queue.push_back(Change::Put { from: self.live.get(&m.name).cloned(), to: m });
             } else if self.live.get(&m.name).is_some_and(|l| l.digest != m.digest) {
                 root_changed = true;

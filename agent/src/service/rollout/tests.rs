@@ -27,6 +27,7 @@ fn info(name: &str, n: u8, role: MountRole) -> ModuleInfo {
         role,
         mount_point: role.is_live().then(|| format!("/opt/{name}")),
         units: if role.is_live() { vec![format!("{name}.service")] } else { Vec::new() },
+        health: None,
     }
 }
 
@@ -75,10 +76,8 @@ fn txn_of(out: &[Action]) -> String {
 fn booted() -> (Rollout, ModuleInfo) {
     let base = info("base", 1, MountRole::Root);
     let mut out = Vec::new();
-    let mut r = Rollout::new(vec![base.pinned()], 1, None, "boot-1", "0.1.0", &mut out);
-    assert_eq!(jobs(&out), [Job::Verify { module: base.pinned() }]);
-    out.clear();
-    r.on_job(JobDone::Verified { name: "base".into(), result: Ok(base.clone()) }, at(0), &mut out);
+    let r = Rollout::new(vec![base.clone()], vec![], 1, None, "boot-1", "0.1.0", &mut out);
+    assert!(jobs(&out).is_empty(), "the booted root is what runs: {out:?}");
     assert!(r.ready(), "nothing live to attach: ready");
     assert!(receipts(&out).is_empty());
     (r, base)
@@ -262,7 +261,7 @@ fn an_open_transaction_is_finished_before_anything_else() {
     for (step, commit) in [(Step::Attached, false), (Step::Planned, false), (Step::Healthy, true)] {
         let open = OpenTxn { id: "x-old-1".into(), step, to: v2.clone(), from: Some(v1.clone()), started: 900 };
         let mut out = Vec::new();
-        let mut r = Rollout::new(vec![base.pinned(), v1.pinned()], 1, Some(open), "boot-1", "0.1.0", &mut out);
+        let mut r = Rollout::new(vec![base.clone()], vec![v1.pinned()], 1, Some(open), "boot-1", "0.1.0", &mut out);
         let expected = if commit {
             Job::Commit { txn: "x-old-1".into(), to: v2.clone(), from: Some(v1.clone()) }
         } else {
@@ -280,8 +279,18 @@ fn an_open_transaction_is_finished_before_anything_else() {
         let rs = receipts(&out);
         assert_eq!(rs[0].outcome, if commit { Outcome::Committed } else { Outcome::RolledBack });
         assert!(rs[0].reason.as_deref().unwrap().contains("the agent stopped"), "{:?}", rs[0].reason);
-        assert_eq!(jobs(&out), [Job::Verify { module: base.pinned() }], "then the booted modules");
+        assert_eq!(jobs(&out), [Job::Verify { module: v1.pinned() }], "then the live modules of this boot");
         assert!(!r.ready());
+        out.clear();
+        let live = if commit { v2.clone() } else { v1.clone() };
+        r.on_job(JobDone::Verified { name: "hello".into(), result: Ok(v1.clone()) }, at(2), &mut out);
+        if commit {
+            assert_eq!(jobs(&out), [Job::Stage { txn: txn_of(&out), to: v1.clone() }], "the boot's version again");
+        } else {
+            assert!(jobs(&out).is_empty(), "already live: {out:?}");
+            assert!(r.ready());
+        }
+        let _ = live;
     }
 }
 

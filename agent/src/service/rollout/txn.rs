@@ -33,6 +33,9 @@ impl Rollout {
             self.on_verified(&name, result, now, out);
             return;
         }
+        if done == JobDone::PowerBegun {
+            return;
+        }
         let State::Applying { txn: Some(txn), .. } = &mut self.state else {
             tracing::warn!(?done, "a job finished outside a transaction");
             return;
@@ -59,7 +62,7 @@ impl Rollout {
             }
         };
         match done {
-            JobDone::Verified { .. } => return,
+            JobDone::Verified { .. } | JobDone::PowerBegun => return,
             JobDone::Staged { result: Ok(()), .. } => {
                 txn.step = Step::Staged;
                 out.push(step_record(&txn, serde_json::Value::Null));

@@ -1,0 +1,178 @@
+//! The health gate after an attach: every unit of the module `active` and staying so for a
+//! settle time, then the module's own probe (`--health-cmd` run with the gate's remaining
+//! deadline, or `--health-http PORT/PATH` answered 2xx on 127.0.0.1), all within the module's
+//! deadline (60 s unless it declares one). A unit that fails, or a probe that hangs past the
+//! deadline, ends the gate at once with the reason.
+
+use std::time::Duration;
+
+use ironroot_contract::config::{DEFAULT_HEALTH_DEADLINE_S, HealthCheck};
+use ironroot_contract::wire::Health;
+use tokio::time::Instant;
+
+use super::Runner;
+use crate::service::rollout::ModuleInfo;
+use crate::service::systemd::{UnitState, Units as _};
+
+/// How long every unit must stay `active` before the gate trusts it.
+const SETTLE: Duration = Duration::from_secs(5);
+const POLL: Duration = Duration::from_millis(500);
+/// Largest probe output kept for the receipt.
+const MAX_PROBE_OUTPUT: usize = 512;
+
+impl Runner {
+    pub(super) async fn gate(&self, module: &ModuleInfo) -> Health {
+        let deadline_s = module.health.as_ref().map_or(DEFAULT_HEALTH_DEADLINE_S, |h| h.deadline_s);
+        let deadline = Instant::now() + Duration::from_secs(deadline_s);
+        let units = match self.settle(module, deadline).await {
+            Ok(units) => units,
+            Err(units) => return Health { healthy: false, units, probe: None },
+        };
+        let probe = match &module.health {
+            Some(check) => Some(probe(check, deadline).await),
+            None => None,
+        };
+        let healthy = probe.as_ref().is_none_or(Result::is_ok);
+        Health { healthy, units, probe: probe.map(|p| p.unwrap_or_else(|e| e)) }
+    }
+
+    /// Waits until every unit has been active for [`SETTLE`]; `Err` with the states when one
+    /// fails or the deadline passes first.
+    async fn settle(
+        &self,
+        module: &ModuleInfo,
+        deadline: Instant,
+    ) -> Result<Vec<(String, String)>, Vec<(String, String)>> {
+        let systemd = match self.systemd().await {
+            Ok(s) => s,
+            Err(e) => return Err(vec![("systemd".into(), crate::exit::describe(&e))]),
+        };
+        let mut active_since: Option<Instant> = None;
+        loop {
+            let mut states = Vec::new();
+            for unit in &module.units {
+                let state = systemd
+                    .state(unit)
+                    .await
+                    .unwrap_or_else(|e| UnitState { active: "unknown".into(), sub: crate::exit::describe(&e) });
+                states.push((unit.clone(), state));
+            }
+            let now = Instant::now();
+            let view = || states.iter().map(|(u, s)| (u.clone(), s.active.clone())).collect::<Vec<_>>();
+            if states.iter().all(|(_, s)| s.is_active()) {
+                let since = *active_since.get_or_insert(now);
+                if now.duration_since(since) >= SETTLE {
+                    return Ok(view());
+                }
+            } else {
+                active_since = None;
+                // Once started, a unit that is failed (or went inactive) will not come back.
+                if states.iter().any(|(_, s)| s.active == "failed") {
+                    return Err(view());
+                }
+            }
+            if now >= deadline {
+                let mut v = view();
+                for (u, s) in v.iter_mut() {
+                    if s == "active" {
+                        *s = "active (not settled before the deadline)".into();
+                    } else {
+                        *s = format!("{s} at the deadline");
+                    }
+                    let _ = u;
+                }
+                return Err(v);
+            }
+            tokio::time::sleep(POLL.min(deadline.saturating_duration_since(now))).await;
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    let s = s.trim();
+    let mut end = s.len().min(MAX_PROBE_OUTPUT);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// Runs the module's probe before `deadline`: `Ok(what)` or `Err(why)`.
+async fn probe(check: &HealthCheck, deadline: Instant) -> Result<String, String> {
+    if let Some((program, args)) = check.command.split_first() {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args).stdin(std::process::Stdio::null()).kill_on_drop(true);
+        let shown = check.command.join(" ");
+        let child = cmd.output();
+        return match tokio::time::timeout_at(deadline, child).await {
+            Err(_) => Err(format!("{shown} did not finish before the deadline (killed)")),
+            Ok(Err(e)) => Err(format!("{shown} could not run: {e}")),
+            Ok(Ok(out)) if out.status.success() => Ok(format!("{shown}: exit 0")),
+            Ok(Ok(out)) => Err(format!("{shown}: {} {}", out.status, clip(&String::from_utf8_lossy(&out.stderr)))),
+        };
+    }
+    if let Some(http) = &check.http {
+        let url = format!("http://127.0.0.1:{}{}", http.port, http.path);
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let answer = tokio::time::timeout_at(deadline, client.get(&url).send()).await;
+        return match answer {
+            Err(_) => Err(format!("GET {url} did not answer before the deadline")),
+            Ok(Err(e)) => Err(format!("GET {url}: {}", e.without_url())),
+            Ok(Ok(r)) if r.status().is_success() => Ok(format!("GET {url}: {}", r.status())),
+            Ok(Ok(r)) => Err(format!("GET {url}: {}", r.status())),
+        };
+    }
+    Ok("no probe".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(command: &[&str], deadline_s: u64) -> HealthCheck {
+        HealthCheck { command: command.iter().map(|s| s.to_string()).collect(), http: None, deadline_s }
+    }
+
+    #[tokio::test]
+    async fn a_probe_command_passes_fails_or_is_killed_at_the_deadline() {
+        let soon = || Instant::now() + Duration::from_secs(5);
+        assert!(probe(&check(&["/bin/true"], 5), soon()).await.is_ok());
+        let err = probe(&check(&["/bin/sh", "-c", "echo broken >&2; exit 3"], 5), soon()).await.unwrap_err();
+        assert!(err.contains("exit status: 3") && err.contains("broken"), "{err}");
+        let started = std::time::Instant::now();
+        let err =
+            probe(&check(&["/bin/sleep", "60"], 1), Instant::now() + Duration::from_millis(300)).await.unwrap_err();
+        assert!(err.contains("did not finish before the deadline"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(30), "a hung probe does not hold the gate");
+        let err = probe(&check(&["/nonexistent/probe"], 5), soon()).await.unwrap_err();
+        assert!(err.contains("could not run"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_http_probe_wants_a_2xx_from_loopback() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let ok = String::from_utf8_lossy(&buf[..n]).starts_with("GET /healthz ");
+                let status = if ok { "200 OK" } else { "503 Service Unavailable" };
+                let _ = s.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").as_bytes()).await;
+            }
+        });
+        let http = |path: &str| HealthCheck {
+            command: vec![],
+            http: Some(ironroot_contract::config::HttpProbe { port, path: path.into() }),
+            deadline_s: 5,
+        };
+        let soon = Instant::now() + Duration::from_secs(5);
+        assert!(probe(&http("/healthz"), soon).await.unwrap().contains("200"));
+        assert!(probe(&http("/other"), soon).await.unwrap_err().contains("503"));
+    }
+}
