@@ -15,7 +15,9 @@ use rcgen::{
 };
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// Backdating covers clock skew between the plane and freshly booted nodes.
+/// Backdating covers clock skew between the plane and freshly booted nodes: 5 minutes, or a
+/// tenth of a short lifetime (nodes renew at 60–75 % of notBefore→notAfter, so a backdate
+/// that dwarfs the lifetime would have them renew at once).
 const BACKDATE: Duration = Duration::from_secs(300);
 /// The CA and server certificates live long; they are replaced by re-creating the state dir.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
@@ -129,7 +131,7 @@ pub fn write_secret(path: &Path, text: &str, mode: u32) -> Result<(), CaError> {
 
 fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = time_now();
-    params.not_before = now - BACKDATE;
+    params.not_before = now - BACKDATE.min(lifetime / 10);
     params.not_after = now + lifetime;
 }
 

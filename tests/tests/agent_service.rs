@@ -178,7 +178,7 @@ async fn certificates_of_90_seconds_are_renewed_twice_without_a_missed_heartbeat
         std::thread::sleep(Duration::from_millis(500));
     }
     let elapsed = started.elapsed().as_secs();
-    assert!((100..200).contains(&elapsed), "renewed at 60-75 % of 90 s, twice: {elapsed} s");
+    assert!((90..200).contains(&elapsed), "renewed at 60-75 % of the lifetime, twice: {elapsed} s");
     assert!(keys[0] != keys[1] && keys[1] != keys[2], "a new key each time");
     // Heartbeats every second the whole time: the plane never saw the node go quiet.
     assert!(states.iter().all(|s| s == "running" || s == "enrolled"), "{states:?}");

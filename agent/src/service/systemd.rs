@@ -1,9 +1,6 @@
 //! systemd, driven over D-Bus on the system bus (`zbus`), never by running `systemctl`: reload,
 //! start/stop/restart a unit and wait for its job, read a unit's state, soft-reboot and reboot.
-//! [`Units`] is the small seam the runtime uses; [`Systemd`] is the real one. The other
-//! implementation is the tests' (systemd cannot run as PID 1 on the build machine).
-
-use std::future::Future;
+//! No fake stands in for it: the jobs that use it run in the QEMU tier, where systemd is PID 1.
 
 use futures_util::StreamExt as _;
 use zbus::zvariant::OwnedObjectPath;
@@ -78,17 +75,6 @@ pub enum SystemdError {
     Job { op: &'static str, unit: String, result: String },
 }
 
-/// The runtime's view of systemd.
-pub trait Units: Send + Sync {
-    /// `daemon-reload`; returns when it finished.
-    fn reload(&self) -> impl Future<Output = Result<(), SystemdError>> + Send;
-    /// Starts, stops or restarts `unit` and waits for its job to finish.
-    fn apply(&self, unit: &str, op: UnitOp) -> impl Future<Output = Result<(), SystemdError>> + Send;
-    fn state(&self, unit: &str) -> impl Future<Output = Result<UnitState, SystemdError>> + Send;
-    /// Begins a soft reboot or reboot (an orderly shutdown of this userspace).
-    fn power(&self, op: PowerOp) -> impl Future<Output = Result<(), SystemdError>> + Send;
-}
-
 /// systemd on the system bus.
 #[derive(Debug, Clone)]
 pub struct Systemd {
@@ -106,13 +92,15 @@ impl Systemd {
     }
 }
 
-impl Units for Systemd {
-    async fn reload(&self) -> Result<(), SystemdError> {
+impl Systemd {
+    /// `daemon-reload`; returns when it finished.
+    pub async fn reload(&self) -> Result<(), SystemdError> {
         let call = |source| SystemdError::Call { op: "reload", unit: String::new(), source };
         self.manager().await?.reload().await.map_err(call)
     }
 
-    async fn apply(&self, unit: &str, op: UnitOp) -> Result<(), SystemdError> {
+    /// Starts, stops or restarts `unit` and waits for its job to finish.
+    pub async fn apply(&self, unit: &str, op: UnitOp) -> Result<(), SystemdError> {
         let name = match op {
             UnitOp::Start => "start",
             UnitOp::Stop => "stop",
@@ -141,7 +129,7 @@ impl Units for Systemd {
         Err(SystemdError::Job { op: name, unit: unit.to_owned(), result: "unknown (the bus closed)".into() })
     }
 
-    async fn state(&self, unit: &str) -> Result<UnitState, SystemdError> {
+    pub async fn state(&self, unit: &str) -> Result<UnitState, SystemdError> {
         let call = |source| SystemdError::Call { op: "read the state of", unit: unit.to_owned(), source };
         let path = self.manager().await?.load_unit(unit).await.map_err(call)?;
         let proxy = UnitProxy::builder(&self.conn)
@@ -154,7 +142,8 @@ impl Units for Systemd {
         Ok(UnitState { active: proxy.active_state().await.map_err(call)?, sub: proxy.sub_state().await.map_err(call)? })
     }
 
-    async fn power(&self, op: PowerOp) -> Result<(), SystemdError> {
+    /// Begins a soft reboot or reboot (an orderly shutdown of this userspace).
+    pub async fn power(&self, op: PowerOp) -> Result<(), SystemdError> {
         // The targets `systemctl soft-reboot` / `reboot` start: services stop in order.
         let target = match op {
             PowerOp::SoftReboot => "soft-reboot.target",

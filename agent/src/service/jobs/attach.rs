@@ -7,7 +7,7 @@ use super::Runner;
 use super::units;
 use crate::root::extension::{self, source_name};
 use crate::service::rollout::ModuleInfo;
-use crate::service::systemd::{UnitOp, Units as _};
+use crate::service::systemd::UnitOp;
 
 /// Lets go of `module`'s EROFS layer (its version is no longer live).
 pub fn release_layer(run_dir: &std::path::Path, module: &ModuleInfo) {

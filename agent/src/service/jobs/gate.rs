@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::Runner;
 use crate::service::rollout::ModuleInfo;
-use crate::service::systemd::{UnitState, Units as _};
+use crate::service::systemd::UnitState;
 
 /// How long every unit must stay `active` before the gate trusts it.
 const SETTLE: Duration = Duration::from_secs(5);

@@ -17,7 +17,7 @@ use ironroot_contract::{OciDigest, TrustedKey};
 use ironroot_oci::VerifiedModule;
 
 use super::rollout::{Job, JobDone, ModuleInfo};
-use super::systemd::{Systemd, SystemdError, Units as _};
+use super::systemd::{Systemd, SystemdError};
 use crate::modules::{self, FetchPolicy};
 use crate::root::extension::Prepared;
 use crate::store::PreparedStore;
