@@ -191,7 +191,9 @@ pub(crate) fn observe_receipt(tx: &Connection, node_id: &str, receipt: &Receipt)
         let reported: Vec<OciDigest> = reported.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
         return observe(tx, node_id, &reported);
     }
-    let Some(to) = &receipt.to else {
+    // What the change was about: its new version, or the digest asked for when the node
+    // refused it before reading its config.
+    let Some(wanted) = receipt.to.as_ref().map(|t| t.digest).or(receipt.wanted) else {
         return Ok(());
     };
     let row: Option<(String, String, Option<String>, i64)> = tx
@@ -208,12 +210,13 @@ pub(crate) fn observe_receipt(tx: &Connection, node_id: &str, receipt: &Receipt)
         return Ok(()); // not on the target: a receipt about an earlier change
     };
     let digests: Vec<String> = serde_json::from_str(&digests).unwrap_or_default();
-    if !digests.contains(&to.digest.to_string()) {
+    if !digests.contains(&wanted.to_string()) {
         return Ok(());
     }
     tx.execute("UPDATE nodes SET rollout = 'failed' WHERE id = ?1", [node_id])?;
     if halted.is_none() {
-        let mut reason = format!("node {node_id}: {} {} {}", receipt.module, to.version, receipt.outcome);
+        let version = receipt.to.as_ref().map_or_else(|| wanted.to_string(), |t| t.version.clone());
+        let mut reason = format!("node {node_id}: {} {version} {}", receipt.module, receipt.outcome);
         if let Some(why) = &receipt.reason {
             reason = format!("{reason}: {}", why.chars().take(512).collect::<String>());
         }

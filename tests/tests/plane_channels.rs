@@ -213,6 +213,7 @@ async fn a_rollout_moves_in_batches_halts_on_a_rollback_and_resumes() {
     let v2 = shelf.publish("web", 2, "v2", Some("keys"));
     let v3 = shelf.publish("web", 3, "v3", Some("keys"));
     let v4 = shelf.publish("web", 4, "v4", Some("keys"));
+    let v5 = shelf.publish("web", 5, "v5", Some("keys"));
     let p = plane(&shelf);
     p.op(&["channel", "set", &repo, "stable", "v2"]).ok();
     p.op(&["template", "create", "web", "--module", &format!("{repo}:stable")]).ok();
@@ -287,6 +288,19 @@ async fn a_rollout_moves_in_batches_halts_on_a_rollback_and_resumes() {
     let status = json_of(&p, &["rollout", "status", "web", "--json"]);
     assert_eq!((&status["counts"]["done"], &status["counts"]["failed"]), (&json!(1), &json!(1)), "{status}");
     assert!(status["halted"].is_null(), "{status}");
+
+    // v5: the node refuses it at verification, before its config is read (no `to`): the
+    // receipt names the digest it was asked for, and that halts the rollout too.
+    p.op(&["channel", "set", &repo, "stable", "v5"]).ok();
+    let mover = if desired(&p, first).await["modules"][0]["digest"] == v5.as_str() { first } else { second };
+    let mut refused = receipt_record(2, "web", Some(("1.4", 4, &v4)), ("1.5", 5, &v5), "failed", Some("refused"));
+    refused["data"].as_object_mut().unwrap().remove("to");
+    refused["data"]["wanted"] = json!(v5);
+    let path = format!("/v1/nodes/{}/audit", mover.id);
+    let (s, r) = call(&mover.client, &p, "POST", &path, Some(json!({"records": [refused]}))).await;
+    assert_eq!((s, &r["accepted"]), (200, &json!(1)), "{r}");
+    let status = json_of(&p, &["rollout", "status", "web", "--json"]);
+    assert!(status["halted"].to_string().contains(&mover.id), "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

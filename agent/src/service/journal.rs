@@ -196,6 +196,8 @@ impl Journal {
             bytes.extend_from_slice(&line(r));
         }
         ironroot_oci::layout::write_atomic(&path, &bytes).map_err(io("rewriting", &path))?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(io("restricting", &path))?;
         use std::os::unix::fs::OpenOptionsExt as _;
         self.file = std::fs::OpenOptions::new().append(true).mode(0o600).open(&path).map_err(io("opening", &path))?;
         self.bytes = bytes.len() as u64;

@@ -72,6 +72,10 @@ pub struct Receipt {
     /// Absent for a detach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<ModuleVersion>,
+    /// The digest the plane asked for, also when the change failed before `to` was known (a
+    /// module refused at verification): what a rollout halts on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wanted: Option<OciDigest>,
     /// Units restarted (or started, or stopped) by the change.
     #[serde(default)]
     pub units: Vec<String>,
@@ -105,6 +109,7 @@ mod tests {
             role: Some(MountRole::Opt),
             from: Some(v(1)),
             to: Some(v(2)),
+            wanted: Some(v(2).digest),
             units: vec!["hello.service".into()],
             health: Some(Health {
                 healthy: false,

@@ -99,10 +99,21 @@ fn clip(s: &str) -> String {
 
 /// Runs the module's probe before `deadline`: `Ok(what)` or `Err(why)`.
 async fn probe(check: &HealthCheck, deadline: Instant) -> Result<String, String> {
-    if let Some((program, args)) = check.command.split_first() {
+    let mut said = Vec::new();
+    if !check.command.is_empty() {
+        said.push(command_probe(&check.command, deadline).await?);
+    }
+    if check.http.is_some() {
+        said.push(http_probe(check, deadline).await?);
+    }
+    Ok(if said.is_empty() { "no probe".into() } else { said.join("; ") })
+}
+
+async fn command_probe(command: &[String], deadline: Instant) -> Result<String, String> {
+    if let Some((program, args)) = command.split_first() {
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args).stdin(std::process::Stdio::null()).kill_on_drop(true);
-        let shown = check.command.join(" ");
+        let shown = command.join(" ");
         let child = cmd.output();
         return match tokio::time::timeout_at(deadline, child).await {
             Err(_) => Err(format!("{shown} did not finish before the deadline (killed)")),
@@ -111,6 +122,10 @@ async fn probe(check: &HealthCheck, deadline: Instant) -> Result<String, String>
             Ok(Ok(out)) => Err(format!("{shown}: {} {}", out.status, clip(&String::from_utf8_lossy(&out.stderr)))),
         };
     }
+    Ok(String::new())
+}
+
+async fn http_probe(check: &HealthCheck, deadline: Instant) -> Result<String, String> {
     if let Some(http) = &check.http {
         let url = format!("http://127.0.0.1:{}{}", http.port, http.path);
         let client = reqwest::Client::builder()

@@ -268,9 +268,10 @@ fn record(kind: &str, data: serde_json::Value) -> Action {
 }
 
 impl Rollout {
-    /// Starts from what this boot runs: `running` (the root and `usr` layers the boot mounted,
-    /// and live modules already attached by an earlier run of this service) and `attach` (live
-    /// modules to verify again, offline when the store has them, and attach), at `generation`.
+    /// Starts from what this boot runs: `running` (the root and `usr` layers the boot mounted)
+    /// and `attach` (live modules to verify again, offline when the store has them, and attach
+    /// — or find attached by an earlier run of this service), at `generation`. `run_tag` names
+    /// this run of the service in transaction ids (unique per node: boot and start time).
     /// When a transaction was left open it is finished first. The node says `ready` once
     /// `attach` is done.
     #[allow(clippy::too_many_arguments)]
@@ -279,7 +280,7 @@ impl Rollout {
         attach: Vec<DesiredModule>,
         generation: u64,
         open: Option<OpenTxn>,
-        boot_id: &str,
+        run_tag: &str,
         agent_version: &str,
         out: &mut Vec<Action>,
     ) -> Self {
@@ -299,7 +300,7 @@ impl Rollout {
             next_txn: 0,
             wall: 0,
             reconciled: None,
-            boot_tag: boot_id.chars().filter(char::is_ascii_alphanumeric).take(8).collect(),
+            boot_tag: run_tag.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect(),
             agent_version: agent_version.to_owned(),
         };
         match open {
@@ -434,14 +435,16 @@ impl Rollout {
         let (generation, done, failed) = (*generation, std::mem::take(done), *failed);
         let mut queue = VecDeque::new();
         let mut root_changed = false;
+        let mut new_root: Vec<ModuleInfo> = Vec::new();
         for m in done {
             if m.role.is_live() && self.live.get(&m.name).is_some_and(|l| l.digest == m.digest) {
                 // Already live (a restarted service finding what it attached): nothing to do.
             } else if m.role.is_live() {
                 queue.push_back(Change::Put { from: self.live.get(&m.name).cloned(), to: m });
             } else if self.live.get(&m.name).is_some_and(|l| l.digest != m.digest) {
+                // Not live until the node runs it (after the soft reboot).
                 root_changed = true;
-                self.live.insert(m.name.clone(), m);
+                new_root.push(m);
             } else {
                 // A booted root/usr module verified again: it is what runs.
                 self.live.insert(m.name.clone(), m);
@@ -449,7 +452,14 @@ impl Rollout {
         }
         queue.extend(std::mem::take(&mut self.removals).into_iter().map(Change::Remove));
         if root_changed {
-            let modules = self.live.values().filter(|m| !m.role.is_live()).cloned().collect();
+            let mut modules: Vec<ModuleInfo> = self
+                .live
+                .values()
+                .filter(|m| !m.role.is_live() && !new_root.iter().any(|n| n.name == m.name))
+                .cloned()
+                .collect();
+            modules.extend(new_root);
+            modules.sort_by(|a, b| a.name.cmp(&b.name));
             queue.push_back(Change::Root { modules });
         }
         self.state = State::Applying { generation, queue, txn: None, failed };

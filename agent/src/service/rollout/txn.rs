@@ -8,7 +8,17 @@ use crate::service::systemd::PowerOp;
 
 /// Receipts and records carry text to the plane, which refuses control characters.
 pub fn clean(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(2000).collect()
+    s.chars().map(|c| if c.is_control() { ' ' } else { c }).take(1000).collect()
+}
+
+/// A health result as the receipt carries it: no control characters (a probe's stderr has
+/// newlines), bounded.
+fn clean_health(h: Health) -> Health {
+    Health {
+        healthy: h.healthy,
+        units: h.units.into_iter().map(|(u, s)| (clean(&u), clean(&s))).collect(),
+        probe: h.probe.as_deref().map(clean),
+    }
 }
 
 fn unhealthy_reason(h: &Health) -> String {
@@ -84,6 +94,7 @@ impl Rollout {
             }
             JobDone::Attached { result: Err(why), .. } => restore(&mut txn, format!("attaching: {why}"), out),
             JobDone::Gated { health, .. } => {
+                let health = clean_health(health);
                 let healthy = health.healthy;
                 txn.health = Some(health.clone());
                 if healthy {
@@ -183,6 +194,7 @@ impl Rollout {
                     role: self.live.get(name).map(|m| m.role),
                     from,
                     to: None,
+                    wanted: Some(wanted.digest),
                     units: Vec::new(),
                     health: None,
                     started: now.wall,
@@ -209,10 +221,14 @@ impl Rollout {
                 ("root".to_owned(), root.map(|m| m.role), None, root.map(ModuleInfo::version))
             }
         };
-        if outcome != Outcome::Committed
-            && let Change::Put { to, .. } = &txn.change
-        {
-            self.refused.insert(to.digest);
+        if outcome != Outcome::Committed {
+            match &txn.change {
+                Change::Put { to, .. } => {
+                    self.refused.insert(to.digest);
+                }
+                Change::Root { modules } => self.refused.extend(modules.iter().map(|m| m.digest)),
+                Change::Remove(_) => {}
+            }
         }
         let receipt = Receipt {
             transaction: txn.id.clone(),
@@ -220,6 +236,10 @@ impl Rollout {
             role,
             from,
             to,
+            wanted: match &txn.change {
+                Change::Put { to, .. } => Some(to.digest),
+                Change::Remove(_) | Change::Root { .. } => None,
+            },
             units: txn.units.clone(),
             health: txn.health.clone(),
             started: txn.started,
