@@ -268,8 +268,20 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
 
     let mut first_actions = Vec::new();
     let version = env!("CARGO_PKG_VERSION");
+    let mut journal = journal;
+    if let Some(open) = &open {
+        // The open transaction's records stay through compaction until its receipt.
+        let planned = journal
+            .replay()
+            .iter()
+            .find(|r| r.kind == "txn" && r.data["txn"] == open.id.as_str() && r.data["step"] == "planned");
+        journal.pin(planned.map(|r| r.seq));
+    }
+    let refused = replay::refused(journal.replay());
+    let boot: String = record.boot_id.chars().filter(char::is_ascii_alphanumeric).take(8).collect();
+    let run_tag = format!("{boot}-{:x}", now());
     let rollout =
-        rollout::Rollout::new(running, attach, record.generation, open, &record.boot_id, version, &mut first_actions);
+        rollout::Rollout::new(running, attach, record.generation, open, refused, &run_tag, version, &mut first_actions);
     let mut jitter = heartbeat::Jitter::new(rand::random());
     let renewal = renewal::Renewal::new(not_before.max(0) as u64, not_after as u64, jitter.sample());
     let beat = heartbeat::Beat::new(interval, jitter);

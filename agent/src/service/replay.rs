@@ -60,6 +60,18 @@ pub fn open_txn(records: &[Record]) -> Option<OpenTxn> {
     open
 }
 
+/// Digests whose last receipt in the journal is not `committed` (failed or rolled back).
+pub fn refused(records: &[Record]) -> Vec<ironroot_contract::OciDigest> {
+    let mut last = std::collections::BTreeMap::new();
+    for r in records.iter().filter(|r| r.kind == RECEIPT_KIND) {
+        let Ok(receipt) = serde_json::from_value::<ironroot_contract::wire::Receipt>(r.data.clone()) else { continue };
+        if let Some(wanted) = receipt.wanted {
+            last.insert(wanted, receipt.outcome);
+        }
+    }
+    last.into_iter().filter(|(_, o)| *o != ironroot_contract::wire::Outcome::Committed).map(|(d, _)| d).collect()
+}
+
 /// What this boot runs and what the service must attach: the boot's root and `usr` modules
 /// run; live modules come from `live.json` when an earlier run wrote it, else from the boot.
 pub fn startup(record: &BootRecord, run_dir: &Path) -> (Vec<ModuleInfo>, Vec<DesiredModule>) {

@@ -270,7 +270,9 @@ fn record(kind: &str, data: serde_json::Value) -> Action {
 impl Rollout {
     /// Starts from what this boot runs: `running` (the root and `usr` layers the boot mounted)
     /// and `attach` (live modules to verify again, offline when the store has them, and attach
-    /// — or find attached by an earlier run of this service), at `generation`. `run_tag` names
+    /// — or find attached by an earlier run of this service), at `generation`. `refused`: what
+    /// an earlier run of this boot failed or rolled back (not tried again until the desired
+    /// state moves). `run_tag` names
     /// this run of the service in transaction ids (unique per node: boot and start time).
     /// When a transaction was left open it is finished first. The node says `ready` once
     /// `attach` is done.
@@ -280,6 +282,7 @@ impl Rollout {
         attach: Vec<DesiredModule>,
         generation: u64,
         open: Option<OpenTxn>,
+        refused: Vec<OciDigest>,
         run_tag: &str,
         agent_version: &str,
         out: &mut Vec<Action>,
@@ -290,7 +293,7 @@ impl Rollout {
             applied: None,
             state: State::Idle,
             startup: Some((generation, attach)),
-            refused: BTreeSet::new(),
+            refused: refused.into_iter().collect(),
             removals: Vec::new(),
             retry_at: None,
             failures: 0,
@@ -366,8 +369,13 @@ impl Rollout {
     pub fn on_generation(&mut self, generation: u64, now: Now, out: &mut Vec<Action>) {
         self.wall = now.wall;
         if self.known != Some(generation) {
+            // Refusals carried over from an earlier run stand until the plane's desired state
+            // moves while this run watches (or an operator asks): a change that crashed the
+            // agent is not tried again by every restart.
+            if self.known.is_some() {
+                self.refused.clear();
+            }
             self.known = Some(generation);
-            self.refused.clear();
             self.retry_at = None;
         }
         self.due(now, out);

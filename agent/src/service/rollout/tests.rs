@@ -76,7 +76,7 @@ fn txn_of(out: &[Action]) -> String {
 fn booted() -> (Rollout, ModuleInfo) {
     let base = info("base", 1, MountRole::Root);
     let mut out = Vec::new();
-    let r = Rollout::new(vec![base.clone()], vec![], 1, None, "boot-1", "0.1.0", &mut out);
+    let r = Rollout::new(vec![base.clone()], vec![], 1, None, vec![], "boot-1", "0.1.0", &mut out);
     assert!(jobs(&out).is_empty(), "the booted root is what runs: {out:?}");
     assert!(r.ready(), "nothing live to attach: ready");
     assert!(receipts(&out).is_empty());
@@ -261,7 +261,8 @@ fn an_open_transaction_is_finished_before_anything_else() {
     for (step, commit) in [(Step::Attached, false), (Step::Planned, false), (Step::Healthy, true)] {
         let open = OpenTxn { id: "x-old-1".into(), step, to: v2.clone(), from: Some(v1.clone()), started: 900 };
         let mut out = Vec::new();
-        let mut r = Rollout::new(vec![base.clone()], vec![v1.pinned()], 1, Some(open), "boot-1", "0.1.0", &mut out);
+        let mut r =
+            Rollout::new(vec![base.clone()], vec![v1.pinned()], 1, Some(open), vec![], "boot-1", "0.1.0", &mut out);
         let expected = if commit {
             Job::Commit { txn: "x-old-1".into(), to: v2.clone(), from: Some(v1.clone()) }
         } else {
@@ -307,4 +308,22 @@ fn the_desired_state_is_fetched_again_with_backoff_when_the_plane_fails() {
     r.due(at(30), &mut out);
     assert_eq!(out, [Action::FetchDesired]);
     assert!(r.last_result().unwrap().contains("plane unreachable"));
+}
+
+#[test]
+fn what_an_earlier_run_rolled_back_is_not_tried_again_until_the_desired_state_moves() {
+    let base = info("base", 1, MountRole::Root);
+    let v2 = info("hello", 3, MountRole::Opt);
+    let mut out = Vec::new();
+    let mut r = Rollout::new(vec![base.clone()], vec![], 1, None, vec![v2.digest], "boot-2", "0.1.0", &mut out);
+    assert!(r.ready());
+    r.on_generation(3, at(1), &mut out);
+    assert_eq!(out, [Action::FetchDesired], "the first generation this run sees");
+    out.clear();
+    r.on_desired(Ok(desired(3, &[&base, &v2])), at(2), &mut out);
+    assert!(jobs(&out).is_empty(), "the digest that crashed the earlier run is left alone: {out:?}");
+    out.clear();
+    r.on_generation(4, at(3), &mut out);
+    r.on_desired(Ok(desired(4, &[&base, &v2])), at(4), &mut out);
+    assert!(matches!(jobs(&out)[..], [Job::Verify { .. }]), "the desired state moved: tried again: {out:?}");
 }
