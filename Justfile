@@ -23,9 +23,18 @@ check:
     cargo test --workspace --locked --lib --bins
 
 # A node netboots the image in QEMU against the reference plane and a local registry and
-# reaches `running` (exit 0 only then). Builds the image first (cached).
+# reaches `running` (exit 0 only then): `just lab` (unless it is up), `node provision`, teardown.
 demo: deps
     bash scripts/demo.sh
+
+# A lab on 127.0.0.1 that stays up: TLS registry, the image built, pushed and signed, the plane
+# with the QEMU provider, template `base`; writes target/lab/env. `node provision` boots nodes.
+lab: deps
+    bash scripts/lab-up.sh
+
+# Stops what `just lab` started, by the PIDs it recorded (the plane powers off its VMs first).
+lab-down:
+    bash scripts/lab-down.sh
 
 # Build everything a node boots into target/image: kernel, initramfs, cmdline, boot.ipxe, the
 # signed base module, bundle.json. IRONROOT_REGISTRY=HOST:PORT/REPO also pushes and signs it.

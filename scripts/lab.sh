@@ -1,6 +1,7 @@
-# Sourced by demo.sh and bench-boot.sh: a lab on 127.0.0.1 that a QEMU guest reaches as
-# 10.0.2.100 (qemu/boot.sh --forward): a TLS distribution registry and the reference plane.
-# Needs registry.sh sourced first. The caller's EXIT trap calls lab_stop.
+# Sourced by lab-up.sh, lab-down.sh and bench-boot.sh: a lab on 127.0.0.1 that a QEMU guest
+# reaches as 10.0.2.100 (qemu/boot.sh --forward, or the plane's QEMU provider): a TLS
+# distribution registry and the reference plane. Needs registry.sh sourced first (but for the
+# lab_*recorded functions). The caller's EXIT trap calls lab_stop.
 #
 #   lab_ca DIR              a lab CA and a registry certificate naming 127.0.0.1 and 10.0.2.100
 #                           (kept: an initramfs that embeds the CA stays usable)
@@ -13,6 +14,10 @@
 #                           a bootstrap token for NODE, written with the plane and its CA as
 #                           the fw_cfg identity document FILE
 #   lab_stop                stops what lab_start started, by PID
+#   lab_record FILE PID     records a process left running as "PID START-TIME" in FILE
+#   lab_running FILE        whether FILE's process is still that process
+#   lab_stop_recorded FILE  SIGTERM to FILE's process (if it is still that process), waits for
+#                           it to end (SIGKILL after 60 s), removes FILE
 
 LAB_PLANE=${LAB_PLANE:-target/release/ironroot-plane}
 LAB_BUILD=${LAB_BUILD:-target/release/ironroot-build}
@@ -79,4 +84,30 @@ lab_stop() {
         wait "$PLANE_PID" 2>/dev/null || true
     fi
     stop_registry
+}
+
+# A process's start time (clock ticks since boot): with the PID, it names one process.
+lab_started() { awk '{print $22}' "/proc/$1/stat" 2>/dev/null; }
+
+lab_record() { echo "$2 $(lab_started "$2")" >"$1"; }
+
+lab_running() {
+    local pid start
+    [ -f "$1" ] || return 1
+    read -r pid start <"$1"
+    [ -n "$pid" ] && [ "$(lab_started "$pid")" = "$start" ]
+}
+
+lab_stop_recorded() {
+    local pid start
+    if lab_running "$1"; then
+        read -r pid start <"$1"
+        kill "$pid"
+        for _ in $(seq 600); do lab_running "$1" || break; sleep 0.1; done
+        if lab_running "$1"; then
+            echo "lab: $pid did not stop within 60 s; killing it" >&2
+            kill -KILL "$pid"
+        fi
+    fi
+    rm -f "$1"
 }

@@ -1,8 +1,8 @@
 //! ironroot-plane: the reference control plane. The plane side of the wire API in
 //! `ironroot_contract::wire` — CA and bootstrap tokens, enrollment, node lifecycle, heartbeats,
 //! desired state, a task queue, the audit journal — the release channels and role catalogs
-//! (templates) it publishes verified modules through, rollouts and receipts, and the operator
-//! CLI.
+//! (templates) it publishes verified modules through, rollouts and receipts, machines on demand
+//! (the QEMU provider), and the operator CLI.
 
 pub mod admission;
 pub mod api;
@@ -19,6 +19,7 @@ pub mod enroll;
 pub mod exit;
 pub mod lifecycle;
 pub mod operator_api;
+pub mod provider;
 pub mod publish;
 pub mod receipts;
 pub mod render;

@@ -1,6 +1,7 @@
 //! Operator routes (`/v1/operator/...`): only an operator certificate may call them; a node
 //! certificate is refused as the wrong kind, and the refusal is journaled. Channels, templates,
-//! rollouts and receipts are in `catalog_api`.
+//! rollouts and receipts are in `catalog_api`; provisioning, terminating and consoles in
+//! `provider::api`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +49,7 @@ pub fn router() -> Router {
         .route("/v1/operator/audit", get(audit_list))
         .route("/v1/operator/audit/verify", get(audit_verify).post(audit_verify_against))
         .route("/v1/operator/audit/checkpoint", get(checkpoint_newest).post(checkpoint_now))
+        .merge(crate::provider::router())
 }
 
 type P = Extension<Arc<Plane>>;

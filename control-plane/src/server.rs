@@ -2,7 +2,7 @@
 //! server-authenticated only; every other endpoint checks the certificate the connection
 //! presented), the accept loop within the anonymous-connection caps, and the background loops
 //! (silence sweep, journal checkpoints). One connection's life is in `connection`; routes are
-//! in `api` and `operator_api`.
+//! in `api` and `operator_api`. At shutdown the machines the provider started are powered off.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -68,6 +68,8 @@ pub struct Plane {
     pub waiters: crate::api::Waiters,
     /// Trust keys and registry access for publishing modules (channels, template pins).
     pub publisher: crate::publish::Publisher,
+    /// Machines on demand (`serve --provider`).
+    pub provider: crate::provider::Provider,
 }
 
 /// How the server treats connections and the journal (`serve` flags).
@@ -78,20 +80,23 @@ pub struct ServerOptions {
     pub deadlines: Deadlines,
     pub checkpoint_interval: Duration,
     pub publisher: crate::publish::Publisher,
+    pub provider: crate::provider::ProviderConfig,
 }
 
 /// Opens the state directory: the CA (created on first start), a server certificate for
-/// `names`, an operator certificate `admin`, the journal key, and the database.
+/// `names` (issued again when one is missing from it), an operator certificate `admin`, the
+/// journal key, the database, and the machine provider for a plane listening on `listen`.
 pub fn open_state(
     dir: &Path,
     settings: Settings,
     options: &ServerOptions,
+    listen: SocketAddr,
 ) -> anyhow::Result<(Plane, rustls::ServerConfig)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let state = StateDir(dir.to_owned());
     let ca = Authority::open_or_create(dir)?;
     let (server_cert, server_key) = (dir.join("server.pem"), dir.join("server.key"));
-    if !server_cert.exists() {
+    if !server_cert.exists() || !names_all(&server_cert, &options.names)? {
         let (cert, key) = ca.issue_server(&options.names)?;
         write_secret(&server_key, &key, 0o600)?;
         write_secret(&server_cert, &format!("{cert}{}", ca.cert_pem()), 0o644)?;
@@ -118,6 +123,7 @@ pub fn open_state(
         .with_single_cert(chain, key)
         .context("server TLS")?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let provider = crate::provider::Provider::open(&options.provider, dir, listen, ca.cert_pem())?;
     let store = Store::open(&dir.join("plane.db"), ca, settings).context("opening the database")?;
     let limiter = RateLimiter::new(store.settings.enroll_burst, store.settings.enroll_per_second);
     let plane = Plane {
@@ -130,8 +136,35 @@ pub fn open_state(
         deadlines: options.deadlines,
         waiters: crate::api::Waiters::default(),
         publisher: options.publisher.clone(),
+        provider,
     };
     Ok((plane, tls))
+}
+
+/// Whether the certificate at `path` names every one of `names` (DNS names or IP addresses).
+fn names_all(path: &Path, names: &[String]) -> anyhow::Result<bool> {
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let der = CertificateDer::from_pem_file(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).with_context(|| format!("parsing {}", path.display()))?;
+    let mut named: Vec<String> = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(d) => named.push((*d).to_owned()),
+                GeneralName::IPAddress(b) => match <[u8; 4]>::try_from(*b) {
+                    Ok(v4) => named.push(std::net::Ipv4Addr::from(v4).to_string()),
+                    Err(_) => {
+                        if let Ok(v6) = <[u8; 16]>::try_from(*b) {
+                            named.push(std::net::Ipv6Addr::from(v6).to_string());
+                        }
+                    }
+                },
+                _ => {}
+            }
+        }
+    }
+    Ok(names.iter().all(|n| named.iter().any(|m| m.eq_ignore_ascii_case(n))))
 }
 
 /// Journal records of unauthenticated refusals per address: a burst, then one a second.
@@ -181,6 +214,19 @@ pub async fn serve(
     }
     sweeper.abort();
     checkpointer.abort();
+    for (name, ended) in plane.provider.machines.stop_all().await {
+        tracing::info!(node.name = %name, ?ended, "machine powered off at shutdown");
+        let p = Arc::clone(&plane);
+        let data = serde_json::json!({"node": name, "ended": ended, "why": "the plane is shutting down"});
+        let journaled = tokio::task::spawn_blocking(move || {
+            let id = p.store.node(&name).map(|n| n.id).unwrap_or(name);
+            p.store.journal_provider("plane:provider", "provider.stop", &id, &data)
+        })
+        .await;
+        if !matches!(journaled, Ok(Ok(()))) {
+            tracing::error!("journaling a machine powered off at shutdown");
+        }
+    }
     let p = Arc::clone(&plane);
     match tokio::task::spawn_blocking(move || p.store.checkpoint(&p.journal, crate::store::now())).await {
         Ok(Ok(Some(c))) => tracing::info!(seq = c.seq, "journal checkpoint at shutdown"),

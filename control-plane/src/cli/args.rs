@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 pub use super::catalog::{ChannelCommand, RolloutCommand, TemplateCommand};
+use crate::provider::ProviderKind;
 
 #[derive(Debug, Parser)]
 #[command(name = "ironroot-plane", version, about = "The ironroot reference control plane and its operator CLI")]
@@ -44,7 +45,7 @@ pub enum Command {
     /// Bootstrap tokens: single-use secrets a node enrolls with.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Enrolled nodes: list, show, revoke, re-provision, move through the lifecycle.
+    /// Nodes: provision, terminate, list, show, console, revoke, re-provision, move through the lifecycle.
     #[command(subcommand)]
     Node(NodeCommand),
     /// Release channels: REPO:CHANNEL names one verified module; templates follow channels.
@@ -127,6 +128,23 @@ pub struct ServeArgs {
     /// $IRONROOT_REGISTRY_PASSWORD.
     #[arg(long)]
     pub registry_user: Option<String>,
+    /// Machines for `node provision`: `disabled` refuses, `recorder` journals the QEMU command
+    /// without running it, `qemu` boots a VM (TCG) from --bundle.
+    #[arg(long, value_enum, default_value = "disabled")]
+    pub provider: ProviderKind,
+    /// The image bundle machines boot (vmlinuz, initrd.img, cmdline: what `just image` writes).
+    #[arg(long, value_name = "DIR", default_value = "target/image")]
+    pub bundle: PathBuf,
+    /// A host loopback port machines reach as 10.0.2.100:PORT (a registry); repeat for several.
+    /// The plane's own port always is; nothing else is reachable.
+    #[arg(long = "machine-forward", value_name = "PORT")]
+    pub machine_forwards: Vec<u16>,
+    /// Hard limit on a machine's life: QEMU is killed after it, even if the plane is not running.
+    #[arg(long, default_value = "8h", value_parser = parse_duration)]
+    pub machine_lifetime: Duration,
+    /// The QEMU binary, a name on PATH or a path (QEMU 10 or later).
+    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +171,30 @@ pub enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
+    /// Create a node and its single-use token and boot a machine for it (serve --provider).
+    Provision {
+        /// Node name: 1-63 characters of a-z, 0-9 and '-'.
+        name: String,
+        /// Template the node starts on (its first boot gets these modules).
+        #[arg(long)]
+        template: Option<String>,
+        /// Memory, 512-16384 MiB (default 2048).
+        #[arg(long, value_name = "MiB")]
+        memory: Option<u32>,
+        /// A disk for the node's store, like 8G (1G-1T; default: none, the store is in RAM).
+        #[arg(long, value_name = "SIZE")]
+        disk: Option<String>,
+    },
+    /// Power off a node's machine (only the QEMU this plane started, by its PID) and revoke it.
+    Terminate {
+        /// Node id or name.
+        id: String,
+    },
+    /// Print a node's serial console log (its last MiB).
+    Console {
+        /// Node id or name.
+        id: String,
+    },
     /// List every node with its state, generation and phase.
     List {
         /// Print JSON.

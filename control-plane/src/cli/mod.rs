@@ -17,6 +17,7 @@ use crate::admission::ConnectionLimits;
 use crate::client::{ClientConfig, OperatorClient};
 use crate::connection::Deadlines;
 use crate::exit::{Exit, exit_for};
+use crate::provider::{ProviderConfig, ProviderKind};
 use crate::server::ServerOptions;
 use crate::store::Settings;
 
@@ -70,9 +71,17 @@ fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, ServerOptions)> {
     if args.max_anonymous == 0 || args.max_anonymous_per_address == 0 {
         bail!("--max-anonymous and --max-anonymous-per-address must be at least 1 (enrollment needs them)");
     }
+    if args.machine_lifetime.is_zero() {
+        bail!("--machine-lifetime must be above zero");
+    }
     let publisher = publisher(args)?;
     let mut names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
     names.extend(args.names.iter().cloned());
+    // The machines name the plane by the address they reach it at.
+    let guest = crate::provider::qemu::GUEST_HOST.to_owned();
+    if args.provider != ProviderKind::Disabled && !names.contains(&guest) {
+        names.push(guest);
+    }
     let options = ServerOptions {
         names,
         limits: ConnectionLimits {
@@ -86,6 +95,13 @@ fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, ServerOptions)> {
         },
         checkpoint_interval: args.checkpoint_interval,
         publisher,
+        provider: ProviderConfig {
+            kind: args.provider,
+            bundle: args.bundle.clone(),
+            qemu: args.qemu.clone(),
+            forwards: args.machine_forwards.clone(),
+            lifetime: args.machine_lifetime,
+        },
     };
     Ok((settings, options))
 }
@@ -118,10 +134,11 @@ fn publisher(args: &ServeArgs) -> anyhow::Result<crate::publish::Publisher> {
 async fn serve(state: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
     let (settings, options) = settings(&args)?;
     crate::server::raise_descriptor_limit();
-    let (plane, tls) = crate::server::open_state(&state, settings, &options)?;
+    // Bound first: the machine provider gives its guests the port.
     let listener =
         tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr().context("local address")?;
+    let (plane, tls) = crate::server::open_state(&state, settings, &options, addr)?;
     crate::ca::write_secret(&crate::server::StateDir(state.clone()).address(), &format!("{addr}\n"), 0o644)?;
     tracing::info!(%addr, state = %state.display(), "plane listening");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -174,6 +191,7 @@ mod tests {
             (&["--max-anonymous", "0"], "--max-anonymous"),
             (&["--checkpoint-interval", "0"], "--checkpoint-interval"),
             (&["--enroll-rate", "NaN"], "--enroll-rate"),
+            (&["--machine-lifetime", "0"], "--machine-lifetime"),
         ];
         for (flags, needle) in bad {
             let err = settings(&serve_args(flags)).unwrap_err().to_string();

@@ -40,6 +40,35 @@ pub async fn run(client: &OperatorClient, command: Command) -> anyhow::Result<()
 
 async fn node(client: &OperatorClient, cmd: NodeCommand) -> anyhow::Result<()> {
     match cmd {
+        NodeCommand::Provision { name, template, memory, disk } => {
+            let body = json!({"name": name, "template": template, "memory_mib": memory, "disk": disk});
+            let v: Value = client.post("/v1/operator/nodes", &body).await?;
+            let id = v["node_id"].as_str().unwrap_or("");
+            match v["pid"].as_u64() {
+                Some(pid) => println!("{name} ({id}) is booting: QEMU under pid {pid}; `node console {name}` shows it"),
+                None => println!("{name} ({id}) provisioned; its QEMU command was recorded in the journal, not run"),
+            }
+        }
+        NodeCommand::Terminate { id } => {
+            let v: Value = client.post(&format!("/v1/operator/nodes/{id}/terminate"), &json!({})).await?;
+            let machine = &v["machine"];
+            match (machine["how"].as_str(), machine["pid"].as_u64()) {
+                (Some("powered-off"), Some(pid)) => {
+                    println!(
+                        "{id}: machine (pid {pid}) powered off ({}); revoked",
+                        machine["status"].as_str().unwrap_or("")
+                    );
+                }
+                (Some("recorded"), _) => println!("{id}: recorded machine forgotten; revoked"),
+                (Some(_), _) => println!("{id}: machine had already ended; revoked"),
+                (None, _) => println!("{id}: no machine running; revoked"),
+            }
+        }
+        NodeCommand::Console { id } => {
+            use std::io::Write as _;
+            let log = client.get_raw(&format!("/v1/operator/nodes/{id}/console")).await?;
+            std::io::stdout().write_all(&log).context("writing the console log")?;
+        }
         NodeCommand::List { json } => {
             let nodes: Value = client.get("/v1/operator/nodes").await?;
             if json {
