@@ -125,6 +125,8 @@ const FORBIDDEN_MOUNTS: &[&str] = &[
     "/bin",
     "/lib",
     "/var/lib/ironroot",
+    // `opt` modules' own tree: an ext module there would shadow or sit on one of them.
+    "/opt",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
