@@ -41,7 +41,7 @@ pub struct Target {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the plane (creates its CA, certificates and journal key in --state on first start).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Bootstrap tokens: single-use secrets a node enrolls with.
     #[command(subcommand)]
     Token(TokenCommand),

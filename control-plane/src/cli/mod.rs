@@ -156,7 +156,7 @@ async fn serve(state: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     if let Command::Serve(args) = cli.command {
         let state = cli.target.state.context("serve needs --state DIR")?;
-        return serve(state, args).await;
+        return serve(state, *args).await;
     }
     let t = cli.target;
     let client =
@@ -174,7 +174,7 @@ mod tests {
         let mut argv = vec!["ironroot-plane", "serve"];
         argv.extend(extra);
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             _ => unreachable!("parsed serve"),
         }
     }
