@@ -152,12 +152,14 @@ fn a_rollback_below_the_kept_serial_floor_is_refused() {
     let floors: serde_json::Value =
         serde_json::from_slice(&std::fs::read(node.path().join("persist/ironroot/serials.json")).unwrap()).unwrap();
     assert_eq!(floors["base"], 5);
-    // The plane now offers an older (validly signed) build with a matching floor of its own.
+    // The plane now offers an older (validly signed) build with a matching floor of its own:
+    // an operator allowed the rollback there; the node's own floor still refuses it.
     let older_tree = lab.work.path().join("older");
     std::fs::create_dir_all(&older_tree).unwrap();
     std::fs::write(older_tree.join("old"), b"old").unwrap();
     let older = lab.publish(&older_tree, "base", 3, "keys");
-    lab.assign(&older, 3);
+    let module = format!("{older},serial=3");
+    lab.plane.op(&["template", "create", "base", "--allow-rollback", "--module", &module]).ok();
     let b = node.boot(&[]);
     assert_eq!(b.code, 12, "policy exit:\n{}", b.stderr);
     assert!(b.stderr.contains("rollback refused"), "{}", b.stderr);
