@@ -154,4 +154,21 @@ mod tests {
         assert_eq!(tasks.len(), 1);
         assert_eq!(tasks[0].0.as_str(), "t-1");
     }
+
+    #[test]
+    fn a_digest_is_refused_when_its_last_receipt_did_not_commit() {
+        let d = |n: u8| format!("sha256:{}", format!("{n:02x}").repeat(32));
+        let receipt = |wanted: &str, outcome: &str| {
+            serde_json::json!({"transaction": "x", "module": "hello", "wanted": wanted, "units": [],
+                "started": 1, "finished": 2, "outcome": outcome, "agent_version": "0.1.0"})
+        };
+        let records = vec![
+            rec(1, "receipt", receipt(&d(1), "rolled-back")),
+            rec(2, "receipt", receipt(&d(2), "failed")),
+            rec(3, "receipt", receipt(&d(1), "committed")),
+            rec(4, "receipt", receipt(&d(3), "committed")),
+        ];
+        let refused: Vec<String> = refused(&records).iter().map(|d| d.to_string()).collect();
+        assert_eq!(refused, [d(2)], "committed later, or committed: not refused");
+    }
 }
