@@ -243,12 +243,14 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let record = read_record(&opts.run_dir)?;
     let interval = interval(opts.interval, &record, &opts.run_dir.join(BOOT_JSON), cmdline_heartbeat)?;
     renew::repair(&record);
-    let client = client(&record)?;
-    let cert =
-        external::read(&record.certificate, MAX_IDENTITY_FILE, Links::Refuse).map_err(ServeError::IdentityFile)?;
-    let (not_before, not_after) =
-        renew::validity(&String::from_utf8_lossy(&cert)).unwrap_or((now() - 1, record.certificate_not_after));
+    // The certificate file's own validity (a renewal moved it past boot.json's), else the
+    // record's; an expired one ends the service before anything else is read.
+    let (not_before, not_after) = external::read(&record.certificate, MAX_IDENTITY_FILE, Links::Refuse)
+        .ok()
+        .and_then(|cert| renew::validity(&String::from_utf8_lossy(&cert)))
+        .unwrap_or((now() - 1, record.certificate_not_after));
     check_expiry(not_after, now())?;
+    let client = client(&record)?;
 
     let dir = journal_dir(&record, &opts.run_dir);
     let first = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
