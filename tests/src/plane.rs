@@ -84,6 +84,12 @@ impl TestPlane {
         c.wait().expect("reap").code().unwrap_or(-1)
     }
 
+    /// [`TestPlane::terminate`] if it is running (its shutdown powers off the machines its
+    /// provider started); the exit code, if it ran.
+    pub fn stop(&mut self) -> Option<i32> {
+        self.child.is_some().then(|| self.terminate())
+    }
+
     /// Starts the plane again on the same state (after [`TestPlane::terminate`]).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the plane is still running");

@@ -1,6 +1,7 @@
 //! Tier 3: QEMU (TCG) boots the artifacts `just image` built (target/image: the kernel, the
 //! release agent, the signed base module) against a real plane and a TLS registry on the host
-//! loopback. The guest reaches only those two ports (qemu/boot.sh --forward, slirp restrict=on).
+//! loopback. The guest reaches only those two ports (slirp restrict=on): booted by qemu/boot.sh
+//! --forward, or by the plane's QEMU provider (`node provision`, the same command line shape).
 //!
 //! Each lab writes its own initramfs (same builder, same agent) that trusts the lab's signing
 //! key and the lab registry's CA, and republishes the base module signed by that key, so tests
@@ -53,7 +54,6 @@ impl VmLab {
             assert!(needed.exists(), "{} is missing: run `just image` first (`just test` does)", needed.display());
         }
         let registry = TestRegistry::start_with(Auth::Tls);
-        let plane = TestPlane::start(&["--name", "10.0.2.100", "--heartbeat-interval", "5s"]);
         let work = tempfile::Builder::new().prefix("ironroot-vm-").tempdir().expect("vm lab dir");
         for keys in ["keys", "other-keys"] {
             build_cmd(&["keys", "generate", "--out", &s(&work.path().join(keys))]).ok();
@@ -80,6 +80,23 @@ impl VmLab {
             &s(&bundle.join("initrd.img")),
         ])
         .ok();
+        // The plane boots nodes itself from this bundle (`node provision`); machines it started
+        // are powered off when the lab ends (VmLab's drop), and by their lifetime at the latest.
+        let port = registry.host().rsplit(':').next().expect("registry port").to_owned();
+        let plane = TestPlane::start(&[
+            "--name",
+            "10.0.2.100",
+            "--heartbeat-interval",
+            "5s",
+            "--provider",
+            "qemu",
+            "--bundle",
+            &s(&bundle),
+            "--machine-forward",
+            &port,
+            "--machine-lifetime",
+            "20m",
+        ]);
 
         let mut lab = Self { registry, plane, work, bundle, guest_reference: String::new(), digest: String::new() };
         let (guest, digest) = lab.publish(&image.join("base"), "keys", "base");
@@ -179,6 +196,46 @@ impl VmLab {
         Vm::spawn(self.work.path(), node, args)
     }
 
+    /// `ironroot-plane node provision NODE --template TEMPLATE` after creating the template with
+    /// `guest_references` (floor serial 1 each): the plane boots the node's QEMU itself.
+    pub fn provision(&self, node: &str, template: &str, guest_references: &[&str]) {
+        let mut args = vec!["template", "create", template];
+        let modules: Vec<String> = guest_references.iter().map(|r| format!("{r},serial=1")).collect();
+        for m in &modules {
+            args.extend(["--module", m.as_str()]);
+        }
+        self.plane.op(&args).ok();
+        self.plane.op(&["node", "provision", node, "--template", template]).ok();
+    }
+
+    /// The plane's view of a provisioned `node` once `done` holds for it, or a panic with its
+    /// console (`node console`) and the provider's journal records.
+    pub fn wait_for_provisioned(
+        &self,
+        node: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.plane.op(&["node", "show", node, "--json"]);
+            if run.code == 0
+                && let Ok(view) = serde_json::from_str::<serde_json::Value>(&run.stdout)
+                && done(&view)
+            {
+                return view;
+            }
+            let exited = self.plane.journal("provider.exited");
+            assert!(
+                exited.is_empty() && Instant::now() < deadline,
+                "{node}: not there within {timeout:?}; plane: {}\nmachine ended: {exited:?}\nconsole tail:\n{}",
+                run.stdout,
+                tail(&self.plane.op(&["node", "console", node]).stdout, 40)
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
     /// The plane's view of `node` once `done` holds for it, or a panic with the console tail.
     pub fn wait_for(
         &self,
@@ -211,6 +268,19 @@ impl VmLab {
             std::thread::sleep(Duration::from_secs(2));
         }
     }
+}
+
+impl Drop for VmLab {
+    fn drop(&mut self) {
+        // SIGTERM: the plane powers off the machines it started before it exits.
+        self.plane.stop();
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// The line PID 1 of our initramfs prints first: before it, nothing of ours has run.

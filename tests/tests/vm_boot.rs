@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use ironroot_tests::vm::{IdentityVia, VmLab};
+use ironroot_tests::vm::{IdentityVia, VmLab, tail};
 use sha2::Digest as _;
 
 const BOOT: Duration = Duration::from_secs(600);
@@ -14,12 +14,13 @@ fn running_with_heartbeats(view: &serde_json::Value) -> bool {
     view["state"] == "running" && view["phase"] == "ready" && view["heartbeats"].as_i64().unwrap_or(0) >= 2
 }
 
+/// The plane's QEMU provider boots the node (`node provision`: direct boot, identity over
+/// fw_cfg, the guest reaching only the plane and the registry) and powers it off by its PID.
 #[test]
-fn a_node_boots_direct_with_fw_cfg_identity_and_reaches_running() {
+fn a_node_the_plane_provisions_boots_direct_with_fw_cfg_identity_reaches_running_and_is_terminated() {
     let lab = VmLab::start();
-    let token = lab.token("vm-direct", "base", &lab.guest_reference);
-    let mut vm = lab.boot("vm-direct", &token, IdentityVia::FwCfg, false);
-    let view = lab.wait_for(&mut vm, "vm-direct", BOOT, running_with_heartbeats);
+    lab.provision("vm-direct", "base", &[&lab.guest_reference]);
+    let view = lab.wait_for_provisioned("vm-direct", BOOT, running_with_heartbeats);
 
     // The plane's records: the module it assigned, the store, the boot timings, the journal.
     assert_eq!(view["module_digests"], serde_json::json!([lab.digest]), "{view}");
@@ -29,9 +30,18 @@ fn a_node_boots_direct_with_fw_cfg_identity_and_reaches_running() {
     }
     let handshakes = lab.plane.journal("node.handshake");
     assert!(handshakes.iter().any(|r| r.to_string().contains(r#"\"phase\":\"ready\""#)), "{handshakes:?}");
-    let console = vm.console();
-    assert!(console.contains("identity discovered"), "console:\n{}", vm.console_tail(40));
-    assert!(console.contains("switching root"), "console:\n{}", vm.console_tail(40));
+    let console = lab.plane.op(&["node", "console", "vm-direct"]).ok();
+    // Plane and name are only in the fw_cfg document (no cmdline keys, no SMBIOS strings).
+    let discovered = "identity discovered plane=https://10.0.2.100:";
+    assert!(console.contains(discovered), "console:\n{}", tail(&console, 40));
+    assert!(console.contains(r#"name: Some("vm-direct")"#), "console:\n{}", tail(&console, 40));
+    assert!(console.contains("switching root"), "console:\n{}", tail(&console, 40));
+
+    let out = lab.plane.op(&["node", "terminate", "vm-direct"]).ok();
+    assert!(out.contains("powered off"), "{out}");
+    let view = lab.wait_for_provisioned("vm-direct", Duration::from_secs(5), |v| v["state"] == "terminated");
+    assert_eq!(view["revoked"], true, "{view}");
+    assert!(lab.plane.journal("provider.exited").is_empty(), "the machine did not end by itself");
 }
 
 #[test]
