@@ -84,6 +84,10 @@ pub struct Systemd {
 impl Systemd {
     pub async fn connect() -> Result<Self, SystemdError> {
         let conn = zbus::Connection::system().await.map_err(SystemdError::Connect)?;
+        // Job and unit signals for this connection, once (a second Subscribe is refused with
+        // AlreadySubscribed).
+        let manager = ManagerProxy::new(&conn).await.map_err(SystemdError::Connect)?;
+        manager.subscribe().await.map_err(SystemdError::Connect)?;
         Ok(Self { conn })
     }
 
@@ -110,7 +114,6 @@ impl Systemd {
         let manager = self.manager().await?;
         // Listen before asking, so the job's end cannot be missed.
         let mut removed = manager.receive_job_removed().await.map_err(call)?;
-        manager.subscribe().await.map_err(call)?;
         let job = match op {
             UnitOp::Start => manager.start_unit(unit, "replace").await,
             UnitOp::Stop => manager.stop_unit(unit, "replace").await,
