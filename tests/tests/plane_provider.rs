@@ -85,7 +85,8 @@ async fn the_recorder_journals_the_exact_qemu_command_and_makes_a_single_use_tok
     // slirp with restrict=on: the guest reaches the plane and the registry, nothing else.
     let fwd = |p: &str| format!("guestfwd=tcp:10.0.2.100:{p}-cmd:nc 127.0.0.1 {p}");
     assert_eq!(after(argv, "-netdev"), [format!("user,id=n0,restrict=on,{},{}", fwd(&port), fwd("5999"))]);
-    assert_eq!(std::fs::metadata(dir.join("disk.img")).unwrap().len(), 2 << 30);
+    let disk = std::fs::metadata(dir.join("disk.img")).unwrap();
+    assert_eq!((disk.len(), disk.permissions().mode() & 0o777), (2 << 30, 0o600), "a node's key lives on its disk");
 
     // The identity document: the plane as the guest reaches it, its CA, the token (0600; never in argv).
     let identity_file = dir.join("identity.json");
@@ -201,6 +202,7 @@ async fn the_qemu_provider_runs_our_command_line_and_journals_the_machine_s_end(
     assert_eq!(exited["data"]["status"], "exit 1", "{exited}");
     let stderr = std::fs::read_to_string(p.dir().join("machines/q-1/qemu.err")).unwrap();
     assert!(stderr.contains("vmlinuz"), "QEMU got as far as the kernel: {stderr}");
+    assert!(!p.dir().join("machines/q-1/identity.json").exists(), "the token goes with the machine");
     let started = journal(&p).await;
     let argv = &of_kind(&started, "provider.start")[0]["data"]["argv"];
     assert!(argv[0].as_str().unwrap().starts_with('/'), "the tools are resolved: {argv}");

@@ -93,7 +93,12 @@ async fn provision(Extension(plane): P, Extension(conn): C, raw: Body) -> ApiRes
     let pid = match plane.provider.kind() {
         ProviderKind::Qemu => {
             let stderr = setup.dir.join(&name).join("qemu.err");
-            let process = Process { argv: argv.clone(), console: launch.console.clone(), stderr };
+            let process = Process {
+                argv: argv.clone(),
+                console: launch.console.clone(),
+                stderr,
+                identity: launch.identity.clone(),
+            };
             match plane.provider.machines.start(&plane, reservation, &node.id, process) {
                 Ok(pid) => Some(pid),
                 Err(e) => {

@@ -81,12 +81,23 @@ impl Drop for Reservation<'_> {
     }
 }
 
-/// A machine's process: the argv (`timeout … qemu-system-x86_64 …`) and where its output goes.
+/// A machine's process: the argv (`timeout … qemu-system-x86_64 …`), where its output goes, and
+/// its identity document (removed when the machine ends: it holds the token).
 #[derive(Debug, Clone)]
 pub struct Process {
     pub argv: Vec<String>,
     pub console: PathBuf,
     pub stderr: PathBuf,
+    pub identity: PathBuf,
+}
+
+/// Removes the machine's identity document once no process of it runs (a relaunch reads it).
+fn forget_identity(p: &Process) {
+    if let Err(e) = std::fs::remove_file(&p.identity)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %p.identity.display(), error = %e, "removing a machine's identity document");
+    }
 }
 
 /// Killed by a signal, directly or as `timeout` reports it (128 + N; 124 is the lifetime).
@@ -244,12 +255,14 @@ async fn supervise(
                         Err(e) => tracing::warn!(node.name = %who.name, error = %e, "relaunching a machine"),
                     }
                 }
+                forget_identity(&process);
                 plane.provider.machines.remove_if(&who.name, who.instance);
                 journal(&plane, &who, "provider.exited", serde_json::json!({"pid": pid, "status": status}));
                 return;
             }
             reply = &mut stop => {
                 let ended = power_off(&mut child, pid).await;
+                forget_identity(&process);
                 if let Ok(reply) = reply {
                     // The terminating request may have gone away; the machine is off either way.
                     let _gone = reply.send(ended);

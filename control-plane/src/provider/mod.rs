@@ -199,7 +199,7 @@ pub fn parse_disk_size(s: &str) -> Result<u64, Refusal> {
 }
 
 /// The machine's directory made afresh: the identity document (0600: it holds the token), an
-/// empty console log, the sparse disk. Returns the launch.
+/// empty console log, the sparse disk (0600). Returns the launch.
 fn prepare(setup: &Setup, req: &MachineRequest, token: &str) -> anyhow::Result<Launch> {
     let dir = setup.dir.join(&req.name);
     if dir.exists() {
@@ -214,8 +214,15 @@ fn prepare(setup: &Setup, req: &MachineRequest, token: &str) -> anyhow::Result<L
     std::fs::write(&console, b"").with_context(|| format!("creating {}", console.display()))?;
     let disk = match req.disk_bytes {
         Some(bytes) => {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // 0600: a disk-backed node keeps its key and certificate on it.
             let path = dir.join("disk.img");
-            let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
             file.set_len(bytes).with_context(|| format!("sizing {}", path.display()))?;
             Some(path)
         }
