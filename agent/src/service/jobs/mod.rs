@@ -140,6 +140,9 @@ impl Runner {
             units: c.units.clone(),
             health: c.health.clone(),
         };
+        if !module.name.is_empty() && module.name != info.name {
+            return Err(format!("the plane names it {:?} but its signed config says {:?}", module.name, info.name));
+        }
         if info.role.is_live() && info.mount_point.is_none() {
             return Err(format!("{} is an ext module without a mount point", info.name));
         }
