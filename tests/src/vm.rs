@@ -108,7 +108,8 @@ impl VmLab {
     /// Copies `layout`, signs its module with `keys_dir`'s key, pushes it as repository `repo`;
     /// returns the guest's reference and the digest.
     pub fn publish(&self, layout: &Path, keys_dir: &str, repo: &str) -> (String, String) {
-        let copy = self.work.path().join(format!("layout-{repo}-{keys_dir}"));
+        let built = layout.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let copy = self.work.path().join(format!("layout-{repo}-{keys_dir}-{built}"));
         let out = Command::new("cp").arg("-a").arg(layout).arg(&copy).status().expect("cp");
         assert!(out.success(), "copying {}", layout.display());
         let index: serde_json::Value =

@@ -2,6 +2,8 @@
 //! here: the runtime's plane side — handshake, heartbeats, tasks, the node journal and its
 //! delivery, certificate renewal — runs as on a node; module jobs run in the QEMU tier).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
