@@ -1,0 +1,157 @@
+//! Tier 3, the node runtime: one node booted from what `just image` built, then live module
+//! transactions on it while it runs (no reboot) — attach an `opt` module whose unit starts,
+//! update it (units restarted, receipt), an update whose health check fails is rolled back by
+//! itself with the reason, a `kill -9` of the agent mid-update leaves the old version whole,
+//! detach. Assertions read the plane's receipts and node view.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ironroot_tests::cli::build_cmd;
+use ironroot_tests::vm::{IdentityVia, Vm, VmLab};
+
+const BOOT: Duration = Duration::from_secs(600);
+const CHANGE: Duration = Duration::from_secs(300);
+
+/// Health checks the `hello` versions ship.
+const PASSES: &str = "#!/bin/sh\nexit 0\n";
+const FAILS: &str = "#!/bin/sh\necho 'not today' >&2\nexit 1\n";
+/// `kill -9` of the agent in the middle of its health gate (the unit restarts it).
+const KILLS_THE_AGENT: &str = "#!/bin/sh\nfor p in /proc/[0-9]*; do\n    \
+    [ \"$(cat $p/comm 2>/dev/null)\" = ironroot-agent ] && kill -9 \"${p#/proc/}\"\ndone\nsleep 60\n";
+
+/// The `hello` module's tree at `version`: a service that says its version on the console and
+/// keeps running, and the health check `check`.
+fn hello_tree(dir: &Path, version: &str, check: &str) -> std::path::PathBuf {
+    let tree = dir.join(format!("hello-{version}"));
+    let units = tree.join("usr/lib/systemd/system");
+    std::fs::create_dir_all(&units).unwrap();
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    let unit = "[Unit]\nDescription=ironroot test: a live module's service\n\n[Service]\n\
+                ExecStart=/opt/hello/bin/hello\nStandardOutput=journal+console\n";
+    std::fs::write(units.join("hello.service"), unit).unwrap();
+    let hello = format!("#!/bin/sh\necho \"HELLO version={version}\"\nexec sleep infinity\n");
+    for (name, body) in [("hello", hello.as_str()), ("check", check)] {
+        let path = tree.join("bin").join(name);
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    tree
+}
+
+/// Builds, signs and pushes `hello` at `version`/`serial`; the guest's reference.
+fn hello(lab: &VmLab, version: &str, serial: u64, check: &str) -> String {
+    let tree = hello_tree(lab.work.path(), version, check);
+    let layout = lab.work.path().join(format!("built-hello-{version}"));
+    let tree_s = tree.to_string_lossy().into_owned();
+    let layout_s = layout.to_string_lossy().into_owned();
+    let serial_s = serial.to_string();
+    build_cmd(&[
+        "module",
+        "build",
+        "--from",
+        &tree_s,
+        "--name",
+        "hello",
+        "--version",
+        version,
+        "--serial",
+        &serial_s,
+        "--role",
+        "opt",
+        "--unit",
+        "hello.service",
+        "--health-cmd",
+        "/opt/hello/bin/check",
+        "--health-deadline",
+        "30",
+        "--out",
+        &layout_s,
+    ])
+    .ok();
+    // One repository for every version: the plane names a module by its repository.
+    lab.publish(&layout, "keys", "hello").0
+}
+
+fn receipts(lab: &VmLab, node: &str) -> Vec<serde_json::Value> {
+    let run = lab.plane.op(&["node", "receipts", node, "--json"]);
+    serde_json::from_str::<serde_json::Value>(&run.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}
+
+/// Waits for the `n`th receipt of the node; returns it.
+fn nth_receipt(lab: &VmLab, vm: &mut Vm, node: &str, n: usize) -> serde_json::Value {
+    let deadline = Instant::now() + CHANGE;
+    loop {
+        let all = receipts(lab, node);
+        if all.len() >= n {
+            return all[n - 1].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no receipt #{n} within {CHANGE:?}: {all:?}\nconsole tail:\n{}",
+            vm.console_tail(60)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+#[test]
+fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
+    let lab = VmLab::start();
+    let node = "vm-live";
+    let token = lab.token(node, "base", &lab.guest_reference);
+    let mut vm = lab.boot(node, &token, IdentityVia::FwCfg, false);
+    let booted = lab.wait_for(&mut vm, node, BOOT, |v| v["state"] == "running" && v["phase"] == "ready");
+
+    // Attach: the unit the module ships starts from /opt/hello.
+    let v1 = hello(&lab, "1", 1, PASSES);
+    lab.plane.op(&["template", "add", "base", "--module", &format!("{v1},serial=1")]).ok();
+    let r = nth_receipt(&lab, &mut vm, node, 1);
+    assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("hello"), Some("committed")), "{r}");
+    assert!(r["from"].is_null(), "a first attach: {r}");
+    assert_eq!(r["units"], serde_json::json!(["hello.service"]), "{r}");
+    assert_eq!(r["health"]["healthy"], true, "{r}");
+    assert!(vm.console().contains("HELLO version=1"), "{}", vm.console_tail(40));
+
+    // Update: mounted beside, swapped in, the unit restarted.
+    let v2 = hello(&lab, "2", 2, PASSES);
+    lab.plane.op(&["template", "add", "base", "--module", &format!("{v2},serial=2")]).ok();
+    let r = nth_receipt(&lab, &mut vm, node, 2);
+    assert_eq!(r["outcome"], "committed", "{r}");
+    assert_eq!((r["from"]["serial"].as_u64(), r["to"]["serial"].as_u64()), (Some(1), Some(2)), "{r}");
+    assert!(vm.console().contains("HELLO version=2"), "{}", vm.console_tail(40));
+
+    // An update whose health check fails comes back to version 2 by itself, saying why.
+    let v3 = hello(&lab, "3", 3, FAILS);
+    lab.plane.op(&["template", "add", "base", "--module", &format!("{v3},serial=3")]).ok();
+    let r = nth_receipt(&lab, &mut vm, node, 3);
+    assert_eq!(r["outcome"], "rolled-back", "{r}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("check") && reason.contains("not today"), "{r}");
+    let after = lab.wait_for(&mut vm, node, CHANGE, |v| v["heartbeats"].as_i64() > booted["heartbeats"].as_i64());
+    let console = vm.console();
+    assert!(console.rfind("HELLO version=2") > console.rfind("HELLO version=3"), "{}", vm.console_tail(40));
+    assert_eq!(after["state"], "running", "{after}");
+
+    // kill -9 of the agent in the middle of an update: systemd restarts it, it reads the open
+    // transaction back from its journal and rolls it back — version 2, whole — and does not try
+    // version 4 again on every restart.
+    let v4 = hello(&lab, "4", 4, KILLS_THE_AGENT);
+    lab.plane.op(&["template", "add", "base", "--module", &format!("{v4},serial=4")]).ok();
+    let r = nth_receipt(&lab, &mut vm, node, 4);
+    assert_eq!(r["outcome"], "rolled-back", "{r}");
+    assert!(r["reason"].as_str().unwrap_or_default().contains("the agent stopped during the change"), "{r}");
+    let console = vm.console();
+    assert!(console.rfind("HELLO version=2") > console.rfind("HELLO version=4"), "{}", vm.console_tail(40));
+    std::thread::sleep(Duration::from_secs(30));
+    assert_eq!(receipts(&lab, node).len(), 4, "version 4 is not tried again");
+
+    // Detach: the unit stops first, then the mount goes.
+    lab.plane.op(&["template", "remove", "base", "hello"]).ok();
+    let r = nth_receipt(&lab, &mut vm, node, 5);
+    assert_eq!((r["outcome"].as_str(), r["to"].is_null()), (Some("committed"), true), "{r}");
+    assert_eq!(r["from"]["serial"], 2, "{r}");
+    assert!(!vm.console().contains("Kernel panic"), "{}", vm.console_tail(40));
+}
