@@ -219,22 +219,28 @@ impl VmLab {
     ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let run = self.plane.op(&["node", "show", node, "--json"]);
-            if run.code == 0
-                && let Ok(view) = serde_json::from_str::<serde_json::Value>(&run.stdout)
-                && done(&view)
-            {
+            let (shown, view) = self.view_if(node, &done);
+            if let Some(view) = view {
                 return view;
             }
             let exited = self.plane.journal("provider.exited");
             assert!(
                 exited.is_empty() && Instant::now() < deadline,
-                "{node}: not there within {timeout:?}; plane: {}\nmachine ended: {exited:?}\nconsole tail:\n{}",
-                run.stdout,
+                "{node}: not there within {timeout:?}; plane: {shown}\nmachine ended: {exited:?}\nconsole tail:\n{}",
                 tail(&self.plane.op(&["node", "console", node]).stdout, 40)
             );
             std::thread::sleep(Duration::from_secs(2));
         }
+    }
+
+    /// What `node show NODE --json` printed, and the view when it parsed and `done` holds.
+    fn view_if(&self, node: &str, done: &impl Fn(&serde_json::Value) -> bool) -> (String, Option<serde_json::Value>) {
+        let run = self.plane.op(&["node", "show", node, "--json"]);
+        let view = (run.code == 0)
+            .then(|| serde_json::from_str::<serde_json::Value>(&run.stdout).ok())
+            .flatten()
+            .filter(|v| done(v));
+        (run.stdout, view)
     }
 
     /// The plane's view of `node` once `done` holds for it, or a panic with the console tail.
@@ -247,11 +253,8 @@ impl VmLab {
     ) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let run = self.plane.op(&["node", "show", node, "--json"]);
-            if run.code == 0
-                && let Ok(view) = serde_json::from_str::<serde_json::Value>(&run.stdout)
-                && done(&view)
-            {
+            let (shown, view) = self.view_if(node, &done);
+            if let Some(view) = view {
                 return view;
             }
             let exited = vm.child.try_wait().ok().flatten();
@@ -262,7 +265,7 @@ impl VmLab {
             assert!(
                 exited.is_none() && Instant::now() < deadline,
                 "{node}: not there within {timeout:?} (VM exited: {exited:?}); plane: {}\nconsole tail:\n{}\nQEMU stderr:\n{}",
-                run.stdout,
+                shown,
                 vm.console_tail(40),
                 vm.stderr_tail(20)
             );

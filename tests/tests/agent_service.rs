@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -189,5 +188,4 @@ async fn certificates_of_90_seconds_are_renewed_twice_without_a_missed_heartbeat
     wait_for("both renewals delivered", Duration::from_secs(30), &service, || {
         p.journal("node-journal.cert.renewed").len() == 2
     });
-    let _ = Path::new("");
 }

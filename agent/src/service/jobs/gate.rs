@@ -73,13 +73,12 @@ impl Runner {
             }
             if now >= deadline {
                 let mut v = view();
-                for (u, s) in v.iter_mut() {
-                    if s == "active" {
-                        *s = "active (not settled before the deadline)".into();
+                for (_, s) in v.iter_mut() {
+                    *s = if s == "active" {
+                        "active (not settled before the deadline)".into()
                     } else {
-                        *s = format!("{s} at the deadline");
-                    }
-                    let _ = u;
+                        format!("{s} at the deadline")
+                    };
                 }
                 return Err(v);
             }

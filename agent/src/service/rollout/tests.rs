@@ -283,7 +283,6 @@ fn an_open_transaction_is_finished_before_anything_else() {
         assert_eq!(jobs(&out), [Job::Verify { module: v1.pinned() }], "then the live modules of this boot");
         assert!(!r.ready());
         out.clear();
-        let live = if commit { v2.clone() } else { v1.clone() };
         r.on_job(JobDone::Verified { name: "hello".into(), result: Ok(v1.clone()) }, at(2), &mut out);
         if commit {
             assert_eq!(jobs(&out), [Job::Stage { txn: txn_of(&out), to: v1.clone() }], "the boot's version again");
@@ -291,7 +290,6 @@ fn an_open_transaction_is_finished_before_anything_else() {
             assert!(jobs(&out).is_empty(), "already live: {out:?}");
             assert!(r.ready());
         }
-        let _ = live;
     }
 }
 
