@@ -22,6 +22,14 @@ use crate::wire::NodeId;
 /// meaning bumps the schema.
 pub const RUN_STATE_SCHEMA: u32 = 1;
 pub const BOOT_JSON: &str = "boot.json";
+/// The record of a root staged at `/run/nextroot` for a soft reboot, written before it; the
+/// service that starts in that root promotes it to `boot.json`.
+pub const BOOT_NEXT_JSON: &str = "boot.next.json";
+/// The record of the root a trial root replaced: what a failed trial goes back to.
+pub const BOOT_PREV_JSON: &str = "boot.prev.json";
+/// How long a root entered by soft reboot may take to pass its health gate when the template
+/// does not say.
+pub const DEFAULT_TRIAL_DEADLINE_S: u64 = 300;
 
 /// Seconds between the service's heartbeats a boot may ask for (`ironroot.heartbeat`): from a
 /// second (tests, labs) to an hour.
@@ -66,6 +74,27 @@ pub struct BootRecord {
     /// Extra registry CA certificates (PEM) the boot trusted, for the service's updates.
     #[serde(default)]
     pub registry_ca: Option<PathBuf>,
+    /// Set while this root, entered by soft reboot, is on trial (or was entered to roll one
+    /// back); absent from netbooted roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial: Option<TrialRecord>,
+}
+
+/// A root entered by soft reboot: the transaction that staged it and what decides its fate.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TrialRecord {
+    /// The root transaction (its receipt ends it).
+    pub txn: String,
+    /// When the transaction started (seconds since the epoch).
+    pub started: u64,
+    /// Seconds from `started` by which the root must pass its health gate.
+    pub deadline_s: u64,
+    /// The staged root's device number (`st_dev` of its overlay): the service that starts
+    /// on a root with this number is in it.
+    pub root_dev: u64,
+    /// This root was entered to go back from a failed trial (its receipt is already written).
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -116,6 +145,10 @@ pub struct ModuleRecord {
     /// Where it came from (`registry/repository@sha256:…`), to verify it again.
     #[serde(default)]
     pub reference: Option<String>,
+    /// The systemd units its signed config declares (a root on trial is healthy when they
+    /// are all active).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -75,7 +75,7 @@ pub fn encode(modules: &[DesiredModule]) -> (String, String) {
 /// node's `generation`, with the intents its lifecycle state implies.
 pub fn desired(generation: u64, template: Option<String>, modules: Vec<DesiredModule>, draining: bool) -> DesiredState {
     let intents = if draining { vec![Intent::Drain] } else { Vec::new() };
-    DesiredState { generation, template, modules, intents }
+    DesiredState { generation, template, modules, intents, trial_deadline_s: None }
 }
 
 #[cfg(test)]

@@ -169,6 +169,11 @@ impl TestPlane {
 
     /// Journal records whose kind is `kind`.
     pub fn journal(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.journal_where(|k| k == kind)
+    }
+
+    /// The journal's records whose kind passes `keep`, one string per record.
+    pub fn journal_where(&self, keep: impl Fn(&str) -> bool) -> Vec<serde_json::Value> {
         let out = Command::new(binary_named("ironroot-plane"))
             .arg("--state")
             .arg(self.state.path())
@@ -177,7 +182,7 @@ impl TestPlane {
             .expect("audit list");
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter(|l| l.split_whitespace().nth(3) == Some(kind))
+            .filter(|l| l.split_whitespace().nth(3).is_some_and(&keep))
             .map(|l| serde_json::Value::String(l.to_owned()))
             .collect()
     }

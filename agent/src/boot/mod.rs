@@ -193,8 +193,10 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
         .map_err(|e| BootError::new(Phase::Store, Exit::Store, e).reported_to(&enrolled, &boot_id, &timer))?;
     timer.lap(Phase::Verify);
 
-    let mounted = tokio::task::block_in_place(|| root::mount_root(&verified, &store, &opts.run_dir(), &opts.target))
-        .map_err(|e| BootError::new(Phase::Mount, Exit::Mount, e).reported_to(&enrolled, &boot_id, &timer))?;
+    let mounted = tokio::task::block_in_place(|| {
+        root::mount_root(&verified, &store, &opts.run_dir(), root::OVERLAY_DIR, &opts.target)
+    })
+    .map_err(|e| BootError::new(Phase::Mount, Exit::Mount, e).reported_to(&enrolled, &boot_id, &timer))?;
     timer.lap(Phase::Mount);
 
     let plane_ca = opts.run_dir().join("plane-ca.pem");
@@ -239,6 +241,7 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
         heartbeat_s: Some(settings.heartbeat.as_secs()),
         trust: Some(trust),
         registry_ca,
+        trial: None,
     };
     run_state::write(&opts.run_dir(), &record).map_err(|e| {
         BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &record.boot_id, &timer)

@@ -91,6 +91,7 @@ pub fn record(m: &VerifiedModule, reference: Option<&str>) -> ModuleRecord {
         downloaded_bytes: m.downloaded(),
         new_objects: m.new_objects(),
         reference: reference.map(str::to_owned),
+        units: c.units.clone(),
     }
 }
 

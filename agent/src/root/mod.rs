@@ -49,11 +49,18 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> MountErro
     move |source| MountError::Io { op, path, source }
 }
 
-/// Mounts `modules` (exactly one with role root) at `target`; `run_dir` is `/run/ironroot`.
+/// The directory under `/run/ironroot` whose tmpfs holds the booted root's writable upper (a
+/// root staged for a soft reboot gets its own, fresh).
+pub const OVERLAY_DIR: &str = "overlay";
+
+/// Mounts `modules` (exactly one with role root) at `target`; `run_dir` is `/run/ironroot`,
+/// `upper_dir` the directory under it for the writable upper's tmpfs (when the store has no
+/// persistent overlay directory).
 pub fn mount_root(
     modules: &[VerifiedModule],
     store: &PreparedStore,
     run_dir: &Path,
+    upper_dir: &str,
     target: &Path,
 ) -> Result<MountedRoot, MountError> {
     let roots = modules.iter().filter(|m| m.config().role == MountRole::Root).count();
@@ -68,7 +75,7 @@ pub fn mount_root(
     ordered.extend(modules.iter().filter(|m| m.config().role == MountRole::Root));
 
     let mut mounted = Vec::new();
-    let result = assemble(&ordered, store, run_dir, target, &mut mounted);
+    let result = assemble(&ordered, store, run_dir, upper_dir, target, &mut mounted);
     if result.is_err() {
         // A failed mount phase leaves no partial root behind.
         for dir in mounted.iter().rev() {
@@ -86,6 +93,7 @@ fn assemble(
     ordered: &[&VerifiedModule],
     store: &PreparedStore,
     run_dir: &Path,
+    upper_dir: &str,
     target: &Path,
     mounted: &mut Vec<PathBuf>,
 ) -> Result<MountedRoot, MountError> {
@@ -99,7 +107,7 @@ fn assemble(
     let upper_parent = match &store.overlay_dir {
         Some(dir) => dir.clone(),
         None => {
-            let dir = run_dir.join("overlay");
+            let dir = run_dir.join(upper_dir);
             std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
             rustix::mount::mount("tmpfs", &dir, "tmpfs", MountFlags::NOSUID | MountFlags::NODEV, c"mode=0755")
                 .map_err(|e| io("mounting tmpfs on", &dir)(e.into()))?;

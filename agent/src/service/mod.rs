@@ -240,6 +240,9 @@ fn verification(record: &BootRecord) -> (Vec<ironroot_contract::TrustedKey>, iro
 
 /// Runs until SIGTERM or SIGINT.
 pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
+    // A root staged for a soft reboot: this is it (its record becomes boot.json), or the soft
+    // reboot did not happen.
+    let promotion = jobs::nextroot::promote(&opts.run_dir, Path::new("/"));
     let record = read_record(&opts.run_dir)?;
     let interval = interval(opts.interval, &record, &opts.run_dir.join(BOOT_JSON), cmdline_heartbeat)?;
     renew::repair(&record);
@@ -282,8 +285,18 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let refused = replay::refused(journal.replay());
     let boot: String = record.boot_id.chars().filter(char::is_ascii_alphanumeric).take(8).collect();
     let run_tag = format!("{boot}-{:x}", now());
-    let rollout =
-        rollout::Rollout::new(running, attach, record.generation, open, refused, &run_tag, version, &mut first_actions);
+    let trial = trial(&record, &opts.run_dir, promotion);
+    let rollout = rollout::Rollout::new(
+        running,
+        attach,
+        record.generation,
+        open,
+        refused,
+        &run_tag,
+        version,
+        trial,
+        &mut first_actions,
+    );
     let mut jitter = heartbeat::Jitter::new(rand::random());
     let renewal = renewal::Renewal::new(not_before.max(0) as u64, not_after as u64, jitter.sample());
     let beat = heartbeat::Beat::new(interval, jitter);
@@ -294,6 +307,47 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let shell =
         shell::Shell::new(record, opts.run_dir.clone(), client, journal, node, runner, report, not_after as u64);
     shell.run(first_actions).await
+}
+
+/// The trial this service starts in: a root entered by soft reboot that has not passed its
+/// gate (its record says so, whether this service just promoted it or restarted during the
+/// trial), or a staged root that was not entered.
+fn trial(record: &BootRecord, run_dir: &Path, promotion: Option<jobs::nextroot::Promotion>) -> Option<rollout::Trial> {
+    use jobs::nextroot::Promotion;
+    let previous: Option<BootRecord> =
+        external::read(&run_dir.join(ironroot_contract::run_state::BOOT_PREV_JSON), MAX_BOOT_RECORD, Links::Refuse)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+    let before = previous.as_ref().map(replay::running).unwrap_or_default();
+    let now_running = replay::running(record);
+    let changed = |new: &[rollout::ModuleInfo], old: &[rollout::ModuleInfo]| {
+        new.iter()
+            .filter(|n| old.iter().all(|o| o.digest != n.digest))
+            .map(|n| (old.iter().find(|o| o.name == n.name).cloned(), n.clone()))
+            .collect::<Vec<_>>()
+    };
+    match promotion {
+        Some(Promotion::NotEntered(t, staged)) => {
+            // Staged from this root, which still runs.
+            Some(rollout::Trial {
+                txn: t.txn,
+                started: t.started,
+                deadline: t.started,
+                changed: changed(&staged, &now_running),
+                not_entered: Some("the soft reboot into the staged root did not happen".into()),
+            })
+        }
+        _ => {
+            let t = record.trial.clone().filter(|t| !t.rollback)?;
+            Some(rollout::Trial {
+                txn: t.txn,
+                started: t.started,
+                deadline: t.started.saturating_add(t.deadline_s),
+                changed: changed(&now_running, &before),
+                not_entered: None,
+            })
+        }
+    }
 }
 
 /// Half the watchdog period systemd asked for (`WATCHDOG_USEC`), if it asked.

@@ -75,23 +75,7 @@ pub fn refused(records: &[Record]) -> Vec<ironroot_contract::OciDigest> {
 /// What this boot runs and what the service must attach: the boot's root and `usr` modules
 /// run; live modules come from `live.json` when an earlier run wrote it, else from the boot.
 pub fn startup(record: &BootRecord, run_dir: &Path) -> (Vec<ModuleInfo>, Vec<DesiredModule>) {
-    let running: Vec<ModuleInfo> = record
-        .modules
-        .iter()
-        .filter(|m| !m.role.is_live())
-        .map(|m| ModuleInfo {
-            name: m.name.clone(),
-            reference: m.reference.clone().unwrap_or_else(|| format!("booted@{}", m.digest)),
-            digest: m.digest,
-            composefs: m.composefs_digest,
-            version: m.version.clone(),
-            serial: m.serial,
-            role: m.role,
-            mount_point: None,
-            units: Vec::new(),
-            health: None,
-        })
-        .collect();
+    let running = running(record);
     let live: Option<Vec<ModuleInfo>> =
         std::fs::read(run_dir.join(LIVE_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let attach = match live {
@@ -111,6 +95,27 @@ pub fn startup(record: &BootRecord, run_dir: &Path) -> (Vec<ModuleInfo>, Vec<Des
             .collect(),
     };
     (running, attach)
+}
+
+/// The root and `usr` modules a boot record says run.
+pub fn running(record: &BootRecord) -> Vec<ModuleInfo> {
+    record
+        .modules
+        .iter()
+        .filter(|m| !m.role.is_live())
+        .map(|m| ModuleInfo {
+            name: m.name.clone(),
+            reference: m.reference.clone().unwrap_or_else(|| format!("booted@{}", m.digest)),
+            digest: m.digest,
+            composefs: m.composefs_digest,
+            version: m.version.clone(),
+            serial: m.serial,
+            role: m.role,
+            mount_point: None,
+            units: m.units.clone(),
+            health: None,
+        })
+        .collect()
 }
 
 /// Rewrites `live.json` with the live modules (by rename).

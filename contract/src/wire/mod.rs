@@ -111,6 +111,10 @@ pub struct DesiredState {
     /// Node intents: `drain`, `vet`, …
     #[serde(default)]
     pub intents: Vec<Intent>,
+    /// Seconds a root entered by soft reboot has to pass its health gate (the template's;
+    /// absent: the node's default, 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial_deadline_s: Option<u64>,
 }
 
 /// Every error body: a short machine code and a message naming what was wrong.

@@ -24,7 +24,7 @@ impl Runner {
     pub(super) async fn gate(&self, module: &ModuleInfo) -> Health {
         let deadline_s = module.health.as_ref().map_or(DEFAULT_HEALTH_DEADLINE_S, |h| h.deadline_s);
         let deadline = Instant::now() + Duration::from_secs(deadline_s);
-        let units = match self.settle(module, deadline).await {
+        let units = match self.settle(&module.units, deadline).await {
             Ok(units) => units,
             Err(units) => return Health { healthy: false, units, probe: None },
         };
@@ -36,11 +36,20 @@ impl Runner {
         Health { healthy, units, probe: probe.map(|p| p.unwrap_or_else(|e| e)) }
     }
 
+    /// The gate of a root on trial: every unit of its modules (`units`) active and settled
+    /// before `deadline`.
+    pub(super) async fn gate_units(&self, units: &[String], deadline: Instant) -> Health {
+        match self.settle(units, deadline).await {
+            Ok(units) => Health { healthy: true, units, probe: None },
+            Err(units) => Health { healthy: false, units, probe: None },
+        }
+    }
+
     /// Waits until every unit has been active for [`SETTLE`]; `Err` with the states when one
     /// fails or the deadline passes first.
     async fn settle(
         &self,
-        module: &ModuleInfo,
+        units: &[String],
         deadline: Instant,
     ) -> Result<Vec<(String, String)>, Vec<(String, String)>> {
         let systemd = match self.systemd().await {
@@ -50,7 +59,7 @@ impl Runner {
         let mut active_since: Option<Instant> = None;
         loop {
             let mut states = Vec::new();
-            for unit in &module.units {
+            for unit in units {
                 let state = systemd
                     .state(unit)
                     .await

@@ -6,11 +6,13 @@
 
 mod attach;
 mod gate;
+pub mod nextroot;
 mod units;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use ironroot_contract::wire::DesiredModule;
 use ironroot_contract::{OciDigest, TrustedKey};
@@ -44,6 +46,10 @@ impl std::fmt::Debug for Runner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runner").field("run_dir", &self.run_dir).field("root", &self.root).finish_non_exhaustive()
     }
+}
+
+fn wall_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Runner {
@@ -105,17 +111,37 @@ impl Runner {
                 let result = self.detach(&module).await;
                 JobDone::Detached { txn, result }
             }
-            Job::StageRoot { txn, .. } => JobDone::RootStaged {
-                txn,
-                result: Err("root updates by soft reboot are not carried out by this agent version".into()),
-            },
-            Job::Power(op) => match self.systemd().await {
-                Ok(s) => match s.power(op).await {
+            Job::StageRoot { txn, modules, generation, started, deadline_s } => {
+                let plan = nextroot::TrialPlan { txn: txn.clone(), started, deadline_s, rollback: false };
+                let result = self.stage_root(&modules, generation, &plan).await;
+                JobDone::RootStaged { txn, result }
+            }
+            Job::GateRoot { txn, units, deadline } => {
+                let left = deadline.saturating_sub(wall_now());
+                let health = self.gate_units(&units, tokio::time::Instant::now() + Duration::from_secs(left)).await;
+                JobDone::Gated { txn, health }
+            }
+            Job::CommitRoot { txn, modules } => {
+                let result = self.commit_root(&modules).await;
+                JobDone::Committed { txn, result }
+            }
+            Job::StagePrevious { txn, started } => {
+                let result = self.stage_previous_root(&txn, started).await;
+                JobDone::RootStaged { txn, result }
+            }
+            Job::Power(op) => {
+                let begun = match self.systemd().await {
+                    Ok(s) => s.power(op).await.map_err(|e| crate::exit::describe(&e)),
+                    Err(e) => Err(crate::exit::describe(&e)),
+                };
+                match begun {
                     Ok(()) => JobDone::PowerBegun,
-                    Err(e) => JobDone::PowerFailed(crate::exit::describe(&e)),
-                },
-                Err(e) => JobDone::PowerFailed(crate::exit::describe(&e)),
-            },
+                    Err(why) => {
+                        self.discard_next();
+                        JobDone::PowerFailed(why)
+                    }
+                }
+            }
         }
     }
 

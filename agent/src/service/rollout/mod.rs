@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(test)]
 mod tests;
+mod trial;
+#[cfg(test)]
+mod trial_tests;
 mod txn;
 
 use super::node::{Action, Now};
@@ -104,10 +107,30 @@ pub enum Job {
         txn: String,
         module: ModuleInfo,
     },
-    /// Assemble the new root (root + usr layers) at /run/nextroot.
+    /// Assemble the new root (root + usr layers) at /run/nextroot, its record beside it.
     StageRoot {
         txn: String,
         modules: Vec<ModuleInfo>,
+        generation: Option<u64>,
+        started: u64,
+        deadline_s: u64,
+    },
+    /// A root on trial: every unit of its modules (and of the live ones) active and settled
+    /// before `deadline` (seconds since the epoch).
+    GateRoot {
+        txn: String,
+        units: Vec<String>,
+        deadline: u64,
+    },
+    /// The trial passed: serial floors, the trial taken off the record.
+    CommitRoot {
+        txn: String,
+        modules: Vec<ModuleInfo>,
+    },
+    /// The trial failed: assemble the root it replaced at /run/nextroot.
+    StagePrevious {
+        txn: String,
+        started: u64,
     },
     Power(PowerOp),
 }
@@ -146,6 +169,7 @@ pub enum JobDone {
         txn: String,
         result: Result<Vec<String>, String>,
     },
+    /// A new root, or the previous one, is at /run/nextroot.
     RootStaged {
         txn: String,
         result: Result<(), String>,
@@ -178,6 +202,20 @@ pub struct OpenTxn {
     pub started: u64,
 }
 
+/// A root entered by soft reboot, as the service finds it at start (from its boot record).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trial {
+    pub txn: String,
+    /// Seconds since the epoch.
+    pub started: u64,
+    /// By when the root must pass its gate (seconds since the epoch).
+    pub deadline: u64,
+    /// The modules that changed, with what they replaced.
+    pub changed: Vec<(Option<ModuleInfo>, ModuleInfo)>,
+    /// The soft reboot into the staged root did not happen (why): the change failed.
+    pub not_entered: Option<String>,
+}
+
 /// One module change.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
@@ -188,8 +226,10 @@ enum Change {
         from: Option<ModuleInfo>,
     },
     Remove(ModuleInfo),
+    /// A new root: all its modules, and those that changed (with what they replace).
     Root {
         modules: Vec<ModuleInfo>,
+        changed: Vec<(Option<ModuleInfo>, ModuleInfo)>,
     },
 }
 
@@ -208,20 +248,8 @@ struct Txn {
 enum State {
     Idle,
     Fetching,
-    Verifying {
-        generation: Option<u64>,
-        todo: VecDeque<DesiredModule>,
-        done: Vec<ModuleInfo>,
-        failed: usize,
-    },
-    Applying {
-        generation: Option<u64>,
-        queue: VecDeque<Change>,
-        txn: Option<Box<Txn>>,
-        failed: usize,
-    },
-    /// A soft reboot was asked for; this userspace is ending.
-    Leaving,
+    Verifying { generation: Option<u64>, todo: VecDeque<DesiredModule>, done: Vec<ModuleInfo>, failed: usize },
+    Applying { generation: Option<u64>, queue: VecDeque<Change>, txn: Option<Box<Txn>>, failed: usize },
 }
 
 /// How a reconcile ended (for a waiting `module-update` task).
@@ -256,6 +284,12 @@ pub struct Rollout {
     reconciled: Option<Reconciled>,
     boot_tag: String,
     agent_version: String,
+    /// A root entered by soft reboot, gated once the live modules are attached.
+    trial: Option<Trial>,
+    /// How long a new root may take to pass its gate (the template's, else the default).
+    trial_deadline_s: u64,
+    /// A soft reboot was asked for: this userspace is ending.
+    leaving: bool,
 }
 
 /// Retry delay after a failed exchange with the plane: 5 s doubling to 5 min.
@@ -285,6 +319,7 @@ impl Rollout {
         refused: Vec<OciDigest>,
         run_tag: &str,
         agent_version: &str,
+        trial: Option<Trial>,
         out: &mut Vec<Action>,
     ) -> Self {
         let mut r = Self {
@@ -305,7 +340,14 @@ impl Rollout {
             reconciled: None,
             boot_tag: run_tag.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect(),
             agent_version: agent_version.to_owned(),
+            trial: None,
+            trial_deadline_s: ironroot_contract::run_state::DEFAULT_TRIAL_DEADLINE_S,
+            leaving: false,
         };
+        if let Some(trial) = trial {
+            r.wall = trial.started;
+            r.begin_trial(trial, out);
+        }
         match open {
             Some(open) => {
                 let (job, step) = if open.step == Step::Healthy {
@@ -349,7 +391,7 @@ impl Rollout {
     }
 
     pub fn is_idle(&self) -> bool {
-        matches!(self.state, State::Idle | State::Fetching)
+        matches!(self.state, State::Idle | State::Fetching) && !self.leaving
     }
 
     pub fn last_result(&self) -> Option<String> {
@@ -420,6 +462,8 @@ impl Rollout {
             }
         };
         self.failures = 0;
+        self.trial_deadline_s =
+            desired.trial_deadline_s.unwrap_or(ironroot_contract::run_state::DEFAULT_TRIAL_DEADLINE_S);
         let wanted: BTreeSet<&str> = desired.modules.iter().map(|m| m.name.as_str()).collect();
         self.removals =
             self.live.values().filter(|m| m.role.is_live() && !wanted.contains(m.name.as_str())).cloned().collect();
@@ -466,9 +510,10 @@ impl Rollout {
                 .filter(|m| !m.role.is_live() && !new_root.iter().any(|n| n.name == m.name))
                 .cloned()
                 .collect();
+            let changed = new_root.iter().map(|n| (self.live.get(&n.name).cloned(), n.clone())).collect();
             modules.extend(new_root);
             modules.sort_by(|a, b| a.name.cmp(&b.name));
-            queue.push_back(Change::Root { modules });
+            queue.push_back(Change::Root { modules, changed });
         }
         self.state = State::Applying { generation, queue, txn: None, failed };
         self.apply_next(out);
@@ -481,8 +526,9 @@ impl Rollout {
 
     /// Starts the next queued change, or finishes the reconcile.
     fn apply_next(&mut self, out: &mut Vec<Action>) {
-        let wall = self.wall;
-        let State::Applying { queue, txn, .. } = &mut self.state else { return };
+        let (wall, deadline_s) = (self.wall, self.trial_deadline_s);
+        let State::Applying { queue, txn, generation, .. } = &mut self.state else { return };
+        let generation = *generation;
         if txn.is_some() {
             return;
         }
@@ -500,8 +546,8 @@ impl Rollout {
                 Job::Detach { txn: id.clone(), module: m.clone() },
                 serde_json::json!({"txn": id, "step": Step::Planned, "module": m.name, "detach": m}),
             ),
-            Change::Root { modules } => (
-                Job::StageRoot { txn: id.clone(), modules: modules.clone() },
+            Change::Root { modules, .. } => (
+                Job::StageRoot { txn: id.clone(), modules: modules.clone(), generation, started: wall, deadline_s },
                 serde_json::json!({"txn": id, "step": Step::Planned, "module": "root", "root": modules}),
             ),
         };
@@ -531,6 +577,13 @@ impl Rollout {
         };
         if generation.is_some() {
             self.applied = generation;
+        }
+        if self.startup.is_none()
+            && let Some(trial) = self.trial.take()
+        {
+            // The live modules are attached: now the root on trial is gated.
+            self.gate_trial(trial, out);
+            return;
         }
         self.ready = true;
         self.state = State::Idle;

@@ -8,15 +8,15 @@ use ironroot_contract::wire::{DesiredState, Health, Outcome, RECEIPT_KIND, Recei
 
 use super::*;
 
-fn at(s: u64) -> Now {
+pub(super) fn at(s: u64) -> Now {
     Now { mono: Duration::from_secs(s), wall: 1_000 + s }
 }
 
-fn digest(n: u8) -> ironroot_contract::OciDigest {
+pub(super) fn digest(n: u8) -> ironroot_contract::OciDigest {
     format!("sha256:{}", format!("{n:02x}").repeat(32)).parse().unwrap()
 }
 
-fn info(name: &str, n: u8, role: MountRole) -> ModuleInfo {
+pub(super) fn info(name: &str, n: u8, role: MountRole) -> ModuleInfo {
     ModuleInfo {
         name: name.into(),
         reference: format!("reg/{name}@{}", digest(n)),
@@ -37,14 +37,15 @@ fn desired(generation: u64, modules: &[&ModuleInfo]) -> DesiredState {
         template: Some("base".into()),
         modules: modules.iter().map(|m| m.pinned()).collect(),
         intents: Vec::new(),
+        trial_deadline_s: None,
     }
 }
 
-fn jobs(out: &[Action]) -> Vec<Job> {
+pub(super) fn jobs(out: &[Action]) -> Vec<Job> {
     out.iter().filter_map(|a| if let Action::Run(j) = a { Some((**j).clone()) } else { None }).collect()
 }
 
-fn receipts(out: &[Action]) -> Vec<Receipt> {
+pub(super) fn receipts(out: &[Action]) -> Vec<Receipt> {
     out.iter()
         .filter_map(|a| match a {
             Action::Record { kind, data } if kind == RECEIPT_KIND => serde_json::from_value(data.clone()).ok(),
@@ -53,7 +54,7 @@ fn receipts(out: &[Action]) -> Vec<Receipt> {
         .collect()
 }
 
-fn steps(out: &[Action]) -> Vec<String> {
+pub(super) fn steps(out: &[Action]) -> Vec<String> {
     out.iter()
         .filter_map(|a| match a {
             Action::Record { kind, data } if kind == "txn" => data["step"].as_str().map(str::to_owned),
@@ -76,14 +77,14 @@ fn txn_of(out: &[Action]) -> String {
 fn booted() -> (Rollout, ModuleInfo) {
     let base = info("base", 1, MountRole::Root);
     let mut out = Vec::new();
-    let r = Rollout::new(vec![base.clone()], vec![], 1, None, vec![], "boot-1", "0.1.0", &mut out);
+    let r = Rollout::new(vec![base.clone()], vec![], 1, None, vec![], "boot-1", "0.1.0", None, &mut out);
     assert!(jobs(&out).is_empty(), "the booted root is what runs: {out:?}");
     assert!(r.ready(), "nothing live to attach: ready");
     assert!(receipts(&out).is_empty());
     (r, base)
 }
 
-fn healthy() -> Health {
+pub(super) fn healthy() -> Health {
     Health { healthy: true, units: vec![("hello.service".into(), "active".into())], probe: None }
 }
 
@@ -246,12 +247,35 @@ fn a_changed_root_is_staged_and_entered_by_soft_reboot() {
     let base2 = info("base", 9, MountRole::Root);
     let out = reconcile(&mut r, 2, &[&base2], &[&base2]);
     let t = txn_of(&out);
-    assert_eq!(jobs(&out), [Job::StageRoot { txn: t.clone(), modules: vec![base2.clone()] }]);
+    assert_eq!(
+        jobs(&out),
+        [Job::StageRoot {
+            txn: t.clone(),
+            modules: vec![base2.clone()],
+            generation: Some(2),
+            started: 1_012,
+            deadline_s: 300
+        }]
+    );
     let mut out = Vec::new();
-    r.on_job(JobDone::RootStaged { txn: t, result: Ok(()) }, at(13), &mut out);
+    r.on_job(JobDone::RootStaged { txn: t.clone(), result: Ok(()) }, at(13), &mut out);
     assert_eq!(jobs(&out), [Job::Power(PowerOp::SoftReboot)]);
+    assert_eq!(steps(&out), ["staged"]);
     assert!(!r.is_idle(), "this userspace is ending");
-    let _ = base;
+
+    // systemd refused: the change failed, named, and is not tried again at this generation.
+    let mut out = Vec::new();
+    r.on_job(JobDone::PowerFailed("SoftReboot is not supported".into()), at(14), &mut out);
+    let rs = receipts(&out);
+    assert_eq!(rs.len(), 1);
+    assert_eq!((rs[0].outcome, rs[0].module.as_str()), (Outcome::Failed, "base"));
+    assert_eq!(rs[0].from.as_ref().map(|v| v.digest), Some(base.digest));
+    assert_eq!(rs[0].wanted, Some(base2.digest));
+    assert!(rs[0].reason.as_deref().unwrap().contains("SoftReboot is not supported"), "{:?}", rs[0].reason);
+    assert!(r.is_idle());
+    let mut out = Vec::new();
+    r.on_generation(2, at(20), &mut out);
+    assert!(out.is_empty(), "the same generation is not applied again: {out:?}");
 }
 
 #[test]
@@ -261,8 +285,17 @@ fn an_open_transaction_is_finished_before_anything_else() {
     for (step, commit) in [(Step::Attached, false), (Step::Planned, false), (Step::Healthy, true)] {
         let open = OpenTxn { id: "x-old-1".into(), step, to: v2.clone(), from: Some(v1.clone()), started: 900 };
         let mut out = Vec::new();
-        let mut r =
-            Rollout::new(vec![base.clone()], vec![v1.pinned()], 1, Some(open), vec![], "boot-1", "0.1.0", &mut out);
+        let mut r = Rollout::new(
+            vec![base.clone()],
+            vec![v1.pinned()],
+            1,
+            Some(open),
+            vec![],
+            "boot-1",
+            "0.1.0",
+            None,
+            &mut out,
+        );
         let expected = if commit {
             Job::Commit { txn: "x-old-1".into(), to: v2.clone(), from: Some(v1.clone()) }
         } else {
@@ -313,7 +346,7 @@ fn what_an_earlier_run_rolled_back_is_not_tried_again_until_the_desired_state_mo
     let base = info("base", 1, MountRole::Root);
     let v2 = info("hello", 3, MountRole::Opt);
     let mut out = Vec::new();
-    let mut r = Rollout::new(vec![base.clone()], vec![], 1, None, vec![v2.digest], "boot-2", "0.1.0", &mut out);
+    let mut r = Rollout::new(vec![base.clone()], vec![], 1, None, vec![v2.digest], "boot-2", "0.1.0", None, &mut out);
     assert!(r.ready());
     r.on_generation(3, at(1), &mut out);
     assert_eq!(out, [Action::FetchDesired], "the first generation this run sees");

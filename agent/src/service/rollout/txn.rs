@@ -67,8 +67,14 @@ impl Rollout {
             txn.reason = Some(clean(&reason));
             txn.step = Step::Restoring;
             out.push(step_record(txn, serde_json::json!({"reason": txn.reason})));
-            if let Change::Put { to, from } = &txn.change {
-                out.push(Action::run(Job::Restore { txn: txn.id.clone(), to: to.clone(), from: from.clone() }));
+            match &txn.change {
+                Change::Put { to, from } => {
+                    out.push(Action::run(Job::Restore { txn: txn.id.clone(), to: to.clone(), from: from.clone() }));
+                }
+                Change::Root { .. } => {
+                    out.push(Action::run(Job::StagePrevious { txn: txn.id.clone(), started: txn.started }));
+                }
+                Change::Remove(_) => {}
             }
         };
         match done {
@@ -102,6 +108,8 @@ impl Rollout {
                     out.push(step_record(&txn, serde_json::json!({"health": health})));
                     if let Some(to) = &to {
                         out.push(Action::run(Job::Commit { txn: txn.id.clone(), to: to.clone(), from: from.clone() }));
+                    } else if let Change::Root { modules, .. } = &txn.change {
+                        out.push(Action::run(Job::CommitRoot { txn: txn.id.clone(), modules: modules.clone() }));
                     }
                 } else {
                     restore(&mut txn, unhealthy_reason(&health), out);
@@ -149,24 +157,32 @@ impl Rollout {
                 }
             },
             JobDone::RootStaged { result: Ok(()), .. } => {
-                txn.step = Step::Staged;
-                out.push(step_record(&txn, serde_json::Value::Null));
+                if txn.step == Step::Restoring {
+                    // Going back: the receipt is written before this userspace ends (the
+                    // service in the previous root only spools it).
+                    let receipt = self.receipt(&txn, Outcome::RolledBack, now);
+                    out.push(record(RECEIPT_KIND, serde_json::to_value(&receipt).unwrap_or_default()));
+                } else {
+                    txn.step = Step::Staged;
+                    out.push(step_record(&txn, serde_json::Value::Null));
+                }
                 out.push(Action::run(Job::Power(PowerOp::SoftReboot)));
-                self.state = State::Leaving;
-                return;
+                self.leaving = true;
             }
             JobDone::RootStaged { result: Err(why), .. } => {
-                txn.reason = Some(clean(&format!("staging the new root: {why}")));
+                let reason = if txn.step == Step::Restoring {
+                    let before = txn.reason.clone().unwrap_or_default();
+                    format!("{before}; going back to the previous root failed too: {why}")
+                } else {
+                    format!("staging the new root: {why}")
+                };
+                txn.reason = Some(clean(&reason));
                 return self.end(txn, Outcome::Failed, now, out);
             }
             JobDone::PowerFailed(why) => {
-                txn.reason = Some(clean(&format!("the soft reboot did not begin: {why}")));
-                self.state = State::Applying {
-                    generation: None,
-                    queue: Default::default(),
-                    txn: Some(Box::new(txn.clone())),
-                    failed: 0,
-                };
+                self.leaving = false;
+                let before = txn.reason.clone().map(|r| format!("{r}; ")).unwrap_or_default();
+                txn.reason = Some(clean(&format!("{before}the soft reboot did not begin: {why}")));
                 return self.end(txn, Outcome::Failed, now, out);
             }
         }
@@ -209,45 +225,58 @@ impl Rollout {
         self.verify_next(out);
     }
 
-    /// Ends the open transaction with its receipt and starts the next change.
-    fn end(&mut self, txn: Txn, outcome: Outcome, now: Now, out: &mut Vec<Action>) {
-        let (module, role, from, to) = match &txn.change {
-            Change::Put { to, from } => {
-                (to.name.clone(), Some(to.role), from.as_ref().map(ModuleInfo::version), Some(to.version()))
-            }
-            Change::Remove(m) => (m.name.clone(), Some(m.role), Some(m.version()), None),
-            Change::Root { modules } => {
-                let root = modules.iter().find(|m| m.role == ironroot_contract::MountRole::Root);
-                ("root".to_owned(), root.map(|m| m.role), None, root.map(ModuleInfo::version))
-            }
+    /// The receipt of `txn` ending with `outcome` now.
+    pub(super) fn receipt(&self, txn: &Txn, outcome: Outcome, now: Now) -> Receipt {
+        let (module, role, from, to, wanted) = match &txn.change {
+            Change::Put { to, from } => (
+                to.name.clone(),
+                Some(to.role),
+                from.as_ref().map(ModuleInfo::version),
+                Some(to.version()),
+                Some(to.digest),
+            ),
+            Change::Remove(m) => (m.name.clone(), Some(m.role), Some(m.version()), None, None),
+            // A root change names its first changed module (the root, or a `usr` layer).
+            Change::Root { changed, .. } => match changed.first() {
+                Some((from, to)) => (
+                    to.name.clone(),
+                    Some(to.role),
+                    from.as_ref().map(ModuleInfo::version),
+                    Some(to.version()),
+                    Some(to.digest),
+                ),
+                None => ("root".to_owned(), None, None, None, None),
+            },
         };
-        if outcome != Outcome::Committed {
-            match &txn.change {
-                Change::Put { to, .. } => {
-                    self.refused.insert(to.digest);
-                }
-                Change::Root { modules } => self.refused.extend(modules.iter().map(|m| m.digest)),
-                Change::Remove(_) => {}
-            }
-        }
-        let receipt = Receipt {
+        Receipt {
             transaction: txn.id.clone(),
             module,
             role,
             from,
             to,
-            wanted: match &txn.change {
-                Change::Put { to, .. } => Some(to.digest),
-                Change::Remove(_) | Change::Root { .. } => None,
-            },
+            wanted,
             units: txn.units.clone(),
             health: txn.health.clone(),
             started: txn.started,
-            finished: now.wall,
+            finished: now.wall.max(txn.started),
             outcome,
             reason: txn.reason.clone(),
             agent_version: self.agent_version.clone(),
-        };
+        }
+    }
+
+    /// Ends the open transaction with its receipt and starts the next change.
+    fn end(&mut self, txn: Txn, outcome: Outcome, now: Now, out: &mut Vec<Action>) {
+        if outcome != Outcome::Committed {
+            match &txn.change {
+                Change::Put { to, .. } => {
+                    self.refused.insert(to.digest);
+                }
+                Change::Root { changed, .. } => self.refused.extend(changed.iter().map(|(_, to)| to.digest)),
+                Change::Remove(_) => {}
+            }
+        }
+        let receipt = self.receipt(&txn, outcome, now);
         out.push(record(RECEIPT_KIND, serde_json::to_value(&receipt).unwrap_or_default()));
         if let State::Applying { txn: slot, failed, .. } = &mut self.state {
             *slot = None;

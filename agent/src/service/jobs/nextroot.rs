@@ -1,0 +1,285 @@
+//! Root updates by soft reboot. A changed root (or `usr` layer), already verified into the
+//! store, is assembled at `/run/nextroot` by the boot's own code ([`crate::root::mount_root`])
+//! with a fresh writable upper; its boot record is written as `boot.next.json` with the trial
+//! (the transaction, its deadline and the staged root's device number), and systemd
+//! soft-reboots into it (systemd ≥ 254: the kernel keeps running; `/run` and everything under
+//! `/run/nextroot` are carried over). The service that starts in the new root promotes that
+//! record to `boot.json` ([`promote`]), health-gates the root, and commits it — or stages the
+//! root it replaced (`boot.prev.json`, its objects still in the store) the same way and
+//! soft-reboots back, which needs no plane.
+//!
+//! On the way systemd stops every mount unit it does not consider part of the system's
+//! foundation: the object store's mount (under `/run/ironroot`) is kept by a drop-in that
+//! takes it out of the shutdown ordering (`DefaultDependencies=no`), and `/persist` (a
+//! disk-backed store) is bound into the new root.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+
+use ironroot_contract::run_state::{
+    BOOT_JSON, BOOT_NEXT_JSON, BOOT_PREV_JSON, BootRecord, ModuleRecord, RootRecord, TrialRecord,
+};
+use rustix::mount::UnmountFlags;
+
+use super::Runner;
+use crate::service::rollout::ModuleInfo;
+
+/// Where systemd looks for the root to soft-reboot into, under the root.
+pub const NEXTROOT: &str = "run/nextroot";
+const KEEP_DROPIN: &str = "50-ironroot-keep.conf";
+
+/// How the staged root is to be tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrialPlan {
+    pub txn: String,
+    /// Seconds since the epoch.
+    pub started: u64,
+    pub deadline_s: u64,
+    /// Staged to go back from a failed trial.
+    pub rollback: bool,
+}
+
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    crate::exit::describe(e)
+}
+
+impl Runner {
+    /// Assembles `modules` (the whole new root: exactly one root, any `usr` layers) at
+    /// `/run/nextroot` and writes its record; nothing is left mounted when it fails.
+    pub(super) async fn stage_root(
+        &self,
+        modules: &[ModuleInfo],
+        generation: Option<u64>,
+        plan: &TrialPlan,
+    ) -> Result<(), String> {
+        let mut verified = Vec::with_capacity(modules.len());
+        for m in modules {
+            verified.push(self.verified(m).await?);
+        }
+        let current = crate::service::read_record(&self.run_dir).map_err(|e| describe(&e))?;
+        let records: Vec<ModuleRecord> =
+            verified.iter().zip(modules).map(|(v, m)| crate::modules::record(v, Some(&m.reference))).collect();
+        let next = self.root.join(NEXTROOT);
+        discard_at(&next, &self.run_dir);
+        let upper = format!("overlay-{}", plan.txn);
+        let mounted = crate::root::mount_root(&verified, self.store()?, &self.run_dir, &upper, &next)
+            .map_err(|e| describe(&e))?;
+        let root = RootRecord {
+            target: PathBuf::from("/"),
+            verity: mounted.verity,
+            layers: mounted.layers,
+            upper: mounted.upper,
+        };
+        let staged = self.finish_staging(&next, current, records, root, generation, plan).await;
+        if staged.is_err() {
+            discard_at(&next, &self.run_dir);
+        }
+        staged
+    }
+
+    async fn finish_staging(
+        &self,
+        next: &Path,
+        current: BootRecord,
+        records: Vec<ModuleRecord>,
+        root: RootRecord,
+        generation: Option<u64>,
+        plan: &TrialPlan,
+    ) -> Result<(), String> {
+        if !["usr/lib/os-release", "etc/os-release"].iter().any(|p| next.join(p).exists()) {
+            return Err("the new root has no os-release (systemd soft-reboots only into an OS tree)".into());
+        }
+        if std::fs::symlink_metadata(next.join("sbin/init")).is_err() {
+            return Err("the new root has no /sbin/init".into());
+        }
+        let persist = self.root.join("persist");
+        if is_mount_point(&persist) {
+            let to = next.join("persist");
+            std::fs::create_dir_all(&to).map_err(|e| format!("creating {}: {e}", to.display()))?;
+            rustix::mount::mount_bind_recursive(&persist, &to)
+                .map_err(|e| format!("binding {} into the new root: {e}", persist.display()))?;
+        }
+        let root_dev = std::fs::metadata(next).map_err(|e| format!("{}: {e}", next.display()))?.dev();
+        let live: Vec<ModuleRecord> = current.modules.iter().filter(|m| m.role.is_live()).cloned().collect();
+        let mut record = current;
+        record.modules = records.into_iter().chain(live).collect();
+        record.root = root;
+        if let Some(g) = generation {
+            record.generation = g;
+        }
+        record.trial = Some(TrialRecord {
+            txn: plan.txn.clone(),
+            started: plan.started,
+            deadline_s: plan.deadline_s,
+            root_dev,
+            rollback: plan.rollback,
+        });
+        write_record(&self.run_dir.join(BOOT_NEXT_JSON), &record)?;
+        self.keep_store_mounted(&record.store.path).await
+    }
+
+    /// Takes the store's mount (when it is one of its own under `/run`) out of what systemd
+    /// unmounts on the way to the soft reboot.
+    async fn keep_store_mounted(&self, store: &Path) -> Result<(), String> {
+        let Some(mount) = mount_point_of(store) else { return Ok(()) };
+        if !mount.starts_with("/run/") {
+            return Ok(());
+        }
+        let dir = self.units_dir.join(format!("{}.d", mount_unit(&mount)));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let text = "# Written by ironroot-agent: the object store outlives a soft reboot.\n\
+                    [Unit]\nDefaultDependencies=no\n";
+        crate::run_state::write_private(&dir.join(KEEP_DROPIN), text.as_bytes())
+            .map_err(|e| format!("writing the drop-in in {}: {e}", dir.display()))?;
+        let systemd = self.systemd().await.map_err(|e| describe(&e))?;
+        systemd.reload().await.map_err(|e| describe(&e))
+    }
+
+    /// The trial passed: the root's serial floors rise, its record loses the trial and the
+    /// previous root's record goes.
+    pub(super) async fn commit_root(&self, modules: &[ModuleInfo]) -> Result<(), String> {
+        let mut verified = Vec::with_capacity(modules.len());
+        for m in modules {
+            verified.push(self.verified(m).await?);
+        }
+        let mut record = crate::service::read_record(&self.run_dir).map_err(|e| describe(&e))?;
+        record.trial = None;
+        write_record(&self.run_dir.join(BOOT_JSON), &record)?;
+        let _ = std::fs::remove_file(self.run_dir.join(BOOT_PREV_JSON));
+        crate::modules::raise_floors(self.store()?, &verified).map_err(|e| describe(&e))
+    }
+
+    /// The trial failed: stages the root it replaced, to soft-reboot back into.
+    pub(super) async fn stage_previous_root(&self, txn: &str, started: u64) -> Result<(), String> {
+        let path = self.run_dir.join(BOOT_PREV_JSON);
+        let bytes = crate::external::read(&path, 1024 * 1024, crate::external::Links::Refuse)
+            .map_err(|e| format!("the previous root's record: {}", describe(&e)))?;
+        let previous: BootRecord =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{} does not parse: {e}", path.display()))?;
+        let modules = crate::service::replay::running(&previous);
+        let plan = TrialPlan { txn: txn.to_owned(), started, deadline_s: 0, rollback: true };
+        self.stage_root(&modules, Some(previous.generation), &plan).await
+    }
+
+    /// A soft reboot that did not begin: nothing staged may be entered by a later reboot.
+    pub(super) fn discard_next(&self) {
+        discard_at(&self.root.join(NEXTROOT), &self.run_dir);
+    }
+}
+
+/// Detaches a staged root and removes its record.
+fn discard_at(next: &Path, run_dir: &Path) {
+    while is_mount_point(next) {
+        if let Err(e) = rustix::mount::unmount(next, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW) {
+            tracing::warn!(path = %next.display(), error = %e, "could not detach a staged root");
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(run_dir.join(BOOT_NEXT_JSON));
+}
+
+fn write_record(path: &Path, record: &BootRecord) -> Result<(), String> {
+    let bytes = serde_json::to_vec_pretty(record).map_err(|e| e.to_string())?;
+    crate::run_state::write_private(path, &bytes).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Whether `path` is where a filesystem is mounted (its device differs from its parent's, or
+/// it is a bind of the same one: then mountinfo is asked).
+fn is_mount_point(path: &Path) -> bool {
+    let (Ok(here), Some(Ok(parent))) = (std::fs::metadata(path), path.parent().map(std::fs::metadata)) else {
+        return false;
+    };
+    if here.dev() != parent.dev() {
+        return true;
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
+}
+
+/// The mount point `path` is on (walking up while the device stays the same).
+fn mount_point_of(path: &Path) -> Option<PathBuf> {
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let mut at = path.to_path_buf();
+    while let Some(parent) = at.parent() {
+        if std::fs::metadata(parent).ok()?.dev() != dev {
+            return Some(at);
+        }
+        at = parent.to_path_buf();
+    }
+    None
+}
+
+/// systemd's name for the mount unit of `path` (`systemd-escape --path --suffix=mount`).
+pub fn mount_unit(path: &Path) -> String {
+    let trimmed = path.to_string_lossy().trim_matches('/').to_owned();
+    let mut out = String::new();
+    for (i, b) in trimmed.bytes().enumerate() {
+        match b {
+            b'/' => out.push('-'),
+            b'.' if i == 0 => out.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b == b':' || b == b'_' || b == b'.' => out.push(b as char),
+            b => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    if out.is_empty() { "-.mount".to_owned() } else { format!("{out}.mount") }
+}
+
+/// What the service finds at start about a root staged for a soft reboot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promotion {
+    /// This root is the staged one: its record is now `boot.json`.
+    Entered(TrialRecord),
+    /// A root was staged and not entered (the soft reboot did not happen): discarded. With
+    /// the modules it would have run.
+    NotEntered(TrialRecord, Vec<ModuleInfo>),
+}
+
+/// Makes `boot.next.json` this root's record when this root (`root`, `/`) is the one it was
+/// written for; discards it otherwise. Entering a trial root keeps the replaced record as
+/// `boot.prev.json`; entering a rollback root drops both the trial and that record.
+pub fn promote(run_dir: &Path, root: &Path) -> Option<Promotion> {
+    let next = run_dir.join(BOOT_NEXT_JSON);
+    let bytes = crate::external::read(&next, 1024 * 1024, crate::external::Links::Refuse).ok()?;
+    let record: Option<BootRecord> = serde_json::from_slice(&bytes).ok();
+    let Some(mut record) = record.filter(|r| r.trial.is_some()) else {
+        tracing::warn!(path = %next.display(), "a staged root's record that does not parse: discarded");
+        discard_at(&root.join(NEXTROOT), run_dir);
+        return None;
+    };
+    let trial = record.trial.clone()?;
+    let here = std::fs::metadata(root).map(|m| m.dev()).unwrap_or(0);
+    if here != trial.root_dev {
+        discard_at(&root.join(NEXTROOT), run_dir);
+        return Some(Promotion::NotEntered(trial, crate::service::replay::running(&record)));
+    }
+    let promoted = if trial.rollback {
+        record.trial = None;
+        let _ = std::fs::remove_file(run_dir.join(BOOT_PREV_JSON));
+        write_record(&run_dir.join(BOOT_JSON), &record)
+            .and_then(|()| std::fs::remove_file(&next).map_err(|e| format!("removing {}: {e}", next.display())))
+    } else {
+        // Copied, then replaced by rename: boot.json is never missing, and a service
+        // stopped in between promotes again.
+        std::fs::read(run_dir.join(BOOT_JSON))
+            .and_then(|b| crate::run_state::write_private(&run_dir.join(BOOT_PREV_JSON), &b))
+            .and_then(|()| std::fs::rename(&next, run_dir.join(BOOT_JSON)))
+            .map_err(|e| format!("promoting {}: {e}", next.display()))
+    };
+    if let Err(e) = promoted {
+        tracing::error!(error = %e, "promoting the staged root's record");
+    }
+    Some(Promotion::Entered(trial))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_units_are_named_as_systemd_escapes_them() {
+        assert_eq!(mount_unit(Path::new("/run/ironroot/store")), "run-ironroot-store.mount");
+        assert_eq!(mount_unit(Path::new("/run/a-b/c d")), "run-a\\x2db-c\\x20d.mount");
+        assert_eq!(mount_unit(Path::new("/")), "-.mount");
+    }
+}
