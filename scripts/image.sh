@@ -7,6 +7,8 @@
 #   boot.ipxe     an iPXE script that boots the three above from the same directory
 #   base/         the signed base module (an OCI layout): debootstrap of Debian 13 (trixie) with
 #                 systemd 257, udev, dbus, iproute2 and the agent with its unit
+#   root.tar      the node root the base module was built from (the QEMU tier builds root updates
+#                 from it)
 #   keys/         the module signing key pair (kept across builds; the .pub is in the initramfs)
 #   bundle.json   every artifact's digest, the kernel release, the module reference
 #
@@ -79,6 +81,10 @@ echo ironroot-node >"$root/etc/hostname"
 : >"$root/etc/machine-id"
 # The initramfs configured the network; nothing in the root may take it down.
 ln -sf /dev/null "$root/etc/systemd/system/systemd-networkd.service"
+
+# The node root as a tar too: the QEMU tier builds root updates (another version of the base,
+# a root whose unit fails) from it.
+tar -C "$root" --numeric-owner --xattrs -cf "$OUT/root.tar.partial" . && mv "$OUT/root.tar.partial" "$OUT/root.tar"
 
 step "base module"
 rm -rf "$OUT/base"

@@ -77,8 +77,10 @@ pub struct ModuleConfig {
     /// Role `ext`: where the module is mounted (absolute, normalized).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount_point: Option<String>,
-    /// Live roles: systemd units the module ships (`usr/lib/systemd/system/NAME` in its tree),
+    /// systemd units the module ships (`usr/lib/systemd/system/NAME` in its tree). Live roles:
     /// linked into `/run/systemd/system` and started when it is attached, restarted on update.
+    /// Root and `usr`: units its root enables, which must be active for a root entered by soft
+    /// reboot to pass its trial.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub units: Vec<String>,
     /// Live roles: the module's own health probe, on top of its units being active.
@@ -244,8 +246,11 @@ impl ModuleConfig {
             (_, Some(_)) => return Err(field("mountPoint", "only role ext declares a mount point")),
             (_, None) => {}
         }
-        if !self.role.is_live() && (!self.units.is_empty() || self.health.is_some()) {
-            return Err(field("units", "only live roles (opt, ext) ship units and a health check"));
+        if !self.role.is_live() && self.health.is_some() {
+            return Err(field(
+                "health",
+                "only live roles (opt, ext) ship a health check (a root is gated on its units)",
+            ));
         }
         if let Some(h) = &self.health {
             if h.deadline_s == 0 || h.deadline_s > 3600 {
@@ -361,7 +366,7 @@ mod tests {
         let cases: Vec<Case> = vec![
             (|c| c.role = MountRole::Ext, "role ext needs a mount point"),
             (|c| c.mount_point = Some("/srv/x".into()), "only role ext"),
-            (|c| c.role = MountRole::Root, "only live roles"),
+            (|c| c.role = MountRole::Root, "only live roles (opt, ext) ship a health check"),
             (|c| c.health.as_mut().unwrap().deadline_s = 0, "deadlineS"),
             (|c| c.health.as_mut().unwrap().command = vec!["check".into()], "absolute path"),
             (|c| c.units = vec!["app".into()], "not a unit name"),

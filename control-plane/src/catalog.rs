@@ -259,6 +259,31 @@ impl Store {
     /// Creates or changes template `name`: `replace` sets exactly `specs` (creating the
     /// template), else each spec adds or replaces the entry of its module name. Refused when a
     /// module's rendered serial would drop (unless `allow_rollback`). Returns the new revision.
+    /// Sets (or clears) how long a root entered by soft reboot has to pass its trial on the
+    /// nodes of `name`: 30 to 3600 seconds.
+    pub fn template_trial_deadline(&self, name: &str, seconds: Option<u64>, actor: &str) -> Result<(), Refusal> {
+        check_trial_deadline(seconds)?;
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let changed = tx.execute(
+            "UPDATE templates SET trial_deadline_s = ?2 WHERE name = ?1",
+            params![name, seconds.map(|s| s as i64)],
+        )?;
+        if changed == 0 {
+            return Err(Refusal::new(404, "unknown_template", format!("no template {name:?}")));
+        }
+        crate::audit::append(
+            &tx,
+            now(),
+            actor,
+            "template.trial_deadline",
+            name,
+            &serde_json::json!({"seconds": seconds}),
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn template_put(
         &self,
         name: &str,
@@ -397,5 +422,15 @@ impl Store {
             }
         };
         Ok(render::desired(generation, Some(name.to_owned()), modules, draining))
+    }
+}
+
+/// A template's trial deadline: 30 to 3600 seconds.
+pub(crate) fn check_trial_deadline(seconds: Option<u64>) -> Result<(), Refusal> {
+    match seconds {
+        Some(s) if !(30..=3600).contains(&s) => {
+            Err(Refusal::new(400, "bad_template", format!("trial deadline {s} s is not 30 to 3600 seconds")))
+        }
+        _ => Ok(()),
     }
 }

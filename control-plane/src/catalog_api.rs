@@ -152,6 +152,9 @@ struct TemplateRequest {
     modules: Vec<String>,
     #[serde(default)]
     allow_rollback: bool,
+    /// Seconds a root entered by soft reboot has to pass its trial (absent: the node's 300).
+    #[serde(default)]
+    trial_deadline_s: Option<u64>,
 }
 
 /// Creates or replaces a template with exactly these modules.
@@ -160,7 +163,11 @@ async fn template_create(Extension(plane): P, Extension(conn): C, raw: Body) -> 
     let req: TemplateRequest = body(&plane, &conn, "template_create", raw).await?;
     let specs = resolve(&plane, &conn, "template_create", &req.modules).await?;
     let revision = run(&plane, &conn, "template_create", move |p| {
-        p.store.template_put(&req.name, &specs, true, req.allow_rollback, &actor)
+        // Checked first: a refused request changes nothing.
+        crate::catalog::check_trial_deadline(req.trial_deadline_s)?;
+        let revision = p.store.template_put(&req.name, &specs, true, req.allow_rollback, &actor)?;
+        p.store.template_trial_deadline(&req.name, req.trial_deadline_s, &actor)?;
+        Ok(revision)
     })
     .await?;
     Ok(Json(serde_json::json!({"created": true, "revision": revision})))

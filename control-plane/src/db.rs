@@ -167,6 +167,7 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO rollouts (template, revision) SELECT name, 1 FROM templates;
     UPDATE nodes SET revision = 1, rollout = 'waiting' WHERE template IS NOT NULL;
     ALTER TABLE templates DROP COLUMN modules;",
+    "ALTER TABLE templates ADD COLUMN trial_deadline_s INTEGER;",
 ];
 
 /// Opens (creating) the database at `path` and brings its schema up to date.

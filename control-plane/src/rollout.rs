@@ -5,7 +5,8 @@
 //! and it is `waiting` until it reports every digest of the rendering (heartbeat
 //! `module_digests`) or a committed receipt for it (`done`); the next batch starts when no node
 //! of the current batch is waiting. A `rolled-back` or `failed` receipt for the target halts
-//! the rollout (`failed`); `rollout resume` continues with the next batch. Nodes not yet moved
+//! the rollout, and the node (`failed`) is pinned to the rendering before the target — the
+//! last good one, which it went back to; `rollout resume` continues with the next batch. Nodes not yet moved
 //! (`pending`) keep being served the rendering they had. Runs inside the caller's transaction.
 
 use std::collections::HashSet;
@@ -183,7 +184,8 @@ pub(crate) fn observe(tx: &Connection, node_id: &str, reported: &[OciDigest]) ->
 }
 
 /// A receipt arrived (already stored): a committed one may complete the node's move; a
-/// rolled-back or failed one for a module of the rollout's target halts the rollout.
+/// rolled-back or failed one for a module of the rollout's target halts the rollout and pins
+/// the node to the rendering before the target (its generation rises).
 pub(crate) fn observe_receipt(tx: &Connection, node_id: &str, receipt: &Receipt) -> Result<(), Refusal> {
     if receipt.outcome == Outcome::Committed {
         let reported: Option<String> =
@@ -213,7 +215,14 @@ pub(crate) fn observe_receipt(tx: &Connection, node_id: &str, receipt: &Receipt)
     if !digests.contains(&wanted.to_string()) {
         return Ok(());
     }
-    tx.execute("UPDATE nodes SET rollout = 'failed' WHERE id = ?1", [node_id])?;
+    // Pinned to the last good rendering (the one before the target, which the node went back
+    // to): its desired state stops naming what it refused.
+    tx.execute(
+        "UPDATE nodes SET rollout = 'failed', generation = generation + 1,
+             revision = COALESCE((SELECT previous FROM rollouts WHERE template = ?2), revision)
+         WHERE id = ?1",
+        params![node_id, template],
+    )?;
     if halted.is_none() {
         let version = receipt.to.as_ref().map_or_else(|| wanted.to_string(), |t| t.version.clone());
         let mut reason = format!("node {node_id}: {} {version} {}", receipt.module, receipt.outcome);

@@ -34,15 +34,17 @@ impl Store {
     /// What node `node_id` is served: the rendering of its template its rollout has reached.
     pub fn desired(&self, node_id: &str) -> Result<DesiredState, Refusal> {
         let conn = self.conn();
-        let row: Option<(Option<String>, i64, String, Option<String>)> = conn
+        type Row = (Option<String>, i64, String, Option<String>, Option<i64>);
+        let row: Option<Row> = conn
             .query_row(
-                "SELECT n.template, n.generation, n.state, g.modules FROM nodes n
-                 LEFT JOIN renderings g ON g.template = n.template AND g.revision = n.revision WHERE n.id = ?1",
+                "SELECT n.template, n.generation, n.state, g.modules, t.trial_deadline_s FROM nodes n
+                 LEFT JOIN renderings g ON g.template = n.template AND g.revision = n.revision
+                 LEFT JOIN templates t ON t.name = n.template WHERE n.id = ?1",
                 [node_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()?;
-        let (template, generation, state, modules) =
+        let (template, generation, state, modules, trial_deadline_s) =
             row.ok_or_else(|| Refusal::new(404, "unknown_node", format!("no node {node_id:?}")))?;
         let modules: Vec<DesiredModule> = match (&template, modules) {
             (None, _) => Vec::new(),
@@ -53,7 +55,9 @@ impl Store {
                 return Err(Refusal::new(500, "internal", format!("node {node_id} has no rendering of {t}")));
             }
         };
-        Ok(crate::render::desired(generation.max(0) as u64, template, modules, state == "draining"))
+        let mut desired = crate::render::desired(generation.max(0) as u64, template, modules, state == "draining");
+        desired.trial_deadline_s = trial_deadline_s.and_then(|s| u64::try_from(s).ok());
+        Ok(desired)
     }
 
     pub fn enqueue(&self, node: &str, spec: &TaskSpec, actor: &str) -> Result<String, Refusal> {

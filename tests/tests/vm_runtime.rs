@@ -2,7 +2,9 @@
 //! transactions on it while it runs (no reboot) — attach an `opt` module whose unit starts,
 //! update it (units restarted, receipt), an update whose health check fails is rolled back by
 //! itself with the reason, a `kill -9` of the agent mid-update leaves the old version whole,
-//! detach. Assertions read the plane's receipts and node view.
+//! detach; then root updates by soft reboot on the same node — a new root committed after its
+//! trial, a root whose unit fails rolled back by the node itself. Assertions read the plane's
+//! receipts and node view.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
@@ -153,5 +155,107 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     let r = nth_receipt(&lab, &mut vm, node, 5);
     assert_eq!((r["outcome"].as_str(), r["to"].is_null()), (Some("committed"), true), "{r}");
     assert_eq!(r["from"]["serial"], 2, "{r}");
+    assert!(!vm.console().contains("Kernel panic"), "{}", vm.console_tail(40));
+
+    root_updates_by_soft_reboot(&lab, &mut vm, node, 5);
+}
+
+/// A root unit that says `line` on the console and stays active, or fails when `fails`.
+fn root_unit(tree: &Path, line: &str, fails: bool) {
+    let units = tree.join("usr/lib/systemd/system");
+    let exec = if fails { format!("/bin/sh -c 'echo {line}; exit 1'") } else { format!("/bin/echo {line}") };
+    let unit = format!(
+        "[Unit]\nDescription=ironroot test: a root's own service\n\n[Service]\nType=oneshot\n\
+         RemainAfterExit=yes\nExecStart={exec}\nStandardOutput=journal+console\n\n\
+         [Install]\nWantedBy=multi-user.target\n"
+    );
+    std::fs::write(units.join("root-hello.service"), unit).unwrap();
+    let wants = tree.join("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants).unwrap();
+    let link = wants.join("root-hello.service");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/usr/lib/systemd/system/root-hello.service", link).unwrap();
+}
+
+/// Builds the node root from `just image`'s tar with `root_unit`, as base `serial`; pushes and
+/// signs it in the base repository. The guest's reference.
+fn root_version(lab: &VmLab, tree: &Path, serial: u64, fails: bool) -> String {
+    root_unit(tree, &format!("ROOT version={serial}"), fails);
+    let layout = lab.work.path().join(format!("built-base-{serial}"));
+    let (tree_s, layout_s, serial_s) =
+        (tree.to_string_lossy().into_owned(), layout.to_string_lossy().into_owned(), serial.to_string());
+    let version = format!("root-{serial}");
+    build_cmd(&[
+        "module",
+        "build",
+        "--from",
+        &tree_s,
+        "--name",
+        "base",
+        "--version",
+        &version,
+        "--serial",
+        &serial_s,
+        "--unit",
+        "root-hello.service",
+        "--out",
+        &layout_s,
+    ])
+    .ok();
+    lab.publish(&layout, "keys", "base").0
+}
+
+/// Root updates on the running node: a new root entered by soft reboot passes its trial
+/// (its own unit active) and is committed; a root whose unit fails is rolled back by the node
+/// itself, soft-rebooting into the root before it, and not tried again. `seen` receipts so far.
+fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize) {
+    let tree = lab.work.path().join("root-tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let tar = ironroot_tests::vm::workspace().join("target/image/root.tar");
+    let status = std::process::Command::new("tar")
+        .args(["--numeric-owner", "--xattrs", "-xf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&tree)
+        .status()
+        .unwrap();
+    assert!(status.success(), "extracting {}", tar.display());
+
+    let v2 = root_version(lab, &tree, 2, false);
+    lab.plane.op(&["template", "add", "base", "--module", &format!("{v2},serial=2")]).ok();
+    let r = nth_receipt(lab, vm, node, seen + 1);
+    assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("base"), Some("committed")), "{r}");
+    assert_eq!((r["from"]["serial"].as_u64(), r["to"]["serial"].as_u64()), (Some(1), Some(2)), "{r}");
+    assert!(r["units"].as_array().unwrap().iter().any(|u| u == "root-hello.service"), "{r}");
+    let console = vm.console();
+    assert!(console.contains("ROOT version=2"), "the new root ran its own unit: {}", vm.console_tail(60));
+    assert!(!console.contains("Kernel panic"), "{}", vm.console_tail(40));
+    let v2_digest = v2.rsplit('@').next().unwrap().to_owned();
+    let view = lab.wait_for(vm, node, CHANGE, |v| {
+        v["phase"] == "ready" && v["module_digests"].as_array().is_some_and(|d| d.iter().any(|x| x == &*v2_digest))
+    });
+    assert_eq!(view["state"], "running", "{view}");
+
+    // A root whose own unit fails: the trial fails, the node goes back to root 2 by itself.
+    let v3 = root_version(lab, &tree, 3, true);
+    lab.plane.op(&["template", "add", "base", "--module", &format!("{v3},serial=3")]).ok();
+    let r = nth_receipt(lab, vm, node, seen + 2);
+    assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("base"), Some("rolled-back")), "{r}");
+    assert!(r["reason"].as_str().unwrap_or_default().contains("root-hello.service is failed"), "{r}");
+    let deadline = Instant::now() + CHANGE;
+    loop {
+        let console = vm.console();
+        if console.rfind("ROOT version=2") > console.rfind("ROOT version=3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "root 2 is not back: {}", vm.console_tail(60));
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let beats = lab.plane.op(&["node", "show", node, "--json"]).stdout;
+    let beats = serde_json::from_str::<serde_json::Value>(&beats).unwrap()["heartbeats"].as_i64();
+    let back = lab.wait_for(vm, node, CHANGE, |v| v["heartbeats"].as_i64() > beats);
+    assert_eq!((back["state"].as_str(), back["phase"].as_str()), (Some("running"), Some("ready")), "{back}");
+    std::thread::sleep(Duration::from_secs(30));
+    assert_eq!(receipts(lab, node).len(), seen + 2, "root 3 is not tried again");
     assert!(!vm.console().contains("Kernel panic"), "{}", vm.console_tail(40));
 }

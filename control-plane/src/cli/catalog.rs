@@ -56,6 +56,10 @@ pub enum TemplateCommand {
         /// Allow a module's serial to drop (a rollback).
         #[arg(long)]
         allow_rollback: bool,
+        /// Seconds a root update entered by soft reboot has to pass its trial before the node
+        /// goes back (30-3600; default: the node's 300).
+        #[arg(long = "trial-deadline")]
+        trial_deadline_s: Option<u64>,
     },
     /// Add modules to a template, or replace the entries of their module names.
     Add {
@@ -192,8 +196,11 @@ fn print_revision(name: &str, v: &Value) {
 
 pub async fn template(client: &OperatorClient, cmd: TemplateCommand) -> anyhow::Result<()> {
     match cmd {
-        TemplateCommand::Create { name, modules, allow_rollback } => {
-            let body = json!({"name": name, "modules": modules, "allow_rollback": allow_rollback});
+        TemplateCommand::Create { name, modules, allow_rollback, trial_deadline_s } => {
+            let mut body = json!({"name": name, "modules": modules, "allow_rollback": allow_rollback});
+            if let Some(s) = trial_deadline_s {
+                body["trial_deadline_s"] = s.into();
+            }
             print_revision(&name, &client.post("/v1/operator/templates", &body).await?);
         }
         TemplateCommand::Add { name, modules, allow_rollback } => {

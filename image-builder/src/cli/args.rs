@@ -139,8 +139,9 @@ pub struct LiveOpts {
     /// Role ext: where nodes mount the module (an absolute path, e.g. /srv/app).
     #[arg(long = "mount")]
     pub mount: Option<String>,
-    /// A systemd unit the module ships in usr/lib/systemd/system (roles opt and ext;
-    /// repeatable): linked, started when attached, restarted when updated.
+    /// A systemd unit the module ships in usr/lib/systemd/system (repeatable). Roles opt and
+    /// ext: linked, started when attached, restarted when updated; root and usr: a unit the
+    /// root enables that must be active for a root update to pass its trial.
     #[arg(long = "unit")]
     pub units: Vec<String>,
     /// Health probe: an absolute command and its arguments, split on spaces (no shell); it must
