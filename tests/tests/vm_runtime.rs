@@ -220,6 +220,17 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
         .status()
         .unwrap();
     assert!(status.success(), "extracting {}", tar.display());
+    // A self-update: root 2 carries another build of the agent (bytes appended to the ELF file
+    // change its digest, not what it does); the agent reports its executable's digest.
+    let agent = tree.join("usr/bin/ironroot-agent");
+    let mut bytes = std::fs::read(&agent).unwrap();
+    bytes.extend_from_slice(b"\nironroot test: the agent of root 2\n");
+    std::fs::write(&agent, &bytes).unwrap();
+    let sum = std::process::Command::new("sha256sum").arg(&agent).output().unwrap();
+    let new_agent = format!("0.1.0+exe.{}", &String::from_utf8_lossy(&sum.stdout)[..12]);
+    let before = lab.plane.op(&["node", "show", node, "--json"]).stdout;
+    let before: serde_json::Value = serde_json::from_str(&before).unwrap();
+    assert_ne!(before["agent_version"], new_agent.as_str(), "{before}");
 
     let v2 = root_version(lab, &tree, 2, false);
     lab.plane.op(&["template", "add", "base", "--module", &format!("{v2},serial=2")]).ok();
@@ -235,6 +246,9 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
         v["phase"] == "ready" && v["module_digests"].as_array().is_some_and(|d| d.iter().any(|x| x == &*v2_digest))
     });
     assert_eq!(view["state"], "running", "{view}");
+    assert_eq!(view["agent_version"], new_agent.as_str(), "the new root's agent heartbeats: {view}");
+    assert!(r["reason"].is_null(), "committed whole (serial floor raised): {r}");
+    assert_eq!(r["agent_version"], new_agent.as_str(), "{r}");
 
     // A root whose own unit fails: the trial fails, the node goes back to root 2 by itself.
     let v3 = root_version(lab, &tree, 3, true);

@@ -168,7 +168,7 @@ pub fn report(record: &BootRecord) -> NodeReport {
     };
     NodeReport {
         boot_id: record.boot_id.clone(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_version: agent_version().to_owned(),
         phase: ironroot_contract::wire::ReportPhase::Ready,
         phase_timings_ms: timings(&record.phases_ms, record.written_at_boottime_ms, crate::run_state::boottime_ms()),
         module_digests: record.modules.iter().map(|m| m.digest).collect(),
@@ -262,6 +262,11 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let open = replay::open_txn(journal.replay());
     let (running, attach) = replay::startup(&record, &opts.run_dir);
 
+    match crate::store::remount(&record.store) {
+        Ok(true) => tracing::info!(path = %record.store.path.display(), "the object store mounted again (after a soft reboot)"),
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %crate::exit::describe(&e), "mounting the object store again"),
+    }
     let store = crate::store::reopen(&record.store, &opts.run_dir).map_err(|e| crate::exit::describe(&e));
     let (trust, access) = verification(&record);
     let policy = crate::modules::FetchPolicy {
@@ -272,7 +277,7 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let runner = jobs::Runner::new(opts.run_dir.clone(), store, trust, policy);
 
     let mut first_actions = Vec::new();
-    let version = env!("CARGO_PKG_VERSION");
+    let version = agent_version();
     let mut journal = journal;
     if let Some(open) = &open {
         // The open transaction's records stay through compaction until its receipt.
@@ -348,6 +353,31 @@ fn trial(record: &BootRecord, run_dir: &Path, promotion: Option<jobs::nextroot::
             })
         }
     }
+}
+
+/// This agent as it reports itself: its version and, as build metadata, the first 12 hex digits
+/// of its executable's SHA-256 (`0.1.0+exe.3f2a…`), so which build heartbeats (after a root
+/// update carrying a new agent, say) is read from the plane, not assumed.
+pub fn agent_version() -> &'static str {
+    static VERSION: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    VERSION.get_or_init(|| {
+        let version = env!("CARGO_PKG_VERSION");
+        match exe_digest() {
+            Ok(hex) => format!("{version}+exe.{}", &hex[..12]),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the agent's own executable");
+                version.to_owned()
+            }
+        }
+    })
+}
+
+fn exe_digest() -> std::io::Result<String> {
+    use sha2::Digest as _;
+    let mut file = std::fs::File::open("/proc/self/exe")?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Half the watchdog period systemd asked for (`WATCHDOG_USEC`), if it asked.

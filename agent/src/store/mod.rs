@@ -74,6 +74,8 @@ pub enum StoreError {
     NoVerity { kind: &'static str },
     #[error("{0} is not blank and holds no mountable filesystem")]
     NotBlank(PathBuf),
+    #[error("{0} is not a block device")]
+    NotADevice(PathBuf),
 }
 
 /// The store the boot uses, ready for objects.
@@ -224,6 +226,25 @@ fn probe_verity(dir: &Path) -> bool {
         && std::fs::File::open(&probe).is_ok_and(|f| enable_verity_with_retry::<Sha256HashValue>(&f).is_ok());
     let _ignored = std::fs::remove_file(&probe); // only its answer matters
     ok
+}
+
+/// Mounts a zram store's device at its path again when it is not there: systemd unmounts it on
+/// the way to a soft reboot (the device and its filesystem stay; the roots' overlays hold it).
+/// Returns whether it mounted.
+pub fn remount(record: &ironroot_contract::run_state::StoreRecord) -> Result<bool, StoreError> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    let (Some(dev), "zram") = (record.device.as_deref(), record.kind.as_str()) else { return Ok(false) };
+    let dev = Path::new(dev);
+    let device = std::fs::metadata(dev).map_err(io("reading", dev))?;
+    if !device.file_type().is_block_device() {
+        return Err(StoreError::NotADevice(dev.to_owned()));
+    }
+    let here = std::fs::metadata(&record.path).map(|m| m.dev()).ok();
+    if here == Some(device.rdev()) {
+        return Ok(false);
+    }
+    mount_at(dev, &record.path, "ext4")?;
+    Ok(true)
 }
 
 /// The store a boot prepared, opened again by the service from the boot's record of it (its

@@ -8,10 +8,10 @@
 //! root it replaced (`boot.prev.json`, its objects still in the store) the same way and
 //! soft-reboots back, which needs no plane.
 //!
-//! On the way systemd stops every mount unit it does not consider part of the system's
-//! foundation: the object store's mount (under `/run/ironroot`) is kept by a drop-in that
-//! takes it out of the shutdown ordering (`DefaultDependencies=no`), and `/persist` (a
-//! disk-backed store) is bound into the new root.
+//! On the way systemd unmounts what it does not consider part of the system's foundation: a
+//! mounted `/persist` (a disk-backed store) is bound into the new root, which systemd leaves
+//! alone, and a zram store's device is mounted again by the service that starts there
+//! ([`crate::store::remount`]).
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,6 @@ use crate::service::rollout::ModuleInfo;
 
 /// Where systemd looks for the root to soft-reboot into, under the root.
 pub const NEXTROOT: &str = "run/nextroot";
-const KEEP_DROPIN: &str = "50-ironroot-keep.conf";
 
 /// How the staged root is to be tried.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,14 +69,14 @@ impl Runner {
             layers: mounted.layers,
             upper: mounted.upper,
         };
-        let staged = self.finish_staging(&next, current, records, root, generation, plan).await;
+        let staged = self.finish_staging(&next, current, records, root, generation, plan);
         if staged.is_err() {
             discard_at(&next, &self.run_dir);
         }
         staged
     }
 
-    async fn finish_staging(
+    fn finish_staging(
         &self,
         next: &Path,
         current: BootRecord,
@@ -114,25 +113,7 @@ impl Runner {
             root_dev,
             rollback: plan.rollback,
         });
-        write_record(&self.run_dir.join(BOOT_NEXT_JSON), &record)?;
-        self.keep_store_mounted(&record.store.path).await
-    }
-
-    /// Takes the store's mount (when it is one of its own under `/run`) out of what systemd
-    /// unmounts on the way to the soft reboot.
-    async fn keep_store_mounted(&self, store: &Path) -> Result<(), String> {
-        let Some(mount) = mount_point_of(store) else { return Ok(()) };
-        if !mount.starts_with("/run/") {
-            return Ok(());
-        }
-        let dir = self.units_dir.join(format!("{}.d", mount_unit(&mount)));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let text = "# Written by ironroot-agent: the object store outlives a soft reboot.\n\
-                    [Unit]\nDefaultDependencies=no\n";
-        crate::run_state::write_private(&dir.join(KEEP_DROPIN), text.as_bytes())
-            .map_err(|e| format!("writing the drop-in in {}: {e}", dir.display()))?;
-        let systemd = self.systemd().await.map_err(|e| describe(&e))?;
-        systemd.reload().await.map_err(|e| describe(&e))
+        write_record(&self.run_dir.join(BOOT_NEXT_JSON), &record)
     }
 
     /// The trial passed: the root's serial floors rise, its record loses the trial and the
@@ -197,34 +178,6 @@ fn is_mount_point(path: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
 }
 
-/// The mount point `path` is on (walking up while the device stays the same).
-fn mount_point_of(path: &Path) -> Option<PathBuf> {
-    let dev = std::fs::metadata(path).ok()?.dev();
-    let mut at = path.to_path_buf();
-    while let Some(parent) = at.parent() {
-        if std::fs::metadata(parent).ok()?.dev() != dev {
-            return Some(at);
-        }
-        at = parent.to_path_buf();
-    }
-    None
-}
-
-/// systemd's name for the mount unit of `path` (`systemd-escape --path --suffix=mount`).
-pub fn mount_unit(path: &Path) -> String {
-    let trimmed = path.to_string_lossy().trim_matches('/').to_owned();
-    let mut out = String::new();
-    for (i, b) in trimmed.bytes().enumerate() {
-        match b {
-            b'/' => out.push('-'),
-            b'.' if i == 0 => out.push_str("\\x2e"),
-            b if b.is_ascii_alphanumeric() || b == b':' || b == b'_' || b == b'.' => out.push(b as char),
-            b => out.push_str(&format!("\\x{b:02x}")),
-        }
-    }
-    if out.is_empty() { "-.mount".to_owned() } else { format!("{out}.mount") }
-}
-
 /// What the service finds at start about a root staged for a soft reboot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Promotion {
@@ -270,16 +223,4 @@ pub fn promote(run_dir: &Path, root: &Path) -> Option<Promotion> {
         tracing::error!(error = %e, "promoting the staged root's record");
     }
     Some(Promotion::Entered(trial))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mount_units_are_named_as_systemd_escapes_them() {
-        assert_eq!(mount_unit(Path::new("/run/ironroot/store")), "run-ironroot-store.mount");
-        assert_eq!(mount_unit(Path::new("/run/a-b/c d")), "run-a\\x2db-c\\x20d.mount");
-        assert_eq!(mount_unit(Path::new("/")), "-.mount");
-    }
 }
