@@ -168,6 +168,7 @@ const MIGRATIONS: &[&str] = &[
     UPDATE nodes SET revision = 1, rollout = 'waiting' WHERE template IS NOT NULL;
     ALTER TABLE templates DROP COLUMN modules;",
     "ALTER TABLE templates ADD COLUMN trial_deadline_s INTEGER;",
+    "ALTER TABLE tasks ADD COLUMN deadline INTEGER;",
 ];
 
 /// Opens (creating) the database at `path` and brings its schema up to date.

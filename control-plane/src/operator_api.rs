@@ -46,6 +46,7 @@ pub fn router() -> Router {
         .route("/v1/operator/nodes/{id}/reprovision", post(reprovision))
         .route("/v1/operator/nodes/{id}/state", post(set_state))
         .route("/v1/operator/nodes/{id}/tasks", post(enqueue).get(tasks))
+        .route("/v1/operator/tasks/{id}/cancel", post(cancel))
         .route("/v1/operator/audit", get(audit_list))
         .route("/v1/operator/audit/verify", get(audit_verify).post(audit_verify_against))
         .route("/v1/operator/audit/checkpoint", get(checkpoint_newest).post(checkpoint_now))
@@ -152,13 +153,29 @@ async fn set_state(
     Ok(Json(serde_json::json!({"state": state.to_string()})))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnqueueQuery {
+    /// Seconds from now the task must be finished by (1 to 86,400).
+    deadline_s: Option<u64>,
+}
+
 async fn enqueue(
     Extension(plane): P,
     Extension(conn): C,
     Path(id): Path<String>,
+    Query(query): Query<EnqueueQuery>,
     raw: Body,
 ) -> ApiResult<serde_json::Value> {
     let actor = operator(&plane, &conn, "enqueue")?;
+    let deadline = match query.deadline_s {
+        None => None,
+        Some(s @ 1..=86_400) => Some(crate::store::now() + s as i64),
+        Some(s) => {
+            let why = format!("deadline_s {s} is not 1 to 86400 seconds");
+            return Err(refuse(&plane, &conn, "enqueue", Refusal::new(400, "bad_task", why)));
+        }
+    };
     let spec: TaskSpec = body(&plane, &conn, "enqueue", raw).await?;
     let unknown = match &spec {
         TaskSpec::Invalid { kind, reason } => Some(format!("task {kind}: {reason}")),
@@ -175,11 +192,18 @@ async fn enqueue(
         if spec == TaskSpec::Drain {
             p.store.set_state(&node, crate::lifecycle::NodeState::Draining, &actor)?;
         }
-        Ok((p.store.enqueue(&node, &spec, &actor)?, node))
+        Ok((p.store.enqueue(&node, &spec, deadline, &actor)?, node))
     })
     .await?;
     crate::api::notify_node(&plane, &node);
     Ok(Json(serde_json::json!({"task": task})))
+}
+
+/// `POST /v1/operator/tasks/{id}/cancel`.
+async fn cancel(Extension(plane): P, Extension(conn): C, Path(id): Path<String>) -> ApiResult<serde_json::Value> {
+    let actor = operator(&plane, &conn, "cancel")?;
+    run(&plane, &conn, "cancel", move |p| p.store.task_cancel(&id, &actor)).await?;
+    Ok(Json(serde_json::json!({"state": "cancelled"})))
 }
 
 async fn tasks(

@@ -60,17 +60,20 @@ impl Store {
         Ok(desired)
     }
 
-    pub fn enqueue(&self, node: &str, spec: &TaskSpec, actor: &str) -> Result<String, Refusal> {
+    /// Queues `spec` for `node`; `deadline` (seconds since the epoch) is when it must be
+    /// finished by.
+    pub fn enqueue(&self, node: &str, spec: &TaskSpec, deadline: Option<i64>, actor: &str) -> Result<String, Refusal> {
         let node_id = self.node(node)?.id;
         let id = format!("t-{}", hex::encode(rand::random::<[u8; 8]>()));
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         let json = serde_json::to_string(spec).unwrap_or_default();
         tx.execute(
-            "INSERT INTO tasks (id, node_id, spec, state, created_at) VALUES (?1, ?2, ?3, 'queued', ?4)",
-            params![id, node_id, json, now()],
+            "INSERT INTO tasks (id, node_id, spec, state, created_at, deadline) VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+            params![id, node_id, json, now(), deadline],
         )?;
-        audit::append(&tx, now(), actor, "task.enqueue", &id, &serde_json::json!({"node": node_id, "spec": spec}))?;
+        let data = serde_json::json!({"node": node_id, "spec": spec, "deadline": deadline});
+        audit::append(&tx, now(), actor, "task.enqueue", &id, &data)?;
         tx.commit()?;
         Ok(id)
     }
@@ -80,16 +83,16 @@ impl Store {
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
         let t = now();
-        let row: Option<(String, String, i64)> = tx
+        let row: Option<(String, String, i64, Option<i64>)> = tx
             .query_row(
-                "SELECT id, spec, deliveries FROM tasks WHERE node_id = ?1
+                "SELECT id, spec, deliveries, deadline FROM tasks WHERE node_id = ?1
                    AND (state = 'queued' OR (state = 'leased' AND lease_until <= ?2))
                  ORDER BY created_at, id LIMIT 1",
                 params![node_id, t],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        let Some((id, spec, deliveries)) = row else {
+        let Some((id, spec, deliveries, deadline)) = row else {
             return Ok(None);
         };
         let lease_until = t.saturating_add(secs(self.settings.task_lease));
@@ -101,7 +104,12 @@ impl Store {
         audit::append(&tx, t, &format!("node:{node_id}"), kind, &id, &serde_json::json!({"delivery": deliveries + 1}))?;
         tx.commit()?;
         let spec: TaskSpec = serde_json::from_str(&spec).map_err(|e| Refusal::new(500, "internal", e.to_string()))?;
-        Ok(Some(Task { id: crate::store::wire_id(&id)?, spec, lease_until: lease_until.max(0) as u64, deadline: None }))
+        Ok(Some(Task {
+            id: crate::store::wire_id(&id)?,
+            spec,
+            lease_until: lease_until.max(0) as u64,
+            deadline: deadline.map(|d| d.max(0) as u64),
+        }))
     }
 
     /// Records a result; a repeated result for a finished task is accepted and changes nothing.
@@ -138,6 +146,34 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(true)
+    }
+
+    /// Cancels a task that is not finished: it is not delivered (again) and its result is
+    /// `cancelled`; a result the node posts later changes nothing. Returns the task's node.
+    pub fn task_cancel(&self, task_id: &str, actor: &str) -> Result<String, Refusal> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction()?;
+        let row: Option<(String, String)> = tx
+            .query_row("SELECT node_id, state FROM tasks WHERE id = ?1", [task_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((node_id, state)) = row else {
+            return Err(Refusal::new(404, "unknown_task", format!("no task {task_id:?}")));
+        };
+        if state == "done" {
+            return Err(Refusal::new(409, "task_finished", format!("task {task_id} is already finished")));
+        }
+        let result = TaskResult::new(
+            ironroot_contract::wire::TaskOutcome::Cancelled,
+            Some(format!("cancelled by {actor} while {state}")),
+        );
+        let json = serde_json::to_string(&result).unwrap_or_default();
+        tx.execute(
+            "UPDATE tasks SET state = 'done', result = ?1, finished_at = ?2 WHERE id = ?3",
+            params![json, now(), task_id],
+        )?;
+        audit::append(&tx, now(), actor, "task.cancel", task_id, &serde_json::json!({"node": node_id, "was": state}))?;
+        tx.commit()?;
+        Ok(node_id)
     }
 
     pub fn tasks(&self, node: &str) -> Result<Vec<TaskView>, Refusal> {

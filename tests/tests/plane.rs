@@ -344,6 +344,47 @@ async fn an_unfinished_lease_is_redelivered() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_task_carries_its_deadline_and_a_cancelled_one_is_not_delivered() {
+    let p = TestPlane::start(&[]);
+    let n = enroll(&p, "busy", &NodeKey::ed25519()).await;
+    let path = format!("/v1/nodes/{}/tasks", n.id);
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let update = p.op(&["task", "module-update", "busy", "--deadline", "120"]).ok();
+    let (_, leased) = call(&n.client, &p, "GET", &path, None).await;
+    assert_eq!((leased["id"].as_str(), &leased["spec"]), (Some(update.as_str()), &json!({"kind": "module-update"})));
+    let deadline = leased["deadline"].as_u64().expect("the deadline is delivered");
+    assert!((before + 119..=before + 122).contains(&deadline), "{leased}");
+    p.op(&["task", "module-update", "busy", "--deadline", "0"]).refused(3, "deadline_s 0 is not 1 to 86400 seconds");
+
+    // A queued task cancelled: never delivered, its result `cancelled`; a leased one too, and
+    // the node's late answer changes nothing.
+    let reboot = p.op(&["task", "reboot", "busy"]).ok();
+    assert_eq!(p.op(&["task", "cancel", &reboot]).ok(), format!("{reboot} cancelled"));
+    let r = n.client.get(p.url(&path)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 204, "the cancelled reboot is not handed out");
+    assert_eq!(p.op(&["task", "cancel", &update]).ok(), format!("{update} cancelled"));
+    let late = json!({"outcome": "succeeded", "output": "ok"});
+    let (s, r) = call(&n.client, &p, "POST", &format!("/v1/tasks/{update}/result"), Some(late)).await;
+    assert_eq!((s, &r["recorded"]), (200, &json!(false)));
+    p.op(&["task", "cancel", &update]).refused(3, "already finished");
+    let tasks: Value = serde_json::from_str(&p.op(&["task", "list", "busy"]).ok()).unwrap();
+    for t in tasks.as_array().unwrap() {
+        assert_eq!((t["state"].as_str(), t["result"]["outcome"].as_str()), (Some("done"), Some("cancelled")), "{t}");
+    }
+    assert_eq!(p.journal("task.cancel").len(), 2);
+
+    // A template's trial deadline reaches its nodes' desired state; out of range is refused whole.
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let module = format!("127.0.0.1:5000/ironroot/base@{digest},serial=1");
+    p.op(&["template", "create", "slow", "--module", &module, "--trial-deadline", "10"]).refused(3, "30 to 3600");
+    p.op(&["template", "show", "slow"]).refused(3, "unknown_template");
+    p.op(&["template", "create", "slow", "--module", &module, "--trial-deadline", "900"]).ok();
+    p.op(&["template", "assign", "busy", "slow"]).ok();
+    let (_, d) = call(&n.client, &p, "GET", &format!("/v1/nodes/{}/desired", n.id), None).await;
+    assert_eq!(d["trial_deadline_s"], 900, "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn acknowledged_writes_survive_kill_9() {
     let mut p = TestPlane::start(&["--enroll-burst", "100"]);
     let mut nodes = Vec::new();

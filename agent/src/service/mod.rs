@@ -263,7 +263,9 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let (running, attach) = replay::startup(&record, &opts.run_dir);
 
     match crate::store::remount(&record.store) {
-        Ok(true) => tracing::info!(path = %record.store.path.display(), "the object store mounted again (after a soft reboot)"),
+        Ok(true) => {
+            tracing::info!(path = %record.store.path.display(), "the object store mounted again (after a soft reboot)")
+        }
         Ok(false) => {}
         Err(e) => tracing::error!(error = %crate::exit::describe(&e), "mounting the object store again"),
     }

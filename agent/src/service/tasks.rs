@@ -163,8 +163,17 @@ impl Tasks {
         }
     }
 
-    /// Posts the oldest unacknowledged result, and keeps one lease outstanding.
+    /// Posts the oldest unacknowledged result, and keeps one lease outstanding. A
+    /// `module-update` still reconciling at its deadline is answered `timed-out` (the change
+    /// under way ends on its own, committed or rolled back: a transaction is not cut short).
     pub fn due(&mut self, now: Now, out: &mut Vec<Action>) {
+        if self.reconciling.as_ref().and_then(|t| t.deadline).is_some_and(|d| now.wall >= d)
+            && let Some(task) = self.reconciling.take()
+        {
+            let why =
+                "the reconcile did not end before the task's deadline; the change under way still ends on its own";
+            self.finish(&task, TaskResult::new(TaskOutcome::TimedOut, Some(why.into())), None, out);
+        }
         if !self.posting
             && self.post_retry.is_none_or(|t| now.mono >= t)
             && let Some((id, result, _)) = self.to_post.front()
@@ -180,5 +189,93 @@ impl Tasks {
         self.lease_retry = None;
         self.leasing = true;
         out.push(Action::Lease { wait: LEASE_WAIT });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: u64) -> Now {
+        Now { mono: Duration::from_secs(s), wall: 1_000 + s }
+    }
+
+    fn task(id: &str, spec: TaskSpec, deadline: Option<u64>) -> Task {
+        Task { id: id.parse().unwrap(), spec, lease_until: 2_000, deadline }
+    }
+
+    fn posted(out: &[Action]) -> Vec<(String, TaskOutcome)> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Post { task, result } => Some((task.to_string(), result.outcome)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Leases `t`, then lets the machine post what it has.
+    fn lease(tasks: &mut Tasks, t: Task, now: Now) -> Vec<Action> {
+        let mut out = Vec::new();
+        tasks.due(now, &mut out);
+        assert!(out.iter().any(|a| matches!(a, Action::Lease { .. })), "{out:?}");
+        out.clear();
+        tasks.on_leased(Ok(Some(t)), now, &mut out);
+        tasks.due(now, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_kind_the_node_does_not_know_is_unsupported_and_a_redelivery_is_answered_from_the_record() {
+        let mut tasks = Tasks::new([]);
+        let out = lease(&mut tasks, task("t-1", TaskSpec::Unsupported { kind: "teleport".into() }, None), at(1));
+        assert!(out.iter().any(|a| matches!(a, Action::Record { kind, .. } if kind == FINISHED_KIND)));
+        assert_eq!(posted(&out), [("t-1".to_owned(), TaskOutcome::Unsupported)]);
+        let mut out = Vec::new();
+        tasks.on_posted(&"t-1".parse().unwrap(), Ok(()), at(2), &mut out);
+        // The plane lost the answer and delivers it again: the recorded result, not a second run.
+        let out = lease(&mut tasks, task("t-1", TaskSpec::Unsupported { kind: "teleport".into() }, None), at(3));
+        assert!(!out.iter().any(|a| matches!(a, Action::Record { .. })), "nothing runs twice: {out:?}");
+        assert_eq!(posted(&out), [("t-1".to_owned(), TaskOutcome::Unsupported)]);
+    }
+
+    #[test]
+    fn a_deadline_that_passed_before_the_start_or_during_the_reconcile_times_the_task_out() {
+        let mut tasks = Tasks::new([]);
+        let out = lease(&mut tasks, task("t-2", TaskSpec::ModuleUpdate, Some(1_001)), at(5));
+        assert_eq!(posted(&out), [("t-2".to_owned(), TaskOutcome::TimedOut)]);
+        assert!(!tasks.take_reconcile_request(), "not started");
+
+        let mut tasks = Tasks::new([]);
+        let out = lease(&mut tasks, task("t-3", TaskSpec::ModuleUpdate, Some(1_060)), at(5));
+        assert!(posted(&out).is_empty());
+        assert!(tasks.take_reconcile_request());
+        let mut out = Vec::new();
+        tasks.due(at(59), &mut out);
+        assert!(posted(&out).is_empty(), "still within its deadline");
+        tasks.due(at(60), &mut out);
+        assert_eq!(posted(&out), [("t-3".to_owned(), TaskOutcome::TimedOut)]);
+        // The reconcile ends later: nothing more is said about the task.
+        let mut out = Vec::new();
+        tasks.on_reconciled(&Reconciled { ok: true, summary: "ok".into() }, at(70), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn a_reboot_is_answered_first_and_carried_out_once_the_plane_has_the_answer() {
+        let mut tasks = Tasks::new([]);
+        let out = lease(&mut tasks, task("t-4", TaskSpec::SoftReboot, None), at(1));
+        assert_eq!(posted(&out), [("t-4".to_owned(), TaskOutcome::Succeeded)]);
+        assert!(!out.iter().any(|a| matches!(a, Action::Run(_))), "not before the plane has it");
+        let mut out = Vec::new();
+        tasks.on_posted(&"t-4".parse().unwrap(), Err("plane down".into()), at(2), &mut out);
+        assert!(out.is_empty());
+        tasks.due(at(60), &mut out);
+        assert_eq!(posted(&out).len(), 1, "posted again after the backoff");
+        let mut out = Vec::new();
+        tasks.on_posted(&"t-4".parse().unwrap(), Ok(()), at(61), &mut out);
+        assert_eq!(out, [Action::run(Job::Power(PowerOp::SoftReboot))]);
+        let mut out = Vec::new();
+        tasks.due(at(62), &mut out);
+        assert!(!out.iter().any(|a| matches!(a, Action::Lease { .. })), "nothing more is leased");
     }
 }

@@ -257,6 +257,32 @@ pub enum TaskCommand {
         /// Node id or name.
         node: String,
     },
+    /// Ask a node to reconcile its modules now (fetch the desired state and apply it); the
+    /// task ends when the reconcile does.
+    ModuleUpdate {
+        /// Node id or name.
+        node: String,
+        /// Seconds the task may take; past them it is answered `timed-out` (the change under
+        /// way still ends on its own, committed or rolled back).
+        #[arg(long = "deadline", value_name = "SECS")]
+        deadline_s: Option<u64>,
+    },
+    /// Reboot a node (a netbooted node boots again from the network).
+    Reboot {
+        /// Node id or name.
+        node: String,
+    },
+    /// Restart a node's userspace (systemd's soft reboot); the kernel keeps running.
+    SoftReboot {
+        /// Node id or name.
+        node: String,
+    },
+    /// Cancel a task the node has not finished: it is not delivered (again), and its result is
+    /// `cancelled`.
+    Cancel {
+        /// The task id.
+        task: String,
+    },
     /// Show a node's tasks and their results (JSON).
     List {
         /// Node id or name.

@@ -136,17 +136,26 @@ async fn node(client: &OperatorClient, cmd: NodeCommand) -> anyhow::Result<()> {
 }
 
 async fn task(client: &OperatorClient, cmd: TaskCommand) -> anyhow::Result<()> {
-    let (node, spec) = match cmd {
+    let (node, spec, deadline_s) = match cmd {
         TaskCommand::List { node } => {
             let tasks: Value = client.get(&format!("/v1/operator/nodes/{node}/tasks")).await?;
             print_json(&tasks);
             return Ok(());
         }
-        TaskCommand::Exec { node, argv } => (node, TaskSpec::Exec { argv }),
-        TaskCommand::Drain { node } => (node, TaskSpec::Drain),
-        TaskCommand::Vet { node } => (node, TaskSpec::Vet),
+        TaskCommand::Cancel { task } => {
+            let v: Value = client.post(&format!("/v1/operator/tasks/{task}/cancel"), &json!({})).await?;
+            println!("{task} {}", v["state"].as_str().unwrap_or_default());
+            return Ok(());
+        }
+        TaskCommand::Exec { node, argv } => (node, TaskSpec::Exec { argv }, None),
+        TaskCommand::Drain { node } => (node, TaskSpec::Drain, None),
+        TaskCommand::Vet { node } => (node, TaskSpec::Vet, None),
+        TaskCommand::ModuleUpdate { node, deadline_s } => (node, TaskSpec::ModuleUpdate, deadline_s),
+        TaskCommand::Reboot { node } => (node, TaskSpec::Reboot, None),
+        TaskCommand::SoftReboot { node } => (node, TaskSpec::SoftReboot, None),
     };
-    let v: Value = client.post(&format!("/v1/operator/nodes/{node}/tasks"), &spec).await?;
+    let query = deadline_s.map(|s| format!("?deadline_s={s}")).unwrap_or_default();
+    let v: Value = client.post(&format!("/v1/operator/nodes/{node}/tasks{query}"), &spec).await?;
     println!("{}", v["task"].as_str().unwrap_or_default());
     Ok(())
 }

@@ -7,6 +7,7 @@ use ironroot_contract::config::MountRole;
 use ironroot_contract::wire::{DesiredState, Health, Outcome, RECEIPT_KIND, Receipt};
 
 use super::*;
+use crate::service::systemd::PowerOp;
 
 pub(super) fn at(s: u64) -> Now {
     Now { mono: Duration::from_secs(s), wall: 1_000 + s }

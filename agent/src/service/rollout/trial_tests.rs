@@ -6,6 +6,7 @@ use ironroot_contract::wire::{Health, Outcome};
 
 use super::tests::{at, healthy, info, jobs, receipts, steps};
 use super::*;
+use crate::service::systemd::PowerOp;
 
 fn trial(changed: Vec<(Option<ModuleInfo>, ModuleInfo)>, not_entered: Option<&str>) -> Trial {
     Trial { txn: "x-old-1".into(), started: 900, deadline: 1_200, changed, not_entered: not_entered.map(Into::into) }
