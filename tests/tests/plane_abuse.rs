@@ -43,9 +43,13 @@ async fn long_polls_without_a_certificate_cost_no_memory_and_bounded_journal() {
     let grown = p.rss_kib().saturating_sub(before);
     assert!(grown < 16 * 1024, "the plane grew by {grown} KiB for 4,000 refused long-polls");
 
-    // Refusals before authentication are journaled at a bounded rate, the rest counted. The
-    // rate is per address, shared by every kind of refusal (a connection over the anonymous cap
-    // may take the token that names the count), so the count is looked for in all of them.
+    // Refusals before authentication are journaled at a bounded rate, the rest counted: the
+    // first refusal once the budget refills names how many were only counted. The budget is
+    // per address and shared by every kind of refusal (a connection over the anonymous cap may
+    // take the token that names the count), so the count is looked for in all of them.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let last = anon.get(p.url("/v1/nodes/00000000/tasks")).send().await.unwrap();
+    assert_eq!(last.status().as_u16(), 401);
     let records = p.journal("refused.lease");
     assert!(!records.is_empty() && records.len() < 200, "{} refusal records for 4,000 refusals", records.len());
     let all = p.journal_where(|k| k.starts_with("refused."));
