@@ -5,8 +5,8 @@
 //! and it is `waiting` until it reports every digest of the rendering (heartbeat
 //! `module_digests`) or a committed receipt for it (`done`); the next batch starts when no node
 //! of the current batch is waiting. A `rolled-back` or `failed` receipt for the target halts
-//! the rollout, and the node (`failed`) is pinned to the rendering before the target — the
-//! last good one, which it went back to; `rollout resume` continues with the next batch. Nodes not yet moved
+//! the rollout, and the node (`failed`) is pinned to the rendering before the target (when
+//! there is one), which it went back to; `rollout resume` continues with the next batch. Nodes not yet moved
 //! (`pending`) keep being served the rendering they had. Runs inside the caller's transaction.
 
 use std::collections::HashSet;
@@ -217,10 +217,12 @@ pub(crate) fn observe_receipt(tx: &Connection, node_id: &str, receipt: &Receipt)
     }
     // Pinned to the last good rendering (the one before the target, which the node went back
     // to): its desired state stops naming what it refused.
+    // (A first rollout has no rendering before it: the node stays, its refusal standing.)
+    tx.execute("UPDATE nodes SET rollout = 'failed' WHERE id = ?1", [node_id])?;
     tx.execute(
-        "UPDATE nodes SET rollout = 'failed', generation = generation + 1,
-             revision = COALESCE((SELECT previous FROM rollouts WHERE template = ?2), revision)
-         WHERE id = ?1",
+        "UPDATE nodes SET generation = generation + 1,
+             revision = (SELECT previous FROM rollouts WHERE template = ?2)
+         WHERE id = ?1 AND (SELECT previous FROM rollouts WHERE template = ?2) IS NOT NULL",
         params![node_id, template],
     )?;
     if halted.is_none() {

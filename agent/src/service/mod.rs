@@ -292,7 +292,7 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let refused = replay::refused(journal.replay());
     let boot: String = record.boot_id.chars().filter(char::is_ascii_alphanumeric).take(8).collect();
     let run_tag = format!("{boot}-{:x}", now());
-    let trial = trial(&record, &opts.run_dir, promotion);
+    let trial = trial(&record, &opts.run_dir, promotion, journal.replay());
     let rollout = rollout::Rollout::new(
         running,
         attach,
@@ -319,7 +319,12 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
 /// The trial this service starts in: a root entered by soft reboot that has not passed its
 /// gate (its record says so, whether this service just promoted it or restarted during the
 /// trial), or a staged root that was not entered.
-fn trial(record: &BootRecord, run_dir: &Path, promotion: Option<jobs::nextroot::Promotion>) -> Option<rollout::Trial> {
+fn trial(
+    record: &BootRecord,
+    run_dir: &Path,
+    promotion: Option<jobs::nextroot::Promotion>,
+    journal: &[journal::Record],
+) -> Option<rollout::Trial> {
     use jobs::nextroot::Promotion;
     let previous: Option<BootRecord> =
         external::read(&run_dir.join(ironroot_contract::run_state::BOOT_PREV_JSON), MAX_BOOT_RECORD, Links::Refuse)
@@ -334,7 +339,9 @@ fn trial(record: &BootRecord, run_dir: &Path, promotion: Option<jobs::nextroot::
             .collect::<Vec<_>>()
     };
     match promotion {
-        Some(Promotion::NotEntered(t, staged)) => {
+        // Going back did not happen (this service stopped after staging it): still on trial,
+        // past its deadline — the gate fails again and the root before is staged again.
+        Some(Promotion::NotEntered(t, staged)) if !t.rollback => {
             // Staged from this root, which still runs.
             Some(rollout::Trial {
                 txn: t.txn,
@@ -342,16 +349,21 @@ fn trial(record: &BootRecord, run_dir: &Path, promotion: Option<jobs::nextroot::
                 deadline: t.started,
                 changed: changed(&staged, &now_running),
                 not_entered: Some("the soft reboot into the staged root did not happen".into()),
+                passed: false,
             })
         }
         _ => {
             let t = record.trial.clone().filter(|t| !t.rollback)?;
+            let passed = journal
+                .iter()
+                .any(|r| r.kind == "txn" && r.data["txn"] == t.txn.as_str() && r.data["step"] == "healthy");
             Some(rollout::Trial {
-                txn: t.txn,
-                started: t.started,
                 deadline: t.started.saturating_add(t.deadline_s),
                 changed: changed(&now_running, &before),
                 not_entered: None,
+                passed,
+                txn: t.txn,
+                started: t.started,
             })
         }
     }

@@ -160,7 +160,9 @@ impl Node {
             self.tasks.on_reconciled(&done, now, &mut out);
         }
         if self.stopping {
-            if self.rollout.is_idle() {
+            // Idle, or leaving: a soft reboot under way ends this userspace (all it needs is
+            // journaled), and systemd's stop must not wait for us.
+            if self.rollout.is_idle() || self.rollout.leaving() {
                 out.push(Action::Exit);
             }
             return out;

@@ -119,15 +119,26 @@ impl Runner {
     /// The trial passed: the root's serial floors rise, its record loses the trial and the
     /// previous root's record goes.
     pub(super) async fn commit_root(&self, modules: &[ModuleInfo]) -> Result<(), String> {
-        let mut verified = Vec::with_capacity(modules.len());
+        // Floors first: once the trial is off the record, a restart does not come back here.
+        let mut floors = Ok(());
         for m in modules {
-            verified.push(self.verified(m).await?);
+            match self.verified(m).await {
+                Ok(v) => {
+                    floors = floors.and(self.store().and_then(|s| {
+                        crate::modules::raise_floors(s, std::slice::from_ref(&v)).map_err(|e| describe(&e))
+                    }));
+                }
+                Err(e) => floors = floors.and(Err(e)),
+            }
         }
+        // The trial ends whatever the floors say: the root passed its gate.
         let mut record = crate::service::read_record(&self.run_dir).map_err(|e| describe(&e))?;
         record.trial = None;
         write_record(&self.run_dir.join(BOOT_JSON), &record)?;
-        let _ = std::fs::remove_file(self.run_dir.join(BOOT_PREV_JSON));
-        crate::modules::raise_floors(self.store()?, &verified).map_err(|e| describe(&e))
+        if let Err(e) = std::fs::remove_file(self.run_dir.join(BOOT_PREV_JSON)) {
+            tracing::debug!(error = %e, "boot.prev.json was already gone");
+        }
+        floors
     }
 
     /// The trial failed: stages the root it replaced, to soft-reboot back into.
@@ -156,7 +167,8 @@ fn discard_at(next: &Path, run_dir: &Path) {
             break;
         }
     }
-    let _ = std::fs::remove_file(run_dir.join(BOOT_NEXT_JSON));
+    // Absent when nothing was staged; a leftover would only be discarded by the next start.
+    let _ignored = std::fs::remove_file(run_dir.join(BOOT_NEXT_JSON));
 }
 
 fn write_record(path: &Path, record: &BootRecord) -> Result<(), String> {
@@ -182,7 +194,7 @@ fn is_mount_point(path: &Path) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Promotion {
     /// This root is the staged one: its record is now `boot.json`.
-    Entered(TrialRecord),
+    Entered,
     /// A root was staged and not entered (the soft reboot did not happen): discarded. With
     /// the modules it would have run.
     NotEntered(TrialRecord, Vec<ModuleInfo>),
@@ -193,7 +205,11 @@ pub enum Promotion {
 /// `boot.prev.json`; entering a rollback root drops both the trial and that record.
 pub fn promote(run_dir: &Path, root: &Path) -> Option<Promotion> {
     let next = run_dir.join(BOOT_NEXT_JSON);
-    let bytes = crate::external::read(&next, 1024 * 1024, crate::external::Links::Refuse).ok()?;
+    let Ok(bytes) = crate::external::read(&next, 1024 * 1024, crate::external::Links::Refuse) else {
+        // A root staged by a service stopped before it wrote the record: not to be entered.
+        discard_at(&root.join(NEXTROOT), run_dir);
+        return None;
+    };
     let record: Option<BootRecord> = serde_json::from_slice(&bytes).ok();
     let Some(mut record) = record.filter(|r| r.trial.is_some()) else {
         tracing::warn!(path = %next.display(), "a staged root's record that does not parse: discarded");
@@ -208,7 +224,8 @@ pub fn promote(run_dir: &Path, root: &Path) -> Option<Promotion> {
     }
     let promoted = if trial.rollback {
         record.trial = None;
-        let _ = std::fs::remove_file(run_dir.join(BOOT_PREV_JSON));
+        // The root gone back from replaced this one's record: nothing of it is needed.
+        let _ignored = std::fs::remove_file(run_dir.join(BOOT_PREV_JSON));
         write_record(&run_dir.join(BOOT_JSON), &record)
             .and_then(|()| std::fs::remove_file(&next).map_err(|e| format!("removing {}: {e}", next.display())))
     } else {
@@ -222,5 +239,5 @@ pub fn promote(run_dir: &Path, root: &Path) -> Option<Promotion> {
     if let Err(e) = promoted {
         tracing::error!(error = %e, "promoting the staged root's record");
     }
-    Some(Promotion::Entered(trial))
+    Some(Promotion::Entered)
 }

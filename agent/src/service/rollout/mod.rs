@@ -103,6 +103,8 @@ pub struct Trial {
     pub changed: Vec<(Option<ModuleInfo>, ModuleInfo)>,
     /// The soft reboot into the staged root did not happen (why): the change failed.
     pub not_entered: Option<String>,
+    /// The journal shows the gate passed (the service stopped before the commit): commit.
+    pub passed: bool,
 }
 
 /// One module change.
@@ -179,6 +181,9 @@ pub struct Rollout {
     trial_deadline_s: u64,
     /// A soft reboot was asked for: this userspace is ending.
     leaving: bool,
+    /// The desired state names a refused root or `usr` module: no root change this reconcile
+    /// (the rest of it would make a root that was never asked for).
+    root_held: bool,
 }
 
 /// Retry delay after a failed exchange with the plane: 5 s doubling to 5 min.
@@ -232,6 +237,7 @@ impl Rollout {
             trial: None,
             trial_deadline_s: ironroot_contract::run_state::DEFAULT_TRIAL_DEADLINE_S,
             leaving: false,
+            root_held: false,
         };
         if let Some(trial) = trial {
             r.wall = trial.started;
@@ -277,6 +283,11 @@ impl Rollout {
     /// Whether the live modules are attached (or given up on): the handshake may say `ready`.
     pub fn ready(&self) -> bool {
         self.ready
+    }
+
+    /// A soft reboot into a staged root (or back) was asked for.
+    pub fn leaving(&self) -> bool {
+        self.leaving
     }
 
     pub fn is_idle(&self) -> bool {
@@ -356,6 +367,10 @@ impl Rollout {
         let wanted: BTreeSet<&str> = desired.modules.iter().map(|m| m.name.as_str()).collect();
         self.removals =
             self.live.values().filter(|m| m.role.is_live() && !wanted.contains(m.name.as_str())).cloned().collect();
+        self.root_held = desired
+            .modules
+            .iter()
+            .any(|m| self.refused.contains(&m.digest) && self.live.get(&m.name).is_some_and(|l| !l.role.is_live()));
         let todo: VecDeque<DesiredModule> = desired
             .modules
             .into_iter()
@@ -392,7 +407,9 @@ impl Rollout {
             }
         }
         queue.extend(std::mem::take(&mut self.removals).into_iter().map(Change::Remove));
-        if root_changed {
+        if root_changed && self.root_held {
+            tracing::warn!("a root change held back: the desired root names a module refused at this generation");
+        } else if root_changed {
             let mut modules: Vec<ModuleInfo> = self
                 .live
                 .values()

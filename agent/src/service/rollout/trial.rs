@@ -47,11 +47,21 @@ impl Rollout {
         }
         let mut txn = Self::trial_txn(&trial, modules, None);
         txn.units = units.iter().cloned().collect();
-        out.push(Action::run(Job::GateRoot {
-            txn: txn.id.clone(),
-            units: txn.units.clone(),
-            deadline: trial.deadline,
-        }));
+        if trial.passed {
+            // Gated before a restart: the commit is what was left.
+            txn.step = super::Step::Healthy;
+            let modules = match &txn.change {
+                Change::Root { modules, .. } => modules.clone(),
+                _ => Vec::new(),
+            };
+            out.push(Action::run(Job::CommitRoot { txn: txn.id.clone(), modules }));
+        } else {
+            out.push(Action::run(Job::GateRoot {
+                txn: txn.id.clone(),
+                units: txn.units.clone(),
+                deadline: trial.deadline,
+            }));
+        }
         self.state = State::Applying { generation: None, queue: VecDeque::new(), txn: Some(Box::new(txn)), failed: 0 };
     }
 }

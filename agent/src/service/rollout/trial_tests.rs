@@ -9,7 +9,14 @@ use super::*;
 use crate::service::systemd::PowerOp;
 
 fn trial(changed: Vec<(Option<ModuleInfo>, ModuleInfo)>, not_entered: Option<&str>) -> Trial {
-    Trial { txn: "x-old-1".into(), started: 900, deadline: 1_200, changed, not_entered: not_entered.map(Into::into) }
+    Trial {
+        txn: "x-old-1".into(),
+        started: 900,
+        deadline: 1_200,
+        changed,
+        not_entered: not_entered.map(Into::into),
+        passed: false,
+    }
 }
 
 /// A service starting in root `base2` (replacing `base1`), with `hello` live.
@@ -144,4 +151,57 @@ fn a_staged_root_that_was_not_entered_ends_failed_and_is_not_tried_again() {
     };
     r.on_desired(Ok(desired), at(41), &mut out);
     assert!(jobs(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_service_restarted_after_the_gate_passed_commits_without_gating_again() {
+    let base1 = info("base", 1, MountRole::Root);
+    let base2 = info("base", 2, MountRole::Root);
+    let mut t = trial(vec![(Some(base1), base2.clone())], None);
+    t.passed = true;
+    let mut out = Vec::new();
+    let mut r = Rollout::new(vec![base2.clone()], vec![], 4, None, vec![], "b", "0.2.0", Some(t), &mut out);
+    assert_eq!(jobs(&out), [Job::CommitRoot { txn: "x-old-1".into(), modules: vec![base2] }]);
+    let mut out = Vec::new();
+    r.on_job(JobDone::Committed { txn: "x-old-1".into(), result: Ok(()) }, at(5), &mut out);
+    assert_eq!(receipts(&out)[0].outcome, Outcome::Committed);
+    assert!(r.ready());
+}
+
+#[test]
+fn a_refused_root_module_holds_back_the_rest_of_a_root_change() {
+    // base 2 was rolled back; the plane still names it, with a new usr layer: staging base 1
+    // with usr 2 would make a root nobody asked for.
+    let base1 = info("base", 1, MountRole::Root);
+    let (base2, tools1, tools2) =
+        (info("base", 2, MountRole::Root), info("tools", 5, MountRole::Usr), info("tools", 6, MountRole::Usr));
+    let mut out = Vec::new();
+    let mut r = Rollout::new(
+        vec![base1.clone(), tools1.clone()],
+        vec![],
+        2,
+        None,
+        vec![base2.digest],
+        "b",
+        "0.1.0",
+        None,
+        &mut out,
+    );
+    let mut out = Vec::new();
+    r.on_generation(3, at(1), &mut out);
+    assert_eq!(out, [Action::FetchDesired]);
+    let desired = DesiredState {
+        generation: 3,
+        template: None,
+        modules: vec![base2.pinned(), tools2.pinned()],
+        intents: Vec::new(),
+        trial_deadline_s: None,
+    };
+    let mut out = Vec::new();
+    r.on_desired(Ok(desired), at(2), &mut out);
+    assert_eq!(jobs(&out), [Job::Verify { module: tools2.pinned() }], "base 2 stays refused");
+    let mut out = Vec::new();
+    r.on_job(JobDone::Verified { name: "tools".into(), result: Ok(tools2) }, at(3), &mut out);
+    assert!(jobs(&out).is_empty(), "no root change: {out:?}");
+    assert!(r.is_idle());
 }

@@ -46,6 +46,11 @@ impl Rollout {
         if done == JobDone::PowerBegun {
             return;
         }
+        if matches!(done, JobDone::PowerFailed(_)) && !self.leaving {
+            // A task's reboot: not this machine's.
+            tracing::warn!(?done, "a reboot asked by a task did not begin");
+            return;
+        }
         let State::Applying { txn: Some(txn), .. } = &mut self.state else {
             tracing::warn!(?done, "a job finished outside a transaction");
             return;
