@@ -169,6 +169,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE templates DROP COLUMN modules;",
     "ALTER TABLE templates ADD COLUMN trial_deadline_s INTEGER;",
     "ALTER TABLE tasks ADD COLUMN deadline INTEGER;",
+    "ALTER TABLE nodes ADD COLUMN good_revision INTEGER;",
 ];
 
 /// Opens (creating) the database at `path` and brings its schema up to date.

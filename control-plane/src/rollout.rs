@@ -5,8 +5,9 @@
 //! and it is `waiting` until it reports every digest of the rendering (heartbeat
 //! `module_digests`) or a committed receipt for it (`done`); the next batch starts when no node
 //! of the current batch is waiting. A `rolled-back` or `failed` receipt for the target halts
-//! the rollout, and the node (`failed`) is pinned to the rendering before the target (when
-//! there is one), which it went back to; `rollout resume` continues with the next batch. Nodes not yet moved
+//! the rollout, and the node (`failed`) is pinned to the last rendering it ran whole (its
+//! `good_revision`, set when it is `done`), which it went back to; `rollout resume` continues
+//! with the next batch. Nodes not yet moved
 //! (`pending`) keep being served the rendering they had. Runs inside the caller's transaction.
 
 use std::collections::HashSet;
@@ -64,7 +65,8 @@ pub(crate) fn republish(tx: &Connection, template: &str, actor: &str) -> Result<
         "DELETE FROM renderings WHERE template = ?1 AND revision NOT IN (
              SELECT revision FROM rollouts WHERE template = ?1
              UNION SELECT previous FROM rollouts WHERE template = ?1 AND previous IS NOT NULL
-             UNION SELECT DISTINCT revision FROM nodes WHERE template = ?1 AND revision IS NOT NULL)",
+             UNION SELECT DISTINCT revision FROM nodes WHERE template = ?1 AND revision IS NOT NULL
+             UNION SELECT DISTINCT good_revision FROM nodes WHERE template = ?1 AND good_revision IS NOT NULL)",
         [template],
     )?;
     Ok(Some(revision))
@@ -140,7 +142,7 @@ pub(crate) fn join(tx: &Connection, node_id: &str, template: &str) -> Result<(),
     tx.execute(
         &format!(
             "UPDATE nodes SET template = ?1, revision = ?2, rollout = ?3, generation = generation + 1,
-                 rollout_since = {RECEIPT_MARK} WHERE id = ?4"
+                 good_revision = NULL, rollout_since = {RECEIPT_MARK} WHERE id = ?4"
         ),
         params![template, revision, progress, node_id],
     )?;
@@ -178,14 +180,15 @@ pub(crate) fn observe(tx: &Connection, node_id: &str, reported: &[OciDigest]) ->
             return Ok(());
         }
     }
-    tx.execute("UPDATE nodes SET rollout = 'done' WHERE id = ?1", [node_id])?;
+    // The rendering it runs whole: what a later failed change pins it back to.
+    tx.execute("UPDATE nodes SET rollout = 'done', good_revision = revision WHERE id = ?1", [node_id])?;
     advance(tx, &template, "plane:rollout")?;
     Ok(())
 }
 
 /// A receipt arrived (already stored): a committed one may complete the node's move; a
 /// rolled-back or failed one for a module of the rollout's target halts the rollout and pins
-/// the node to the rendering before the target (its generation rises).
+/// the node to the last rendering it ran whole (its generation rises).
 pub(crate) fn observe_receipt(tx: &Connection, node_id: &str, receipt: &Receipt) -> Result<(), Refusal> {
     if receipt.outcome == Outcome::Committed {
         let reported: Option<String> =
@@ -217,13 +220,13 @@ pub(crate) fn observe_receipt(tx: &Connection, node_id: &str, receipt: &Receipt)
     }
     // Pinned to the last good rendering (the one before the target, which the node went back
     // to): its desired state stops naming what it refused.
-    // (A first rollout has no rendering before it: the node stays, its refusal standing.)
-    tx.execute("UPDATE nodes SET rollout = 'failed' WHERE id = ?1", [node_id])?;
+    // Pinned to the last rendering it ran whole (none yet: it stays, its refusal standing).
     tx.execute(
-        "UPDATE nodes SET generation = generation + 1,
-             revision = (SELECT previous FROM rollouts WHERE template = ?2)
-         WHERE id = ?1 AND (SELECT previous FROM rollouts WHERE template = ?2) IS NOT NULL",
-        params![node_id, template],
+        "UPDATE nodes SET rollout = 'failed',
+             generation = generation + (good_revision IS NOT NULL AND good_revision != revision),
+             revision = COALESCE(good_revision, revision)
+         WHERE id = ?1",
+        [node_id],
     )?;
     if halted.is_none() {
         let version = receipt.to.as_ref().map_or_else(|| wanted.to_string(), |t| t.version.clone());

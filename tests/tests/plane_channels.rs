@@ -265,6 +265,10 @@ async fn a_rollout_moves_in_batches_halts_on_a_rollback_and_resumes() {
     let (_, hb) = heartbeat_with(&p, second, &[&v3]).await;
     assert_eq!(generation(&hb), g2 + 1, "a halted rollout moves no one");
     assert_eq!(desired(&p, second).await["modules"][0]["digest"], v3.as_str());
+    // The first node is pinned to the rendering it last ran whole (v3), its generation raised:
+    // its desired state names what it went back to, not what it refused.
+    let pinned = desired(&p, first).await;
+    assert_eq!(pinned["modules"][0]["digest"], v3.as_str(), "{pinned}");
     let receipts = json_of(&p, &["node", "receipts", &first.id, "--json"]);
     assert_eq!((&receipts[0]["outcome"], &receipts[0]["to"]["digest"]), (&json!("rolled-back"), &json!(v4)));
     assert_eq!(receipts[0]["reason"], "web.service failed");

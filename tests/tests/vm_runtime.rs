@@ -77,6 +77,20 @@ fn hello(lab: &VmLab, version: &str, serial: u64, check: &str) -> String {
     lab.publish(&layout, "keys", "hello").0
 }
 
+/// Waits until the console's last `later` comes after its last `earlier` (a unit's start shows
+/// there a moment after the receipt that restarted it).
+fn said_after(vm: &Vm, later: &str, earlier: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let console = vm.console();
+        if console.rfind(later) > console.rfind(earlier) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{later:?} not said after {earlier:?}: {}", vm.console_tail(60));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 fn receipts(lab: &VmLab, node: &str) -> Vec<serde_json::Value> {
     let run = lab.plane.op(&["node", "receipts", node, "--json"]);
     serde_json::from_str::<serde_json::Value>(&run.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
@@ -133,8 +147,7 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     let reason = r["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("check") && reason.contains("not today"), "{r}");
     let after = lab.wait_for(&mut vm, node, CHANGE, |v| v["heartbeats"].as_i64() > booted["heartbeats"].as_i64());
-    let console = vm.console();
-    assert!(console.rfind("HELLO version=2") > console.rfind("HELLO version=3"), "{}", vm.console_tail(40));
+    said_after(&vm, "HELLO version=2", "HELLO version=3");
     assert_eq!(after["state"], "running", "{after}");
 
     // kill -9 of the agent in the middle of an update: systemd restarts it, it reads the open
@@ -145,8 +158,7 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     let r = nth_receipt(&lab, &mut vm, node, 4);
     assert_eq!(r["outcome"], "rolled-back", "{r}");
     assert!(r["reason"].as_str().unwrap_or_default().contains("the agent stopped during the change"), "{r}");
-    let console = vm.console();
-    assert!(console.rfind("HELLO version=2") > console.rfind("HELLO version=4"), "{}", vm.console_tail(40));
+    said_after(&vm, "HELLO version=2", "HELLO version=4");
     std::thread::sleep(Duration::from_secs(30));
     assert_eq!(receipts(&lab, node).len(), 4, "version 4 is not tried again");
 
@@ -256,15 +268,7 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
     let r = nth_receipt(lab, vm, node, seen + 2);
     assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("base"), Some("rolled-back")), "{r}");
     assert!(r["reason"].as_str().unwrap_or_default().contains("root-hello.service is failed"), "{r}");
-    let deadline = Instant::now() + CHANGE;
-    loop {
-        let console = vm.console();
-        if console.rfind("ROOT version=2") > console.rfind("ROOT version=3") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "root 2 is not back: {}", vm.console_tail(60));
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    said_after(vm, "ROOT version=2", "ROOT version=3");
     let beats = lab.plane.op(&["node", "show", node, "--json"]).stdout;
     let beats = serde_json::from_str::<serde_json::Value>(&beats).unwrap()["heartbeats"].as_i64();
     let back = lab.wait_for(vm, node, CHANGE, |v| v["heartbeats"].as_i64() > beats);

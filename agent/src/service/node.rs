@@ -148,7 +148,13 @@ impl Node {
             Event::Renewed(result) => self.renewal.on_renewed(result, now, &mut out),
             Event::Journaled(seq) => self.spool.on_journaled(seq),
             Event::Delivered(result) => self.spool.on_delivered(result, now),
-            Event::Job(done) => self.rollout.on_job(done, now, &mut out),
+            Event::Job(done) => {
+                if matches!(done, JobDone::PowerFailed(_)) && !self.rollout.leaving() {
+                    // A task's reboot that did not begin: leasing goes on.
+                    self.tasks.on_power_failed();
+                }
+                self.rollout.on_job(done, now, &mut out);
+            }
             Event::Terminate => self.stopping = true,
         }
         // Between machines: a module-update task asks the rollout to reconcile now, and is

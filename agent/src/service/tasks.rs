@@ -163,6 +163,11 @@ impl Tasks {
         }
     }
 
+    /// The reboot a task asked for did not begin: the node stays, and leases again.
+    pub fn on_power_failed(&mut self) {
+        self.leaving = false;
+    }
+
     /// Posts the oldest unacknowledged result, and keeps one lease outstanding. A
     /// `module-update` still reconciling at its deadline is answered `timed-out` (the change
     /// under way ends on its own, committed or rolled back: a transaction is not cut short).
