@@ -119,23 +119,14 @@ impl Store {
         }
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
-        let row: Option<(String, String)> = tx
-            .query_row("SELECT node_id, state FROM tasks WHERE id = ?1", [task_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((owner, state)) = row else {
-            return Err(Refusal::new(404, "unknown_task", format!("no task {task_id:?}")));
-        };
+        let (owner, state) = task_row(&tx, task_id)?;
         if owner != node_id {
             return Err(Refusal::new(403, "wrong_node", format!("task {task_id} belongs to another node")));
         }
         if state == "done" {
             return Ok(false);
         }
-        let json = serde_json::to_string(result).unwrap_or_default();
-        tx.execute(
-            "UPDATE tasks SET state = 'done', result = ?1, finished_at = ?2 WHERE id = ?3",
-            params![json, now(), task_id],
-        )?;
+        finish(&tx, task_id, result)?;
         audit::append(
             &tx,
             now(),
@@ -153,12 +144,7 @@ impl Store {
     pub fn task_cancel(&self, task_id: &str, actor: &str) -> Result<String, Refusal> {
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;
-        let row: Option<(String, String)> = tx
-            .query_row("SELECT node_id, state FROM tasks WHERE id = ?1", [task_id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let Some((node_id, state)) = row else {
-            return Err(Refusal::new(404, "unknown_task", format!("no task {task_id:?}")));
-        };
+        let (node_id, state) = task_row(&tx, task_id)?;
         if state == "done" {
             return Err(Refusal::new(409, "task_finished", format!("task {task_id} is already finished")));
         }
@@ -166,11 +152,7 @@ impl Store {
             ironroot_contract::wire::TaskOutcome::Cancelled,
             Some(format!("cancelled by {actor} while {state}")),
         );
-        let json = serde_json::to_string(&result).unwrap_or_default();
-        tx.execute(
-            "UPDATE tasks SET state = 'done', result = ?1, finished_at = ?2 WHERE id = ?3",
-            params![json, now(), task_id],
-        )?;
+        finish(&tx, task_id, &result)?;
         audit::append(&tx, now(), actor, "task.cancel", task_id, &serde_json::json!({"node": node_id, "was": state}))?;
         tx.commit()?;
         Ok(node_id)
@@ -195,4 +177,21 @@ impl Store {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// A task's node and state (404 `unknown_task`).
+fn task_row(tx: &rusqlite::Connection, task_id: &str) -> Result<(String, String), Refusal> {
+    tx.query_row("SELECT node_id, state FROM tasks WHERE id = ?1", [task_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .ok_or_else(|| Refusal::new(404, "unknown_task", format!("no task {task_id:?}")))
+}
+
+/// Marks a task done with `result`.
+fn finish(tx: &rusqlite::Connection, task_id: &str, result: &TaskResult) -> Result<(), Refusal> {
+    let json = serde_json::to_string(result).unwrap_or_default();
+    tx.execute(
+        "UPDATE tasks SET state = 'done', result = ?1, finished_at = ?2 WHERE id = ?3",
+        params![json, now(), task_id],
+    )?;
+    Ok(())
 }

@@ -43,36 +43,25 @@ fn hello_tree(dir: &Path, version: &str, check: &str) -> std::path::PathBuf {
     tree
 }
 
+/// `ironroot-build module build` of `tree` as `name` `version`/`serial` with `flags`; the layout.
+fn build(lab: &VmLab, tree: &Path, name: &str, version: &str, serial: u64, flags: &[&str]) -> std::path::PathBuf {
+    let layout = lab.work.path().join(format!("built-{name}-{version}"));
+    let (tree_s, layout_s, serial_s) =
+        (tree.to_string_lossy().into_owned(), layout.to_string_lossy().into_owned(), serial.to_string());
+    let mut args =
+        vec!["module", "build", "--from", &tree_s, "--name", name, "--version", version, "--serial", &serial_s];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--out", &layout_s]);
+    build_cmd(&args).ok();
+    layout
+}
+
 /// Builds, signs and pushes `hello` at `version`/`serial`; the guest's reference.
 fn hello(lab: &VmLab, version: &str, serial: u64, check: &str) -> String {
     let tree = hello_tree(lab.work.path(), version, check);
-    let layout = lab.work.path().join(format!("built-hello-{version}"));
-    let tree_s = tree.to_string_lossy().into_owned();
-    let layout_s = layout.to_string_lossy().into_owned();
-    let serial_s = serial.to_string();
-    build_cmd(&[
-        "module",
-        "build",
-        "--from",
-        &tree_s,
-        "--name",
-        "hello",
-        "--version",
-        version,
-        "--serial",
-        &serial_s,
-        "--role",
-        "opt",
-        "--unit",
-        "hello.service",
-        "--health-cmd",
-        "/opt/hello/bin/check",
-        "--health-deadline",
-        "30",
-        "--out",
-        &layout_s,
-    ])
-    .ok();
+    let flags =
+        ["--role", "opt", "--unit", "hello.service", "--health-cmd", "/opt/hello/bin/check", "--health-deadline", "30"];
+    let layout = build(lab, &tree, "hello", version, serial, &flags);
     // One repository for every version: the plane names a module by its repository.
     lab.publish(&layout, "keys", "hello").0
 }
@@ -193,27 +182,7 @@ fn root_unit(tree: &Path, line: &str, fails: bool) {
 /// signs it in the base repository. The guest's reference.
 fn root_version(lab: &VmLab, tree: &Path, serial: u64, fails: bool) -> String {
     root_unit(tree, &format!("ROOT version={serial}"), fails);
-    let layout = lab.work.path().join(format!("built-base-{serial}"));
-    let (tree_s, layout_s, serial_s) =
-        (tree.to_string_lossy().into_owned(), layout.to_string_lossy().into_owned(), serial.to_string());
-    let version = format!("root-{serial}");
-    build_cmd(&[
-        "module",
-        "build",
-        "--from",
-        &tree_s,
-        "--name",
-        "base",
-        "--version",
-        &version,
-        "--serial",
-        &serial_s,
-        "--unit",
-        "root-hello.service",
-        "--out",
-        &layout_s,
-    ])
-    .ok();
+    let layout = build(lab, tree, "base", &format!("root-{serial}"), serial, &["--unit", "root-hello.service"]);
     lab.publish(&layout, "keys", "base").0
 }
 
