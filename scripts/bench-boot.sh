@@ -15,6 +15,14 @@
 #               systemd's start of the new root, the agent's trial gate with its 5 s settle);
 #               the download is before the transaction and not counted. Whole seconds (the
 #               receipt's clock). Target: soft / warm <= 0.3.
+#   ext         (run 1) on the warm node, an `opt` module with a service and a health check
+#               attached, then updated to a second version (the store holds the first): from the
+#               template change to the committed receipt at the plane, and the node's own parts
+#               (receipt steps_ms: verify with its download, stage, swap, health gate, commit)
+#   idle        (run 1) the warm node's agent service with nothing to do for 60 s
+#               (BENCH_IDLE_SECONDS): its resident memory and CPU time as its own reports carry
+#               them (node show: agent_rss_kib, agent_cpu_ms). Targets: <= 16 MiB, <= 0.5 % of
+#               a core.
 #
 # The per-phase timings are the node's own (boot.json, sent with the handshake): kernel (to
 # /init), modules, network, discover, store, enroll, fetch, verify, mount, and root (hand-off
@@ -155,6 +163,64 @@ node_boot() {
     echo "$kind $((t1 - t0)) $timings" >>"$WORK/results"
 }
 
+# idle_usage NODE: the agent service's own footprint on NODE (running, nothing to do) as its
+# reports carry it: resident memory, and CPU time over a 60 s window of heartbeats; records
+# "idle 0 {rss_kib, cpu_ms, window_ms}".
+idle_usage() {
+    local node=$1 rss0 cpu0 t0 rss1 cpu1 t1
+    { read -r rss0; read -r cpu0; } < <(view "$node" agent_rss_kib agent_cpu_ms)
+    t0=$(now_ms)
+    sleep "${BENCH_IDLE_SECONDS:-60}"
+    { read -r rss1; read -r cpu1; } < <(view "$node" agent_rss_kib agent_cpu_ms)
+    t1=$(now_ms)
+    [ -n "$cpu0" ] && [ -n "$cpu1" ] || { echo "bench-boot: $node reports no agent usage" >&2; exit 1; }
+    echo "idle 0 {\"rss_kib\": $rss1, \"cpu_ms\": $((cpu1 - cpu0)), \"window_ms\": $((t1 - t0))}" >>"$WORK/results"
+}
+
+# wait_receipt NODE N: waits for NODE's Nth receipt; prints "OUTCOME STEPS_JSON".
+wait_receipt() {
+    local node=$1 n=$2 deadline receipt
+    deadline=$(($(now_ms) + TIMEOUT * 1000))
+    while :; do
+        receipt=$(lab_op node receipts "$node" --json 2>/dev/null | python3 -c '
+import json, sys
+rs = json.load(sys.stdin)
+if len(rs) >= int(sys.argv[1]):
+    r = rs[int(sys.argv[1]) - 1]
+    print(r["outcome"], json.dumps(r.get("steps_ms", {})))' "$n" || true)
+        [ -z "$receipt" ] || { echo "$receipt"; return; }
+        [ "$(now_ms)" -lt "$deadline" ] || { echo "bench-boot: no receipt #$n within ${TIMEOUT} s" >&2; exit 1; }
+        sleep 0.5
+    done
+}
+
+# ext_update NODE: on NODE (running), an `opt` module with a service and a health check is
+# attached, then updated to a second version; records "ext MS STEPS_JSON" for the update: the
+# host's time from the template change to the committed receipt at the plane (it includes up to
+# one heartbeat interval before the node hears of it), and the node's own parts.
+ext_update() {
+    local node=$1 tree="$WORK/hello" v ref t0 receipt
+    mkdir -p "$tree/bin" "$tree/usr/lib/systemd/system"
+    printf '[Unit]\nDescription=bench: a live module\n\n[Service]\nExecStart=/opt/hello/bin/hello\n' \
+        >"$tree/usr/lib/systemd/system/hello.service"
+    printf '#!/bin/sh\nexit 0\n' >"$tree/bin/check"
+    for v in 1 2; do
+        printf '#!/bin/sh\necho hello %s\nexec sleep infinity\n' "$v" >"$tree/bin/hello"
+        chmod 755 "$tree/bin/hello" "$tree/bin/check"
+        $BUILD module build --from "$tree" --name hello --version "$v" --serial "$v" --role opt \
+            --unit hello.service --health-cmd /opt/hello/bin/check --out "$WORK/hello-$v" >/dev/null
+        ref=$(lab_push "$WORK/hello-$v" "$IMAGE/keys/ironroot.key" ironroot/hello)
+        t0=$(now_ms)
+        lab_op template add base --module "$ref,serial=$v" >/dev/null
+        receipt=$(wait_receipt "$node" "$v")
+        case "$receipt" in
+            committed\ *) ;;
+            *) echo "bench-boot: hello $v ended $receipt" >&2; exit 1 ;;
+        esac
+    done
+    echo "ext $(($(now_ms) - t0)) ${receipt#committed }" >>"$WORK/results"
+}
+
 # soft_update NODE: on NODE (running), a new build of the base module assigned; records
 # "soft MS {}" from the root transaction's start to its committed receipt, then stops the VM.
 soft_update() {
@@ -197,6 +263,10 @@ for i in $(seq "$RUNS"); do
     step "run $i/$RUNS: warm store"
     if [ "$i" = 1 ]; then
         KEEP_VM=1 node_boot warm "$node" "$WORK/$node.disk"
+        step "run 1: the agent idle, heartbeating"
+        idle_usage "$node"
+        step "run 1: an extension module attached, then updated"
+        ext_update "$node"
         step "run 1: root update by soft reboot"
         soft_update "$node"
     else
@@ -228,6 +298,18 @@ for kind in ("cold", "warm"):
     own = sum(t.get(p, 0) for p in agent)
     ratio = (ms - t.get("root", 0)) / bare
     print(f"{kind}: agent phases {s(own)} s = {own / bare:.2f}x bare; (ready - root) / bare = {ratio:.2f}  target <= 1.50")
+if "idle" in best:
+    u = best["idle"][1]
+    cpu = u["cpu_ms"] / u["window_ms"] * 100
+    print(f"idle agent (warm node, heartbeating every 3 s): RSS {u['rss_kib'] / 1024:.1f} MiB = "
+          f"{u['rss_kib'] / 16384:.2f}x the 16 MiB target; CPU {cpu:.2f} % of a core over "
+          f"{u['window_ms'] / 1000:.0f} s = {cpu / 0.5:.2f}x the 0.5 % target")
+if "ext" in best:
+    ms, parts = best["ext"]
+    total = sum(parts.values())
+    order = ["verify", "stage", "swap", "gate", "commit"]
+    print(f"ext: extension update (warm store, v1 -> v2): template change to committed receipt at the "
+          f"plane {s(ms)} s; on the node {s(total)} s = " + " + ".join(f"{p} {s(parts.get(p, 0))}" for p in order))
 if "soft" in best:
     soft, warm = best["soft"][0], best["warm"][0]
     print(f"soft: root update by soft reboot, transaction start to committed receipt {s(soft)} s; "

@@ -10,8 +10,12 @@
 #                     (target >= 0.5, throughput), and the agent's peak RSS above its idle RSS
 #                     (target <= 64 MiB)
 #   plane fan-in      BENCH_NODES (10000) persistent mTLS connections heartbeating every 30 s for
-#                     BENCH_PLANE_SECONDS (60): p50/p99 latency and plane CPU (targets p99 <= 20 ms,
-#                     <= 0.5 core), then SIGKILL + restart and time until all re-handshake (<= 60 s)
+#                     BENCH_PLANE_SECONDS (60; 100 with the fan-out): p50/p99 latency and plane CPU
+#                     (targets p99 <= 20 ms, <= 0.5 core), then SIGKILL + restart and time until all
+#                     re-handshake (<= 60 s)
+#   plane fan-out     the same nodes on one template following a channel; one interval in, a
+#                     `channel promote`: time until every node fetched the new desired state
+#                     (target: within 2 heartbeat intervals) and the plane's CPU (<= 0.5 core)
 #
 # BENCH_MB sets the tree size (default 384). Each figure is the best of BENCH_RUNS runs (default 5).
 set -euo pipefail
@@ -152,6 +156,17 @@ row "  first run" "$t_pull_first" "(informational: the first run, into pages no 
 printf '%-18s %9s MiB %9s MiB %8s  %s\n' "  peak RSS" "$((rss_pull >> 10))" "$((rss_idle >> 10))" "+$(((rss_pull - rss_idle) >> 10))" "<= +64 MiB above idle (idle: the agent discovering an empty root)"
 printf '(%s MiB module, best of %s runs; store on tmpfs)\n' "$((bytes_big >> 20))" "$PULL_RUNS"
 
+# 5. the plane: heartbeat fan-in, and a channel promote fanned out to every node (a small module
+# at serials 1 and 2, signed, in the loopback registry; the plane reads and verifies it there)
+mkdir -p "$WORK/fleet"
+for serial in 1 2; do
+    echo "fleet $serial" >"$WORK/fleet/version"
+    $BIN module build --from "$WORK/fleet" --name fleet --role opt --version "$serial" --serial "$serial" \
+        --out "$WORK/fleet-$serial" >/dev/null
+    ref=$($BIN module push "$WORK/fleet-$serial" "127.0.0.1:$PORT/bench/fleet:$serial")
+    $BIN module sign "$ref" --key "$WORK/keys/ironroot.key" >/dev/null
+done
 echo
-echo "bench: plane heartbeat fan-in (${BENCH_NODES:-10000} nodes, ${BENCH_PLANE_SECONDS:-60} s)" >&2
-target/release/ironroot-plane-load target/release/ironroot-plane "${BENCH_NODES:-10000}" "${BENCH_PLANE_SECONDS:-60}" 30
+echo "bench: plane heartbeat fan-in and desired-state fan-out (${BENCH_NODES:-10000} nodes, ${BENCH_PLANE_SECONDS:-60} s)" >&2
+FANOUT_REPO="127.0.0.1:$PORT/bench/fleet" FANOUT_TRUST="$WORK/keys/ironroot.pub" \
+    target/release/ironroot-plane-load target/release/ironroot-plane "${BENCH_NODES:-10000}" "${BENCH_PLANE_SECONDS:-60}" 30

@@ -263,22 +263,3 @@ async fn pull(
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use clap::CommandFactory as _;
-
-    use super::*;
-
-    #[test]
-    fn every_subcommand_and_argument_has_a_description() {
-        let mut cli = Cli::command();
-        cli.build();
-        for sub in cli.get_subcommands() {
-            assert!(sub.get_about().is_some(), "{} has no description", sub.get_name());
-            for arg in sub.get_arguments() {
-                assert!(arg.get_help().is_some(), "{} {} has no description", sub.get_name(), arg.get_id());
-            }
-        }
-    }
-}

@@ -170,6 +170,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE templates ADD COLUMN trial_deadline_s INTEGER;",
     "ALTER TABLE tasks ADD COLUMN deadline INTEGER;",
     "ALTER TABLE nodes ADD COLUMN good_revision INTEGER;",
+    "ALTER TABLE nodes ADD COLUMN served_generation INTEGER;",
+    "ALTER TABLE nodes ADD COLUMN agent_rss_kib INTEGER; ALTER TABLE nodes ADD COLUMN agent_cpu_ms INTEGER;",
 ];
 
 /// Opens (creating) the database at `path` and brings its schema up to date.

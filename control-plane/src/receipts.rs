@@ -15,6 +15,8 @@ use crate::store::{Refusal, Store, now};
 const MAX_TRANSACTION: usize = 128;
 const MAX_AGENT_VERSION: usize = 128;
 const MAX_REASON: usize = 4096;
+/// Parts a receipt's `steps_ms` may name.
+const MAX_STEPS: usize = 16;
 
 /// A stored receipt as `node receipts` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -43,6 +45,11 @@ pub(crate) fn parse(record: &NodeAuditRecord) -> Result<Option<Receipt>, Refusal
     if receipt.agent_version.len() > MAX_AGENT_VERSION || receipt.reason.as_ref().is_some_and(|r| r.len() > MAX_REASON)
     {
         return Err(bad(format!("agent_version is over {MAX_AGENT_VERSION} bytes or reason over {MAX_REASON}")));
+    }
+    if receipt.steps_ms.len() > MAX_STEPS
+        || receipt.steps_ms.keys().any(|k| k.is_empty() || k.len() > 32 || !k.bytes().all(|b| b.is_ascii_lowercase()))
+    {
+        return Err(bad(format!("steps_ms holds at most {MAX_STEPS} parts named in 1-32 of a-z")));
     }
     if receipt.finished < receipt.started {
         return Err(bad("finished before it started".into()));

@@ -102,6 +102,8 @@ pub struct NodeView {
     pub revoked: bool,
     pub template: Option<String>,
     pub generation: i64,
+    /// The generation of the desired state the node last fetched (the plane served it).
+    pub served_generation: Option<i64>,
     pub last_seen: Option<i64>,
     pub boot_id: Option<String>,
     pub agent_version: Option<String>,
@@ -116,6 +118,9 @@ pub struct NodeView {
     pub last_error: Option<String>,
     /// Task long-polls the node has waiting on this plane now (it is connected for tasks).
     pub long_polls: usize,
+    /// The agent service's resident memory (KiB) and CPU time (ms) at its last report.
+    pub agent_rss_kib: Option<i64>,
+    pub agent_cpu_ms: Option<i64>,
 }
 
 /// A report's strings are bounded and free of control characters (an error message may span
@@ -240,7 +245,8 @@ impl Store {
             "UPDATE nodes SET last_seen = ?1, boot_id = ?2, agent_version = ?3, phase = ?4,
                  phase_timings = CASE WHEN ?5 = '{}' THEN phase_timings ELSE ?5 END,
                  module_digests = ?6, last_reconcile = ?7, probe_summary = ?8, heartbeats = heartbeats + ?9,
-                 store = COALESCE(?11, store), last_error = ?12
+                 store = COALESCE(?11, store), last_error = ?12,
+                 agent_rss_kib = ?13, agent_cpu_ms = ?14
              WHERE id = ?10",
             params![
                 now(),
@@ -254,7 +260,9 @@ impl Store {
                 i64::from(!handshake),
                 id,
                 report.store,
-                report.error
+                report.error,
+                report.agent.map(|a| i64::try_from(a.rss_kib).unwrap_or(i64::MAX)),
+                report.agent.map(|a| i64::try_from(a.cpu_ms).unwrap_or(i64::MAX)),
             ],
         )?;
         if handshake {
@@ -316,7 +324,8 @@ impl Store {
 
     fn query_nodes(&self, key: Option<&str>) -> Result<Vec<NodeView>, Refusal> {
         const COLUMNS: &str = "SELECT id, name, state, revoked, template, generation, last_seen, boot_id, agent_version, \
-                               phase, phase_timings, module_digests, last_reconcile, heartbeats, store, last_error FROM nodes";
+                               phase, phase_timings, module_digests, last_reconcile, heartbeats, store, last_error, \
+                               served_generation, agent_rss_kib, agent_cpu_ms FROM nodes";
         let conn = self.conn();
         let sql = match key {
             None => format!("{COLUMNS} ORDER BY created_at, id"),
@@ -342,6 +351,9 @@ impl Store {
                 heartbeats: r.get(13)?,
                 store: r.get(14)?,
                 last_error: r.get(15)?,
+                served_generation: r.get(16)?,
+                agent_rss_kib: r.get(17)?,
+                agent_cpu_ms: r.get(18)?,
                 long_polls: 0,
             })
         };

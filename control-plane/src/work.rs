@@ -57,6 +57,8 @@ impl Store {
         };
         let mut desired = crate::render::desired(generation.max(0) as u64, template, modules, state == "draining");
         desired.trial_deadline_s = trial_deadline_s.and_then(|s| u64::try_from(s).ok());
+        // What the node now knows: an operator (and the fan-out benchmark) sees a change reach it.
+        conn.execute("UPDATE nodes SET served_generation = ?1 WHERE id = ?2", params![generation, node_id])?;
         Ok(desired)
     }
 
@@ -116,6 +118,10 @@ impl Store {
     pub fn task_result(&self, node_id: &str, task_id: &str, result: &TaskResult) -> Result<bool, Refusal> {
         if result.output.len() > 48 * 1024 || result.reason.as_ref().is_some_and(|r| r.len() > 4096) {
             return Err(Refusal::new(400, "bad_result", "task output is over 48 KiB or its reason over 4 KiB"));
+        }
+        // A reason reaches every operator's terminal: lines and tabs, no other control characters.
+        if result.reason.as_ref().is_some_and(|r| r.chars().any(|c| c.is_control() && c != '\n' && c != '\t')) {
+            return Err(Refusal::new(400, "bad_result", "the task's reason has control characters"));
         }
         let conn = self.conn();
         let tx = conn.unchecked_transaction()?;

@@ -9,6 +9,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt as _;
@@ -110,14 +111,29 @@ impl ModuleSource for Evidence {
 
     async fn manifest(&self, reference: &str, cap: u64) -> Result<Option<Vec<u8>>, SourceError> {
         let Some(path) = self.manifest_path(reference) else { return Ok(None) };
-        match fs::metadata(&path) {
-            Ok(m) if m.len() > cap => {
-                Err(SourceError::TooLarge { reference: reference.to_owned(), size: m.len(), cap })
-            }
-            Ok(_) => fs::read(&path).map(Some).map_err(|source| SourceError::Local { op: "reading", path, source }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(SourceError::Local { op: "reading", path, source }),
+        // The store's own file: opened without following a link and without waiting on a FIFO,
+        // read only when it is a regular file, and never past the cap.
+        let flags = (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32;
+        let file = match fs::OpenOptions::new().read(true).custom_flags(flags).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(SourceError::Local { op: "opening", path, source }),
+        };
+        let local = |op, source| SourceError::Local { op, path: path.clone(), source };
+        let meta = file.metadata().map_err(|e| local("reading", e))?;
+        if !meta.is_file() {
+            return Err(local("reading", io::Error::other("not a regular file")));
         }
+        if meta.len() > cap {
+            return Err(SourceError::TooLarge { reference: reference.to_owned(), size: meta.len(), cap });
+        }
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut io::Read::take(file, cap.saturating_add(1)), &mut bytes)
+            .map_err(|e| local("reading", e))?;
+        if bytes.len() as u64 > cap {
+            return Err(SourceError::TooLarge { reference: reference.to_owned(), size: bytes.len() as u64, cap });
+        }
+        Ok(Some(bytes))
     }
 
     async fn blob(&self, digest: &OciDigest) -> Result<BlobStream, SourceError> {
@@ -135,6 +151,30 @@ impl ModuleSource for Evidence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A FIFO or a link where a manifest is kept is refused at once (not waited on, not
+    /// followed); an oversized one costs the cap, not its size.
+    #[tokio::test]
+    async fn a_fifo_a_link_or_an_oversized_manifest_is_refused_without_waiting() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let evidence = Evidence::new(dir.path());
+        let manifests = dir.path().join("evidence/manifests");
+        fs::create_dir_all(&manifests)?;
+        let fifo = manifests.join("sha256-f1f0");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::RUSR, 0)?;
+        let refused = evidence.manifest("sha256:f1f0", 4096).await;
+        assert!(
+            matches!(&refused, Err(SourceError::Local { source, .. }) if source.to_string().contains("not a regular")),
+            "{refused:?}"
+        );
+        std::os::unix::fs::symlink("/etc/hostname", manifests.join("sha256-11"))?;
+        assert!(evidence.manifest("sha256:11", 4096).await.is_err(), "a link is not followed");
+        fs::write(manifests.join("sha256-b1"), vec![b'{'; 5000])?;
+        let big = evidence.manifest("sha256:b1", 4096).await;
+        assert!(matches!(big, Err(SourceError::TooLarge { cap: 4096, .. })), "{big:?}");
+        assert!(matches!(evidence.manifest("sha256:00", 4096).await, Ok(None)), "absent is not an error");
+        Ok(())
+    }
 
     #[test]
     fn only_plain_names_become_files() {

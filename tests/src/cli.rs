@@ -56,3 +56,35 @@ impl From<Output> for Run {
 pub fn build_cmd(args: &[&str]) -> Run {
     Command::new(binary()).args(args).output().expect("running ironroot-build").into()
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// The subcommands and arguments of `cmd` (and below) without a `--help` line.
+    fn undescribed(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" && arg.get_help().is_none() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let path = format!("{path} {}", sub.get_name());
+            if sub.get_about().is_none() {
+                missing.push(path.clone());
+            }
+            undescribed(sub, &path, missing);
+        }
+    }
+
+    /// Every subcommand and every argument of every binary says what it is for in `--help`.
+    #[test]
+    fn every_subcommand_and_argument_of_every_binary_is_described() {
+        let mut missing = Vec::new();
+        undescribed(&ironroot_build::cli::Cli::command(), "ironroot-build", &mut missing);
+        undescribed(&ironroot_plane::cli::Cli::command(), "ironroot-plane", &mut missing);
+        undescribed(&ironroot_agent::cli::Cli::command(), "ironroot-agent", &mut missing);
+        assert!(missing.is_empty(), "without a description: {missing:#?}");
+    }
+}

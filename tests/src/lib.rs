@@ -7,6 +7,7 @@
 //!   signed tokens a token registry checks, a hostile blob server);
 //! - [`tree`]: a generated tree holding everything a root filesystem has;
 //! - [`cli`]: running the `ironroot-build` binary;
+//! - [`runtime`]: modules, roots, receipts and the journal as the runtime scenarios use them;
 //! - [`vm`]: QEMU boots of the `just image` artifacts against the plane and a TLS registry;
 //! - [`craft`]: rewriting modules in a layout to build tampered (but validly signed) variants.
 //!
@@ -24,6 +25,7 @@ pub mod http;
 pub mod lab;
 pub mod plane;
 pub mod registry;
+pub mod runtime;
 pub mod tools;
 pub mod tree;
 pub mod vm;

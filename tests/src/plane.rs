@@ -38,10 +38,12 @@ impl TestPlane {
     fn spawn(&mut self) {
         let address = self.state.path().join("address");
         let _stale = std::fs::remove_file(&address); // absent on first start
+        // A restart listens where the plane did before: its nodes (and QEMU's forwards) know it.
+        let listen = if self.addr.is_empty() { "127.0.0.1:0".to_owned() } else { self.addr.clone() };
         let child = Command::new(binary_named("ironroot-plane"))
             .args(["serve", "--state"])
             .arg(self.state.path())
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &listen])
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -90,13 +92,22 @@ impl TestPlane {
         self.child.is_some().then(|| self.terminate())
     }
 
-    /// Starts the plane again on the same state (after [`TestPlane::terminate`]).
+    /// Sets `flag` to `value` for the next start ([`TestPlane::restart`]).
+    pub fn set_flag(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|a| a == flag) {
+            Some(i) if i + 1 < self.args.len() => self.args[i + 1] = value.to_owned(),
+            _ => self.args.extend([flag.to_owned(), value.to_owned()]),
+        }
+    }
+
+    /// Starts the plane again on the same state and address (after [`TestPlane::terminate`]).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "the plane is still running");
         self.spawn();
     }
 
-    /// SIGKILLs the plane (no shutdown path runs) and starts it again on the same state.
+    /// SIGKILLs the plane (no shutdown path runs) and starts it again on the same state and
+    /// address.
     pub fn kill9_and_restart(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().expect("kill -9"); // Child::kill sends SIGKILL

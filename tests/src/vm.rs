@@ -47,6 +47,11 @@ pub struct VmLab {
 
 impl VmLab {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`VmLab::start`] with more `ironroot-plane serve` flags (`--cert-ttl 90s`).
+    pub fn start_with(plane_flags: &[&str]) -> Self {
         crate::tools::require_root();
         let image = workspace().join("target/image");
         let agent = workspace().join("target/release/ironroot-agent");
@@ -83,7 +88,8 @@ impl VmLab {
         // The plane boots nodes itself from this bundle (`node provision`); machines it started
         // are powered off when the lab ends (VmLab's drop), and by their lifetime at the latest.
         let port = registry.host().rsplit(':').next().expect("registry port").to_owned();
-        let plane = TestPlane::start(&[
+        let bundle_s = s(&bundle);
+        let mut flags = vec![
             "--name",
             "10.0.2.100",
             "--heartbeat-interval",
@@ -91,12 +97,14 @@ impl VmLab {
             "--provider",
             "qemu",
             "--bundle",
-            &s(&bundle),
+            &bundle_s,
             "--machine-forward",
             &port,
             "--machine-lifetime",
             "20m",
-        ]);
+        ];
+        flags.extend_from_slice(plane_flags);
+        let plane = TestPlane::start(&flags);
 
         let mut lab = Self { registry, plane, work, bundle, guest_reference: String::new(), digest: String::new() };
         let (guest, digest) = lab.publish(&image.join("base"), "keys", "base");

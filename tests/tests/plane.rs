@@ -66,6 +66,10 @@ async fn happy_path_from_token_to_task_result() {
     assert_eq!(task["id"], task_id.as_str());
     wait_for_long_polls(&p, &id, 0).await;
     assert_eq!(task["spec"], json!({"kind": "exec", "argv": ["uname", "-r"]}));
+    // A reason that would drive the operator's terminal is refused, and records nothing.
+    let escape = json!({"outcome": "failed", "reason": "clear\u{1b}[2J"});
+    let (s, r) = call(&node, &p, "POST", &format!("/v1/tasks/{task_id}/result"), Some(escape)).await;
+    assert_eq!((s, r["error"].as_str()), (400, Some("bad_result")), "{r}");
     let result = json!({"outcome": "succeeded", "exit_code": 0, "output": "6.12.0"});
     let (s, r) = call(&node, &p, "POST", &format!("/v1/tasks/{task_id}/result"), Some(result.clone())).await;
     assert_eq!((s, &r["recorded"]), (200, &json!(true)));

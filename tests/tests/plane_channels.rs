@@ -323,6 +323,10 @@ async fn a_receipt_that_does_not_parse_is_refused_and_nothing_of_its_batch_is_ke
     nameless["data"]["module"] = json!("../etc");
     let (s, r) = call(&node.client, &p, "POST", &path, Some(json!({"records": [nameless]}))).await;
     assert_eq!(s, 400, "{r}");
+    let mut parts = receipt_record(4, "web", None, ("1.4", 4, &digest), "committed", None);
+    parts["data"]["steps_ms"] = json!({"verify": 1, "Gate-1": 2});
+    let (s, r) = call(&node.client, &p, "POST", &path, Some(json!({"records": [parts]}))).await;
+    assert!(s == 400 && r["message"].as_str().unwrap().contains("steps_ms"), "{s} {r}");
     assert_eq!(json_of(&p, &["node", "receipts", "rx", "--json"]), json!([]));
     assert!(p.journal("node-journal.receipt").is_empty(), "nothing of a refused batch is journaled");
 

@@ -9,13 +9,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ironroot_tests::cli::build_cmd;
+use ironroot_tests::runtime::{CHANGE, build, nth_receipt, receipts, root_tree, root_version, said_after};
 use ironroot_tests::vm::{IdentityVia, Vm, VmLab};
 
 const BOOT: Duration = Duration::from_secs(600);
-const CHANGE: Duration = Duration::from_secs(300);
 
 /// Health checks the `hello` versions ship.
 const PASSES: &str = "#!/bin/sh\nexit 0\n";
@@ -43,19 +42,6 @@ fn hello_tree(dir: &Path, version: &str, check: &str) -> std::path::PathBuf {
     tree
 }
 
-/// `ironroot-build module build` of `tree` as `name` `version`/`serial` with `flags`; the layout.
-fn build(lab: &VmLab, tree: &Path, name: &str, version: &str, serial: u64, flags: &[&str]) -> std::path::PathBuf {
-    let layout = lab.work.path().join(format!("built-{name}-{version}"));
-    let (tree_s, layout_s, serial_s) =
-        (tree.to_string_lossy().into_owned(), layout.to_string_lossy().into_owned(), serial.to_string());
-    let mut args =
-        vec!["module", "build", "--from", &tree_s, "--name", name, "--version", version, "--serial", &serial_s];
-    args.extend_from_slice(flags);
-    args.extend_from_slice(&["--out", &layout_s]);
-    build_cmd(&args).ok();
-    layout
-}
-
 /// Builds, signs and pushes `hello` at `version`/`serial`; the guest's reference.
 fn hello(lab: &VmLab, version: &str, serial: u64, check: &str) -> String {
     let tree = hello_tree(lab.work.path(), version, check);
@@ -64,42 +50,6 @@ fn hello(lab: &VmLab, version: &str, serial: u64, check: &str) -> String {
     let layout = build(lab, &tree, "hello", version, serial, &flags);
     // One repository for every version: the plane names a module by its repository.
     lab.publish(&layout, "keys", "hello").0
-}
-
-/// Waits until the console's last `later` comes after its last `earlier` (a unit's start shows
-/// there a moment after the receipt that restarted it).
-fn said_after(vm: &Vm, later: &str, earlier: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let console = vm.console();
-        if console.rfind(later) > console.rfind(earlier) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{later:?} not said after {earlier:?}: {}", vm.console_tail(60));
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-fn receipts(lab: &VmLab, node: &str) -> Vec<serde_json::Value> {
-    let run = lab.plane.op(&["node", "receipts", node, "--json"]);
-    serde_json::from_str::<serde_json::Value>(&run.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
-}
-
-/// Waits for the `n`th receipt of the node; returns it.
-fn nth_receipt(lab: &VmLab, vm: &mut Vm, node: &str, n: usize) -> serde_json::Value {
-    let deadline = Instant::now() + CHANGE;
-    loop {
-        let all = receipts(lab, node);
-        if all.len() >= n {
-            return all[n - 1].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no receipt #{n} within {CHANGE:?}: {all:?}\nconsole tail:\n{}",
-            vm.console_tail(60)
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
 }
 
 #[test]
@@ -113,7 +63,7 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     // Attach: the unit the module ships starts from /opt/hello.
     let v1 = hello(&lab, "1", 1, PASSES);
     lab.plane.op(&["template", "add", "base", "--module", &format!("{v1},serial=1")]).ok();
-    let r = nth_receipt(&lab, &mut vm, node, 1);
+    let r = nth_receipt(&lab, &vm, node, 1);
     assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("hello"), Some("committed")), "{r}");
     assert!(r["from"].is_null(), "a first attach: {r}");
     assert_eq!(r["units"], serde_json::json!(["hello.service"]), "{r}");
@@ -123,7 +73,7 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     // Update: mounted beside, swapped in, the unit restarted.
     let v2 = hello(&lab, "2", 2, PASSES);
     lab.plane.op(&["template", "add", "base", "--module", &format!("{v2},serial=2")]).ok();
-    let r = nth_receipt(&lab, &mut vm, node, 2);
+    let r = nth_receipt(&lab, &vm, node, 2);
     assert_eq!(r["outcome"], "committed", "{r}");
     assert_eq!((r["from"]["serial"].as_u64(), r["to"]["serial"].as_u64()), (Some(1), Some(2)), "{r}");
     assert!(vm.console().contains("HELLO version=2"), "{}", vm.console_tail(40));
@@ -131,7 +81,7 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     // An update whose health check fails comes back to version 2 by itself, saying why.
     let v3 = hello(&lab, "3", 3, FAILS);
     lab.plane.op(&["template", "add", "base", "--module", &format!("{v3},serial=3")]).ok();
-    let r = nth_receipt(&lab, &mut vm, node, 3);
+    let r = nth_receipt(&lab, &vm, node, 3);
     assert_eq!(r["outcome"], "rolled-back", "{r}");
     let reason = r["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("check") && reason.contains("not today"), "{r}");
@@ -144,7 +94,7 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     // version 4 again on every restart.
     let v4 = hello(&lab, "4", 4, KILLS_THE_AGENT);
     lab.plane.op(&["template", "add", "base", "--module", &format!("{v4},serial=4")]).ok();
-    let r = nth_receipt(&lab, &mut vm, node, 4);
+    let r = nth_receipt(&lab, &vm, node, 4);
     assert_eq!(r["outcome"], "rolled-back", "{r}");
     assert!(r["reason"].as_str().unwrap_or_default().contains("the agent stopped during the change"), "{r}");
     said_after(&vm, "HELLO version=2", "HELLO version=4");
@@ -153,7 +103,7 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
 
     // Detach: the unit stops first, then the mount goes.
     lab.plane.op(&["template", "remove", "base", "hello"]).ok();
-    let r = nth_receipt(&lab, &mut vm, node, 5);
+    let r = nth_receipt(&lab, &vm, node, 5);
     assert_eq!((r["outcome"].as_str(), r["to"].is_null()), (Some("committed"), true), "{r}");
     assert_eq!(r["from"]["serial"], 2, "{r}");
     assert!(!vm.console().contains("Kernel panic"), "{}", vm.console_tail(40));
@@ -161,46 +111,11 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     root_updates_by_soft_reboot(&lab, &mut vm, node, 5);
 }
 
-/// A root unit that says `line` on the console and stays active, or fails when `fails`.
-fn root_unit(tree: &Path, line: &str, fails: bool) {
-    let units = tree.join("usr/lib/systemd/system");
-    let exec = if fails { format!("/bin/sh -c 'echo {line}; exit 1'") } else { format!("/bin/echo {line}") };
-    let unit = format!(
-        "[Unit]\nDescription=ironroot test: a root's own service\n\n[Service]\nType=oneshot\n\
-         RemainAfterExit=yes\nExecStart={exec}\nStandardOutput=journal+console\n\n\
-         [Install]\nWantedBy=multi-user.target\n"
-    );
-    std::fs::write(units.join("root-hello.service"), unit).unwrap();
-    let wants = tree.join("etc/systemd/system/multi-user.target.wants");
-    std::fs::create_dir_all(&wants).unwrap();
-    let link = wants.join("root-hello.service");
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink("/usr/lib/systemd/system/root-hello.service", link).unwrap();
-}
-
-/// Builds the node root from `just image`'s tar with `root_unit`, as base `serial`; pushes and
-/// signs it in the base repository. The guest's reference.
-fn root_version(lab: &VmLab, tree: &Path, serial: u64, fails: bool) -> String {
-    root_unit(tree, &format!("ROOT version={serial}"), fails);
-    let layout = build(lab, tree, "base", &format!("root-{serial}"), serial, &["--unit", "root-hello.service"]);
-    lab.publish(&layout, "keys", "base").0
-}
-
 /// Root updates on the running node: a new root entered by soft reboot passes its trial
 /// (its own unit active) and is committed; a root whose unit fails is rolled back by the node
 /// itself, soft-rebooting into the root before it, and not tried again. `seen` receipts so far.
 fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize) {
-    let tree = lab.work.path().join("root-tree");
-    std::fs::create_dir_all(&tree).unwrap();
-    let tar = ironroot_tests::vm::workspace().join("target/image/root.tar");
-    let status = std::process::Command::new("tar")
-        .args(["--numeric-owner", "--xattrs", "-xf"])
-        .arg(&tar)
-        .arg("-C")
-        .arg(&tree)
-        .status()
-        .unwrap();
-    assert!(status.success(), "extracting {}", tar.display());
+    let tree = root_tree(lab, "root-tree");
     // A self-update: root 2 carries another build of the agent (bytes appended to the ELF file
     // change its digest, not what it does); the agent reports its executable's digest.
     let agent = tree.join("usr/bin/ironroot-agent");

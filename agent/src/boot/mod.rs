@@ -81,6 +81,7 @@ impl BootError {
             probe_summary: None,
             store: None,
             error: Some(crate::exit::describe(self).chars().take(2000).collect()),
+            agent: None,
         };
         match to.client.handshake(&to.node_id, &report).await {
             Ok(_) => true,

@@ -48,6 +48,8 @@ pub enum JournalError {
     Io { op: &'static str, path: PathBuf, source: std::io::Error },
     #[error("the node journal {path} is broken at record {seq}: {reason}")]
     Broken { path: PathBuf, seq: u64, reason: String },
+    #[error("the node journal {path} is not a regular file, or is over {cap} bytes (reading stopped there)")]
+    NotAJournal { path: PathBuf, cap: u64 },
     #[error(
         "the node journal is full ({bytes} bytes of records the plane has not received); changes are refused until it does"
     )]
@@ -97,15 +99,27 @@ impl Journal {
         use std::os::unix::fs::OpenOptionsExt as _;
         std::fs::create_dir_all(dir).map_err(io("creating", dir))?;
         let path = dir.join(FILE);
+        // Our own file: a link or a FIFO there is someone else's doing, refused (a FIFO opened
+        // non-blocking, so it does not stall the service), and the read stops past the cap.
         let file = std::fs::OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .mode(0o600)
+            .custom_flags(libc_flags())
             .open(&path)
             .map_err(io("opening", &path))?;
+        let cap = limit.saturating_mul(2).saturating_add(MAX_READ_SLACK);
+        let not_a_journal = || JournalError::NotAJournal { path: path.clone(), cap };
+        if !file.metadata().map_err(io("reading", &path))?.is_file() {
+            return Err(not_a_journal());
+        }
         let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(io("reading", &path))?;
+        std::io::Read::read_to_end(&mut std::io::Read::take(&file, cap.saturating_add(1)), &mut bytes)
+            .map_err(io("reading", &path))?;
+        if bytes.len() as u64 > cap {
+            return Err(not_a_journal());
+        }
         let (records, good_bytes) =
             parse_chain(&bytes).map_err(|(seq, reason)| JournalError::Broken { path: path.clone(), seq, reason })?;
         file.set_len(good_bytes).map_err(io("cutting a torn record from", &path))?;
@@ -237,8 +251,21 @@ pub fn parse_chain(bytes: &[u8]) -> Result<(Vec<Record>, u64), (u64, String)> {
     Ok((records, good as u64))
 }
 
+/// The journal's open flags beyond read/append/create: no link followed, no FIFO waited on.
+fn libc_flags() -> i32 {
+    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
+}
+
+/// How far past twice its limit a journal file may be read before it is refused.
+const MAX_READ_SLACK: u64 = 1 << 20;
+
 fn read_cursor(dir: &Path) -> u64 {
-    std::fs::read_to_string(dir.join(CURSOR)).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    crate::external::read_if_present(&dir.join(CURSOR), 64, crate::external::Links::Refuse)
+        .ok()
+        .flatten()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -269,6 +296,28 @@ mod tests {
         drop(j);
         let j = Journal::open(dir.path(), 1 << 20, 1).unwrap();
         assert_eq!(j.pending().iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4], "the cursor survives");
+    }
+
+    /// A FIFO where the journal lives would stall the service forever on its first read: it
+    /// is refused at once, by name; so is a file far over the journal's limit.
+    #[test]
+    fn a_fifo_or_an_oversized_file_in_place_of_the_journal_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+            0,
+        )
+        .unwrap();
+        let refused = Journal::open(dir.path(), 1 << 20, 1).unwrap_err();
+        assert!(matches!(&refused, JournalError::NotAJournal { path: p, .. } if *p == path), "{refused}");
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, vec![b'x'; (2 << 10) + (1 << 20) + 1]).unwrap();
+        let refused = Journal::open(dir.path(), 1 << 10, 1).unwrap_err();
+        assert!(matches!(refused, JournalError::NotAJournal { .. }), "{refused}");
     }
 
     #[test]

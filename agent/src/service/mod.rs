@@ -24,6 +24,7 @@ pub mod shell;
 pub mod spool;
 pub mod systemd;
 pub mod tasks;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -176,6 +177,7 @@ pub fn report(record: &BootRecord) -> NodeReport {
         probe_summary: None,
         store: Some(store),
         error: None,
+        agent: None,
     }
 }
 

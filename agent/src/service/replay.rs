@@ -14,6 +14,8 @@ use super::tasks::FINISHED_KIND;
 
 /// The live modules of this boot, by name (written by the service after every change).
 pub const LIVE_FILE: &str = "live.json";
+/// Largest `live.json` read (a few hundred bytes per module).
+const MAX_LIVE: u64 = 1 << 20;
 
 /// Finished tasks, oldest first.
 pub fn finished_tasks(records: &[Record]) -> Vec<(TaskId, TaskResult)> {
@@ -77,7 +79,10 @@ pub fn refused(records: &[Record]) -> Vec<ironroot_contract::OciDigest> {
 pub fn startup(record: &BootRecord, run_dir: &Path) -> (Vec<ModuleInfo>, Vec<DesiredModule>) {
     let running = running(record);
     let live: Option<Vec<ModuleInfo>> =
-        std::fs::read(run_dir.join(LIVE_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+        crate::external::read_if_present(&run_dir.join(LIVE_FILE), MAX_LIVE, crate::external::Links::Refuse)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
     let attach = match live {
         Some(live) => live.iter().map(ModuleInfo::pinned).collect(),
         None => record

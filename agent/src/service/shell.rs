@@ -239,6 +239,7 @@ impl Shell {
         let mut digests: Vec<_> = self.node.rollout.live().map(|m| m.digest).collect();
         digests.sort();
         report.module_digests = digests;
+        report.agent = super::usage::read();
         let (client, node) = (self.client(), self.record.node_id.clone());
         self.spawn(async move {
             let result =

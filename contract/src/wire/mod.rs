@@ -13,7 +13,9 @@ mod node;
 mod receipt;
 mod task;
 
-pub use journal::{AuditBatch, CheckpointError, JournalCheckpoint, NodeAuditRecord, RecordError, valid_kind};
+pub use journal::{
+    AuditBatch, CheckpointError, JournalCheckpoint, MAX_CHECKPOINT, NodeAuditRecord, RecordError, valid_kind,
+};
 pub use node::{BootPhase, Intent, MAX_ID, NodeId, NodeState, ReportPhase, TaskId, valid_id};
 pub use receipt::{Health, ModuleVersion, Outcome, RECEIPT_KIND, Receipt};
 pub use task::{KINDS, Task, TaskOutcome, TaskResult, TaskSpec};
@@ -83,6 +85,17 @@ pub struct NodeReport {
     /// until the next report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the agent service itself uses, read at each report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentUsage>,
+}
+
+/// The agent process's own footprint: resident memory and CPU time used since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentUsage {
+    pub rss_kib: u64,
+    pub cpu_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,8 @@
 //! keeps each in its journal (kind [`RECEIPT_KIND`], the receipt as the record's data) and the
 //! plane receives it with the rest of the journal, in order.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::MountRole;
@@ -89,6 +91,12 @@ pub struct Receipt {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub agent_version: String,
+    /// Milliseconds spent on each part of the change, as far as this agent saw it: `verify`
+    /// (fetching and verifying the new version into the store), `stage` (mounting it detached,
+    /// or assembling a new root), `swap` (the atomic swap and the units restarted), `gate` (the
+    /// health gate), `commit` (serial floors), `restore` (going back).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub steps_ms: BTreeMap<String, u64>,
 }
 
 #[cfg(test)]
@@ -121,9 +129,11 @@ mod tests {
             outcome: Outcome::RolledBack,
             reason: Some("hello.service failed".into()),
             agent_version: "0.1.0".into(),
+            steps_ms: [("verify".to_owned(), 812), ("gate".to_owned(), 30_004)].into(),
         };
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["outcome"], "rolled-back");
+        assert_eq!(json["steps_ms"]["gate"], 30_004);
         assert_eq!(serde_json::from_value::<Receipt>(json).unwrap(), r);
     }
 }

@@ -2,7 +2,7 @@
 //! way its answer is printed.
 
 use anyhow::Context as _;
-use ironroot_contract::wire::{JournalCheckpoint, TaskSpec};
+use ironroot_contract::wire::{JournalCheckpoint, MAX_CHECKPOINT, TaskSpec};
 use serde_json::{Value, json};
 
 use super::args::{AuditCommand, Command, NodeCommand, TaskCommand, TokenCommand};
@@ -190,7 +190,16 @@ async fn audit(client: &OperatorClient, cmd: AuditCommand) -> anyhow::Result<()>
             let report: Value = match against {
                 None => client.get("/v1/operator/audit/verify").await?,
                 Some(path) => {
-                    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                    // One byte past the cap is enough to refuse an oversized file.
+                    let mut bytes = Vec::new();
+                    std::fs::File::open(&path)
+                        .and_then(|f| {
+                            std::io::Read::read_to_end(
+                                &mut std::io::Read::take(f, MAX_CHECKPOINT as u64 + 1),
+                                &mut bytes,
+                            )
+                        })
+                        .with_context(|| format!("reading {}", path.display()))?;
                     let checkpoint =
                         JournalCheckpoint::parse(&bytes).with_context(|| format!("checkpoint {}", path.display()))?;
                     client.post("/v1/operator/audit/verify", &json!({"against": checkpoint})).await?

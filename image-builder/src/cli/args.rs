@@ -340,32 +340,9 @@ fn parse_binary(s: &str) -> Result<(PathBuf, String), String> {
 
 #[cfg(test)]
 mod tests {
-    use clap::{CommandFactory as _, Parser as _};
+    use clap::Parser as _;
 
     use super::Cli;
-
-    /// Every subcommand and every argument says what it is for in `--help`.
-    #[test]
-    fn every_subcommand_and_argument_is_described() {
-        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
-            for arg in cmd.get_arguments() {
-                let id = arg.get_id().as_str();
-                if id != "help" && id != "version" && arg.get_help().is_none() {
-                    missing.push(format!("{path} {id}"));
-                }
-            }
-            for sub in cmd.get_subcommands() {
-                let path = format!("{path} {}", sub.get_name());
-                if sub.get_about().is_none() {
-                    missing.push(path.clone());
-                }
-                walk(sub, &path, missing);
-            }
-        }
-        let mut missing = Vec::new();
-        walk(&Cli::command(), "ironroot-build", &mut missing);
-        assert!(missing.is_empty(), "without a description: {missing:#?}");
-    }
 
     #[test]
     fn a_secret_is_never_an_argument() {

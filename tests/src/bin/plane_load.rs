@@ -1,10 +1,17 @@
-//! `ironroot-plane-load`: the plane's heartbeat fan-in benchmark (`just bench`).
+//! `ironroot-plane-load`: the plane's heartbeat fan-in and desired-state fan-out benchmark
+//! (`just bench`).
 //!
 //! Starts `ironroot-plane` on a loopback port with a fresh state directory, enrolls N nodes
 //! through the real API, holds one persistent mTLS connection per node, and has each node
 //! heartbeat once per interval (spread evenly) for the measured window: prints p50/p99/max
-//! latency and the plane's CPU use. Then SIGKILLs and restarts the plane and measures how long
-//! all N nodes take to reconnect and re-handshake, counting authentication failures.
+//! latency and the plane's CPU use. Each node acts on its answers as an agent does: a new
+//! `generation` makes it fetch its desired state. With `FANOUT_REPO` (a registry repository
+//! holding a signed module at tags `1` and `2`) and `FANOUT_TRUST` (its public key), every node
+//! is on template `fleet`, which follows channel `stable` of that repository; one interval into
+//! the window, `candidate` (tag 2) is promoted to `stable`, and the benchmark reports how long
+//! until every node has fetched the new desired state, and the plane's CPU meanwhile. Then it
+//! SIGKILLs and restarts the plane and measures how long all N nodes take to reconnect and
+//! re-handshake, counting authentication failures.
 //!
 //! usage: ironroot-plane-load PLANE_BIN [NODES] [SECONDS] [INTERVAL_SECONDS]
 
@@ -43,12 +50,13 @@ struct Node {
 
 type Sender = SendRequest<Full<Bytes>>;
 
-fn start_plane(bin: &Path, state: &Path, port: u16) -> PlaneProcess {
+fn start_plane(bin: &Path, state: &Path, port: u16, extra: &[String]) -> PlaneProcess {
     let _stale = std::fs::remove_file(state.join("address"));
     let child = Command::new(bin)
         .args(["serve", "--state"])
         .arg(state)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--enroll-burst", "1000000", "--enroll-rate", "100000"])
+        .args(extra)
         .env("IRONROOT_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -101,19 +109,37 @@ async fn connect(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> std::io::R
 }
 
 async fn post(sender: &mut Sender, path: &str, body: &serde_json::Value) -> Result<u16, String> {
+    exchange(sender, Some(body), path).await.map(|(status, _)| status)
+}
+
+/// One request on the node's connection: a POST of `body`, or a GET without one; the status
+/// and the answer's JSON (`null` when it has none).
+async fn exchange(
+    sender: &mut Sender,
+    body: Option<&serde_json::Value>,
+    path: &str,
+) -> Result<(u16, serde_json::Value), String> {
     sender.ready().await.map_err(|e| e.to_string())?;
-    let req = hyper::Request::post(path)
-        .header("host", "127.0.0.1")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())?;
+    let req = match body {
+        Some(b) => hyper::Request::post(path)
+            .header("content-type", "application/json")
+            .header("host", "127.0.0.1")
+            .body(Full::new(Bytes::from(b.to_string()))),
+        None => hyper::Request::get(path).header("host", "127.0.0.1").body(Full::new(Bytes::new())),
+    }
+    .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     if status != 200 && std::env::var_os("PLANE_LOAD_DEBUG").is_some() {
         eprintln!("{path}: {status} {}", String::from_utf8_lossy(&body));
     }
-    Ok(status)
+    Ok((status, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)))
+}
+
+/// The desired-state generation in an answer.
+fn generation(answer: &serde_json::Value) -> Option<u64> {
+    answer["generation"].as_u64()
 }
 
 fn report() -> serde_json::Value {
@@ -158,7 +184,9 @@ async fn main() {
     let state = tempfile::Builder::new().prefix("ironroot-plane-bench-").tempdir_in("/var/tmp").unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let plane = start_plane(&bin, state.path(), port);
+    let fanout = std::env::var("FANOUT_REPO").ok().zip(std::env::var("FANOUT_TRUST").ok());
+    let extra: Vec<String> = fanout.iter().flat_map(|(_, key)| ["--trust".to_owned(), key.clone()]).collect();
+    let plane = start_plane(&bin, state.path(), port, &extra);
     let ca = std::fs::read(state.path().join("ca.pem")).unwrap();
     let read = |f: &str| std::fs::read_to_string(state.path().join(f)).unwrap();
     let operator = reqwest::Client::builder()
@@ -172,6 +200,20 @@ async fn main() {
     let anon =
         reqwest::Client::builder().tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()]).build().unwrap();
     let base = format!("https://{addr}");
+    let template = if let Some((repo, _)) = &fanout {
+        // The plane resolves each tag in the registry and checks its signature and serial.
+        for (channel, tag) in [("stable", "1"), ("candidate", "2")] {
+            let body = json!({"repo": repo, "channel": channel, "at": tag});
+            let r = operator.post(format!("{base}/v1/operator/channels")).json(&body).send().await.unwrap();
+            assert!(r.status().is_success(), "channel set {channel}: {}", r.text().await.unwrap_or_default());
+        }
+        let body = json!({"name": "fleet", "modules": [format!("{repo}:stable")]});
+        let r = operator.post(format!("{base}/v1/operator/templates")).json(&body).send().await.unwrap();
+        assert!(r.status().is_success(), "template create: {}", r.text().await.unwrap_or_default());
+        Some("fleet")
+    } else {
+        None
+    };
 
     eprintln!("plane-load: enrolling {nodes} nodes");
     let t = Instant::now();
@@ -182,7 +224,7 @@ async fn main() {
                 let name = format!("load-{i:05}");
                 let tok: serde_json::Value = operator
                     .post(format!("{base}/v1/operator/tokens"))
-                    .json(&json!({"node": name}))
+                    .json(&json!({"node": name, "template": template}))
                     .send()
                     .await
                     .unwrap()
@@ -217,39 +259,70 @@ async fn main() {
         .buffered(256)
         .collect()
         .await;
+    let mut known = Vec::with_capacity(nodes);
     for (s, n) in senders.iter_mut().zip(enrolled.iter()) {
-        let status = post(s, &format!("/v1/nodes/{}/handshake", n.id), &report()).await;
-        assert_eq!(status, Ok(200), "handshake of {}", n.id);
+        let answer = exchange(s, Some(&report()), &format!("/v1/nodes/{}/handshake", n.id)).await;
+        let answer =
+            answer.ok().filter(|(status, _)| *status == 200).unwrap_or_else(|| panic!("handshake of {}", n.id));
+        known.push(generation(&answer.1).unwrap_or(0));
     }
 
+    // With a fan-out, the window holds the promote (one interval in) and two intervals after it.
+    let seconds = if fanout.is_some() { seconds.max(3 * interval + 10) } else { seconds };
     eprintln!("plane-load: {nodes} persistent connections; heartbeating every {interval} s for {seconds} s");
     let cpu0 = cpu_seconds(plane.0.id());
     let start = Instant::now();
     let end = start + Duration::from_secs(seconds);
+    let promoted_at = start + Duration::from_secs(interval);
     let mut tasks = Vec::new();
-    for (i, mut sender) in senders.into_iter().enumerate() {
+    for (i, (mut sender, mut known)) in senders.into_iter().zip(known).enumerate() {
         let id = enrolled[i].id.clone();
         let offset = Duration::from_secs_f64(interval as f64 * i as f64 / nodes as f64);
         tasks.push(tokio::spawn(async move {
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            let (mut lat, mut errors, mut fetched) = (Vec::new(), 0u64, None);
             let mut next = start + offset;
             while next < end {
                 tokio::time::sleep_until(next.into()).await;
                 let t0 = Instant::now();
-                match post(&mut sender, &format!("/v1/nodes/{id}/heartbeat"), &report()).await {
-                    Ok(200) => lat.push(t0.elapsed().as_secs_f64() * 1000.0),
+                match exchange(&mut sender, Some(&report()), &format!("/v1/nodes/{id}/heartbeat")).await {
+                    Ok((200, answer)) => {
+                        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+                        // As an agent: a new generation is fetched at once.
+                        if let Some(g) = generation(&answer).filter(|g| *g != known) {
+                            match exchange(&mut sender, None, &format!("/v1/nodes/{id}/desired")).await {
+                                Ok((200, desired)) if generation(&desired) == Some(g) => {
+                                    known = g;
+                                    fetched = Some(Instant::now());
+                                }
+                                _ => errors += 1,
+                            }
+                        }
+                    }
                     _ => errors += 1,
                 }
                 next += Duration::from_secs(interval);
             }
-            (lat, errors)
+            (lat, errors, fetched)
         }));
     }
-    let (mut lat, mut errors) = (Vec::new(), 0);
+    let promote = fanout.as_ref().map(|(repo, _)| {
+        let (operator, base, repo) = (operator.clone(), base.clone(), repo.clone());
+        let pid = plane.0.id();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(promoted_at.into()).await;
+            let cpu = cpu_seconds(pid);
+            let body = json!({"repo": repo, "from": "candidate", "to": "stable"});
+            let r = operator.post(format!("{base}/v1/operator/channels/promote")).json(&body).send().await.unwrap();
+            assert!(r.status().is_success(), "channel promote: {}", r.text().await.unwrap_or_default());
+            cpu
+        })
+    });
+    let (mut lat, mut errors, mut fetches) = (Vec::new(), 0, Vec::new());
     for t in tasks {
-        let (l, e) = t.await.unwrap();
+        let (l, e, f) = t.await.unwrap();
         lat.extend(l);
         errors += e;
+        fetches.push(f);
     }
     let window = start.elapsed().as_secs_f64();
     let cpu = (cpu_seconds(plane.0.id()) - cpu0) / window;
@@ -263,10 +336,30 @@ async fn main() {
         lat.last().copied().unwrap_or(0.0)
     );
 
+    if let Some(promote) = promote {
+        let cpu_at_promote = promote.await.unwrap();
+        let mut reached: Vec<f64> = fetches
+            .iter()
+            .flatten()
+            .filter(|at| **at >= promoted_at)
+            .map(|at| at.duration_since(promoted_at).as_secs_f64())
+            .collect();
+        reached.sort_by(f64::total_cmp);
+        let last = reached.last().copied().unwrap_or(f64::NAN);
+        // The plane's CPU from the promote to the end of the window (fan-in included).
+        let cpu = (cpu_seconds(plane.0.id()) - cpu_at_promote) / promoted_at.elapsed().as_secs_f64();
+        println!(
+            "desired-state fan-out: channel promote reached {}/{nodes} nodes (desired state fetched) in p50 {:.1} s, max {last:.1} s = {:.2} heartbeat intervals; plane CPU {cpu:.2} cores meanwhile (targets: all within 2 intervals, <= 0.5 core)",
+            reached.len(),
+            percentile(&reached, 0.5),
+            last / interval as f64
+        );
+    }
+
     // Restart: SIGKILL, start again on the same state and port; every node reconnects.
     drop(plane);
     let t = Instant::now();
-    let plane = start_plane(&bin, state.path(), port);
+    let plane = start_plane(&bin, state.path(), port, &extra);
     let outcomes: Vec<Result<u16, String>> =
         futures_util::stream::iter(enrolled.iter().map(|n| (Arc::clone(&n.tls), n.id.clone())))
             .map(|(tls, id)| async move {

@@ -26,6 +26,8 @@ use crate::service::rollout::ModuleInfo;
 
 /// Where systemd looks for the root to soft-reboot into, under the root.
 pub const NEXTROOT: &str = "run/nextroot";
+/// Largest boot record read back (boot.json, boot.prev.json).
+const MAX_RECORD: u64 = 1024 * 1024;
 
 /// How the staged root is to be tried.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +146,7 @@ impl Runner {
     /// The trial failed: stages the root it replaced, to soft-reboot back into.
     pub(super) async fn stage_previous_root(&self, txn: &str, started: u64) -> Result<(), String> {
         let path = self.run_dir.join(BOOT_PREV_JSON);
-        let bytes = crate::external::read(&path, 1024 * 1024, crate::external::Links::Refuse)
+        let bytes = crate::external::read(&path, MAX_RECORD, crate::external::Links::Refuse)
             .map_err(|e| format!("the previous root's record: {}", describe(&e)))?;
         let previous: BootRecord =
             serde_json::from_slice(&bytes).map_err(|e| format!("{} does not parse: {e}", path.display()))?;
@@ -231,7 +233,8 @@ pub fn promote(run_dir: &Path, root: &Path) -> Option<Promotion> {
     } else {
         // Copied, then replaced by rename: boot.json is never missing, and a service
         // stopped in between promotes again.
-        std::fs::read(run_dir.join(BOOT_JSON))
+        crate::external::read(&run_dir.join(BOOT_JSON), MAX_RECORD, crate::external::Links::Refuse)
+            .map_err(std::io::Error::other)
             .and_then(|b| crate::run_state::write_private(&run_dir.join(BOOT_PREV_JSON), &b))
             .and_then(|()| std::fs::rename(&next, run_dir.join(BOOT_JSON)))
             .map_err(|e| format!("promoting {}: {e}", next.display()))

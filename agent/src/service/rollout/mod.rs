@@ -133,6 +133,42 @@ struct Txn {
     units: Vec<String>,
     health: Option<Health>,
     reason: Option<String>,
+    /// Milliseconds spent on each part of the change (the receipt's `steps_ms`), and the
+    /// monotonic time the current step began.
+    steps_ms: BTreeMap<String, u64>,
+    mark: Duration,
+}
+
+impl Txn {
+    fn new(id: String, change: Change, step: Step, started: u64, mark: Duration) -> Self {
+        Txn {
+            id,
+            change,
+            step,
+            started,
+            units: Vec::new(),
+            health: None,
+            reason: None,
+            steps_ms: BTreeMap::new(),
+            mark,
+        }
+    }
+
+    /// Moves to `step` at `mono`, counting the time of the step left to its part.
+    fn enter(&mut self, step: Step, mono: Duration) {
+        let part = match self.step {
+            Step::Planned => "stage",
+            Step::Staged => "swap",
+            Step::Attached | Step::Unhealthy => "gate",
+            Step::Healthy => "commit",
+            Step::Restoring => "restore",
+        };
+        let ms = u64::try_from(mono.saturating_sub(self.mark).as_millis()).unwrap_or(u64::MAX);
+        let total = self.steps_ms.entry(part.to_owned()).or_default();
+        *total = total.saturating_add(ms);
+        self.step = step;
+        self.mark = mono;
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -169,8 +205,12 @@ pub struct Rollout {
     ready: bool,
     now_requested: bool,
     next_txn: u64,
-    /// The wall clock at the latest event (transactions' start times).
+    /// The wall clock at the latest event (transactions' start times), and the monotonic one.
     wall: u64,
+    mono: Duration,
+    /// When the module being verified began, and how long each verified one took, by digest.
+    verify_started: Duration,
+    verify_ms: BTreeMap<OciDigest, u64>,
     /// How the latest reconcile ended, until the node takes it.
     reconciled: Option<Reconciled>,
     boot_tag: String,
@@ -231,6 +271,9 @@ impl Rollout {
             now_requested: false,
             next_txn: 0,
             wall: 0,
+            mono: Duration::ZERO,
+            verify_started: Duration::ZERO,
+            verify_ms: BTreeMap::new(),
             reconciled: None,
             boot_tag: run_tag.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect(),
             agent_version: agent_version.to_owned(),
@@ -254,15 +297,9 @@ impl Rollout {
                     )
                 };
                 let reason = format!("the agent stopped during the change (after step {})", step_name(open.step));
-                let txn = Txn {
-                    id: open.id,
-                    change: Change::Put { to: open.to, from: open.from },
-                    step,
-                    started: open.started,
-                    units: Vec::new(),
-                    health: None,
-                    reason: Some(reason),
-                };
+                let mut txn =
+                    Txn::new(open.id, Change::Put { to: open.to, from: open.from }, step, open.started, r.mono);
+                txn.reason = Some(reason);
                 r.state =
                     State::Applying { generation: None, queue: VecDeque::new(), txn: Some(Box::new(txn)), failed: 0 };
                 out.push(Action::Run(Box::new(job)));
@@ -309,7 +346,7 @@ impl Rollout {
 
     /// The plane's desired-state generation, from a heartbeat answer.
     pub fn on_generation(&mut self, generation: u64, now: Now, out: &mut Vec<Action>) {
-        self.wall = now.wall;
+        (self.wall, self.mono) = (now.wall, now.mono);
         if self.known != Some(generation) {
             // Refusals carried over from an earlier run stand until the plane's desired state
             // moves while this run watches (or an operator asks): a change that crashed the
@@ -347,7 +384,7 @@ impl Rollout {
     }
 
     pub fn on_desired(&mut self, result: Result<DesiredState, String>, now: Now, out: &mut Vec<Action>) {
-        self.wall = now.wall;
+        (self.wall, self.mono) = (now.wall, now.mono);
         if self.state != State::Fetching {
             return;
         }
@@ -386,6 +423,7 @@ impl Rollout {
         let State::Verifying { generation, todo, done, failed } = &mut self.state else { return };
         if let Some(module) = todo.front() {
             out.push(Action::run(Job::Verify { module: module.clone() }));
+            self.verify_started = self.mono;
             return;
         }
         let (generation, done, failed) = (*generation, std::mem::take(done), *failed);
@@ -457,16 +495,19 @@ impl Rollout {
                 serde_json::json!({"txn": id, "step": Step::Planned, "module": "root", "root": modules}),
             ),
         };
+        // Verification (with the download it streams) came before the transaction.
+        let verified: Vec<OciDigest> = match &change {
+            Change::Put { to, .. } => vec![to.digest],
+            Change::Root { changed, .. } => changed.iter().map(|(_, to)| to.digest).collect(),
+            Change::Remove(_) => Vec::new(),
+        };
+        let mut new = Txn::new(id, change, Step::Planned, wall, self.mono);
+        let verify: u64 = verified.iter().filter_map(|d| self.verify_ms.remove(d)).sum();
+        if verify > 0 {
+            new.steps_ms.insert("verify".to_owned(), verify);
+        }
         let State::Applying { txn, .. } = &mut self.state else { return };
-        *txn = Some(Box::new(Txn {
-            id,
-            change,
-            step: Step::Planned,
-            started: wall,
-            units: Vec::new(),
-            health: None,
-            reason: None,
-        }));
+        *txn = Some(Box::new(new));
         out.push(record("txn", data));
         out.push(Action::Run(Box::new(job)));
     }

@@ -116,14 +116,14 @@ fn an_attach_goes_through_every_step_and_ends_committed() {
     assert_eq!(jobs(&out), [Job::Attach { txn: txn.clone(), to: hello.clone(), from: None }]);
     assert_eq!(steps(&out), ["staged"], "journaled before the attach runs");
     out.clear();
-    r.on_job(JobDone::Attached { txn: txn.clone(), result: Ok(vec!["hello.service".into()]) }, at(14), &mut out);
+    r.on_job(JobDone::Attached { txn: txn.clone(), result: Ok(vec!["hello.service".into()]) }, at(15), &mut out);
     assert_eq!(jobs(&out), [Job::Gate { txn: txn.clone(), module: hello.clone() }]);
     out.clear();
-    r.on_job(JobDone::Gated { txn: txn.clone(), health: healthy() }, at(15), &mut out);
+    r.on_job(JobDone::Gated { txn: txn.clone(), health: healthy() }, at(18), &mut out);
     assert_eq!(jobs(&out), [Job::Commit { txn: txn.clone(), to: hello.clone(), from: None }]);
     assert_eq!(steps(&out), ["healthy"]);
     out.clear();
-    r.on_job(JobDone::Committed { txn: txn.clone(), result: Ok(()) }, at(16), &mut out);
+    r.on_job(JobDone::Committed { txn: txn.clone(), result: Ok(()) }, at(22), &mut out);
     let rs = receipts(&out);
     assert_eq!(rs.len(), 1);
     assert_eq!(
@@ -131,7 +131,11 @@ fn an_attach_goes_through_every_step_and_ends_committed() {
         (Outcome::Committed, Some(2), true)
     );
     assert_eq!(rs[0].units, ["hello.service"]);
-    assert_eq!((rs[0].started, rs[0].finished), (1_012, 1_016));
+    assert_eq!((rs[0].started, rs[0].finished), (1_012, 1_022));
+    // Each part as long as the machine saw it: verified 11 → 12, staged → 13, swapped → 15,
+    // gated → 18, committed → 22.
+    let parts = [("commit", 4_000), ("gate", 3_000), ("stage", 1_000), ("swap", 2_000), ("verify", 1_000)];
+    assert_eq!(rs[0].steps_ms, parts.map(|(k, v)| (k.to_owned(), v)).into());
     assert!(r.live().any(|m| m == &hello));
     assert_eq!(r.take_reconciled(), Some(Reconciled { ok: true, summary: "ok: generation 2".into() }));
     assert!(r.is_idle());

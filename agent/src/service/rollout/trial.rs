@@ -6,6 +6,7 @@
 //! transaction as `failed`.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
 
 use ironroot_contract::wire::{Outcome, RECEIPT_KIND};
 
@@ -27,15 +28,16 @@ impl Rollout {
     }
 
     fn trial_txn(trial: &Trial, modules: Vec<super::ModuleInfo>, reason: Option<String>) -> Txn {
-        Txn {
-            id: trial.txn.clone(),
-            change: Change::Root { modules, changed: trial.changed.clone() },
-            step: Step::Staged,
-            started: trial.started,
-            units: Vec::new(),
-            health: None,
-            reason,
-        }
+        // A new process: the parts before the soft reboot are in the record only as a whole.
+        let mut txn = Txn::new(
+            trial.txn.clone(),
+            Change::Root { modules, changed: trial.changed.clone() },
+            Step::Staged,
+            trial.started,
+            Duration::ZERO,
+        );
+        txn.reason = reason;
+        txn
     }
 
     /// The live modules are attached: gates the root on trial.

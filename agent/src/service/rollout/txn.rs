@@ -38,7 +38,7 @@ fn unhealthy_reason(h: &Health) -> String {
 impl Rollout {
     /// A job finished.
     pub fn on_job(&mut self, done: JobDone, now: Now, out: &mut Vec<Action>) {
-        self.wall = now.wall;
+        (self.wall, self.mono) = (now.wall, now.mono);
         if let JobDone::Verified { name, result } = done {
             self.on_verified(&name, result, now, out);
             return;
@@ -70,7 +70,7 @@ impl Rollout {
         };
         let restore = |txn: &mut Txn, reason: String, out: &mut Vec<Action>| {
             txn.reason = Some(clean(&reason));
-            txn.step = Step::Restoring;
+            txn.enter(Step::Restoring, now.mono);
             out.push(step_record(txn, serde_json::json!({"reason": txn.reason})));
             match &txn.change {
                 Change::Put { to, from } => {
@@ -85,7 +85,7 @@ impl Rollout {
         match done {
             JobDone::Verified { .. } | JobDone::PowerBegun => return,
             JobDone::Staged { result: Ok(()), .. } => {
-                txn.step = Step::Staged;
+                txn.enter(Step::Staged, now.mono);
                 out.push(step_record(&txn, serde_json::Value::Null));
                 if let Some(to) = &to {
                     out.push(Action::run(Job::Attach { txn: txn.id.clone(), to: to.clone(), from: from.clone() }));
@@ -97,7 +97,7 @@ impl Rollout {
             }
             JobDone::Attached { result: Ok(units), .. } => {
                 txn.units = units;
-                txn.step = Step::Attached;
+                txn.enter(Step::Attached, now.mono);
                 out.push(step_record(&txn, serde_json::json!({"units": txn.units})));
                 if let Some(to) = &to {
                     out.push(Action::run(Job::Gate { txn: txn.id.clone(), module: to.clone() }));
@@ -109,7 +109,7 @@ impl Rollout {
                 let healthy = health.healthy;
                 txn.health = Some(health.clone());
                 if healthy {
-                    txn.step = Step::Healthy;
+                    txn.enter(Step::Healthy, now.mono);
                     out.push(step_record(&txn, serde_json::json!({"health": health})));
                     if let Some(to) = &to {
                         out.push(Action::run(Job::Commit { txn: txn.id.clone(), to: to.clone(), from: from.clone() }));
@@ -168,7 +168,7 @@ impl Rollout {
                     let receipt = self.receipt(&txn, Outcome::RolledBack, now);
                     out.push(record(RECEIPT_KIND, serde_json::to_value(&receipt).unwrap_or_default()));
                 } else {
-                    txn.step = Step::Staged;
+                    txn.enter(Step::Staged, now.mono);
                     out.push(step_record(&txn, serde_json::Value::Null));
                 }
                 out.push(Action::run(Job::Power(PowerOp::SoftReboot)));
@@ -200,7 +200,11 @@ impl Rollout {
         let State::Verifying { todo, done, failed, .. } = &mut self.state else { return };
         let Some(wanted) = todo.pop_front() else { return };
         match result {
-            Ok(info) => done.push(info),
+            Ok(info) => {
+                let ms = u64::try_from(now.mono.saturating_sub(self.verify_started).as_millis()).unwrap_or(u64::MAX);
+                self.verify_ms.insert(info.digest, ms);
+                done.push(info);
+            }
             Err(why) => {
                 *failed += 1;
                 self.refused.insert(wanted.digest);
@@ -223,6 +227,7 @@ impl Rollout {
                     outcome: Outcome::Failed,
                     reason: Some(clean(&format!("{} was refused: {why}", wanted.digest))),
                     agent_version: self.agent_version.clone(),
+                    steps_ms: std::collections::BTreeMap::new(),
                 };
                 out.push(record(RECEIPT_KIND, serde_json::to_value(&receipt).unwrap_or_default()));
             }
@@ -267,6 +272,7 @@ impl Rollout {
             outcome,
             reason: txn.reason.clone(),
             agent_version: self.agent_version.clone(),
+            steps_ms: txn.steps_ms.clone(),
         }
     }
 
@@ -281,6 +287,8 @@ impl Rollout {
                 Change::Remove(_) => {}
             }
         }
+        let mut txn = txn;
+        txn.enter(txn.step, now.mono);
         let receipt = self.receipt(&txn, outcome, now);
         out.push(record(RECEIPT_KIND, serde_json::to_value(&receipt).unwrap_or_default()));
         if let State::Applying { txn: slot, failed, .. } = &mut self.state {
