@@ -19,10 +19,11 @@
 #               attached, then updated to a second version (the store holds the first): from the
 #               template change to the committed receipt at the plane, and the node's own parts
 #               (receipt steps_ms: verify with its download, stage, swap, health gate, commit)
-#   idle        (run 1) the warm node's agent service with nothing to do for 60 s
-#               (BENCH_IDLE_SECONDS): its resident memory and CPU time as its own reports carry
-#               them (node show: agent_rss_kib, agent_cpu_ms). Targets: <= 16 MiB, <= 0.5 % of
-#               a core.
+#   idle        (run 1) the warm node's agent service with nothing to do for 120 s
+#               (BENCH_IDLE_SECONDS), heartbeating at its default 30 s: its resident memory and
+#               CPU time as its own reports carry them (node show: agent_rss_kib, agent_cpu_ms).
+#               Targets: <= 16 MiB, <= 0.5 % of a core. Under TCG every instruction is emulated,
+#               so the CPU share is an upper bound of what the same agent uses on hardware.
 #
 # The per-phase timings are the node's own (boot.json, sent with the handshake): kernel (to
 # /init), modules, network, discover, store, enroll, fetch, verify, mount, and root (hand-off
@@ -73,7 +74,7 @@ now_ms() { date +%s%3N; }
 
 step "lab: registry (TLS) and plane on 127.0.0.1"
 lab_ca "$WORK/ca"
-lab_start "$WORK/lab" "$WORK/ca" --heartbeat-interval 5s
+lab_start "$WORK/lab" "$WORK/ca"
 guest_ref=$(lab_push "$IMAGE/base" "$IMAGE/keys/ironroot.key" ironroot/base)
 lab_op template create base --module "$guest_ref,serial=1" >/dev/null
 
@@ -82,7 +83,8 @@ lab_op template create base --module "$guest_ref,serial=1" >/dev/null
 bundle() {
     mkdir -p "$1"
     cp "$IMAGE/vmlinuz" "$1/vmlinuz"
-    echo "$(cat "$IMAGE/cmdline") ironroot.heartbeat=3" >"$1/cmdline"
+    # The agent's default heartbeat (30 s), as in production: the idle figures depend on it.
+    cat "$IMAGE/cmdline" >"$1/cmdline"
     $BUILD initramfs --agent "$2" --kernel target/kernel --trust "$IMAGE/keys/ironroot.pub" \
         --registry-ca "$WORK/ca/ca.pem" --out "$1/initrd.img" >/dev/null
 }
@@ -164,17 +166,27 @@ node_boot() {
 }
 
 # idle_usage NODE: the agent service's own footprint on NODE (running, nothing to do) as its
-# reports carry it: resident memory, and CPU time over a 60 s window of heartbeats; records
+# reports carry it: resident memory, and the CPU time it used between two heartbeats
+# BENCH_IDLE_SECONDS (120) or more apart, over the plane's times of those heartbeats; records
 # "idle 0 {rss_kib, cpu_ms, window_ms}".
 idle_usage() {
-    local node=$1 rss0 cpu0 t0 rss1 cpu1 t1
-    { read -r rss0; read -r cpu0; } < <(view "$node" agent_rss_kib agent_cpu_ms)
-    t0=$(now_ms)
-    sleep "${BENCH_IDLE_SECONDS:-60}"
-    { read -r rss1; read -r cpu1; } < <(view "$node" agent_rss_kib agent_cpu_ms)
-    t1=$(now_ms)
-    [ -n "$cpu0" ] && [ -n "$cpu1" ] || { echo "bench-boot: $node reports no agent usage" >&2; exit 1; }
-    echo "idle 0 {\"rss_kib\": $rss1, \"cpu_ms\": $((cpu1 - cpu0)), \"window_ms\": $((t1 - t0))}" >>"$WORK/results"
+    local node=$1 beats rss cpu seen cpu0 seen0
+    # next_report: waits for a heartbeat after the last one seen; sets rss, cpu, seen.
+    next_report() {
+        local now_beats
+        beats=$(view "$node" heartbeats | head -n1)
+        while :; do
+            { read -r now_beats; read -r rss; read -r cpu; read -r seen; } < <(view "$node" heartbeats agent_rss_kib agent_cpu_ms last_seen)
+            [ "$now_beats" = "$beats" ] || break
+            sleep 0.5
+        done
+        [ -n "$cpu" ] || { echo "bench-boot: $node reports no agent usage" >&2; exit 1; }
+    }
+    next_report
+    cpu0=$cpu seen0=$seen
+    sleep "${BENCH_IDLE_SECONDS:-120}"
+    next_report
+    echo "idle 0 {\"rss_kib\": $rss, \"cpu_ms\": $((cpu - cpu0)), \"window_ms\": $(((seen - seen0) * 1000))}" >>"$WORK/results"
 }
 
 # wait_receipt NODE N: waits for NODE's Nth receipt; prints "OUTCOME STEPS_JSON".
@@ -196,10 +208,11 @@ if len(rs) >= int(sys.argv[1]):
 
 # ext_update NODE: on NODE (running), an `opt` module with a service and a health check is
 # attached, then updated to a second version; records "ext MS STEPS_JSON" for the update: the
-# host's time from the template change to the committed receipt at the plane (it includes up to
-# one heartbeat interval before the node hears of it), and the node's own parts.
+# host's time from the template change (and a `module-update` task, so the node does not wait
+# for its next heartbeat) to the committed receipt at the plane, and the node's own parts.
 ext_update() {
-    local node=$1 tree="$WORK/hello" v ref t0 receipt
+    local node=$1 tree="$WORK/hello" v ref t0 receipt seen
+    seen=$(lab_op node receipts "$node" --json | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))')
     mkdir -p "$tree/bin" "$tree/usr/lib/systemd/system"
     printf '[Unit]\nDescription=bench: a live module\n\n[Service]\nExecStart=/opt/hello/bin/hello\n' \
         >"$tree/usr/lib/systemd/system/hello.service"
@@ -212,7 +225,9 @@ ext_update() {
         ref=$(lab_push "$WORK/hello-$v" "$IMAGE/keys/ironroot.key" ironroot/hello)
         t0=$(now_ms)
         lab_op template add base --module "$ref,serial=$v" >/dev/null
-        receipt=$(wait_receipt "$node" "$v")
+        # Now, rather than at the next heartbeat: the task's long-poll is already waiting.
+        lab_op task module-update "$node" >/dev/null
+        receipt=$(wait_receipt "$node" $((seen + v)))
         case "$receipt" in
             committed\ *) ;;
             *) echo "bench-boot: hello $v ended $receipt" >&2; exit 1 ;;
@@ -222,7 +237,7 @@ ext_update() {
 }
 
 # soft_update NODE: on NODE (running), a new build of the base module assigned; records
-# "soft MS {}" from the root transaction's start to its committed receipt, then stops the VM.
+# "soft MS {}" from the root transaction's start to its committed receipt.
 soft_update() {
     local node=$1 tree="$WORK/root2" ref deadline receipt
     mkdir -p "$tree"
@@ -232,6 +247,7 @@ soft_update() {
     rm -rf "$tree"
     ref=$(lab_push "$WORK/base2" "$IMAGE/keys/ironroot.key" ironroot/base)
     lab_op template add base --module "$ref,serial=2" >/dev/null
+    lab_op task module-update "$node" >/dev/null
     deadline=$(($(now_ms) + TIMEOUT * 1000))
     while :; do
         receipt=$(lab_op node receipts "$node" --json 2>/dev/null | python3 -c '
@@ -247,7 +263,6 @@ for r in json.load(sys.stdin):
         [ "$(now_ms)" -lt "$deadline" ] || { echo "bench-boot: no root receipt within ${TIMEOUT} s" >&2; exit 1; }
         sleep 1
     done
-    stop_vm
     echo "soft ${receipt#committed } {}" >>"$WORK/results"
 }
 
@@ -265,10 +280,13 @@ for i in $(seq "$RUNS"); do
         KEEP_VM=1 node_boot warm "$node" "$WORK/$node.disk"
         step "run 1: the agent idle, heartbeating"
         idle_usage "$node"
-        step "run 1: an extension module attached, then updated"
-        ext_update "$node"
+        # The root update first: a live module attached would be attached again (with its own
+        # health gate) in the new root, which a warm reboot of a node without one does not pay.
         step "run 1: root update by soft reboot"
         soft_update "$node"
+        step "run 1: an extension module attached, then updated"
+        ext_update "$node"
+        stop_vm
     else
         node_boot warm "$node" "$WORK/$node.disk"
     fi
@@ -301,14 +319,14 @@ for kind in ("cold", "warm"):
 if "idle" in best:
     u = best["idle"][1]
     cpu = u["cpu_ms"] / u["window_ms"] * 100
-    print(f"idle agent (warm node, heartbeating every 3 s): RSS {u['rss_kib'] / 1024:.1f} MiB = "
+    print(f"idle agent (warm node, heartbeating every 30 s, a task long-poll always open): RSS {u['rss_kib'] / 1024:.1f} MiB = "
           f"{u['rss_kib'] / 16384:.2f}x the 16 MiB target; CPU {cpu:.2f} % of a core over "
           f"{u['window_ms'] / 1000:.0f} s = {cpu / 0.5:.2f}x the 0.5 % target")
 if "ext" in best:
     ms, parts = best["ext"]
     total = sum(parts.values())
     order = ["verify", "stage", "swap", "gate", "commit"]
-    print(f"ext: extension update (warm store, v1 -> v2): template change to committed receipt at the "
+    print(f"ext: extension update (warm store, v1 -> v2): template change + module-update task to committed receipt at the "
           f"plane {s(ms)} s; on the node {s(total)} s = " + " + ".join(f"{p} {s(parts.get(p, 0))}" for p in order))
 if "soft" in best:
     soft, warm = best["soft"][0], best["warm"][0]
