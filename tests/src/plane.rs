@@ -403,6 +403,31 @@ impl Shelf {
         digest
     }
 
+    /// Builds module `name` at `serial` as [`Shelf::publish`] does, then rewrites its signed
+    /// config to say `role` (a role no ironroot knows, say), signs the new manifest with `keys`
+    /// and pushes it as `tag`: a validly signed module whose content is wrong. Its digest.
+    pub fn publish_with_role(&self, name: &str, serial: u64, tag: &str, role: &str) -> String {
+        let built = self.publish(name, serial, &format!("{tag}-built"), None);
+        let layout = ironroot_oci::layout::Layout::open(&self.layout(name, serial)).expect("layout");
+        let digest: ironroot_contract::OciDigest = built.parse().expect("digest");
+        let bytes = std::fs::read(layout.blob_path(&digest)).expect("manifest blob");
+        let mut manifest = ironroot_contract::manifest::ImageManifest::parse(&bytes).expect("manifest");
+        let config = std::fs::read(layout.blob_path(&manifest.config.digest)).expect("config blob");
+        let mut config: serde_json::Value = serde_json::from_slice(&config).expect("config json");
+        config["role"] = serde_json::json!(role);
+        let config = serde_json::to_vec(&config).expect("config");
+        manifest.config.digest = layout.write_blob(&config).expect("config blob");
+        manifest.config.size = config.len() as u64;
+        let crafted = crate::craft::store(&layout, tag, &manifest);
+        // `ironroot-build module sign` refuses a config it cannot read; the signature is made
+        // the way it would have been.
+        let target = ironroot_oci::Target::Layout { dir: self.layout(name, serial), tag: None, digest: Some(crafted) };
+        crate::craft::sign_digest(&target, crafted, &self.work.path().join("keys/ironroot.key"));
+        let local = format!("oci:{}:{tag}", self.layout(name, serial).display());
+        crate::cli::build_cmd(&["module", "push", &local, &format!("{}:{tag}", self.repo(name))]).ok();
+        crafted.to_string()
+    }
+
     /// Pushes the build of `name` at `serial` (manifest `digest`, with its signatures) as `tag`.
     pub fn push(&self, name: &str, serial: u64, digest: &str, tag: &str) {
         let local = format!("oci:{}@{digest}", self.layout(name, serial).display());

@@ -69,6 +69,19 @@ impl Service {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
 
+    /// The service's exit code once it ends by itself within `within`.
+    fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        None
+    }
+
     fn journal(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("journal/node.jsonl"))
             .unwrap_or_default()
@@ -189,4 +202,22 @@ async fn certificates_of_90_seconds_are_renewed_twice_without_a_missed_heartbeat
     wait_for("both renewals delivered", Duration::from_secs(30), &service, || {
         p.journal("node-journal.cert.renewed").len() == 2
     });
+}
+
+/// A certificate that runs out while the plane is away cannot be renewed: the service says so
+/// (a `cert.expired` record, and why on its way out) and ends with the node-identity code,
+/// which its unit does not restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_that_expires_while_the_plane_is_away_ends_the_service_asking_for_re_provisioning() {
+    let mut p = TestPlane::start(&["--cert-ttl", "60s", "--heartbeat-interval", "2s"]);
+    let node = enroll(&p, "svc3", &NodeKey::ed25519()).await;
+    let mut service = Service::start(&p, &node);
+    wait_for("the handshake", Duration::from_secs(30), &service, || node_view(&p, &node.id)["state"] == "running");
+    p.terminate();
+    let code = service.exit_code(Duration::from_secs(120));
+    assert_eq!(code, Some(31), "{}", service.log());
+    let log = service.log();
+    assert!(log.contains("expired") && log.contains("re-provision the node"), "{log}");
+    let expired: Vec<_> = service.journal().into_iter().filter(|r| r["kind"] == "cert.expired").collect();
+    assert_eq!(expired.len(), 1, "{expired:?}");
 }

@@ -219,6 +219,26 @@ fn a_directory_that_is_not_a_layout_is_never_written_into() {
     assert_eq!(staging_dirs(tmp.path(), "home"), Vec::<String>::new());
 }
 
+/// A module that declares a unit its tree lacks, or a role that does not exist, is never
+/// built: a node must not meet either when it attaches the module.
+#[test]
+fn a_missing_unit_or_an_unknown_role_is_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    generate_bulk(&tree, 10 << 10);
+    let out = tmp.path().join("layout");
+    let (tree_s, out_s) = (s(&tree), s(&out));
+    let mut args = build_args(&tree_s, &out_s, "m");
+    args.extend(["--role", "opt", "--unit", "web.service"]);
+    build_cmd(&args)
+        .refused(1, "unit web.service is declared but usr/lib/systemd/system/web.service is not in the tree");
+    let mut args = build_args(&tree_s, &out_s, "m");
+    args.extend(["--role", "sidecar"]);
+    build_cmd(&args).refused(2, "sidecar");
+    assert!(!out.exists(), "nothing written");
+    assert_eq!(staging_dirs(tmp.path(), "layout"), Vec::<String>::new());
+}
+
 /// A loopback port nothing listens on (bound by the kernel's choice, then closed).
 fn closed_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -47,6 +47,7 @@ fn channel_set_resolves_tags_to_signed_serials_and_refuses_what_it_cannot_verify
     let v3 = shelf.publish("web", 3, "v3", Some("keys"));
     let rogue = shelf.publish("web", 7, "rogue", Some("other-keys"));
     shelf.publish("web", 8, "bare", None);
+    shelf.publish_with_role("web", 9, "crafted", "sidecar");
     let p = plane(&shelf);
 
     p.op(&["channel", "set", &repo, "stable", "v2"]).ok();
@@ -63,6 +64,8 @@ fn channel_set_resolves_tags_to_signed_serials_and_refuses_what_it_cannot_verify
     p.op(&["channel", "set", &repo, "stable", "bare"]).refused(3, "no signature found");
     p.op(&["channel", "set", &repo, "stable", &rogue]).refused(3, "bad_signature");
     p.op(&["channel", "set", &repo, "nope:x", "v2"]).refused(3, "bad_channel");
+    // Signed by a trusted key, but of a kind no node knows: refused by what it says.
+    p.op(&["channel", "set", &repo, "stable", "crafted"]).refused(3, "unknown variant `sidecar`");
     assert_eq!(channel(&p, &repo, "stable"), stable, "refusals changed nothing");
 
     // Forward, then promote; an older serial is refused on set and on promote.

@@ -164,6 +164,15 @@ impl Journal {
         self.pending().iter().map(|r| line(r).len() as u64).sum()
     }
 
+    /// Whether a new change fits with every record it may write (its steps and its receipt):
+    /// what compaction cannot drop (undelivered or pinned records) leaves a quarter of the
+    /// limit, at most 64 KiB, free. Only the start of a change is held to it, so the records
+    /// of a change under way always have room.
+    pub fn has_room_for_change(&self) -> bool {
+        let kept: u64 = self.kept.iter().map(|r| line(r).len() as u64).sum();
+        kept.saturating_add(change_headroom(self.limit)) <= self.limit
+    }
+
     /// Appends a record and syncs it to disk before returning its sequence number. When the
     /// file would pass its limit, delivered records are dropped first; when undelivered ones
     /// alone fill it, the record is refused.
@@ -254,6 +263,11 @@ pub fn parse_chain(bytes: &[u8]) -> Result<(Vec<Record>, u64), (u64, String)> {
 /// The journal's open flags beyond read/append/create: no link followed, no FIFO waited on.
 fn libc_flags() -> i32 {
     (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32
+}
+
+/// Room kept for the records of a change under way.
+fn change_headroom(limit: u64) -> u64 {
+    (limit / 4).min(64 << 10)
 }
 
 /// How far past twice its limit a journal file may be read before it is refused.
@@ -359,6 +373,33 @@ mod tests {
         drop(j);
         let j = Journal::open(dir.path(), one * 4, 1).unwrap();
         assert_eq!(j.replay().iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5], "compacted, chain intact");
+    }
+
+    /// A new change is held back while the undelivered records leave less than its headroom;
+    /// records of changes under way still fit, and a delivery makes room again.
+    #[test]
+    fn a_new_change_needs_headroom_that_records_under_way_may_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = line(&Record {
+            seq: 10,
+            time: 1000,
+            kind: "audit".into(),
+            data: data(10),
+            prev: GENESIS.into(),
+            hash: GENESIS.into(),
+        })
+        .len() as u64;
+        // Room for 8 records; a new change wants a quarter of it (2) free.
+        let mut j = Journal::open(dir.path(), one * 8, 1).unwrap();
+        for i in 1..=7 {
+            assert!(j.has_room_for_change(), "{} records", i - 1);
+            j.append(1000, "audit", data(i)).unwrap();
+        }
+        assert!(!j.has_room_for_change(), "7 of 8 undelivered: no new change");
+        j.append(1000, "audit", data(8)).unwrap();
+        assert!(matches!(j.append(1000, "audit", data(9)), Err(JournalError::Full { .. })));
+        j.delivered(5).unwrap();
+        assert!(j.has_room_for_change(), "the plane took 5");
     }
 
     #[test]

@@ -62,7 +62,10 @@ pub enum ServeError {
     NotPem(PathBuf),
     #[error("the node identity is not usable")]
     Identity(#[source] PlaneError),
-    #[error("the node certificate expired at {not_after} (seconds since the epoch)")]
+    #[error(
+        "the node certificate expired at {not_after} (seconds since the epoch) without being renewed; a restart \
+         does not help: re-provision the node (`ironroot-plane node reprovision NODE`) and boot it with a new token"
+    )]
     Expired { not_after: i64 },
     #[error("installing the SIGTERM handler")]
     Signal(#[source] std::io::Error),

@@ -52,12 +52,21 @@ pub enum Event {
     /// The plane acknowledged the journal up to `seq`, or the delivery failed.
     Delivered(Result<u64, String>),
     Job(JobDone),
+    /// A `Record` could not be journaled (the journal is full, or the disk failed): its kind,
+    /// the transaction step it named, and why.
+    NotJournaled {
+        kind: String,
+        step: Option<String>,
+        why: String,
+    },
     /// SIGTERM: stop taking work, finish what cannot be left half done.
     Terminate,
 }
 
 /// What the shell must do, in order. A `Record` is synced to the journal before any action
-/// after it runs; if it cannot be, the actions after it are dropped (fail closed).
+/// after it runs; if it cannot be, no `Run` after it runs (a job is never started on a step
+/// that is not written down) and the core hears `NotJournaled`; plane calls go on, so a full
+/// journal does not stop the heartbeats or the delivery that empties it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Report {
@@ -154,6 +163,10 @@ impl Node {
                     self.tasks.on_power_failed();
                 }
                 self.rollout.on_job(done, now, &mut out);
+            }
+            Event::NotJournaled { kind, step, why } => {
+                out.push(Action::Status(format!("node journal: {why}")));
+                self.rollout.on_not_journaled(&kind, step.as_deref(), &why, now, &mut out);
             }
             Event::Terminate => self.stopping = true,
         }

@@ -108,6 +108,9 @@ impl Shell {
                 Some(event) = self.rx.recv() => event,
             };
             if wall() >= self.not_after {
+                // The core says so first (status, and a `cert.expired` record the journal keeps
+                // for whoever delivers it next); then the service ends for good.
+                self.feed(Event::Tick);
                 return Err(ServeError::Expired { not_after: self.not_after as i64 });
             }
             if self.feed(event) {
@@ -150,28 +153,42 @@ impl Shell {
         }
     }
 
-    /// Carries out actions in order; true on `Exit`. A record that cannot be journaled drops
-    /// every action after it (nothing runs that was not written down first).
+    /// Carries out actions in order; true on `Exit`. After a record that cannot be journaled
+    /// no job runs (nothing runs that was not written down first), the core hears why, and
+    /// plane calls go on (the heartbeat, and the delivery that makes room again).
     fn perform(&mut self, actions: Vec<Action>) -> bool {
         let mut journaled = None;
+        let mut not_journaled = None;
         for action in actions {
             match action {
-                Action::Record { kind, data } => match self.journal.append(wall(), &kind, data.clone()) {
-                    Ok(seq) => {
-                        if kind == "txn" && data.get("step").and_then(|s| s.as_str()) == Some("planned") {
-                            self.journal.pin(Some(seq));
-                        } else if kind == RECEIPT_KIND {
-                            self.journal.pin(None);
+                Action::Record { kind, data } => {
+                    let step = (kind == "txn").then(|| data.get("step").and_then(|s| s.as_str()).map(str::to_owned));
+                    let step = step.flatten();
+                    // A new change needs room for all its records: it is refused while the
+                    // plane has not taken enough of the journal.
+                    let appended = if step.as_deref() == Some("planned") && !self.journal.has_room_for_change() {
+                        Err(crate::exit::describe(&super::journal::JournalError::Full {
+                            bytes: self.journal.undelivered_bytes(),
+                        }))
+                    } else {
+                        self.journal.append(wall(), &kind, data).map_err(|e| crate::exit::describe(&e))
+                    };
+                    match appended {
+                        Ok(seq) => {
+                            if step.as_deref() == Some("planned") {
+                                self.journal.pin(Some(seq));
+                            } else if kind == RECEIPT_KIND {
+                                self.journal.pin(None);
+                            }
+                            journaled = Some(seq);
                         }
-                        journaled = Some(seq);
+                        Err(why) => {
+                            tracing::error!(error = %why, %kind, "journal append failed; no job runs on it");
+                            not_journaled.get_or_insert(Event::NotJournaled { kind, step, why });
+                        }
                     }
-                    Err(e) => {
-                        let why = crate::exit::describe(&e);
-                        tracing::error!(error = %why, "journal append failed; what followed is not done");
-                        notify(&[NotifyState::Status(&format!("journal: {why}"))]);
-                        break;
-                    }
-                },
+                }
+                Action::Run(_) if not_journaled.is_some() => {}
                 Action::Report { handshake, last_reconcile } => self.spawn_report(handshake, last_reconcile),
                 Action::FetchDesired => {
                     let (client, node) = (self.client(), self.record.node_id.clone());
@@ -222,6 +239,9 @@ impl Shell {
         }
         if let Some(seq) = journaled {
             let _ = self.tx.send(Event::Journaled(seq));
+        }
+        if let Some(event) = not_journaled {
+            let _ = self.tx.send(event);
         }
         false
     }

@@ -117,14 +117,29 @@ async fn probe(check: &HealthCheck, deadline: Instant) -> Result<String, String>
     Ok(if said.is_empty() { "no probe".into() } else { said.join("; ") })
 }
 
+/// Runs the probe command in a process group of its own, so that a probe that hangs is killed
+/// at the deadline with everything it started (a shell script's `sleep`, say), not only its
+/// first process.
 async fn command_probe(command: &[String], deadline: Instant) -> Result<String, String> {
     if let Some((program, args)) = command.split_first() {
+        use std::process::Stdio;
         let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args).stdin(std::process::Stdio::null()).kill_on_drop(true);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.kill_on_drop(true).process_group(0);
         let shown = command.join(" ");
-        let child = cmd.output();
-        return match tokio::time::timeout_at(deadline, child).await {
-            Err(_) => Err(format!("{shown} did not finish before the deadline (killed)")),
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => return Err(format!("{shown} could not run: {e}")),
+        };
+        let group = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32));
+        return match tokio::time::timeout_at(deadline, child.wait_with_output()).await {
+            Err(_) => {
+                if let Some(group) = group {
+                    // Gone already is fine: the group is empty.
+                    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+                }
+                Err(format!("{shown} did not finish before the deadline (killed)"))
+            }
             Ok(Err(e)) => Err(format!("{shown} could not run: {e}")),
             Ok(Ok(out)) if out.status.success() => Ok(format!("{shown}: exit 0")),
             Ok(Ok(out)) => Err(format!("{shown}: {} {}", out.status, clip(&String::from_utf8_lossy(&out.stderr)))),
@@ -173,6 +188,27 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(30), "a hung probe does not hold the gate");
         let err = probe(&check(&["/nonexistent/probe"], 5), soon()).await.unwrap_err();
         assert!(err.contains("could not run"), "{err}");
+    }
+
+    /// A probe script whose child hangs: at the deadline the whole group goes, not only the
+    /// shell (the child would otherwise hold the probe's pipes and live on).
+    #[tokio::test]
+    async fn a_hung_probe_is_killed_with_everything_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("child.pid");
+        let script = format!("sleep 600 & echo $! > {}; wait", pid_file.display());
+        let err = probe(&check(&["/bin/sh", "-c", &script], 1), Instant::now() + Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(err.contains("did not finish before the deadline"), "{err}");
+        let child: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+        let gone = (0..50).any(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            // A zombie until its parent is reaped counts as gone: its state is Z.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .map_or(true, |st| st.rsplit(')').next().is_some_and(|f| f.trim_start().starts_with('Z')))
+        });
+        assert!(gone, "the probe's sleep {child} outlived the deadline");
     }
 
     #[tokio::test]

@@ -370,6 +370,29 @@ impl Rollout {
     }
 
     /// Fetches the desired state when it moved (or was asked for) and nothing else runs.
+    /// A record of a change could not be journaled. A change whose `planned` record was refused
+    /// never began: it waits (retried after a backoff; a waiting `module-update` is answered
+    /// with why). Any other record of a transaction (a step, its receipt) ends the service:
+    /// systemd starts it again and the open transaction is finished from the journal, as after
+    /// `kill -9`.
+    pub fn on_not_journaled(&mut self, kind: &str, step: Option<&str>, why: &str, now: Now, out: &mut Vec<Action>) {
+        let planned = kind == "txn" && step == Some("planned");
+        if planned
+            && let State::Applying { txn: Some(t), .. } = &self.state
+            && t.step == Step::Planned
+        {
+            self.failures = self.failures.saturating_add(1);
+            self.retry_at = Some(now.mono + backoff(self.failures));
+            let summary = format!("changes refused: {why}");
+            self.last = Some(summary.clone());
+            self.reconciled = Some(Reconciled { ok: false, summary });
+            self.state = State::Idle;
+        } else if kind == "txn" || kind == ironroot_contract::wire::RECEIPT_KIND {
+            tracing::error!(%why, "a transaction's record could not be journaled; the service ends to finish it from the journal");
+            out.push(Action::Exit);
+        }
+    }
+
     pub fn due(&mut self, now: Now, out: &mut Vec<Action>) {
         if self.state != State::Idle || !self.ready || self.retry_at.is_some_and(|t| now.mono < t) {
             return;

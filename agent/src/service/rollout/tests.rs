@@ -144,6 +144,48 @@ fn an_attach_goes_through_every_step_and_ends_committed() {
     assert!(out.is_empty(), "generation 2 is applied");
 }
 
+/// A change whose first record the journal refused never began: nothing ran, the reconcile
+/// ends saying why, and it is tried again after a backoff. A step of a change under way that
+/// cannot be written down ends the service (to be finished from the journal on restart).
+#[test]
+fn a_change_the_journal_cannot_take_waits_and_a_step_it_cannot_take_ends_the_service() {
+    let (mut r, base) = booted();
+    let hello = info("hello", 2, MountRole::Opt);
+    let out = reconcile(&mut r, 2, &[&base, &hello], &[&hello]);
+    assert_eq!(steps(&out), ["planned"]);
+    let mut out = Vec::new();
+    r.on_not_journaled("txn", Some("planned"), "the node journal is full", at(13), &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    let done = r.take_reconciled().unwrap();
+    assert!(!done.ok && done.summary.contains("changes refused: the node journal is full"), "{done:?}");
+    assert!(r.is_idle() && !r.live().any(|m| m.name == "hello"));
+    let mut out = Vec::new();
+    r.due(at(13), &mut out);
+    assert!(out.is_empty(), "not before the backoff: {out:?}");
+    r.due(at(60), &mut out);
+    assert_eq!(out, [Action::FetchDesired], "tried again");
+
+    let out = reconcile_again(&mut r, &[&base, &hello], &[&hello]);
+    let txn = txn_of(&out);
+    let mut out = Vec::new();
+    r.on_job(JobDone::Staged { txn, result: Ok(()) }, at(62), &mut out);
+    assert_eq!(steps(&out), ["staged"]);
+    let mut out = Vec::new();
+    r.on_not_journaled("txn", Some("staged"), "No space left on device", at(62), &mut out);
+    assert_eq!(out, [Action::Exit]);
+}
+
+/// The desired state (generation 2 still) answered again, and `verified` verified.
+fn reconcile_again(r: &mut Rollout, modules: &[&ModuleInfo], verified: &[&ModuleInfo]) -> Vec<Action> {
+    let mut out = Vec::new();
+    r.on_desired(Ok(desired(2, modules)), at(61), &mut out);
+    for v in verified {
+        out.clear();
+        r.on_job(JobDone::Verified { name: v.name.clone(), result: Ok((*v).clone()) }, at(61), &mut out);
+    }
+    out
+}
+
 #[test]
 fn an_unhealthy_update_is_rolled_back_with_the_reason_and_not_retried() {
     let (mut r, base) = booted();
@@ -287,7 +329,16 @@ fn a_changed_root_is_staged_and_entered_by_soft_reboot() {
 fn an_open_transaction_is_finished_before_anything_else() {
     let base = info("base", 1, MountRole::Root);
     let (v1, v2) = (info("hello", 2, MountRole::Opt), info("hello", 3, MountRole::Opt));
-    for (step, commit) in [(Step::Attached, false), (Step::Planned, false), (Step::Healthy, true)] {
+    // Every step a `kill -9` can leave a transaction at: only a passed gate is committed.
+    let steps = [
+        (Step::Planned, false),
+        (Step::Staged, false),
+        (Step::Attached, false),
+        (Step::Unhealthy, false),
+        (Step::Restoring, false),
+        (Step::Healthy, true),
+    ];
+    for (step, commit) in steps {
         let open = OpenTxn { id: "x-old-1".into(), step, to: v2.clone(), from: Some(v1.clone()), started: 900 };
         let mut out = Vec::new();
         let mut r = Rollout::new(
