@@ -1,4 +1,4 @@
-//! Command line: `boot` (the pipeline), `serve` (the service), `pull` (fetch + verify one module into a store) and
+//! Command line: `boot` (the pipeline), `serve` (the service), `guard` (a trial root's guard), `pull` (fetch + verify one module into a store) and
 //! `identity` (what discovery finds, with provenance). Exit codes: [`Exit`]. Every subcommand and
 //! argument has a one-line description in `--help`.
 
@@ -88,6 +88,19 @@ pub enum Command {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
         interval: Option<u64>,
     },
+    /// Guard a root entered on trial from outside it: go back to the root before when the
+    /// trial is still open past its deadline (started by `serve` before a soft reboot).
+    Guard {
+        /// Where boot.json and the staged root's record (boot.next.json) are.
+        #[arg(long, default_value = "/run/ironroot")]
+        run_dir: PathBuf,
+        /// The root transaction whose trial is guarded.
+        #[arg(long)]
+        txn: String,
+        /// Seconds past the trial's deadline left to the trial root's own agent.
+        #[arg(long, default_value_t = crate::service::guard::GRACE_S)]
+        grace: u64,
+    },
     /// Show the identity discovery finds, with where each value came from.
     Identity {
         /// Root under which proc/, sys/ and etc/ are found.
@@ -175,6 +188,15 @@ async fn dispatch(command: Command) -> Exit {
                 Err(e) => {
                     fail(&e);
                     e.exit()
+                }
+            }
+        }
+        Command::Guard { run_dir, txn, grace } => {
+            match crate::service::guard::guard(&crate::service::guard::GuardOptions { run_dir, txn, grace }).await {
+                Ok(()) => Exit::Ok,
+                Err(e) => {
+                    fail(&e);
+                    Exit::Failure
                 }
             }
         }

@@ -172,6 +172,7 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE nodes ADD COLUMN good_revision INTEGER;",
     "ALTER TABLE nodes ADD COLUMN served_generation INTEGER;",
     "ALTER TABLE nodes ADD COLUMN agent_rss_kib INTEGER; ALTER TABLE nodes ADD COLUMN agent_cpu_ms INTEGER;",
+    "ALTER TABLE nodes ADD COLUMN served_at INTEGER;",
 ];
 
 /// Opens (creating) the database at `path` and brings its schema up to date.

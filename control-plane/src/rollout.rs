@@ -218,9 +218,28 @@ pub(crate) fn observe_receipt(tx: &Connection, node_id: &str, receipt: &Receipt)
     if !digests.contains(&wanted.to_string()) {
         return Ok(());
     }
-    // Pinned to the last good rendering (the one before the target, which the node went back
-    // to): its desired state stops naming what it refused.
-    // Pinned to the last rendering it ran whole (none yet: it stays, its refusal standing).
+    let version = receipt.to.as_ref().map_or_else(|| wanted.to_string(), |t| t.version.clone());
+    let mut reason = format!("node {node_id}: {} {version} {}", receipt.module, receipt.outcome);
+    if let Some(why) = &receipt.reason {
+        reason = format!("{reason}: {}", why.chars().take(512).collect::<String>());
+    }
+    let data = serde_json::json!({"revision": revision, "node": node_id, "module": receipt.module,
+        "outcome": receipt.outcome.to_string(), "transaction": receipt.transaction, "reason": reason});
+    fail(tx, node_id, &template, halted.is_none(), &reason, data)
+}
+
+/// Fails `node_id`'s move and halts `template`'s rollout on it (unless `halt` is false: it is
+/// halted already). Pinned to the last good rendering (the one before the target, which the
+/// node went back to) its desired state stops naming what it refused; with none yet, it stays,
+/// its refusal standing.
+fn fail(
+    tx: &Connection,
+    node_id: &str,
+    template: &str,
+    halt: bool,
+    reason: &str,
+    data: serde_json::Value,
+) -> Result<(), Refusal> {
     tx.execute(
         "UPDATE nodes SET rollout = 'failed',
              generation = generation + (good_revision IS NOT NULL AND good_revision != revision),
@@ -228,21 +247,47 @@ pub(crate) fn observe_receipt(tx: &Connection, node_id: &str, receipt: &Receipt)
          WHERE id = ?1",
         [node_id],
     )?;
-    if halted.is_none() {
-        let version = receipt.to.as_ref().map_or_else(|| wanted.to_string(), |t| t.version.clone());
-        let mut reason = format!("node {node_id}: {} {version} {}", receipt.module, receipt.outcome);
-        if let Some(why) = &receipt.reason {
-            reason = format!("{reason}: {}", why.chars().take(512).collect::<String>());
-        }
+    if halt {
         tx.execute(
             "UPDATE rollouts SET halted_node = ?2, halted_reason = ?3, halted_at = ?4 WHERE template = ?1",
             params![template, node_id, reason, now()],
         )?;
-        let data = serde_json::json!({"revision": revision, "node": node_id, "module": receipt.module,
-            "outcome": receipt.outcome.to_string(), "transaction": receipt.transaction, "reason": reason});
-        audit::append(tx, now(), "plane:rollout", "rollout.halt", &template, &data)?;
+        audit::append(tx, now(), "plane:rollout", "rollout.halt", template, &data)?;
     }
     Ok(())
+}
+
+/// The sweep at `at`: a node that took its new rendering (it was served it) and has reported
+/// neither it nor a receipt by the template's trial deadline plus `grace` is failed, as if it
+/// had rolled back, and halts the rollout — a root whose agent never came up, a node that went
+/// dark mid-change. Returns how many nodes it failed.
+pub(crate) fn overdue(tx: &Connection, at: i64, grace: std::time::Duration) -> Result<usize, Refusal> {
+    let grace = i64::try_from(grace.as_secs()).unwrap_or(i64::MAX);
+    let default = i64::try_from(ironroot_contract::run_state::DEFAULT_TRIAL_DEADLINE_S).unwrap_or(i64::MAX);
+    let late: Vec<(String, String, i64, i64, i64, Option<String>)> = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT n.id, n.template, n.revision, n.served_at, COALESCE(t.trial_deadline_s, ?1), r.halted_node
+             FROM nodes n JOIN templates t ON t.name = n.template
+             JOIN rollouts r ON r.template = n.template AND r.revision = n.revision
+             WHERE n.rollout = 'waiting' AND n.state != 'terminated' AND n.served_generation = n.generation
+               AND n.served_at + COALESCE(t.trial_deadline_s, ?1) + ?2 < ?3",
+        )?;
+        stmt.query_map(params![default, grace, at], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+        })?
+        .collect::<Result<_, _>>()?
+    };
+    let mut halted_now = std::collections::HashSet::new();
+    for (node, template, revision, served_at, deadline, halted) in &late {
+        let reason = format!(
+            "node {node}: revision {revision} not reported within {} s of taking it (trial deadline {deadline} s + {grace} s)",
+            at.saturating_sub(*served_at)
+        );
+        let data = serde_json::json!({"revision": revision, "node": node, "outcome": "overdue", "reason": reason});
+        let halt = halted.is_none() && halted_now.insert(template.clone());
+        fail(tx, node, template, halt, &reason, data)?;
+    }
+    Ok(late.len())
 }
 
 /// `rollout status`: where a template's rollout stands.

@@ -26,6 +26,9 @@ pub struct Settings {
     pub suspect_after: Duration,
     /// ... and this long, `silent`.
     pub silent_after: Duration,
+    /// Past a template's trial deadline, how long a node served a new rendering may take to
+    /// report it before it fails and halts the rollout (`rollout::overdue`).
+    pub rollout_grace: Duration,
     pub task_lease: Duration,
     /// Enrollment attempts per remote address: a burst, then this many per second.
     pub enroll_burst: u32,
@@ -33,6 +36,12 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The node's trial guard acts 60 s past the deadline; the node then soft-reboots back
+    /// (allowed 2 min) and reports within a few heartbeats.
+    pub fn rollout_grace_for(heartbeat_interval: Duration) -> Duration {
+        Duration::from_secs(180).saturating_add(heartbeat_interval.saturating_mul(5))
+    }
+
     pub fn standard() -> Self {
         Self {
             token_ttl: Duration::from_secs(3600),
@@ -40,6 +49,7 @@ impl Settings {
             heartbeat_interval: Duration::from_secs(30),
             suspect_after: Duration::from_secs(95),
             silent_after: Duration::from_secs(300),
+            rollout_grace: Self::rollout_grace_for(Duration::from_secs(30)),
             task_lease: Duration::from_secs(120),
             enroll_burst: 10,
             enroll_per_second: 0.5,
@@ -306,6 +316,7 @@ impl Store {
                 moved += 1;
             }
         }
+        moved += crate::rollout::overdue(&tx, at, self.settings.rollout_grace)?;
         tx.commit()?;
         Ok(moved)
     }

@@ -58,7 +58,12 @@ impl Store {
         let mut desired = crate::render::desired(generation.max(0) as u64, template, modules, state == "draining");
         desired.trial_deadline_s = trial_deadline_s.and_then(|s| u64::try_from(s).ok());
         // What the node now knows: an operator (and the fan-out benchmark) sees a change reach it.
-        conn.execute("UPDATE nodes SET served_generation = ?1 WHERE id = ?2", params![generation, node_id])?;
+        // ... and since when (the first time this generation was served).
+        conn.execute(
+            "UPDATE nodes SET served_at = CASE WHEN served_generation IS ?1 THEN served_at ELSE ?3 END,
+                 served_generation = ?1 WHERE id = ?2",
+            params![generation, node_id, now()],
+        )?;
         Ok(desired)
     }
 

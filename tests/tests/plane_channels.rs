@@ -344,3 +344,46 @@ async fn a_receipt_that_does_not_parse_is_refused_and_nothing_of_its_batch_is_ke
     let listed = p.op(&["node", "receipts", "rx"]).ok();
     assert!(listed.contains("committed") && listed.contains("web") && listed.contains("-> 1.1"), "{listed}");
 }
+
+/// A node that took the new rendering (it was served it) and reports neither it nor a receipt
+/// by the template's trial deadline and the grace — a root whose agent never came up, a node
+/// that went dark mid-change — fails and halts the rollout, as a rollback would; a node never
+/// served the rendering is not overdue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_takes_a_rendering_and_never_reports_it_halts_the_rollout_after_the_deadline() {
+    let shelf = Shelf::start();
+    let repo = shelf.repo("web");
+    let v2 = shelf.publish("web", 2, "v2", Some("keys"));
+    let v3 = shelf.publish("web", 3, "v3", Some("keys"));
+    let p = TestPlane::start(&["--trust", &shelf.trust(), "--heartbeat-interval", "3s", "--rollout-grace", "2s"]);
+    p.op(&["channel", "set", &repo, "stable", "v2"]).ok();
+    p.op(&["template", "create", "web", "--module", &format!("{repo}:stable"), "--trial-deadline", "30"]).ok();
+    let (taker, quiet) = (node_on(&p, "o1", "web").await, node_on(&p, "o2", "web").await);
+    for n in [&taker, &quiet] {
+        heartbeat_with(&p, n, &[&v2]).await;
+    }
+
+    p.op(&["channel", "set", &repo, "stable", "v3"]).ok();
+    let taken = std::time::Instant::now();
+    assert_eq!(desired(&p, &taker).await["modules"][0]["digest"], v3.as_str());
+    let status = loop {
+        let status = json_of(&p, &["rollout", "status", "web", "--json"]);
+        if !status["halted"].is_null() {
+            break status;
+        }
+        assert!(taken.elapsed() < std::time::Duration::from_secs(120), "never halted: {status}");
+        // The taker goes on heartbeating with what it had: it is alive, just not on v3.
+        heartbeat_with(&p, &taker, &[&v2]).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    };
+    assert!(taken.elapsed() >= std::time::Duration::from_secs(32), "not before the deadline and the grace");
+    assert_eq!(status["halted"]["node"], taker.id.as_str(), "{status}");
+    let reason = status["halted"]["reason"].as_str().unwrap();
+    assert!(reason.contains("not reported within") && reason.contains("trial deadline 30 s + 2 s"), "{reason}");
+    assert_eq!(status["nodes"]["failed"], json!([taker.id]), "{status}");
+    assert_eq!(status["nodes"]["waiting"], json!([quiet.id]), "never served v3, so not overdue: {status}");
+    // Pinned to the rendering it last ran whole.
+    assert_eq!(desired(&p, &taker).await["modules"][0]["digest"], v2.as_str());
+    let journal = p.op(&["audit", "list"]).ok();
+    assert!(journal.contains("rollout.halt") && journal.contains("overdue"), "{journal}");
+}

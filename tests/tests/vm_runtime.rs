@@ -3,8 +3,9 @@
 //! update it (units restarted, receipt), an update whose health check fails is rolled back by
 //! itself with the reason, a `kill -9` of the agent mid-update leaves the old version whole,
 //! detach; then root updates by soft reboot on the same node — a new root committed after its
-//! trial, a root whose unit fails rolled back by the node itself. Assertions read the plane's
-//! receipts and node view.
+//! trial, a root whose unit fails rolled back by the node itself, and a root whose agent never
+//! starts left by the trial guard at its deadline. Assertions read the plane's receipts, node
+//! view and rollout status.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests stop loudly on a failed setup step")]
 
@@ -23,8 +24,13 @@ const FAILS: &str = "#!/bin/sh\necho 'not today' >&2\nexit 1\n";
 const KILLS_THE_AGENT: &str = "#!/bin/sh\nfor p in /proc/[0-9]*; do\n    \
     [ \"$(cat $p/comm 2>/dev/null)\" = ironroot-agent ] && kill -9 \"${p#/proc/}\"\ndone\nsleep 60\n";
 
+/// The template's trial deadline (seconds): root 2's trial passes well within it in TCG, and the
+/// guard of root 4 acts 60 s after it.
+const TRIAL_DEADLINE_S: u64 = 150;
+
 /// The `hello` module's tree at `version`: a service that says its version on the console and
 /// keeps running, and the health check `check`.
+
 fn hello_tree(dir: &Path, version: &str, check: &str) -> std::path::PathBuf {
     let tree = dir.join(format!("hello-{version}"));
     let units = tree.join("usr/lib/systemd/system");
@@ -56,7 +62,11 @@ fn hello(lab: &VmLab, version: &str, serial: u64, check: &str) -> String {
 fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     let lab = VmLab::start();
     let node = "vm-live";
-    let token = lab.token(node, "base", &lab.guest_reference);
+    // A trial deadline short enough for the guard scenario (a root whose agent never starts).
+    let base = format!("{},serial=1", lab.guest_reference);
+    let deadline = TRIAL_DEADLINE_S.to_string();
+    lab.plane.op(&["template", "create", "base", "--module", &base, "--trial-deadline", &deadline]).ok();
+    let token = lab.plane.op(&["token", "create", "--node", node, "--template", "base"]).ok().trim().to_owned();
     let mut vm = lab.boot(node, &token, IdentityVia::FwCfg, false);
     let booted = lab.wait_for(&mut vm, node, BOOT, |v| v["state"] == "running" && v["phase"] == "ready");
 
@@ -159,5 +169,57 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
     assert_eq!((back["state"].as_str(), back["phase"].as_str()), (Some("running"), Some("ready")), "{back}");
     std::thread::sleep(Duration::from_secs(30));
     assert_eq!(receipts(lab, node).len(), seen + 2, "root 3 is not tried again");
+    assert!(!vm.console().contains("Kernel panic"), "{}", vm.console_tail(40));
+
+    a_root_whose_agent_never_starts_is_left_by_its_guard(lab, vm, node, &tree, seen + 3, &new_agent, &v2_digest);
+}
+
+/// Root 4's agent exits at once, so nothing in it ends the trial: the guard the agent of root 2
+/// started before the soft reboot (a transient unit in survivors.slice) goes back to root 2
+/// at the deadline plus its grace, and the receipt it journaled reaches the plane through root
+/// 2's agent, halting the rollout.
+fn a_root_whose_agent_never_starts_is_left_by_its_guard(
+    lab: &VmLab,
+    vm: &mut Vm,
+    node: &str,
+    tree: &Path,
+    nth: usize,
+    root2_agent: &str,
+    root2: &str,
+) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let agent = tree.join("usr/bin/ironroot-agent");
+    std::fs::write(&agent, "#!/bin/sh\necho 'ironroot test: the agent of root 4 exits' >&2\nexit 1\n").unwrap();
+    std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let v4 = root_version(lab, tree, 4, false);
+    lab.plane.op(&["template", "add", "base", "--module", &format!("{v4},serial=4")]).ok();
+    let r = nth_receipt(lab, vm, node, nth);
+    assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("base"), Some("rolled-back")), "{r}");
+    assert_eq!((r["from"]["serial"].as_u64(), r["to"]["serial"].as_u64()), (Some(2), Some(4)), "{r}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("its guard stopped ironroot-agent.service"), "{r}");
+    assert!(reason.contains("it never started"), "the record of root 4 was never promoted: {r}");
+    assert_eq!(r["agent_version"], root2_agent, "written by root 2's agent, the guard: {r}");
+    assert_eq!(r["health"]["units"][0][0], "ironroot-agent.service", "{r}");
+    let took = r["finished"].as_u64().unwrap() - r["started"].as_u64().unwrap();
+    assert!(took >= TRIAL_DEADLINE_S + 60, "not before the deadline and the grace: {took} s: {r}");
+    let console = vm.console();
+    assert!(
+        console.rfind("ROOT version=4") < console.rfind("ROOT version=2"),
+        "back in root 2: {}",
+        vm.console_tail(60)
+    );
+
+    // Root 2's agent heartbeats again, and the plane halted the rollout on the receipt.
+    let back = lab.wait_for(vm, node, CHANGE, |v| {
+        v["phase"] == "ready"
+            && v["agent_version"] == root2_agent
+            && v["module_digests"].as_array().is_some_and(|d| d.iter().any(|x| x == root2))
+    });
+    assert_eq!(back["state"], "running", "{back}");
+    let status = lab.plane.op(&["rollout", "status", "base", "--json"]).stdout;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["halted"]["node"], node, "{status}");
+    assert!(status["halted"]["reason"].as_str().unwrap_or_default().contains("rolled-back"), "{status}");
     assert!(!vm.console().contains("Kernel panic"), "{}", vm.console_tail(40));
 }

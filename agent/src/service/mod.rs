@@ -12,6 +12,7 @@
 //! which the unit's `RestartPreventExitStatus=` names: a boot record that cannot be read or
 //! used, a node identity that cannot be read, is refused or expired.
 
+pub mod guard;
 pub mod heartbeat;
 pub mod jobs;
 pub mod journal;
@@ -214,10 +215,10 @@ pub(crate) fn notify(states: &[NotifyState<'_>]) {
 }
 
 /// Bytes the node journal may hold (records the plane has not received are never dropped).
-const JOURNAL_LIMIT: u64 = 16 * 1024 * 1024;
+pub(crate) const JOURNAL_LIMIT: u64 = 16 * 1024 * 1024;
 
 /// Where the node journal lives: beside the store on a persistent one, else under `/run`.
-fn journal_dir(record: &BootRecord, run_dir: &Path) -> PathBuf {
+pub(crate) fn journal_dir(record: &BootRecord, run_dir: &Path) -> PathBuf {
     match record.store.path.parent() {
         Some(state) if record.store.persistent => state.join("journal"),
         _ => run_dir.join("journal"),
@@ -241,6 +242,26 @@ fn verification(record: &BootRecord) -> (Vec<ironroot_contract::TrustedKey>, iro
         .unwrap_or_default();
     let ca_pem = record.registry_ca.as_deref().and_then(read).into_iter().collect();
     (trust, ironroot_oci::RegistryAccess { ca_pem, ..Default::default() })
+}
+
+/// The jobs' runner for this boot: the store (mounted again after a soft reboot when it is a
+/// zram device), and the keys and registry access the boot verified with.
+pub(crate) fn runner(record: &BootRecord, run_dir: &Path) -> jobs::Runner {
+    match crate::store::remount(&record.store) {
+        Ok(true) => {
+            tracing::info!(path = %record.store.path.display(), "the object store mounted again (after a soft reboot)")
+        }
+        Ok(false) => {}
+        Err(e) => tracing::error!(error = %crate::exit::describe(&e), "mounting the object store again"),
+    }
+    let store = crate::store::reopen(&record.store, run_dir).map_err(|e| crate::exit::describe(&e));
+    let (trust, access) = verification(record);
+    let policy = crate::modules::FetchPolicy {
+        access,
+        limits: ironroot_oci::Limits::standard(),
+        backoff: crate::backoff::Backoff::BOOT,
+    };
+    jobs::Runner::new(run_dir.to_owned(), store, trust, policy)
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -267,21 +288,7 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let open = replay::open_txn(journal.replay());
     let (running, attach) = replay::startup(&record, &opts.run_dir);
 
-    match crate::store::remount(&record.store) {
-        Ok(true) => {
-            tracing::info!(path = %record.store.path.display(), "the object store mounted again (after a soft reboot)")
-        }
-        Ok(false) => {}
-        Err(e) => tracing::error!(error = %crate::exit::describe(&e), "mounting the object store again"),
-    }
-    let store = crate::store::reopen(&record.store, &opts.run_dir).map_err(|e| crate::exit::describe(&e));
-    let (trust, access) = verification(&record);
-    let policy = crate::modules::FetchPolicy {
-        access,
-        limits: ironroot_oci::Limits::standard(),
-        backoff: crate::backoff::Backoff::BOOT,
-    };
-    let runner = jobs::Runner::new(opts.run_dir.clone(), store, trust, policy);
+    let runner = runner(&record, &opts.run_dir);
 
     let mut first_actions = Vec::new();
     let version = agent_version();
@@ -337,12 +344,7 @@ fn trial(
             .and_then(|b| serde_json::from_slice(&b).ok());
     let before = previous.as_ref().map(replay::running).unwrap_or_default();
     let now_running = replay::running(record);
-    let changed = |new: &[rollout::ModuleInfo], old: &[rollout::ModuleInfo]| {
-        new.iter()
-            .filter(|n| old.iter().all(|o| o.digest != n.digest))
-            .map(|n| (old.iter().find(|o| o.name == n.name).cloned(), n.clone()))
-            .collect::<Vec<_>>()
-    };
+    let changed = replay::changed;
     match promotion {
         // Going back did not happen (this service stopped after staging it): still on trial,
         // past its deadline — the gate fails again and the root before is staged again.

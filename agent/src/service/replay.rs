@@ -74,6 +74,15 @@ pub fn refused(records: &[Record]) -> Vec<ironroot_contract::OciDigest> {
     last.into_iter().filter(|(_, o)| *o != ironroot_contract::wire::Outcome::Committed).map(|(d, _)| d).collect()
 }
 
+/// The modules of `new` that `old` does not run, each with the module of the same name it
+/// replaces (none for a new one).
+pub fn changed(new: &[ModuleInfo], old: &[ModuleInfo]) -> Vec<(Option<ModuleInfo>, ModuleInfo)> {
+    new.iter()
+        .filter(|n| old.iter().all(|o| o.digest != n.digest))
+        .map(|n| (old.iter().find(|o| o.name == n.name).cloned(), n.clone()))
+        .collect()
+}
+
 /// What this boot runs and what the service must attach: the boot's root and `usr` modules
 /// run; live modules come from `live.json` when an earlier run wrote it, else from the boot.
 pub fn startup(record: &BootRecord, run_dir: &Path) -> (Vec<ModuleInfo>, Vec<DesiredModule>) {

@@ -88,6 +88,11 @@ pub struct ServeArgs {
     /// ... and this long, `silent`.
     #[arg(long, default_value = "300s", value_parser = parse_duration)]
     pub silent_after: Duration,
+    /// A node served a new rendering that has not reported it (or a receipt for it) within
+    /// the template's trial deadline and this long is failed and halts the rollout
+    /// [default: 180 s (the node's own trial guard acts after 60 s) + 5 heartbeat intervals].
+    #[arg(long, value_parser = parse_duration)]
+    pub rollout_grace: Option<Duration>,
     /// How long a leased task stays with its node before it is delivered again.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub task_lease: Duration,

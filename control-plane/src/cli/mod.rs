@@ -46,6 +46,7 @@ fn settings(args: &ServeArgs) -> anyhow::Result<(Settings, ServerOptions)> {
         heartbeat_interval: args.heartbeat_interval,
         suspect_after: args.suspect_after,
         silent_after: args.silent_after,
+        rollout_grace: args.rollout_grace.unwrap_or_else(|| Settings::rollout_grace_for(args.heartbeat_interval)),
         task_lease: args.task_lease,
         enroll_burst: args.enroll_burst,
         enroll_per_second: args.enroll_rate,

@@ -71,7 +71,10 @@ impl Runner {
             layers: mounted.layers,
             upper: mounted.upper,
         };
-        let staged = self.finish_staging(&next, current, records, root, generation, plan);
+        let mut staged = self.finish_staging(&next, current, records, root, generation, plan);
+        if staged.is_ok() && !plan.rollback {
+            staged = self.start_guard(&plan.txn).await;
+        }
         if staged.is_err() {
             discard_at(&next, &self.run_dir);
         }
@@ -118,6 +121,39 @@ impl Runner {
         write_record(&self.run_dir.join(BOOT_NEXT_JSON), &record)
     }
 
+    /// Starts the trial's guard ([`crate::service::guard`]): a copy of this agent under
+    /// `/run` (so it holds nothing of the root it leaves), in a transient unit of
+    /// `survivors.slice`, which a soft reboot leaves running. A trial nothing could bring back
+    /// is not entered: without the guard the staging fails.
+    async fn start_guard(&self, txn: &str) -> Result<(), String> {
+        let dir = self.run_dir.join("guard");
+        let exe = dir.join("ironroot-agent");
+        let partial = dir.join("ironroot-agent.partial");
+        let copied = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::copy("/proc/self/exe", &partial))
+            .and_then(|_| std::fs::set_permissions(&partial, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
+            .and_then(|()| std::fs::rename(&partial, &exe));
+        copied.map_err(|e| format!("copying the agent for the trial guard to {}: {e}", exe.display()))?;
+        let argv: Vec<String> = [exe.to_string_lossy().as_ref(), "guard", "--run-dir"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain([self.run_dir.to_string_lossy().into_owned(), "--txn".to_owned(), txn.to_owned()])
+            .collect();
+        let unit = crate::service::guard::unit_name(txn);
+        let systemd = self.systemd().await.map_err(|e| describe(&e))?;
+        systemd
+            .start_transient(
+                &unit,
+                "ironroot trial guard: goes back if the trial root never ends its trial",
+                "survivors.slice",
+                &argv,
+            )
+            .await
+            .map_err(|e| format!("starting the trial guard: {}", describe(&e)))?;
+        tracing::info!(%unit, "the trial guard started");
+        Ok(())
+    }
+
     /// The trial passed: the root's serial floors rise, its record loses the trial and the
     /// previous root's record goes.
     pub(super) async fn commit_root(&self, modules: &[ModuleInfo]) -> Result<(), String> {
@@ -150,7 +186,13 @@ impl Runner {
             .map_err(|e| format!("the previous root's record: {}", describe(&e)))?;
         let previous: BootRecord =
             serde_json::from_slice(&bytes).map_err(|e| format!("{} does not parse: {e}", path.display()))?;
-        let modules = crate::service::replay::running(&previous);
+        self.stage_record(&previous, txn, started).await
+    }
+
+    /// Stages the root `previous` ran (its root and `usr` modules, its generation) to go back
+    /// into from the trial of `txn`.
+    pub async fn stage_record(&self, previous: &BootRecord, txn: &str, started: u64) -> Result<(), String> {
+        let modules = crate::service::replay::running(previous);
         let plan = TrialPlan { txn: txn.to_owned(), started, deadline_s: 0, rollback: true };
         self.stage_root(&modules, Some(previous.generation), &plan).await
     }
