@@ -114,6 +114,120 @@ mod tests {
         assert!(!b.handshaken() || b.failures > 0);
     }
 
+    /// The states a beat can be in, each reached through the machine's own events.
+    #[derive(Debug, Clone, Copy)]
+    enum State {
+        Fresh,
+        HandshakeInFlight,
+        HandshakeBackingOff,
+        Beating,
+        BeatInFlight,
+        BeatBackingOff,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Event {
+        /// The timer, before the next exchange is due (1 s after the state was reached).
+        EarlyTick,
+        /// The timer well past anything due, the live modules attached (or not).
+        Tick { ready: bool },
+        /// An exchange answered (`handshake`: it was the handshake), or failed.
+        Answered { handshake: bool, ok: bool },
+    }
+
+    /// `state`, reached by 100 s.
+    fn reach(state: State) -> Beat {
+        let mut b = Beat::new(Duration::from_secs(30), Jitter::new(3));
+        let mut out = Vec::new();
+        let mut due = |b: &mut Beat, t| b.due(at(t), true, None, &mut out);
+        match state {
+            State::Fresh => {}
+            State::HandshakeInFlight => due(&mut b, 100),
+            State::HandshakeBackingOff => {
+                due(&mut b, 100);
+                b.on_reported(true, false, at(100)); // again at 105
+            }
+            State::Beating => {
+                due(&mut b, 100);
+                b.on_reported(true, true, at(100)); // next at 127..133
+            }
+            State::BeatInFlight => {
+                due(&mut b, 0);
+                b.on_reported(true, true, at(0));
+                due(&mut b, 100);
+            }
+            State::BeatBackingOff => {
+                due(&mut b, 0);
+                b.on_reported(true, true, at(0));
+                due(&mut b, 50);
+                b.on_reported(false, false, at(100)); // again at 105
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn every_event_in_every_state() {
+        use Event::*;
+        use State::*;
+        let hs = |handshake| Action::Report { handshake, last_reconcile: None };
+        // (state, event, reports asked for, handshaken after, an exchange in flight after)
+        let table: &[(State, Event, &[Action], bool, bool)] = &[
+            (Fresh, EarlyTick, &[hs(true)], false, true),
+            (Fresh, Tick { ready: true }, &[hs(true)], false, true),
+            (Fresh, Tick { ready: false }, &[], false, false),
+            (Fresh, Answered { handshake: true, ok: true }, &[], true, false),
+            (Fresh, Answered { handshake: true, ok: false }, &[], false, false),
+            (HandshakeInFlight, EarlyTick, &[], false, true),
+            (HandshakeInFlight, Tick { ready: true }, &[], false, true),
+            (HandshakeInFlight, Tick { ready: false }, &[], false, true),
+            (HandshakeInFlight, Answered { handshake: true, ok: true }, &[], true, false),
+            (HandshakeInFlight, Answered { handshake: true, ok: false }, &[], false, false),
+            (HandshakeBackingOff, EarlyTick, &[], false, false),
+            (HandshakeBackingOff, Tick { ready: true }, &[hs(true)], false, true),
+            (HandshakeBackingOff, Tick { ready: false }, &[], false, false),
+            (HandshakeBackingOff, Answered { handshake: true, ok: true }, &[], true, false),
+            (Beating, EarlyTick, &[], true, false),
+            (Beating, Tick { ready: true }, &[hs(false)], true, true),
+            // Once handshaken, heartbeats go on whatever the live modules do.
+            (Beating, Tick { ready: false }, &[hs(false)], true, true),
+            (Beating, Answered { handshake: false, ok: false }, &[], true, false),
+            (BeatInFlight, EarlyTick, &[], true, true),
+            (BeatInFlight, Tick { ready: true }, &[], true, true),
+            (BeatInFlight, Tick { ready: false }, &[], true, true),
+            (BeatInFlight, Answered { handshake: false, ok: true }, &[], true, false),
+            // A failed heartbeat does not undo the handshake.
+            (BeatInFlight, Answered { handshake: false, ok: false }, &[], true, false),
+            (BeatBackingOff, EarlyTick, &[], true, false),
+            (BeatBackingOff, Tick { ready: true }, &[hs(false)], true, true),
+            (BeatBackingOff, Tick { ready: false }, &[hs(false)], true, true),
+            (BeatBackingOff, Answered { handshake: false, ok: true }, &[], true, false),
+        ];
+        for (state, event, want, handshaken, in_flight) in table {
+            let mut b = reach(*state);
+            let mut out = Vec::new();
+            match *event {
+                EarlyTick => b.due(at(101), true, None, &mut out),
+                Tick { ready } => b.due(at(10_000), ready, None, &mut out),
+                Answered { handshake, ok } => b.on_reported(handshake, ok, at(101)),
+            }
+            let what = format!("{state:?} on {event:?}");
+            assert_eq!(out, *want, "{what}");
+            assert_eq!(b.handshaken(), *handshaken, "{what}: handshaken");
+            assert_eq!(b.next_wake().is_none(), *in_flight, "{what}: in flight");
+        }
+    }
+
+    #[test]
+    fn after_an_answer_the_next_exchange_waits_its_delay() {
+        for (ok, least, most) in [(true, 27, 33), (false, 5, 5)] {
+            let mut b = reach(State::BeatInFlight);
+            b.on_reported(false, ok, at(200));
+            let wait = b.next_wake().unwrap() - Duration::from_secs(200);
+            assert!(wait >= Duration::from_secs(least) && wait <= Duration::from_secs(most), "{ok}: {wait:?}");
+        }
+    }
+
     #[test]
     fn jitter_stays_within_bounds() {
         let mut j = Jitter::new(42);

@@ -196,3 +196,7 @@ impl Node {
         out
     }
 }
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

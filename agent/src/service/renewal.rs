@@ -130,4 +130,101 @@ mod tests {
         r.due(at(1171), &mut out);
         assert!(out.is_empty(), "said once");
     }
+
+    #[derive(Debug, Clone, Copy)]
+    enum State {
+        /// Valid 1000..2000 s, renewed at 1675 s (jitter 0).
+        Early,
+        /// A renewal asked for at 1700 s.
+        InFlight,
+        /// That renewal failed at 1700 s; again at 1720 s.
+        RetryWait,
+        /// Expiry seen (and said) at 2000 s.
+        Expired,
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Event {
+        Tick(u64),
+        Renewed,
+        Failed,
+    }
+
+    fn reach(state: State) -> Renewal {
+        let mut r = Renewal::new(1000, 2000, 0.0);
+        let mut out = Vec::new();
+        match state {
+            State::Early => {}
+            State::InFlight => r.due(at(1700), &mut out),
+            State::RetryWait => {
+                r.due(at(1700), &mut out);
+                r.on_renewed(Err("plane away".into()), at(1700), &mut out);
+            }
+            State::Expired => r.due(at(2000), &mut out),
+        }
+        r
+    }
+
+    /// What the actions are, by kind: `renew`, `status`, or the record's kind.
+    fn kinds(out: &[Action]) -> Vec<String> {
+        out.iter()
+            .map(|a| match a {
+                Action::Renew => "renew".to_owned(),
+                Action::Status(_) => "status".to_owned(),
+                Action::Record { kind, .. } => kind.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_event_in_every_state() {
+        use Event::*;
+        use State::*;
+        const EXPIRED: &[&str] = &["status", "cert.expired"];
+        let table: &[(State, Event, &[&str])] = &[
+            (Early, Tick(1100), &[]),
+            (Early, Tick(1710), &["renew"]),
+            (Early, Tick(1800), &["renew"]),
+            (Early, Tick(2500), EXPIRED),
+            (Early, Renewed, &["cert.renewed"]),
+            (Early, Failed, &["status"]),
+            (InFlight, Tick(1100), &[]),
+            (InFlight, Tick(1710), &[]),
+            (InFlight, Tick(1800), &[]),
+            (InFlight, Tick(2500), EXPIRED),
+            (InFlight, Renewed, &["cert.renewed"]),
+            (InFlight, Failed, &["status"]),
+            (RetryWait, Tick(1100), &[]),
+            (RetryWait, Tick(1710), &[]),
+            (RetryWait, Tick(1800), &["renew"]),
+            (RetryWait, Tick(2500), EXPIRED),
+            (RetryWait, Renewed, &["cert.renewed"]),
+            (RetryWait, Failed, &["status"]),
+            // A clock set back before the expiry: the certificate is valid again to the node
+            // (the plane, whose clock decides, refuses or renews it).
+            (Expired, Tick(1100), &[]),
+            (Expired, Tick(1710), &["renew"]),
+            (Expired, Tick(2500), &[]),
+            (Expired, Renewed, &["cert.renewed"]),
+            (Expired, Failed, &["status"]),
+        ];
+        for (state, event, want) in table {
+            let mut r = reach(*state);
+            let mut out = Vec::new();
+            match *event {
+                Tick(t) => r.due(at(t), &mut out),
+                Renewed => r.on_renewed(Ok(5000), at(1750), &mut out),
+                Failed => r.on_renewed(Err("refused".into()), at(1750), &mut out),
+            }
+            assert_eq!(kinds(&out), *want, "{state:?} on {event:?}");
+            if matches!(event, Renewed) {
+                // The new certificate's own point, at the same fraction of its lifetime.
+                assert_eq!(r.renew_at(), 1750 + (3250.0 * 0.675) as u64, "{state:?}");
+                let mut next = Vec::new();
+                r.due(at(2500), &mut next);
+                assert!(next.is_empty(), "{state:?}: renewed, nothing due: {next:?}");
+            }
+        }
+    }
 }

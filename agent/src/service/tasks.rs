@@ -198,6 +198,10 @@ impl Tasks {
 }
 
 #[cfg(test)]
+#[path = "tasks_table.rs"]
+mod table;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
