@@ -100,18 +100,6 @@ impl Systemd {
         Ok(Self { conn })
     }
 
-    /// systemd itself over its private socket, with no bus daemon in between (what the trial
-    /// guard reaches in a root whose bus never started). No signals: callers poll states.
-    pub async fn connect_private() -> Result<Self, SystemdError> {
-        let conn = zbus::connection::Builder::address("unix:path=/run/systemd/private")
-            .map_err(SystemdError::Connect)?
-            .p2p()
-            .build()
-            .await
-            .map_err(SystemdError::Connect)?;
-        Ok(Self { conn })
-    }
-
     async fn manager(&self) -> Result<ManagerProxy<'_>, SystemdError> {
         ManagerProxy::builder(&self.conn)
             .cache_properties(zbus::proxy::CacheProperties::No)
@@ -194,24 +182,39 @@ impl Systemd {
         }
     }
 
-    /// Starts `argv` (`argv[0]` the executable's path) as the transient service `unit` in
-    /// `slice`, which systemd removes once it ended, failed or not.
-    pub async fn start_transient(
-        &self,
-        unit: &str,
-        description: &str,
-        slice: &str,
-        argv: &[String],
-    ) -> Result<(), SystemdError> {
+    /// Starts `argv` (`argv[0]` the executable's path) as the transient service `unit` that
+    /// survives a soft reboot, which systemd removes once it ended, failed or not.
+    pub async fn start_survivor(&self, unit: &str, description: &str, argv: &[String]) -> Result<(), SystemdError> {
         use zbus::zvariant::Value;
         let call = |source| SystemdError::Call { op: "start", unit: unit.to_owned(), source };
         let path = argv.first().cloned().unwrap_or_default();
         let exec = vec![(path, argv.to_vec(), false)];
+        let names = |n: &[&str]| Value::from(n.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        // systemd-soft-reboot.service(8)'s surviving service (systemd >= 255): spared the final
+        // SIGTERM/SIGKILL, none of the default dependencies (they would stop it with
+        // shutdown.target), left alone by an isolate, gone with a real reboot. Its own output
+        // also on the console, where an operator watching a node's trial reads it.
         let properties = [
             ("Description", Value::from(description)),
-            ("Slice", Value::from(slice)),
             ("ExecStart", Value::from(exec)),
             ("CollectMode", Value::from("inactive-or-failed")),
+            ("SurviveFinalKillSignal", Value::from(true)),
+            ("DefaultDependencies", Value::from(false)),
+            ("IgnoreOnIsolate", Value::from(true)),
+            (
+                "Conflicts",
+                names(&[
+                    "reboot.target",
+                    "kexec.target",
+                    "poweroff.target",
+                    "halt.target",
+                    "rescue.target",
+                    "emergency.target",
+                ]),
+            ),
+            ("Before", names(&["shutdown.target", "rescue.target", "emergency.target"])),
+            ("StandardOutput", Value::from("journal+console")),
+            ("StandardError", Value::from("journal+console")),
         ];
         self.manager().await?.start_transient_unit(unit, "fail", &properties, &[]).await.map_err(call)?;
         Ok(())

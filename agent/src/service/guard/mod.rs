@@ -1,8 +1,8 @@
 //! The trial guard: what brings a node back when the root it soft-rebooted into never runs an
 //! agent that ends the trial (a broken agent binary, a unit that never starts, an agent that
 //! hangs). The agent that stages a trial root starts the guard — a copy of itself, from
-//! `/run`, as a transient unit in systemd's `survivors.slice` (systemd ≥ 256: a soft reboot
-//! neither stops nor kills it) — before it soft-reboots. The guard follows PID 1 into the new
+//! `/run`, as a transient unit with `SurviveFinalKillSignal=yes` and no default dependencies
+//! (systemd ≥ 255: a soft reboot neither stops nor kills it) — before it soft-reboots. The guard follows PID 1 into the new
 //! root and watches the boot records. The trial's own agent ends the trial (committed, or gone
 //! back by itself) before its deadline; then the guard has nothing to do and exits. Past the
 //! deadline plus a grace, with the trial still open and the node in the trial root, the guard

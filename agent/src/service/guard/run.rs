@@ -1,6 +1,7 @@
 //! The guard's shell: follows PID 1 into the root it soft-reboots into, looks at the boot
 //! records every few seconds, and carries out [`super::decide`]'s verdict. It talks to systemd
-//! over systemd's own socket (no bus daemon needed: a broken root may not start one).
+//! on the system bus of the root it is in (systemd's private socket would need no bus daemon,
+//! but zbus 5 panics on the messages systemd sends there: measured in the QEMU tier).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -65,12 +66,15 @@ pub async fn guard(opts: &GuardOptions) -> Result<(), GuardError> {
     // Kept open across the soft reboot, which moves /proc out of the root this process runs in.
     let proc = rustix::fs::open("/proc", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| GuardError::Proc(e.into()))?;
+    tracing::info!(txn = %opts.txn, grace_s = opts.grace, "the trial guard watches its trial");
     let mut at = None;
     loop {
         follow_pid1(&proc)?;
         let look = look(&opts.run_dir, &opts.txn);
-        if let Some(t) = look.open_trial() {
-            at.get_or_insert_with(|| fire_at(t, opts.grace));
+        if let (Some(t), None) = (look.open_trial(), at) {
+            let when = fire_at(t, opts.grace);
+            tracing::info!(txn = %opts.txn, at = when, in_s = when.saturating_sub(look.now), "the trial guard acts at");
+            at = Some(when);
         }
         match decide(&look, at.unwrap_or(0)) {
             Verdict::Wait => tokio::time::sleep(POLL).await,
@@ -121,7 +125,7 @@ fn look(run_dir: &Path, txn: &str) -> Look {
 /// Stops the agent, looks again (it may have ended the trial meanwhile) and goes back, or
 /// finishes a way back the agent staged, or starts the agent again when nothing is left.
 async fn act(opts: &GuardOptions) -> Result<(), GuardError> {
-    let systemd = Systemd::connect_private().await?;
+    let systemd = Systemd::connect().await?;
     let before = systemd.state(AGENT_UNIT).await?;
     tracing::warn!(txn = %opts.txn, agent = %before.active, "the trial is open past its deadline: stopping the agent");
     systemd.stop_and_wait(AGENT_UNIT, STOP_WAIT).await?;

@@ -122,8 +122,8 @@ impl Runner {
     }
 
     /// Starts the trial's guard ([`crate::service::guard`]): a copy of this agent under
-    /// `/run` (so it holds nothing of the root it leaves), in a transient unit of
-    /// `survivors.slice`, which a soft reboot leaves running. A trial nothing could bring back
+    /// `/run` (so it holds nothing of the root it leaves), in a transient unit a soft reboot
+    /// leaves running. A trial nothing could bring back
     /// is not entered: without the guard the staging fails.
     async fn start_guard(&self, txn: &str) -> Result<(), String> {
         let dir = self.run_dir.join("guard");
@@ -142,12 +142,7 @@ impl Runner {
         let unit = crate::service::guard::unit_name(txn);
         let systemd = self.systemd().await.map_err(|e| describe(&e))?;
         systemd
-            .start_transient(
-                &unit,
-                "ironroot trial guard: goes back if the trial root never ends its trial",
-                "survivors.slice",
-                &argv,
-            )
+            .start_survivor(&unit, "ironroot trial guard: goes back if the trial root never ends its trial", &argv)
             .await
             .map_err(|e| format!("starting the trial guard: {}", describe(&e)))?;
         tracing::info!(%unit, "the trial guard started");
