@@ -30,7 +30,6 @@ const TRIAL_DEADLINE_S: u64 = 150;
 
 /// The `hello` module's tree at `version`: a service that says its version on the console and
 /// keeps running, and the health check `check`.
-
 fn hello_tree(dir: &Path, version: &str, check: &str) -> std::path::PathBuf {
     let tree = dir.join(format!("hello-{version}"));
     let units = tree.join("usr/lib/systemd/system");
@@ -219,7 +218,7 @@ fn a_root_whose_agent_never_starts_is_left_by_its_guard(
     assert_eq!(back["state"], "running", "{back}");
     let status = lab.plane.op(&["rollout", "status", "base", "--json"]).stdout;
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    assert_eq!(status["halted"]["node"], node, "{status}");
+    assert_eq!(status["halted"]["node"], back["id"], "{status}");
     assert!(status["halted"]["reason"].as_str().unwrap_or_default().contains("rolled-back"), "{status}");
     assert!(!vm.console().contains("Kernel panic"), "{}", vm.console_tail(40));
 }

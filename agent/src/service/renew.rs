@@ -49,11 +49,15 @@ fn matches(cert_pem: &str, key_pem: &str) -> bool {
 
 /// After a crash mid-swap (new key, old certificate), puts the previous key back.
 pub fn repair(record: &BootRecord) {
-    let prev = previous(&record.key);
-    let (Ok(cert), Ok(key)) = (read(&record.certificate), read(&record.key)) else { return };
+    repair_files(&record.certificate, &record.key);
+}
+
+fn repair_files(certificate: &Path, key_path: &Path) {
+    let prev = previous(key_path);
+    let (Ok(cert), Ok(key)) = (read(certificate), read(key_path)) else { return };
     if !matches(&cert, &key) && read(&prev).is_ok_and(|old| matches(&cert, &old)) {
         tracing::warn!("a renewal was interrupted between its renames: the previous key is put back");
-        let _ = std::fs::rename(&prev, &record.key);
+        let _ = std::fs::rename(&prev, key_path);
     } else if prev.exists() {
         let _ = std::fs::remove_file(&prev);
     }
@@ -82,4 +86,52 @@ pub async fn renew(record: &BootRecord, client: &PlaneClient) -> Result<(PlaneCl
     let _ = std::fs::remove_file(&prev);
     tracing::info!(not_after, "certificate renewed");
     Ok((renewed, u64::try_from(not_after).unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["n-1".to_owned()]).unwrap().self_signed(&key).unwrap();
+        (key.serialize_pem(), cert.pem())
+    }
+
+    /// Writes the node's files: `key`, the certificate `cert`, and `previous` if any.
+    fn files(dir: &Path, key: &str, cert: &str, prev: Option<&str>) -> (PathBuf, PathBuf) {
+        let (k, c) = (dir.join("node.key"), dir.join("node.crt"));
+        std::fs::write(&k, key).unwrap();
+        std::fs::write(&c, cert).unwrap();
+        let _ = std::fs::remove_file(previous(&k));
+        if let Some(p) = prev {
+            std::fs::write(previous(&k), p).unwrap();
+        }
+        (k, c)
+    }
+
+    #[test]
+    fn a_swap_cut_between_its_renames_gets_the_previous_key_back_and_anything_else_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let ((old_key, old_cert), (new_key, new_cert)) = (pair(), pair());
+        // The new key is in place, the certificate still the old one: the old key goes back.
+        let (k, c) = files(dir.path(), &new_key, &old_cert, Some(&old_key));
+        repair_files(&c, &k);
+        assert_eq!(std::fs::read_to_string(&k).unwrap(), old_key);
+        assert!(!previous(&k).exists());
+        // Both renames done: the leftover previous key goes, the new pair stays.
+        let (k, c) = files(dir.path(), &new_key, &new_cert, Some(&old_key));
+        repair_files(&c, &k);
+        assert_eq!(std::fs::read_to_string(&k).unwrap(), new_key);
+        assert!(!previous(&k).exists());
+        // A mismatch the previous key does not explain is not "repaired" with it.
+        let (_, other_cert) = pair();
+        let (k, c) = files(dir.path(), &new_key, &other_cert, Some(&old_key));
+        repair_files(&c, &k);
+        assert_eq!(std::fs::read_to_string(&k).unwrap(), new_key, "the key is not swapped for one that does not fit");
+        // Nothing interrupted: nothing changes.
+        let (k, c) = files(dir.path(), &old_key, &old_cert, None);
+        repair_files(&c, &k);
+        assert_eq!(std::fs::read_to_string(&k).unwrap(), old_key);
+    }
 }

@@ -37,6 +37,9 @@ trait Unit {
     fn sub_state(&self) -> zbus::Result<String>;
 }
 
+/// Longest wait for a start, stop or restart job to end.
+const JOB_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// What to do with a unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnitOp {
@@ -133,16 +136,24 @@ impl Systemd {
             UnitOp::Restart => manager.restart_unit(unit, "replace").await,
         }
         .map_err(call)?;
-        while let Some(signal) = removed.next().await {
-            let Ok(args) = signal.args() else { continue };
-            if *args.job() == job {
-                return match args.result().as_str() {
-                    "done" => Ok(()),
-                    other => Err(SystemdError::Job { op: name, unit: unit.to_owned(), result: other.to_owned() }),
-                };
+        let ended = async {
+            while let Some(signal) = removed.next().await {
+                let Ok(args) = signal.args() else { continue };
+                if *args.job() == job {
+                    return args.result().clone();
+                }
             }
+            "unknown (the bus closed)".to_owned()
+        };
+        // systemd ends a start job at the unit's own timeout; one set to infinity must not
+        // hold a transaction forever.
+        let result = tokio::time::timeout(JOB_WAIT, ended)
+            .await
+            .unwrap_or_else(|_| format!("unfinished after {} s (still queued in systemd)", JOB_WAIT.as_secs()));
+        match result.as_str() {
+            "done" => Ok(()),
+            _ => Err(SystemdError::Job { op: name, unit: unit.to_owned(), result }),
         }
-        Err(SystemdError::Job { op: name, unit: unit.to_owned(), result: "unknown (the bus closed)".into() })
     }
 
     pub async fn state(&self, unit: &str) -> Result<UnitState, SystemdError> {
