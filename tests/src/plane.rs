@@ -344,7 +344,12 @@ impl std::fmt::Debug for Shelf {
 impl Shelf {
     /// A plain loopback registry, and two key pairs: `keys` (trusted) and `other-keys`.
     pub fn start() -> Self {
-        let registry = crate::registry::TestRegistry::start();
+        Self::start_with(crate::registry::Auth::None)
+    }
+
+    /// As [`Shelf::start`], the registry served with `auth` (TLS under a fresh CA, say).
+    pub fn start_with(auth: crate::registry::Auth<'_>) -> Self {
+        let registry = crate::registry::TestRegistry::start_with(auth);
         let work = tempfile::Builder::new().prefix("ironroot-shelf-").tempdir().expect("shelf dir");
         for keys in ["keys", "other-keys"] {
             let out = work.path().join(keys);
@@ -424,14 +429,24 @@ impl Shelf {
         let target = ironroot_oci::Target::Layout { dir: self.layout(name, serial), tag: None, digest: Some(crafted) };
         crate::craft::sign_digest(&target, crafted, &self.work.path().join("keys/ironroot.key"));
         let local = format!("oci:{}:{tag}", self.layout(name, serial).display());
-        crate::cli::build_cmd(&["module", "push", &local, &format!("{}:{tag}", self.repo(name))]).ok();
+        let to = format!("{}:{tag}", self.repo(name));
+        match &self.registry.ca_pem {
+            Some(ca) => crate::cli::build_cmd(&["module", "push", "--registry-ca", &ca.to_string_lossy(), &local, &to]),
+            None => crate::cli::build_cmd(&["module", "push", &local, &to]),
+        }
+        .ok();
         crafted.to_string()
     }
 
     /// Pushes the build of `name` at `serial` (manifest `digest`, with its signatures) as `tag`.
     pub fn push(&self, name: &str, serial: u64, digest: &str, tag: &str) {
         let local = format!("oci:{}@{digest}", self.layout(name, serial).display());
-        crate::cli::build_cmd(&["module", "push", &local, &format!("{}:{tag}", self.repo(name))]).ok();
+        let to = format!("{}:{tag}", self.repo(name));
+        match &self.registry.ca_pem {
+            Some(ca) => crate::cli::build_cmd(&["module", "push", "--registry-ca", &ca.to_string_lossy(), &local, &to]),
+            None => crate::cli::build_cmd(&["module", "push", &local, &to]),
+        }
+        .ok();
     }
 }
 

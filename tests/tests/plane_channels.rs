@@ -387,3 +387,30 @@ async fn a_node_that_takes_a_rendering_and_never_reports_it_halts_the_rollout_af
     let journal = p.op(&["audit", "list"]).ok();
     assert!(journal.contains("rollout.halt") && journal.contains("overdue"), "{journal}");
 }
+
+/// A registry behind TLS under its own CA: a plane not given that CA cannot publish from it,
+/// saying why, and changes nothing; `serve --registry-ca` makes
+/// the same `channel set` go through.
+#[test]
+fn the_plane_reads_a_tls_registry_only_with_its_ca() {
+    let shelf = Shelf::start_with(ironroot_tests::registry::Auth::Tls);
+    let repo = shelf.repo("web");
+    let v2 = shelf.publish("web", 2, "v2", Some("keys"));
+    let ca = shelf.registry.ca_pem.clone().unwrap().to_string_lossy().into_owned();
+
+    let untrusting = TestPlane::start(&["--trust", &shelf.trust()]);
+    let refused = untrusting.op(&["channel", "set", &repo, "stable", "v2"]);
+    assert_ne!(refused.code, 0, "{refused:?}");
+    // Without a CA a loopback registry is read over plain HTTP, which this one refuses.
+    assert!(
+        refused.stderr.contains(&repo) && refused.stderr.contains("HTTP request to an HTTPS server"),
+        "the registry and the failure are named: {}",
+        refused.stderr
+    );
+    assert!(json_of(&untrusting, &["channel", "list", "--json"]).as_array().unwrap().is_empty(), "nothing published");
+
+    let trusting = TestPlane::start(&["--trust", &shelf.trust(), "--registry-ca", &ca]);
+    trusting.op(&["channel", "set", &repo, "stable", "v2"]).ok();
+    let stable = channel(&trusting, &repo, "stable");
+    assert_eq!((stable["digest"].as_str(), &stable["serial"]), (Some(v2.as_str()), &json!(2)), "{stable}");
+}
