@@ -59,11 +59,12 @@ fuzz seconds="60":
         mkdir -p "corpus/$t" && cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
             -max_total_time={{seconds}} -rss_limit_mb=1024 || exit 1; done
 
-# Minimize each target's corpus (what `just fuzz` found) into its committed seeds.
+# Minimize each target's corpus (what `just fuzz` found, with the seeds) into its committed
+# seeds, which it replaces.
 fuzz-seeds:
     cd fuzz && for t in cmdline identity_doc smbios_oem pack_reader manifest_config audit_batch checkpoint node_journal wire; do \
         mkdir -p "corpus/$t" "seeds/$t" && cp -n "seeds/$t"/* "corpus/$t"/ 2>/dev/null; \
-        cargo +nightly fuzz cmin "$t" "corpus/$t" || exit 1; cp "corpus/$t"/* "seeds/$t"/; done
+        cargo +nightly fuzz cmin "$t" "corpus/$t" || exit 1; rm -f "seeds/$t"/*; cp "corpus/$t"/* "seeds/$t"/; done
 
 # Release build of every binary.
 build:
