@@ -83,8 +83,6 @@ pub enum SystemdError {
     Call { op: &'static str, unit: String, source: zbus::Error },
     #[error("systemd: the {op} job of {unit} ended {result}")]
     Job { op: &'static str, unit: String, result: String },
-    #[error("systemd: {unit} is still {state} after {waited:?}")]
-    Timeout { unit: String, state: String, waited: std::time::Duration },
 }
 
 /// systemd on the system bus.
@@ -174,23 +172,6 @@ impl Systemd {
         let call = |source| SystemdError::Call { op: "start", unit: unit.to_owned(), source };
         self.manager().await?.start_unit(unit, "replace").await.map_err(call)?;
         Ok(())
-    }
-
-    /// Asks `unit` to stop and polls its state until it is inactive or failed, at most `wait`.
-    pub async fn stop_and_wait(&self, unit: &str, wait: std::time::Duration) -> Result<(), SystemdError> {
-        let call = |source| SystemdError::Call { op: "stop", unit: unit.to_owned(), source };
-        self.manager().await?.stop_unit(unit, "replace").await.map_err(call)?;
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let state = self.state(unit).await?;
-            if state.is_failed() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(SystemdError::Timeout { unit: unit.to_owned(), state: state.active, waited: wait });
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        }
     }
 
     /// Starts `argv` (`argv[0]` the executable's path) as the transient service `unit` that

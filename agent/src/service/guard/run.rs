@@ -15,14 +15,12 @@ use super::{Look, Verdict, decide, fire_at};
 use crate::external::{self, Links};
 use crate::service::journal::{Journal, JournalError};
 use crate::service::replay;
-use crate::service::systemd::{PowerOp, Systemd, SystemdError};
+use crate::service::systemd::{PowerOp, Systemd, SystemdError, UnitOp};
 
 /// How often the records are looked at (and PID 1's root compared with ours).
 const POLL: Duration = Duration::from_secs(5);
 /// The unit whose agent ends a trial.
 pub const AGENT_UNIT: &str = "ironroot-agent.service";
-/// How long the agent's unit may take to stop.
-const STOP_WAIT: Duration = Duration::from_secs(90);
 /// Largest boot record read.
 const MAX_RECORD: u64 = 1024 * 1024;
 
@@ -128,7 +126,7 @@ async fn act(opts: &GuardOptions) -> Result<(), GuardError> {
     let systemd = Systemd::connect().await?;
     let before = systemd.state(AGENT_UNIT).await?;
     tracing::warn!(txn = %opts.txn, agent = %before.active, "the trial is open past its deadline: stopping the agent");
-    systemd.stop_and_wait(AGENT_UNIT, STOP_WAIT).await?;
+    systemd.apply(AGENT_UNIT, UnitOp::Stop).await?;
     let look = look(&opts.run_dir, &opts.txn);
     match decide(&look, 0) {
         Verdict::Wait | Verdict::Done(_) => {
