@@ -79,6 +79,13 @@ ln -sf ../ironroot-agent.service "$root/etc/systemd/system/multi-user.target.wan
 install -m 0644 docs/interfaces/run-state.md "$root/usr/share/doc/ironroot/run-state.md"
 echo ironroot-node >"$root/etc/hostname"
 : >"$root/etc/machine-id"
+# The root is complete as built (the packages' scripts ran ldconfig, sysusers, hwdb and the
+# journal catalog). /etc and /var marked updated as of /usr (the module build gives all three the
+# same mtime) spare every boot, and every soft reboot, systemd's ConditionNeedsUpdate= units:
+# ldconfig, sysusers, journal-catalog-update and update-done sat on the way to sysinit.target.
+for dir in etc var; do
+    printf '# Marks /%s as up to date with /usr (systemd-update-done.service(8)).\n' "$dir" >"$root/$dir/.updated"
+done
 # The initramfs configured the network; nothing in the root may take it down.
 ln -sf /dev/null "$root/etc/systemd/system/systemd-networkd.service"
 

@@ -35,6 +35,8 @@ trait Unit {
     fn active_state(&self) -> zbus::Result<String>;
     #[zbus(property(emits_changed_signal = "false"))]
     fn sub_state(&self) -> zbus::Result<String>;
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn active_enter_timestamp_monotonic(&self) -> zbus::Result<u64>;
 }
 
 /// Longest wait for a start, stop or restart job to end.
@@ -57,16 +59,27 @@ pub enum PowerOp {
     Reboot,
 }
 
-/// A unit's state as systemd reports it (`ActiveState`/`SubState`).
+/// A unit's state as systemd reports it (`ActiveState`/`SubState`, and
+/// `ActiveEnterTimestampMonotonic`: CLOCK_MONOTONIC µs of its last entry into `active`, 0 when
+/// it never was).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnitState {
     pub active: String,
     pub sub: String,
+    pub active_since_us: u64,
 }
 
 impl UnitState {
     pub fn is_active(&self) -> bool {
         self.active == "active"
+    }
+
+    /// How long the unit has been `active` by systemd's clock at `now_us` (CLOCK_MONOTONIC µs,
+    /// the clock systemd stamps with; it runs on across a soft reboot); `None` when it is not
+    /// active or systemd gave no time.
+    pub fn active_for(&self, now_us: u64) -> Option<std::time::Duration> {
+        (self.is_active() && self.active_since_us > 0)
+            .then(|| std::time::Duration::from_micros(now_us.saturating_sub(self.active_since_us)))
     }
 
     /// Whether the unit will not become active without someone acting.
@@ -164,7 +177,11 @@ impl Systemd {
             .build()
             .await
             .map_err(call)?;
-        Ok(UnitState { active: proxy.active_state().await.map_err(call)?, sub: proxy.sub_state().await.map_err(call)? })
+        Ok(UnitState {
+            active: proxy.active_state().await.map_err(call)?,
+            sub: proxy.sub_state().await.map_err(call)?,
+            active_since_us: proxy.active_enter_timestamp_monotonic().await.map_err(call)?,
+        })
     }
 
     /// Asks systemd to start `unit`, without waiting for the job.

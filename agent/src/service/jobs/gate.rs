@@ -1,5 +1,5 @@
 //! The health gate after an attach: every unit of the module `active` and staying so for a
-//! settle time, then the module's own probe (`--health-cmd` run with the gate's remaining
+//! settle time (by systemd's activation time of each unit), then the module's own probe (`--health-cmd` run with the gate's remaining
 //! deadline, or `--health-http PORT/PATH` answered 2xx on 127.0.0.1), all within the module's
 //! deadline (60 s unless it declares one). A unit that fails, or a probe that hangs past the
 //! deadline, ends the gate at once with the reason.
@@ -45,36 +45,42 @@ impl Runner {
         }
     }
 
-    /// Waits until every unit has been active for [`SETTLE`]; `Err` with the states when one
-    /// fails or the deadline passes first.
+    /// Waits until every unit has been active for [`SETTLE`] by systemd's own clock (a unit
+    /// that came up with the root before the agent counts from then, not from the first look);
+    /// `Err` with the states when one fails or the deadline passes first.
     async fn settle(
         &self,
         units: &[String],
         deadline: Instant,
     ) -> Result<Vec<(String, String)>, Vec<(String, String)>> {
+        if units.is_empty() {
+            return Ok(Vec::new());
+        }
         let systemd = match self.systemd().await {
             Ok(s) => s,
             Err(e) => return Err(vec![("systemd".into(), crate::exit::describe(&e))]),
         };
-        let mut active_since: Option<Instant> = None;
+        // Only for a unit systemd gives no activation time: since this gate saw all active.
+        let mut seen_active: Option<Instant> = None;
         loop {
             let mut states = Vec::new();
             for unit in units {
-                let state = systemd
-                    .state(unit)
-                    .await
-                    .unwrap_or_else(|e| UnitState { active: "unknown".into(), sub: crate::exit::describe(&e) });
+                let state = systemd.state(unit).await.unwrap_or_else(|e| UnitState {
+                    active: "unknown".into(),
+                    sub: crate::exit::describe(&e),
+                    active_since_us: 0,
+                });
                 states.push((unit.clone(), state));
             }
             let now = Instant::now();
             let view = || states.iter().map(|(u, s)| (u.clone(), s.active.clone())).collect::<Vec<_>>();
             if states.iter().all(|(_, s)| s.is_active()) {
-                let since = *active_since.get_or_insert(now);
-                if now.duration_since(since) >= SETTLE {
+                let seen = now.duration_since(*seen_active.get_or_insert(now));
+                if settled(states.iter().map(|(_, s)| s), monotonic_us(), seen) {
                     return Ok(view());
                 }
             } else {
-                active_since = None;
+                seen_active = None;
                 // Once started, a unit that is failed (or went inactive) will not come back.
                 if states.iter().any(|(_, s)| s.active == "failed") {
                     return Err(view());
@@ -94,6 +100,18 @@ impl Runner {
             tokio::time::sleep(POLL.min(deadline.saturating_duration_since(now))).await;
         }
     }
+}
+
+/// Whether every unit (all active) has been so for [`SETTLE`]: by its activation time where
+/// systemd gave one, else for `seen`, how long this gate has seen them all active.
+fn settled<'a>(states: impl Iterator<Item = &'a UnitState>, now_us: u64, seen: Duration) -> bool {
+    states.map(|s| s.active_for(now_us).unwrap_or(seen)).all(|age| age >= SETTLE)
+}
+
+/// CLOCK_MONOTONIC in µs, the clock of systemd's `*TimestampMonotonic` properties.
+fn monotonic_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64) * 1_000_000 + (t.tv_nsec as u64) / 1_000
 }
 
 fn clip(s: &str) -> String {
@@ -173,6 +191,28 @@ mod tests {
 
     fn check(command: &[&str], deadline_s: u64) -> HealthCheck {
         HealthCheck { command: command.iter().map(|s| s.to_string()).collect(), http: None, deadline_s }
+    }
+
+    #[test]
+    fn units_settle_by_systemds_activation_time_else_by_what_the_gate_saw() {
+        let unit = |active: &str, since_us| UnitState {
+            active: active.into(),
+            sub: "running".into(),
+            active_since_us: since_us,
+        };
+        let now = 100_000_000;
+        let five = SETTLE.as_micros() as u64;
+        // Active since before the gate looked: settled at the first look.
+        assert!(settled([unit("active", now - five)].iter(), now, Duration::ZERO));
+        // Just (re)started: not settled, however long the gate has been polling...
+        assert!(!settled([unit("active", now - 1)].iter(), now, SETTLE * 3));
+        // ...and one fresh unit holds the others.
+        assert!(!settled([unit("active", now - five * 10), unit("active", now - five + 1)].iter(), now, SETTLE));
+        // No activation time from systemd: the gate's own view.
+        assert!(!settled([unit("active", 0)].iter(), now, SETTLE - Duration::from_millis(1)));
+        assert!(settled([unit("active", 0)].iter(), now, SETTLE));
+        // A timestamp ahead of the clock is not an age.
+        assert!(!settled([unit("active", now + five)].iter(), now, SETTLE * 3));
     }
 
     #[tokio::test]
