@@ -16,8 +16,8 @@
 #               the download is before the transaction and not counted. Whole seconds (the
 #               receipt's clock). Target: soft / warm <= 0.3.
 #   ext         (run 1) on the warm node, an `opt` module with a service and a health check
-#               attached, then updated to a second version (the store holds the first): from the
-#               template change to the committed receipt at the plane, and the node's own parts
+#               attached, then updated to a second version (the store holds the first): from
+#               `channel promote` to the committed receipt at the plane, and the node's own parts
 #               (receipt steps_ms: verify with its download, stage, swap, health gate, commit)
 #   idle        (run 1) the warm node's agent service with nothing to do for 120 s
 #               (BENCH_IDLE_SECONDS), heartbeating at its default 30 s: its resident memory and
@@ -74,7 +74,7 @@ now_ms() { date +%s%3N; }
 
 step "lab: registry (TLS) and plane on 127.0.0.1"
 lab_ca "$WORK/ca"
-lab_start "$WORK/lab" "$WORK/ca"
+lab_start "$WORK/lab" "$WORK/ca" --trust "$IMAGE/keys/ironroot.pub"
 guest_ref=$(lab_push "$IMAGE/base" "$IMAGE/keys/ironroot.key" ironroot/base)
 lab_op template create base --module "$guest_ref,serial=1" >/dev/null
 
@@ -207,11 +207,12 @@ if len(rs) >= int(sys.argv[1]):
 }
 
 # ext_update NODE: on NODE (running), an `opt` module with a service and a health check is
-# attached, then updated to a second version; records "ext MS STEPS_JSON" for the update: the
-# host's time from the template change (and a `module-update` task, so the node does not wait
-# for its next heartbeat) to the committed receipt at the plane, and the node's own parts.
+# attached (template base follows its channel `stable`), then updated to a second version;
+# records "ext MS STEPS_JSON" for the update: the host's time from `channel promote` (candidate
+# -> stable, and a `module-update` task, so the node does not wait for its next heartbeat) to
+# the committed receipt at the plane, and the node's own parts.
 ext_update() {
-    local node=$1 tree="$WORK/hello" v ref t0 receipt seen
+    local node=$1 tree="$WORK/hello" v ref repo t0 receipt seen
     seen=$(lab_op node receipts "$node" --json | python3 -c 'import json, sys; print(len(json.load(sys.stdin)))')
     mkdir -p "$tree/bin" "$tree/usr/lib/systemd/system"
     printf '[Unit]\nDescription=bench: a live module\n\n[Service]\nExecStart=/opt/hello/bin/hello\n' \
@@ -223,8 +224,16 @@ ext_update() {
         $BUILD module build --from "$tree" --name hello --version "$v" --serial "$v" --role opt \
             --unit hello.service --health-cmd /opt/hello/bin/check --out "$WORK/hello-$v" >/dev/null
         ref=$(lab_push "$WORK/hello-$v" "$IMAGE/keys/ironroot.key" ironroot/hello)
-        t0=$(now_ms)
-        lab_op template add base --module "$ref,serial=$v" >/dev/null
+        repo=${ref%@*}
+        if [ "$v" = 1 ]; then
+            lab_op channel set "$repo" stable "${ref#*@}" >/dev/null
+            t0=$(now_ms)
+            lab_op template add base --module "$repo:stable" >/dev/null
+        else
+            lab_op channel set "$repo" candidate "${ref#*@}" >/dev/null
+            t0=$(now_ms)
+            lab_op channel promote "$repo" --from candidate --to stable >/dev/null
+        fi
         # Now, rather than at the next heartbeat: the task's long-poll is already waiting.
         lab_op task module-update "$node" >/dev/null
         receipt=$(wait_receipt "$node" $((seen + v)))
@@ -326,7 +335,7 @@ if "ext" in best:
     ms, parts = best["ext"]
     total = sum(parts.values())
     order = ["verify", "stage", "swap", "gate", "commit"]
-    print(f"ext: extension update (warm store, v1 -> v2): template change + module-update task to committed receipt at the "
+    print(f"ext: extension update (warm store, v1 -> v2): channel promote + module-update task to committed receipt at the "
           f"plane {s(ms)} s; on the node {s(total)} s = " + " + ".join(f"{p} {s(parts.get(p, 0))}" for p in order))
 if "soft" in best:
     soft, warm = best["soft"][0], best["warm"][0]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `just lab`: a lab on 127.0.0.1 that stays up. A TLS distribution registry (lab CA in
 # target/lab/ca, naming 127.0.0.1 and the guests' 10.0.2.100), the image built, pushed and
-# signed (`just image`), the plane with the QEMU provider booting that image, template `base`.
+# signed (`just image`), the plane with the QEMU provider booting that image (trusting the
+# image's signing key and the lab CA), channel `stable` of the base module, template `base`
+# following it.
 # Writes target/lab/env (source it; then `ironroot-plane node provision NAME --template base`)
 # and returns once everything is up. Processes stay running, recorded in target/lab/*.pid as
 # "PID START-TIME"; `just lab-down` stops exactly those.
@@ -15,7 +17,6 @@ source scripts/lab.sh
 mkdir -p target/lab
 LAB=$(cd target/lab && pwd)
 IMAGE=$(mkdir -p "${IRONROOT_IMAGE:-target/image}" && cd "${IRONROOT_IMAGE:-target/image}" && pwd)
-SERIAL=${IRONROOT_BASE_SERIAL:-1}
 
 if lab_running "$LAB/registry.pid" && lab_running "$LAB/plane.pid"; then
     step "already up: $LAB/env"
@@ -42,11 +43,16 @@ digest=$(sed -n 's/.*"reference": "[^"]*@\(sha256:[0-9a-f]*\)".*/\1/p' "$LAB/bun
 step "plane with the QEMU provider on 127.0.0.1"
 PLANE_STATE=$LAB/plane
 setsid $LAB_PLANE serve --state "$PLANE_STATE" --listen 127.0.0.1:0 --heartbeat-interval 10s \
-    --provider qemu --bundle "$IMAGE" --machine-forward "$REG_PORT" </dev/null >"$LAB/plane.log" 2>&1 &
+    --provider qemu --bundle "$IMAGE" --machine-forward "$REG_PORT" \
+    --trust "$IMAGE/keys/ironroot.pub" --registry-ca "$LAB/ca/ca.pem" \
+    --registry-alias "10.0.2.100:$REG_PORT=127.0.0.1:$REG_PORT" </dev/null >"$LAB/plane.log" 2>&1 &
 lab_record "$LAB/plane.pid" $!
 for _ in $(seq 100); do [ -s "$PLANE_STATE/address" ] && break; sleep 0.1; done
 [ -s "$PLANE_STATE/address" ] || { cat "$LAB/plane.log" >&2; echo "lab: the plane did not start" >&2; exit 1; }
-lab_op template create base --module "10.0.2.100:$REG_PORT/ironroot/base@$digest,serial=$SERIAL" >/dev/null
+# The plane reads the registry itself (at 127.0.0.1, the guests' 10.0.2.100): it verifies the
+# signature and takes the serial from the signed config; template base follows channel stable.
+lab_op channel set "10.0.2.100:$REG_PORT/ironroot/base" stable "$digest" >/dev/null
+lab_op template create base --module "10.0.2.100:$REG_PORT/ironroot/base:stable" >/dev/null
 
 cat >"$LAB/env" <<ENV
 export IRONROOT_PLANE_STATE=$PLANE_STATE

@@ -6,7 +6,10 @@
 #   lab_ca DIR              a lab CA and a registry certificate naming 127.0.0.1 and 10.0.2.100
 #                           (kept: an initramfs that embeds the CA stays usable)
 #   lab_start DIR CA_DIR [PLANE SERVE ARGS...]
-#                           registry (TLS) + plane; sets REG_PORT, PLANE_PORT, PLANE_STATE
+#                           registry (TLS) + plane; sets REG_PORT, PLANE_PORT, PLANE_STATE. The
+#                           plane trusts the lab CA and reads the guests' 10.0.2.100:REG_PORT at
+#                           127.0.0.1:REG_PORT (--registry-alias), so channels work on the
+#                           references guests fetch (give --trust KEY.pub for them)
 #   lab_op ARGS...          the operator CLI against the lab's plane
 #   lab_push LAYOUT KEY REPO
 #                           pushes and signs LAYOUT's module; prints the guest's reference
@@ -48,7 +51,8 @@ lab_start() {
     LAB_CA_DIR=$ca
     REGISTRY_TLS="$ca/registry.pem:$ca/registry.key" start_registry "$dir/registry"
     PLANE_STATE=$dir/plane
-    $LAB_PLANE serve --state "$PLANE_STATE" --listen 127.0.0.1:0 --name 10.0.2.100 "$@" >"$dir/plane.log" 2>&1 &
+    $LAB_PLANE serve --state "$PLANE_STATE" --listen 127.0.0.1:0 --name 10.0.2.100 --registry-ca "$ca/ca.pem" \
+        --registry-alias "10.0.2.100:$REG_PORT=127.0.0.1:$REG_PORT" "$@" >"$dir/plane.log" 2>&1 &
     PLANE_PID=$!
     for _ in $(seq 100); do [ -s "$PLANE_STATE/address" ] && break; sleep 0.1; done
     if [ ! -s "$PLANE_STATE/address" ]; then

@@ -22,6 +22,8 @@ pub struct Publisher {
     trust: Vec<TrustedKey>,
     access: RegistryAccess,
     limits: Limits,
+    /// Registry name → the address the plane reads it at (`serve --registry-alias`).
+    aliases: std::collections::BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -169,7 +171,13 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 impl Publisher {
     pub fn new(trust: Vec<TrustedKey>, access: RegistryAccess) -> Self {
-        Self { trust, access, limits: Limits::standard() }
+        Self { trust, access, limits: Limits::standard(), aliases: Default::default() }
+    }
+
+    /// Reads of registry NAME go to its address instead (`serve --registry-alias NAME=ADDR`).
+    pub fn with_aliases(mut self, aliases: impl IntoIterator<Item = (String, String)>) -> Self {
+        self.aliases.extend(aliases);
+        self
     }
 
     /// Whether the plane has keys to verify modules with.
@@ -187,9 +195,13 @@ impl Publisher {
                 format!("the plane has no trust keys (serve --trust KEY.pub), so it cannot verify {shown}"),
             ));
         }
-        let (host, repository) = split_repo(repo)?;
+        let (name, repository) = split_repo(repo)?;
+        let (host, shown) = match self.aliases.get(&name) {
+            Some(addr) => (addr.clone(), format!("{shown} (read at {addr})")),
+            None => (name, shown),
+        };
         let registry = Registry::open(&host, &self.access)
-            .map_err(|e| Refusal::new(502, "registry", format!("opening registry {host}: {}", chain(&e))))?;
+            .map_err(|e| Refusal::new(502, "registry", format!("opening the registry of {shown}: {}", chain(&e))))?;
         let src = RegistrySource { registry, host, repository };
         let opts = VerifyOptions { trust: self.trust.clone(), min_serial: None, limits: self.limits.clone() };
         let (tag, digest) = match at {

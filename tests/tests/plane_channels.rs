@@ -414,3 +414,47 @@ fn the_plane_reads_a_tls_registry_only_with_its_ca() {
     let stable = channel(&trusting, &repo, "stable");
     assert_eq!((stable["digest"].as_str(), &stable["serial"]), (Some(v2.as_str()), &json!(2)), "{stable}");
 }
+
+/// `serve --registry-alias NAME=ADDR`: nodes know the registry as NAME (here `localhost:PORT`,
+/// which the registry's certificate does not name), the plane reads it at ADDR (127.0.0.1:PORT);
+/// channels and desired state keep NAME.
+#[test]
+fn the_plane_reads_a_registry_at_its_alias_and_serves_the_nodes_name() {
+    let shelf = Shelf::start_with(ironroot_tests::registry::Auth::Tls);
+    let v2 = shelf.publish("web", 2, "v2", Some("keys"));
+    let ca = shelf.registry.ca_pem.clone().unwrap().to_string_lossy().into_owned();
+    let addr = shelf.repo("web").split_once('/').unwrap().0.to_owned();
+    let name = addr.replace("127.0.0.1", "localhost");
+    let repo = shelf.repo("web").replacen(&addr, &name, 1);
+
+    let plain = TestPlane::start(&["--trust", &shelf.trust(), "--registry-ca", &ca]);
+    let refused = plain.op(&["channel", "set", &repo, "stable", "v2"]);
+    assert!(refused.code != 0 && refused.stderr.contains(&repo), "read as {name}, refused: {}", refused.stderr);
+
+    let alias = format!("{name}={addr}");
+    let p = TestPlane::start(&["--trust", &shelf.trust(), "--registry-ca", &ca, "--registry-alias", &alias]);
+    let missing = p.op(&["channel", "set", &repo, "stable", "v9"]);
+    assert!(
+        missing.stderr.contains(&format!("{repo}:v9 (read at {addr})")) && missing.stderr.contains("no such tag"),
+        "a refusal names both: {}",
+        missing.stderr
+    );
+    p.op(&["channel", "set", &repo, "stable", "v2"]).ok();
+    let stable = channel(&p, &repo, "stable");
+    assert_eq!((stable["digest"].as_str(), &stable["serial"]), (Some(v2.as_str()), &json!(2)), "{stable}");
+    p.op(&["template", "create", "t", "--module", &format!("{repo}:stable")]).ok();
+    let rendered = json_of(&p, &["template", "render", "t"]);
+    assert!(rendered.to_string().contains(&format!("{repo}@{v2}")), "nodes are served the name they know: {rendered}");
+
+    for (alias, why) in [("localhost:1", "is not NAME=HOST:PORT"), ("localhost:1=http://x", "is not a registry host")] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(ironroot_tests::cli::binary_named("ironroot-plane"))
+            .args(["serve", "--state"])
+            .arg(dir.path())
+            .args(["--listen", "127.0.0.1:0", "--registry-alias", alias])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.code() == Some(2) && stderr.contains(why), "{alias}: {stderr}");
+    }
+}

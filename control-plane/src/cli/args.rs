@@ -133,6 +133,12 @@ pub struct ServeArgs {
     /// $IRONROOT_REGISTRY_PASSWORD.
     #[arg(long)]
     pub registry_user: Option<String>,
+    /// `NAME=HOST:PORT`: the plane reads registry NAME (as module references and nodes name it)
+    /// at HOST:PORT, for a registry the plane reaches under another address than its nodes (the
+    /// lab's 10.0.2.100:PORT is the plane's 127.0.0.1:PORT); repeat for several. References,
+    /// channels and desired state keep NAME; TLS is checked against HOST.
+    #[arg(long = "registry-alias", value_name = "NAME=HOST:PORT", value_parser = parse_alias)]
+    pub registry_aliases: Vec<(String, String)>,
     /// Machines for `node provision`: `disabled` refuses, `recorder` journals the QEMU command
     /// without running it, `qemu` boots a VM (TCG) from --bundle.
     #[arg(long, value_enum, default_value = "disabled")]
@@ -330,4 +336,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("duration {s:?}: unit must be s, m, h or d")),
     };
     n.checked_mul(mult).map(Duration::from_secs).ok_or_else(|| format!("duration {s:?} is too long"))
+}
+
+/// `NAME=HOST:PORT`, both registry hosts as a reference spells them (a port optional).
+fn parse_alias(arg: &str) -> Result<(String, String), String> {
+    let (name, at) = arg.split_once('=').ok_or_else(|| format!("{arg:?} is not NAME=HOST:PORT"))?;
+    for host in [name, at] {
+        crate::publish::split_repo(&format!("{host}/x"))
+            .map_err(|_| format!("{host:?} in {arg:?} is not a registry host[:port]"))?;
+    }
+    Ok((name.to_owned(), at.to_owned()))
 }

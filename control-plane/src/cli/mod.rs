@@ -129,7 +129,7 @@ fn publisher(args: &ServeArgs) -> anyhow::Result<crate::publish::Publisher> {
         let password = std::env::var(PASSWORD_VAR).with_context(|| format!("--registry-user needs ${PASSWORD_VAR}"))?;
         access.credentials = ironroot_oci::Credentials::Basic { user: user.clone(), password };
     }
-    Ok(crate::publish::Publisher::new(trust, access))
+    Ok(crate::publish::Publisher::new(trust, access).with_aliases(args.registry_aliases.iter().cloned()))
 }
 
 async fn serve(state: PathBuf, args: ServeArgs) -> anyhow::Result<()> {
