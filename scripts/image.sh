@@ -88,6 +88,21 @@ for dir in etc var; do
 done
 # The initramfs configured the network; nothing in the root may take it down.
 ln -sf /dev/null "$root/etc/systemd/system/systemd-networkd.service"
+# Nothing of a disk-installed, package-managed system runs on a root that is a verified,
+# immutable module: no apt or dpkg timers (an update is a new module), no ext4 metadata scrubs
+# (e2scrub needs LVM; the root is not ext4). Nor do the generators of what such a root never
+# has: a root found on a GPT disk, a hibernation image, SysV scripts, rc.local, offline
+# updates, sshd on vsock. Each is a process at every boot and every soft reboot, before
+# systemd queues its first job. fstab, getty, debug, run and tpm2 stay.
+for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer e2scrub_reap.service; do
+    rm -f "$root"/etc/systemd/system/*.wants/"$unit"
+    ln -sf /dev/null "$root/etc/systemd/system/$unit"
+done
+mkdir -p "$root/etc/systemd/system-generators"
+for gen in gpt-auto hibernate-resume sysv rc-local ssh system-update; do
+    [ -e "$root/usr/lib/systemd/system-generators/systemd-$gen-generator" ] || continue
+    ln -sf /dev/null "$root/etc/systemd/system-generators/systemd-$gen-generator"
+done
 
 # The node root as a tar too: the QEMU tier builds root updates (another version of the base,
 # a root whose unit fails) from it.

@@ -95,6 +95,19 @@ pub struct TrialRecord {
     /// This root was entered to go back from a failed trial (its receipt is already written).
     #[serde(default)]
     pub rollback: bool,
+    /// The transaction's parts before the soft reboot, in milliseconds (`verify`, `stage`),
+    /// carried into its receipt by the service in the new root.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub steps_ms: BTreeMap<String, u64>,
+    /// CLOCK_MONOTONIC in µs when the root was staged (its record written); the kernel, and its
+    /// clock, run on through a soft reboot, so the new root's service measures the reboot from
+    /// it. 0: not known (an older agent).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub staged_mono_us: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

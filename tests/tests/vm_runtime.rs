@@ -143,6 +143,13 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
     assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("base"), Some("committed")), "{r}");
     assert_eq!((r["from"]["serial"].as_u64(), r["to"]["serial"].as_u64()), (Some(1), Some(2)), "{r}");
     assert!(r["units"].as_array().unwrap().iter().any(|u| u == "root-hello.service"), "{r}");
+    // Every part of the change, across the soft reboot: those before it carried in the new
+    // root's record, the reboot itself on the kernel's monotonic clock.
+    let parts: Vec<&str> =
+        r["steps_ms"].as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
+    assert_eq!(parts, ["attach", "commit", "gate", "reboot", "stage", "verify"], "{r}");
+    let reboot = r["steps_ms"]["reboot"].as_u64().unwrap_or_default();
+    assert!((100..300_000).contains(&reboot), "a soft reboot takes more than nothing and less than its deadline: {r}");
     let console = vm.console();
     assert!(console.contains("ROOT version=2"), "the new root ran its own unit: {}", vm.console_tail(60));
     assert!(!console.contains("Kernel panic"), "{}", vm.console_tail(40));

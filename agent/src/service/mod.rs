@@ -357,6 +357,7 @@ fn trial(
                 changed: changed(&staged, &now_running),
                 not_entered: Some("the soft reboot into the staged root did not happen".into()),
                 passed: false,
+                steps_ms: t.steps_ms,
             })
         }
         _ => {
@@ -364,7 +365,14 @@ fn trial(
             let passed = journal
                 .iter()
                 .any(|r| r.kind == "txn" && r.data["txn"] == t.txn.as_str() && r.data["step"] == "healthy");
+            let mut steps_ms = t.steps_ms;
+            if t.staged_mono_us > 0 {
+                // The kernel's monotonic clock ran on through the soft reboot.
+                let reboot_ms = jobs::monotonic_us().saturating_sub(t.staged_mono_us) / 1000;
+                steps_ms.insert("reboot".to_owned(), reboot_ms);
+            }
             Some(rollout::Trial {
+                steps_ms,
                 deadline: t.started.saturating_add(t.deadline_s),
                 changed: changed(&now_running, &before),
                 not_entered: None,

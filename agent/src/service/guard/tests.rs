@@ -9,7 +9,15 @@ const TRIAL_ROOT: u64 = 77;
 const OTHER_ROOT: u64 = 12;
 
 fn trial(rollback: bool) -> TrialRecord {
-    TrialRecord { txn: "t-1".into(), started: 1_000, deadline_s: 300, root_dev: TRIAL_ROOT, rollback }
+    TrialRecord {
+        txn: "t-1".into(),
+        started: 1_000,
+        deadline_s: 300,
+        root_dev: TRIAL_ROOT,
+        rollback,
+        steps_ms: Default::default(),
+        staged_mono_us: 0,
+    }
 }
 
 /// The records as they stand at each point of a trial.

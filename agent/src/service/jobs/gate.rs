@@ -76,7 +76,7 @@ impl Runner {
             let view = || states.iter().map(|(u, s)| (u.clone(), s.active.clone())).collect::<Vec<_>>();
             if states.iter().all(|(_, s)| s.is_active()) {
                 let seen = now.duration_since(*seen_active.get_or_insert(now));
-                if settled(states.iter().map(|(_, s)| s), monotonic_us(), seen) {
+                if settled(states.iter().map(|(_, s)| s), super::monotonic_us(), seen) {
                     return Ok(view());
                 }
             } else {
@@ -106,12 +106,6 @@ impl Runner {
 /// systemd gave one, else for `seen`, how long this gate has seen them all active.
 fn settled<'a>(states: impl Iterator<Item = &'a UnitState>, now_us: u64, seen: Duration) -> bool {
     states.map(|s| s.active_for(now_us).unwrap_or(seen)).all(|age| age >= SETTLE)
-}
-
-/// CLOCK_MONOTONIC in µs, the clock of systemd's `*TimestampMonotonic` properties.
-fn monotonic_us() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    (t.tv_sec as u64) * 1_000_000 + (t.tv_nsec as u64) / 1_000
 }
 
 fn clip(s: &str) -> String {

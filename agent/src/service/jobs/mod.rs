@@ -111,8 +111,9 @@ impl Runner {
                 let result = self.detach(&module).await;
                 JobDone::Detached { txn, result }
             }
-            Job::StageRoot { txn, modules, generation, started, deadline_s } => {
-                let plan = nextroot::TrialPlan { txn: txn.clone(), started, deadline_s, rollback: false };
+            Job::StageRoot { txn, modules, generation, started, deadline_s, verify_ms } => {
+                let steps_ms = (verify_ms > 0).then(|| ("verify".to_owned(), verify_ms)).into_iter().collect();
+                let plan = nextroot::TrialPlan { txn: txn.clone(), started, deadline_s, rollback: false, steps_ms };
                 let result = self.stage_root(&modules, generation, &plan).await;
                 JobDone::RootStaged { txn, result }
             }
@@ -198,4 +199,11 @@ impl Runner {
             None => Ok(()),
         }
     }
+}
+
+/// CLOCK_MONOTONIC in µs: the clock of systemd's `*TimestampMonotonic` properties, and one a
+/// soft reboot does not reset (the kernel runs on).
+pub(crate) fn monotonic_us() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64) * 1_000_000 + (t.tv_nsec as u64) / 1_000
 }

@@ -38,6 +38,8 @@ pub struct TrialPlan {
     pub deadline_s: u64,
     /// Staged to go back from a failed trial.
     pub rollback: bool,
+    /// The transaction's parts so far (ms); staging adds `stage`, the record carries them.
+    pub steps_ms: std::collections::BTreeMap<String, u64>,
 }
 
 fn describe(e: &(dyn std::error::Error + 'static)) -> String {
@@ -53,6 +55,7 @@ impl Runner {
         generation: Option<u64>,
         plan: &TrialPlan,
     ) -> Result<(), String> {
+        let began = std::time::Instant::now();
         let mut verified = Vec::with_capacity(modules.len());
         for m in modules {
             verified.push(self.verified(m).await?);
@@ -71,7 +74,10 @@ impl Runner {
             layers: mounted.layers,
             upper: mounted.upper,
         };
-        let mut staged = self.finish_staging(&next, current, records, root, generation, plan);
+        let mut steps_ms = plan.steps_ms.clone();
+        steps_ms.insert("stage".to_owned(), u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX));
+        let plan = TrialPlan { steps_ms, ..plan.clone() };
+        let mut staged = self.finish_staging(&next, current, records, root, generation, &plan);
         if staged.is_ok() && !plan.rollback {
             staged = self.start_guard(&plan.txn).await;
         }
@@ -117,6 +123,8 @@ impl Runner {
             deadline_s: plan.deadline_s,
             root_dev,
             rollback: plan.rollback,
+            steps_ms: plan.steps_ms.clone(),
+            staged_mono_us: super::monotonic_us(),
         });
         write_record(&self.run_dir.join(BOOT_NEXT_JSON), &record)
     }
@@ -188,7 +196,8 @@ impl Runner {
     /// into from the trial of `txn`.
     pub async fn stage_record(&self, previous: &BootRecord, txn: &str, started: u64) -> Result<(), String> {
         let modules = crate::service::replay::running(previous);
-        let plan = TrialPlan { txn: txn.to_owned(), started, deadline_s: 0, rollback: true };
+        let plan =
+            TrialPlan { txn: txn.to_owned(), started, deadline_s: 0, rollback: true, steps_ms: Default::default() };
         self.stage_root(&modules, Some(previous.generation), &plan).await
     }
 

@@ -53,6 +53,8 @@ pub enum Job {
         generation: Option<u64>,
         started: u64,
         deadline_s: u64,
+        /// The transaction's verification before it (ms), carried across the soft reboot.
+        verify_ms: u64,
     },
     /// A root on trial: every unit of its modules (and of the live ones) active and settled
     /// before `deadline` (seconds since the epoch).

@@ -105,6 +105,9 @@ pub struct Trial {
     pub not_entered: Option<String>,
     /// The journal shows the gate passed (the service stopped before the commit): commit.
     pub passed: bool,
+    /// The transaction's parts before this service (`verify`, `stage` from the root's record,
+    /// `reboot` from staged to this service's start), in milliseconds.
+    pub steps_ms: BTreeMap<String, u64>,
 }
 
 /// One module change.
@@ -504,6 +507,13 @@ impl Rollout {
             return;
         };
         let id = self.txn_id();
+        // Verification (with the download it streams) came before the transaction.
+        let verified: Vec<OciDigest> = match &change {
+            Change::Put { to, .. } => vec![to.digest],
+            Change::Root { changed, .. } => changed.iter().map(|(_, to)| to.digest).collect(),
+            Change::Remove(_) => Vec::new(),
+        };
+        let verify_ms: u64 = verified.iter().filter_map(|d| self.verify_ms.remove(d)).sum();
         let (job, data) = match &change {
             Change::Put { to, from } => (
                 Job::Stage { txn: id.clone(), to: to.clone() },
@@ -514,20 +524,20 @@ impl Rollout {
                 serde_json::json!({"txn": id, "step": Step::Planned, "module": m.name, "detach": m}),
             ),
             Change::Root { modules, .. } => (
-                Job::StageRoot { txn: id.clone(), modules: modules.clone(), generation, started: wall, deadline_s },
+                Job::StageRoot {
+                    txn: id.clone(),
+                    modules: modules.clone(),
+                    generation,
+                    started: wall,
+                    deadline_s,
+                    verify_ms,
+                },
                 serde_json::json!({"txn": id, "step": Step::Planned, "module": "root", "root": modules}),
             ),
         };
-        // Verification (with the download it streams) came before the transaction.
-        let verified: Vec<OciDigest> = match &change {
-            Change::Put { to, .. } => vec![to.digest],
-            Change::Root { changed, .. } => changed.iter().map(|(_, to)| to.digest).collect(),
-            Change::Remove(_) => Vec::new(),
-        };
         let mut new = Txn::new(id, change, Step::Planned, wall, self.mono);
-        let verify: u64 = verified.iter().filter_map(|d| self.verify_ms.remove(d)).sum();
-        if verify > 0 {
-            new.steps_ms.insert("verify".to_owned(), verify);
+        if verify_ms > 0 {
+            new.steps_ms.insert("verify".to_owned(), verify_ms);
         }
         let State::Applying { txn, .. } = &mut self.state else { return };
         *txn = Some(Box::new(new));

@@ -301,7 +301,8 @@ fn a_changed_root_is_staged_and_entered_by_soft_reboot() {
             modules: vec![base2.clone()],
             generation: Some(2),
             started: 1_012,
-            deadline_s: 300
+            deadline_s: 300,
+            verify_ms: 1_000, // verified from 11 s to 12 s, carried across the soft reboot
         }]
     );
     let mut out = Vec::new();

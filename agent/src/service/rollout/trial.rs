@@ -28,7 +28,6 @@ impl Rollout {
     }
 
     fn trial_txn(trial: &Trial, modules: Vec<super::ModuleInfo>, reason: Option<String>) -> Txn {
-        // A new process: the parts before the soft reboot are in the record only as a whole.
         let mut txn = Txn::new(
             trial.txn.clone(),
             Change::Root { modules, changed: trial.changed.clone() },
@@ -37,6 +36,8 @@ impl Rollout {
             Duration::ZERO,
         );
         txn.reason = reason;
+        // The parts before this service came with the root's record.
+        txn.steps_ms.clone_from(&trial.steps_ms);
         txn
     }
 
@@ -49,6 +50,11 @@ impl Rollout {
         }
         let mut txn = Self::trial_txn(&trial, modules, None);
         txn.units = units.iter().cloned().collect();
+        // This service's own time up to its gate (starting, the live modules attached again)
+        // is `attach`; the gate follows, on this service's clock.
+        txn.steps_ms.insert("attach".to_owned(), u64::try_from(self.mono.as_millis()).unwrap_or(u64::MAX));
+        txn.step = super::Step::Attached;
+        txn.mark = self.mono;
         if trial.passed {
             // Gated before a restart: the commit is what was left.
             txn.step = super::Step::Healthy;

@@ -16,6 +16,7 @@ fn trial(changed: Vec<(Option<ModuleInfo>, ModuleInfo)>, not_entered: Option<&st
         changed,
         not_entered: not_entered.map(Into::into),
         passed: false,
+        steps_ms: [("verify".to_owned(), 400), ("stage".to_owned(), 300), ("reboot".to_owned(), 3_000)].into(),
     }
 }
 
@@ -78,6 +79,11 @@ fn a_root_on_trial_is_gated_on_every_unit_then_committed_and_only_then_ready() {
     assert_eq!(receipt.from.as_ref().map(|v| v.digest), Some(base1.digest));
     assert_eq!(receipt.to.as_ref().map(|v| v.digest), Some(base2.digest));
     assert_eq!(receipt.agent_version, "0.2.0", "the new root's agent writes it");
+    // The parts before the soft reboot come from the root's record; this service's start up
+    // to its gate (hello attached again by 3 s) is `attach`, then the gate and the commit.
+    let parts =
+        [("attach", 3_000), ("commit", 1_000), ("gate", 17_000), ("reboot", 3_000), ("stage", 300), ("verify", 400)];
+    assert_eq!(receipt.steps_ms, parts.map(|(k, v)| (k.to_owned(), v)).into());
     assert!(r.ready(), "ready once the trial passed");
 }
 
