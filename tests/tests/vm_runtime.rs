@@ -2,7 +2,9 @@
 //! transactions on it while it runs (no reboot) — attach an `opt` module whose unit starts,
 //! update it (units restarted, receipt), an update whose health check fails is rolled back by
 //! itself with the reason, a `kill -9` of the agent mid-update leaves the old version whole,
-//! detach; then root updates by soft reboot on the same node — a new root committed after its
+//! detach; an `ext` module at its own mount point gated by an HTTP probe, and an update whose
+//! probe answers 503 rolled back; then root updates by soft reboot on the same node, the `ext`
+//! module attached again in each new root — a new root committed after its
 //! trial, a root whose unit fails rolled back by the node itself, and a root whose agent never
 //! starts left by the trial guard at its deadline. Assertions read the plane's receipts, node
 //! view and rollout status.
@@ -45,6 +47,42 @@ fn hello_tree(dir: &Path, version: &str, check: &str) -> std::path::PathBuf {
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     }
     tree
+}
+
+/// The `web` module's tree at `version`: an `ext` module mounted at /srv/web whose service
+/// (ironroot-test-http) answers HTTP on 127.0.0.1:8080 with `status`.
+fn web_tree(dir: &Path, version: &str, status: u16) -> std::path::PathBuf {
+    let tree = dir.join(format!("web-{version}"));
+    let units = tree.join("usr/lib/systemd/system");
+    std::fs::create_dir_all(&units).unwrap();
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    let unit = format!(
+        "[Unit]\nDescription=ironroot test: an ext module's HTTP service\n\n[Service]\n\
+         ExecStart=/srv/web/bin/web 8080 {version} {status}\nStandardOutput=journal+console\n"
+    );
+    std::fs::write(units.join("web.service"), unit).unwrap();
+    std::fs::copy(ironroot_tests::cli::binary_named("ironroot-test-http"), tree.join("bin/web")).unwrap();
+    tree
+}
+
+/// Builds, signs and pushes `web` at `version`/`serial` (role `ext`, its own mount point, an
+/// HTTP health probe); the guest's reference.
+fn web(lab: &VmLab, version: &str, serial: u64, status: u16) -> String {
+    let tree = web_tree(lab.work.path(), version, status);
+    let flags = [
+        "--role",
+        "ext",
+        "--mount",
+        "/srv/web",
+        "--unit",
+        "web.service",
+        "--health-http",
+        "8080/healthz",
+        "--health-deadline",
+        "30",
+    ];
+    let layout = build(lab, &tree, "web", version, serial, &flags);
+    lab.publish(&layout, "keys", "web").0
 }
 
 /// Builds, signs and pushes `hello` at `version`/`serial`; the guest's reference.
@@ -117,7 +155,31 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     assert_eq!(r["from"]["serial"], 2, "{r}");
     assert!(!vm.console().contains("Kernel panic"), "{}", vm.console_tail(40));
 
-    root_updates_by_soft_reboot(&lab, &mut vm, node, 5);
+    // An `ext` module at its declared mount point (its unit runs /srv/web/bin/web), gated by
+    // an HTTP probe the service answers; an update whose service answers 503 goes back.
+    let web1 = web(&lab, "1", 1, 200);
+    lab.plane.op(&["template", "add", "base", "--module", &format!("{web1},serial=1")]).ok();
+    let r = nth_receipt(&lab, &vm, node, 6);
+    assert_eq!(
+        (r["module"].as_str(), r["role"].as_str(), r["outcome"].as_str()),
+        (Some("web"), Some("ext"), Some("committed")),
+        "{r}"
+    );
+    assert_eq!(r["health"]["healthy"], true, "{r}");
+    assert!(
+        r["health"]["probe"].as_str().unwrap_or_default().contains("GET http://127.0.0.1:8080/healthz: 200"),
+        "{r}"
+    );
+    assert!(vm.console().contains("WEB version=1 listening"), "{}", vm.console_tail(40));
+    let web2 = web(&lab, "2", 2, 503);
+    lab.plane.op(&["template", "add", "base", "--module", &format!("{web2},serial=2")]).ok();
+    let r = nth_receipt(&lab, &vm, node, 7);
+    assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("web"), Some("rolled-back")), "{r}");
+    assert!(r["reason"].as_str().unwrap_or_default().contains("healthz: 503"), "{r}");
+    said_after(&vm, "WEB version=1 listening", "WEB version=2 listening");
+
+    // The root updates with `web` live: it is attached again in each new root, before its gate.
+    root_updates_by_soft_reboot(&lab, &mut vm, node, 7);
 }
 
 /// Root updates on the running node: a new root entered by soft reboot passes its trial
@@ -136,6 +198,7 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
     let before = lab.plane.op(&["node", "show", node, "--json"]).stdout;
     let before: serde_json::Value = serde_json::from_str(&before).unwrap();
     assert_ne!(before["agent_version"], new_agent.as_str(), "{before}");
+    let webs = vm.console().matches("WEB version=1 listening").count();
 
     let v2 = root_version(lab, &tree, 2, false);
     lab.plane.op(&["template", "add", "base", "--module", &format!("{v2},serial=2")]).ok();
@@ -143,6 +206,9 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
     assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("base"), Some("committed")), "{r}");
     assert_eq!((r["from"]["serial"].as_u64(), r["to"]["serial"].as_u64()), (Some(1), Some(2)), "{r}");
     assert!(r["units"].as_array().unwrap().iter().any(|u| u == "root-hello.service"), "{r}");
+    assert!(r["units"].as_array().unwrap().iter().any(|u| u == "web.service"), "the live module gated too: {r}");
+    let webs_now = vm.console().matches("WEB version=1 listening").count();
+    assert!(webs_now > webs, "web started again in the new root: {}", vm.console_tail(60));
     // Every part of the change, across the soft reboot: those before it carried in the new
     // root's record, the reboot itself on the kernel's monotonic clock.
     let parts: Vec<&str> =

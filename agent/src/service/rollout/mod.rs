@@ -216,6 +216,8 @@ pub struct Rollout {
     verify_ms: BTreeMap<OciDigest, u64>,
     /// How the latest reconcile ended, until the node takes it.
     reconciled: Option<Reconciled>,
+    /// What the latest `report` record said (an unchanged outcome is not journaled again).
+    journaled_report: Option<serde_json::Value>,
     boot_tag: String,
     agent_version: String,
     /// A root entered by soft reboot, gated once the live modules are attached.
@@ -278,6 +280,7 @@ impl Rollout {
             verify_started: Duration::ZERO,
             verify_ms: BTreeMap::new(),
             reconciled: None,
+            journaled_report: None,
             boot_tag: run_tag.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect(),
             agent_version: agent_version.to_owned(),
             trial: None,
@@ -372,7 +375,6 @@ impl Rollout {
         self.due(now, out);
     }
 
-    /// Fetches the desired state when it moved (or was asked for) and nothing else runs.
     /// A record of a change could not be journaled. A change whose `planned` record was refused
     /// never began: it waits (retried after a backoff; a waiting `module-update` is answered
     /// with why). Any other record of a transaction (a step, its receipt) ends the service:
@@ -396,6 +398,7 @@ impl Rollout {
         }
     }
 
+    /// Fetches the desired state when it moved (or was asked for) and nothing else runs.
     pub fn due(&mut self, now: Now, out: &mut Vec<Action>) {
         if self.state != State::Idle || !self.ready || self.retry_at.is_some_and(|t| now.mono < t) {
             return;
@@ -582,9 +585,27 @@ impl Rollout {
             self.start_verifying_booted(out);
             return;
         }
+        self.journal_report(generation, &summary, out);
         self.reconciled = Some(Reconciled { ok: failed == 0, summary });
     }
+
+    /// A reconcile's outcome goes to the node journal as a `report` record — what the node's
+    /// next report says (its generation, the outcome, the live modules' digests) — so the plane
+    /// gets each outcome in order even when it was away when it was reached. An outcome equal
+    /// to the last one journaled is not written again.
+    fn journal_report(&mut self, generation: Option<u64>, summary: &str, out: &mut Vec<Action>) {
+        let mut digests: Vec<String> = self.live.values().map(|m| m.digest.to_string()).collect();
+        digests.sort();
+        let data = serde_json::json!({"generation": generation, "last_reconcile": summary, "module_digests": digests});
+        if self.journaled_report.as_ref() != Some(&data) {
+            out.push(record(REPORT_KIND, data.clone()));
+            self.journaled_report = Some(data);
+        }
+    }
 }
+
+/// Kind of the node journal record of a reconcile's outcome.
+pub const REPORT_KIND: &str = "report";
 
 fn step_name(step: Step) -> &'static str {
     match step {

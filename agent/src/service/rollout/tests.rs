@@ -138,10 +138,35 @@ fn an_attach_goes_through_every_step_and_ends_committed() {
     assert_eq!(rs[0].steps_ms, parts.map(|(k, v)| (k.to_owned(), v)).into());
     assert!(r.live().any(|m| m == &hello));
     assert_eq!(r.take_reconciled(), Some(Reconciled { ok: true, summary: "ok: generation 2".into() }));
+    // The outcome is journaled after the receipt, as the next report will say it.
+    let reports = records_of(&out, REPORT_KIND);
+    let mut digests = [base.digest.to_string(), hello.digest.to_string()];
+    digests.sort();
+    let said = serde_json::json!({"generation": 2, "last_reconcile": "ok: generation 2", "module_digests": digests});
+    assert_eq!(reports, [said]);
+    let kinds: Vec<&str> = out
+        .iter()
+        .filter_map(|a| if let Action::Record { kind, .. } = a { Some(kind.as_str()) } else { None })
+        .collect();
+    assert_eq!(kinds.last(), Some(&REPORT_KIND), "{kinds:?}");
     assert!(r.is_idle());
     let mut out = Vec::new();
     r.on_generation(2, at(20), &mut out);
     assert!(out.is_empty(), "generation 2 is applied");
+    // Asked to reconcile again with nothing to change: the same outcome is not journaled twice.
+    r.reconcile_now(at(30), &mut out);
+    let out = reconcile_again(&mut r, &[&base, &hello], &[]);
+    assert_eq!(r.take_reconciled().map(|d| d.summary), Some("ok: generation 2".into()), "{out:?}");
+    assert!(records_of(&out, REPORT_KIND).is_empty(), "{out:?}");
+}
+
+fn records_of(out: &[Action], wanted: &str) -> Vec<serde_json::Value> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Record { kind, data } if kind == wanted => Some(data.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A change whose first record the journal refused never began: nothing ran, the reconcile
@@ -405,6 +430,8 @@ fn what_an_earlier_run_rolled_back_is_not_tried_again_until_the_desired_state_mo
     let mut out = Vec::new();
     let mut r = Rollout::new(vec![base.clone()], vec![], 1, None, vec![v2.digest], "boot-2", "0.1.0", None, &mut out);
     assert!(r.ready());
+    assert_eq!(records_of(&out, REPORT_KIND).len(), 1, "what the node starts on, journaled: {out:?}");
+    out.clear();
     r.on_generation(3, at(1), &mut out);
     assert_eq!(out, [Action::FetchDesired], "the first generation this run sees");
     out.clear();
