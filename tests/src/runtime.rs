@@ -102,6 +102,29 @@ pub fn nth_receipt(lab: &VmLab, vm: &Vm, node: &str, n: usize) -> serde_json::Va
     }
 }
 
+/// The `n`th (from 1) of the node's receipts for `module`, waiting up to [`CHANGE`] for it:
+/// other modules' receipts may come between (a live module attached again in a new root).
+pub fn nth_receipt_of(lab: &VmLab, vm: &Vm, node: &str, module: &str, n: usize) -> serde_json::Value {
+    let deadline = Instant::now() + CHANGE;
+    loop {
+        let all = receipts_of(lab, node, module);
+        if all.len() >= n {
+            return all[n - 1].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no receipt #{n} of {module} within {CHANGE:?}: {all:?}\nconsole tail:\n{}",
+            vm.console_tail(60)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// The node's receipts for `module`, oldest first.
+pub fn receipts_of(lab: &VmLab, node: &str, module: &str) -> Vec<serde_json::Value> {
+    receipts(lab, node).into_iter().filter(|r| r["module"] == module).collect()
+}
+
 /// The plane's view of `node` now.
 pub fn view(lab: &VmLab, node: &str) -> serde_json::Value {
     serde_json::from_str(&lab.plane.op(&["node", "show", node, "--json"]).ok()).unwrap()

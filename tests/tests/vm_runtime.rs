@@ -14,7 +14,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ironroot_tests::runtime::{CHANGE, build, nth_receipt, receipts, root_tree, root_version, said_after};
+use ironroot_tests::runtime::{
+    CHANGE, build, nth_receipt, nth_receipt_of, receipts, receipts_of, root_tree, root_version, said_after,
+};
 use ironroot_tests::vm::{IdentityVia, Vm, VmLab};
 
 const BOOT: Duration = Duration::from_secs(600);
@@ -177,15 +179,21 @@ fn live_modules_attach_update_roll_back_and_detach_without_a_reboot() {
     assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("web"), Some("rolled-back")), "{r}");
     assert!(r["reason"].as_str().unwrap_or_default().contains("healthz: 503"), "{r}");
     said_after(&vm, "WEB version=1 listening", "WEB version=2 listening");
+    // Pinned back to version 1, which the node runs (no change, no receipt): a moved generation
+    // would otherwise try version 2 again. The plane wants the serial's drop said.
+    let pin = format!("{web1},serial=1");
+    lab.plane.op(&["template", "add", "base", "--module", &pin]).refused(3, "a rollback needs --allow-rollback");
+    lab.plane.op(&["template", "add", "base", "--module", &pin, "--allow-rollback"]).ok();
 
     // The root updates with `web` live: it is attached again in each new root, before its gate.
-    root_updates_by_soft_reboot(&lab, &mut vm, node, 7);
+    root_updates_by_soft_reboot(&lab, &mut vm, node);
 }
 
 /// Root updates on the running node: a new root entered by soft reboot passes its trial
 /// (its own unit active) and is committed; a root whose unit fails is rolled back by the node
-/// itself, soft-rebooting into the root before it, and not tried again. `seen` receipts so far.
-fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize) {
+/// itself, soft-rebooting into the root before it, and not tried again. The live `web` module is
+/// attached again (a receipt of its own) in each root its agent starts in.
+fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str) {
     let tree = root_tree(lab, "root-tree");
     // A self-update: root 2 carries another build of the agent (bytes appended to the ELF file
     // change its digest, not what it does); the agent reports its executable's digest.
@@ -199,16 +207,22 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
     let before: serde_json::Value = serde_json::from_str(&before).unwrap();
     assert_ne!(before["agent_version"], new_agent.as_str(), "{before}");
     let webs = vm.console().matches("WEB version=1 listening").count();
+    let web_receipts = receipts_of(lab, node, "web").len();
 
     let v2 = root_version(lab, &tree, 2, false);
     lab.plane.op(&["template", "add", "base", "--module", &format!("{v2},serial=2")]).ok();
-    let r = nth_receipt(lab, vm, node, seen + 1);
+    let r = nth_receipt_of(lab, vm, node, "base", 1);
     assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("base"), Some("committed")), "{r}");
     assert_eq!((r["from"]["serial"].as_u64(), r["to"]["serial"].as_u64()), (Some(1), Some(2)), "{r}");
     assert!(r["units"].as_array().unwrap().iter().any(|u| u == "root-hello.service"), "{r}");
     assert!(r["units"].as_array().unwrap().iter().any(|u| u == "web.service"), "the live module gated too: {r}");
     let webs_now = vm.console().matches("WEB version=1 listening").count();
     assert!(webs_now > webs, "web started again in the new root: {}", vm.console_tail(60));
+    let again = &receipts_of(lab, node, "web")[web_receipts..];
+    assert!(
+        again.iter().any(|w| w["outcome"] == "committed" && w["to"]["serial"] == 1),
+        "web attached again in root 2, before its gate: {again:?}"
+    );
     // Every part of the change, across the soft reboot: those before it carried in the new
     // root's record, the reboot itself on the kernel's monotonic clock.
     let parts: Vec<&str> =
@@ -231,7 +245,7 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
     // A root whose own unit fails: the trial fails, the node goes back to root 2 by itself.
     let v3 = root_version(lab, &tree, 3, true);
     lab.plane.op(&["template", "add", "base", "--module", &format!("{v3},serial=3")]).ok();
-    let r = nth_receipt(lab, vm, node, seen + 2);
+    let r = nth_receipt_of(lab, vm, node, "base", 2);
     assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("base"), Some("rolled-back")), "{r}");
     assert!(r["reason"].as_str().unwrap_or_default().contains("root-hello.service is failed"), "{r}");
     said_after(vm, "ROOT version=2", "ROOT version=3");
@@ -240,16 +254,16 @@ fn root_updates_by_soft_reboot(lab: &VmLab, vm: &mut Vm, node: &str, seen: usize
     let back = lab.wait_for(vm, node, CHANGE, |v| v["heartbeats"].as_i64() > beats);
     assert_eq!((back["state"].as_str(), back["phase"].as_str()), (Some("running"), Some("ready")), "{back}");
     std::thread::sleep(Duration::from_secs(30));
-    assert_eq!(receipts(lab, node).len(), seen + 2, "root 3 is not tried again");
+    assert_eq!(receipts_of(lab, node, "base").len(), 2, "root 3 is not tried again");
     assert!(!vm.console().contains("Kernel panic"), "{}", vm.console_tail(40));
 
-    a_root_whose_agent_never_starts_is_left_by_its_guard(lab, vm, node, &tree, seen + 3, &new_agent, &v2_digest);
+    a_root_whose_agent_never_starts_is_left_by_its_guard(lab, vm, node, &tree, 3, &new_agent, &v2_digest);
 }
 
 /// Root 4's agent exits at once, so nothing in it ends the trial: the guard the agent of root 2
 /// started before the soft reboot (a transient unit in survivors.slice) goes back to root 2
 /// at the deadline plus its grace, and the receipt it journaled reaches the plane through root
-/// 2's agent, halting the rollout.
+/// 2's agent, halting the rollout. `nth`: that receipt is the node's nth of `base`.
 fn a_root_whose_agent_never_starts_is_left_by_its_guard(
     lab: &VmLab,
     vm: &mut Vm,
@@ -265,7 +279,7 @@ fn a_root_whose_agent_never_starts_is_left_by_its_guard(
     std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
     let v4 = root_version(lab, tree, 4, false);
     lab.plane.op(&["template", "add", "base", "--module", &format!("{v4},serial=4")]).ok();
-    let r = nth_receipt(lab, vm, node, nth);
+    let r = nth_receipt_of(lab, vm, node, "base", nth);
     assert_eq!((r["module"].as_str(), r["outcome"].as_str()), (Some("base"), Some("rolled-back")), "{r}");
     assert_eq!((r["from"]["serial"].as_u64(), r["to"]["serial"].as_u64()), (Some(2), Some(4)), "{r}");
     let reason = r["reason"].as_str().unwrap_or_default();
@@ -283,8 +297,10 @@ fn a_root_whose_agent_never_starts_is_left_by_its_guard(
     );
 
     // Root 2's agent heartbeats again, and the plane halted the rollout on the receipt.
+    // (The plane's view of root 2 from before root 4 is still there: wait for a live one.)
     let back = lab.wait_for(vm, node, CHANGE, |v| {
-        v["phase"] == "ready"
+        v["state"] == "running"
+            && v["phase"] == "ready"
             && v["agent_version"] == root2_agent
             && v["module_digests"].as_array().is_some_and(|d| d.iter().any(|x| x == root2))
     });
