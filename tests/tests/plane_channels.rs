@@ -416,8 +416,9 @@ fn the_plane_reads_a_tls_registry_only_with_its_ca() {
 }
 
 /// `serve --registry-alias NAME=ADDR`: nodes know the registry as NAME (here `localhost:PORT`,
-/// which the registry's certificate does not name), the plane reads it at ADDR (127.0.0.1:PORT);
-/// channels and desired state keep NAME.
+/// which the registry's certificate does not name), the plane reads it at ADDR (127.0.0.1:PORT,
+/// which it does: TLS is checked against the address read); channels and desired state keep
+/// NAME.
 #[test]
 fn the_plane_reads_a_registry_at_its_alias_and_serves_the_nodes_name() {
     let shelf = Shelf::start_with(ironroot_tests::registry::Auth::Tls);
@@ -430,6 +431,7 @@ fn the_plane_reads_a_registry_at_its_alias_and_serves_the_nodes_name() {
     let plain = TestPlane::start(&["--trust", &shelf.trust(), "--registry-ca", &ca]);
     let refused = plain.op(&["channel", "set", &repo, "stable", "v2"]);
     assert!(refused.code != 0 && refused.stderr.contains(&repo), "read as {name}, refused: {}", refused.stderr);
+    assert!(refused.stderr.to_lowercase().contains("certificate"), "for its certificate: {}", refused.stderr);
 
     let alias = format!("{name}={addr}");
     let p = TestPlane::start(&["--trust", &shelf.trust(), "--registry-ca", &ca, "--registry-alias", &alias]);

@@ -266,6 +266,9 @@ pub(crate) fn runner(record: &BootRecord, run_dir: &Path) -> jobs::Runner {
 
 /// Runs until SIGTERM or SIGINT.
 pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
+    // This service's start, on its own clock (the shell's) and on the kernel's monotonic one (a
+    // root update's `reboot` part ends here).
+    let started = (tokio::time::Instant::now(), jobs::monotonic_us());
     // A root staged for a soft reboot: this is it (its record becomes boot.json), or the soft
     // reboot did not happen.
     let promotion = jobs::nextroot::promote(&opts.run_dir, Path::new("/"));
@@ -304,7 +307,7 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let refused = replay::refused(journal.replay());
     let boot: String = record.boot_id.chars().filter(char::is_ascii_alphanumeric).take(8).collect();
     let run_tag = format!("{boot}-{:x}", now());
-    let trial = trial(&record, &opts.run_dir, promotion, journal.replay());
+    let trial = trial(&record, &opts.run_dir, promotion, journal.replay(), started.1);
     let rollout = rollout::Rollout::new(
         running,
         attach,
@@ -323,21 +326,33 @@ pub async fn serve(opts: &ServeOptions) -> Result<(), ServeError> {
     let node = node::Node::new(beat, rollout, tasks::Tasks::new(finished), renewal, spool);
     tracing::info!(node = %record.node_id, plane = %record.plane, interval_s = interval.as_secs(), journal = %dir.display(), "serving");
     let report = report(&record);
-    let shell =
-        shell::Shell::new(record, opts.run_dir.clone(), client, journal, node, runner, report, not_after as u64);
+    let shell = shell::Shell::new(
+        record,
+        opts.run_dir.clone(),
+        client,
+        journal,
+        node,
+        runner,
+        report,
+        not_after as u64,
+        started.0,
+    );
     shell.run(first_actions).await
 }
 
 /// The trial this service starts in: a root entered by soft reboot that has not passed its
 /// gate (its record says so, whether this service just promoted it or restarted during the
-/// trial), or a staged root that was not entered.
+/// trial), or a staged root that was not entered. `started_us`: this service's start
+/// (CLOCK_MONOTONIC, µs); when it entered the root, the soft reboot took from staging to then.
 fn trial(
     record: &BootRecord,
     run_dir: &Path,
     promotion: Option<jobs::nextroot::Promotion>,
     journal: &[journal::Record],
+    started_us: u64,
 ) -> Option<rollout::Trial> {
     use jobs::nextroot::Promotion;
+    let entered = matches!(promotion, Some(Promotion::Entered));
     let previous: Option<BootRecord> =
         external::read(&run_dir.join(ironroot_contract::run_state::BOOT_PREV_JSON), MAX_BOOT_RECORD, Links::Refuse)
             .ok()
@@ -366,10 +381,11 @@ fn trial(
                 .iter()
                 .any(|r| r.kind == "txn" && r.data["txn"] == t.txn.as_str() && r.data["step"] == "healthy");
             let mut steps_ms = t.steps_ms;
-            if t.staged_mono_us > 0 {
-                // The kernel's monotonic clock ran on through the soft reboot.
-                let reboot_ms = jobs::monotonic_us().saturating_sub(t.staged_mono_us) / 1000;
-                steps_ms.insert("reboot".to_owned(), reboot_ms);
+            // The kernel's monotonic clock ran on through the soft reboot. A service started
+            // again during the trial (kill -9, say) did not see the reboot: its parts are only
+            // its own from its start.
+            if entered && t.staged_mono_us > 0 {
+                steps_ms.insert("reboot".to_owned(), started_us.saturating_sub(t.staged_mono_us) / 1000);
             }
             Some(rollout::Trial {
                 steps_ms,

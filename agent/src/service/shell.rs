@@ -57,6 +57,7 @@ impl Shell {
         runner: Runner,
         report: NodeReport,
         not_after: u64,
+        started: Instant,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         Self {
@@ -68,7 +69,7 @@ impl Shell {
             runner: Arc::new(runner),
             report,
             not_after,
-            started: Instant::now(),
+            started,
             tx,
             rx,
             live_written: Vec::new(),

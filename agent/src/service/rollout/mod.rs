@@ -392,6 +392,9 @@ impl Rollout {
             self.last = Some(summary.clone());
             self.reconciled = Some(Reconciled { ok: false, summary });
             self.state = State::Idle;
+        } else if kind == REPORT_KIND {
+            // Not written: the next outcome is, even an equal one.
+            self.journaled_report = None;
         } else if kind == "txn" || kind == ironroot_contract::wire::RECEIPT_KIND {
             tracing::error!(%why, "a transaction's record could not be journaled; the service ends to finish it from the journal");
             out.push(Action::Exit);
@@ -592,7 +595,8 @@ impl Rollout {
     /// A reconcile's outcome goes to the node journal as a `report` record — what the node's
     /// next report says (its generation, the outcome, the live modules' digests) — so the plane
     /// gets each outcome in order even when it was away when it was reached. An outcome equal
-    /// to the last one journaled is not written again.
+    /// to the last one this service journaled is not written again (one the journal refused
+    /// is).
     fn journal_report(&mut self, generation: Option<u64>, summary: &str, out: &mut Vec<Action>) {
         let mut digests: Vec<String> = self.live.values().map(|m| m.digest.to_string()).collect();
         digests.sort();

@@ -158,6 +158,13 @@ fn an_attach_goes_through_every_step_and_ends_committed() {
     let out = reconcile_again(&mut r, &[&base, &hello], &[]);
     assert_eq!(r.take_reconciled().map(|d| d.summary), Some("ok: generation 2".into()), "{out:?}");
     assert!(records_of(&out, REPORT_KIND).is_empty(), "{out:?}");
+    // One the journal refused is written with the next outcome, equal or not.
+    let mut out = Vec::new();
+    r.on_not_journaled(REPORT_KIND, None, "the node journal is full", at(40), &mut out);
+    assert!(out.is_empty() && r.is_idle(), "a report refused stops nothing: {out:?}");
+    r.reconcile_now(at(41), &mut out);
+    let out = reconcile_again(&mut r, &[&base, &hello], &[]);
+    assert_eq!(records_of(&out, REPORT_KIND).len(), 1, "{out:?}");
 }
 
 fn records_of(out: &[Action], wanted: &str) -> Vec<serde_json::Value> {
