@@ -87,33 +87,26 @@ pub fn receipts(lab: &VmLab, node: &str) -> Vec<serde_json::Value> {
 
 /// Waits for the `n`th receipt of the node; returns it.
 pub fn nth_receipt(lab: &VmLab, vm: &Vm, node: &str, n: usize) -> serde_json::Value {
-    let deadline = Instant::now() + CHANGE;
-    loop {
-        let all = receipts(lab, node);
-        if all.len() >= n {
-            return all[n - 1].clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no receipt #{n} within {CHANGE:?}: {all:?}\nconsole tail:\n{}",
-            vm.console_tail(60)
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    nth_receipt_where(vm, n, "", || receipts(lab, node))
 }
 
 /// The `n`th (from 1) of the node's receipts for `module`, waiting up to [`CHANGE`] for it:
 /// other modules' receipts may come between (a live module attached again in a new root).
 pub fn nth_receipt_of(lab: &VmLab, vm: &Vm, node: &str, module: &str, n: usize) -> serde_json::Value {
+    nth_receipt_where(vm, n, &format!(" of {module}"), || receipts_of(lab, node, module))
+}
+
+/// Polls `list` until it holds `n` receipts (`what` says which, in the failure); the `n`th.
+fn nth_receipt_where(vm: &Vm, n: usize, what: &str, list: impl Fn() -> Vec<serde_json::Value>) -> serde_json::Value {
     let deadline = Instant::now() + CHANGE;
     loop {
-        let all = receipts_of(lab, node, module);
+        let all = list();
         if all.len() >= n {
             return all[n - 1].clone();
         }
         assert!(
             Instant::now() < deadline,
-            "no receipt #{n} of {module} within {CHANGE:?}: {all:?}\nconsole tail:\n{}",
+            "no receipt #{n}{what} within {CHANGE:?}: {all:?}\nconsole tail:\n{}",
             vm.console_tail(60)
         );
         std::thread::sleep(Duration::from_secs(2));
