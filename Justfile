@@ -9,9 +9,11 @@ deps:
 # The whole suite: unit tests and the real-peer tier (registry, cosign, mkcomposefs). Needs root.
 # The binaries are built first: the real-peer tests run them, and `cargo test` alone builds
 # only the binaries of packages that have integration tests of their own.
-# `just image` comes first: the QEMU tier boots its kernel, agent and base module.
+# `just image` comes first: the QEMU tier boots its kernel, agent and base module (and the
+# generic kernel, for the bare-metal hardware tier).
 test: deps
     bash scripts/image.sh >/dev/null
+    target/release/ironroot-build kernel fetch --flavour generic --out target/kernel-generic >/dev/null
     cargo build --workspace --locked
     cargo test --workspace --locked
 
@@ -29,8 +31,9 @@ demo: deps
 
 # A lab on 127.0.0.1 that stays up: TLS registry, the image built, pushed and signed, the plane
 # with the QEMU provider, template `base`; writes target/lab/env. `node provision` boots nodes.
-lab: deps
-    bash scripts/lab-up.sh
+# `just lab KERNEL=generic` boots the generic kernel's bundle (bare-metal NICs and disks).
+lab *args: deps
+    bash scripts/lab-up.sh {{args}}
 
 # Stops what `just lab` started, by the PIDs it recorded (the plane powers off its VMs first).
 lab-down:
@@ -38,8 +41,9 @@ lab-down:
 
 # Build everything a node boots into target/image: kernel, initramfs, cmdline, boot.ipxe, the
 # signed base module, bundle.json. IRONROOT_REGISTRY=HOST:PORT/REPO also pushes and signs it.
-image: deps
-    bash scripts/image.sh
+# `just image KERNEL=generic`: Debian's generic kernel (bare metal) into target/image-generic.
+image *args: deps
+    bash scripts/image.sh {{args}}
 
 # Benchmarks against their baselines, measured in the same run (ratios printed, not asserted).
 # The product binaries build as one set (as image.sh and demo.sh do) so that cargo's feature

@@ -50,7 +50,7 @@ fetch_debs() {
 }
 
 # 1. Debian packages of the build machine's own suite.
-apt_install docker-registry apache2-utils openssl ca-certificates python3-pip bc tar e2fsprogs util-linux mount
+apt_install docker-registry apache2-utils openssl ca-certificates python3-pip bc tar e2fsprogs util-linux mount ovmf
 
 # 2. just
 if ! command -v just >/dev/null 2>&1; then

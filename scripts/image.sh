@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# `just image`: everything a node boots, in $IRONROOT_IMAGE (default target/image):
+# `just image [KERNEL=cloud|generic]`: everything a node boots, in $IRONROOT_IMAGE (default
+# target/image, or target/image-generic for the generic kernel):
 #
-#   vmlinuz       the kernel (Debian's cloud kernel, `ironroot-build kernel fetch`)
+#   vmlinuz       the kernel (`ironroot-build kernel fetch`): Debian's cloud kernel (virtual
+#                 hardware) or, KERNEL=generic, its generic one (bare-metal NICs and disks)
 #   initrd.img    the native initramfs (`ironroot-build initramfs`): the agent as /init
 #   cmdline       the kernel command line the bundle was built for
 #   boot.ipxe     an iPXE script that boots the three above from the same directory
@@ -19,7 +21,19 @@ set -euo pipefail
 STEP_PREFIX=image
 source "$(dirname "$0")/lib.sh"
 
-OUT=${IRONROOT_IMAGE:-target/image}
+KERNEL=${KERNEL:-cloud}
+for arg in "$@"; do
+    case "$arg" in
+        KERNEL=*) KERNEL=${arg#KERNEL=} ;;
+        *) echo "image: unknown argument $arg (KERNEL=cloud|generic)" >&2; exit 2 ;;
+    esac
+done
+case "$KERNEL" in
+    cloud) KERNEL_DIR=target/kernel default_out=target/image ;;
+    generic) KERNEL_DIR=target/kernel-generic default_out=target/image-generic ;;
+    *) echo "image: KERNEL=$KERNEL is neither cloud nor generic" >&2; exit 2 ;;
+esac
+OUT=${IRONROOT_IMAGE:-$default_out}
 # trixie for systemd >= 254 (SoftReboot); the kernel comes from the same suite. Beyond minbase:
 # dbus for the system bus the agent drives systemd over (systemd only recommends one, and
 # debootstrap installs no recommends); e2fsprogs, no longer Priority: required in trixie
@@ -39,8 +53,8 @@ cargo build --release --locked -p ironroot-build -p ironroot-agent -p ironroot-p
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-0}
 mkdir -p "$OUT"
 
-step "kernel"
-$BIN kernel fetch --suite "$SUITE" --out target/kernel >&2
+step "kernel ($KERNEL)"
+$BIN kernel fetch --suite "$SUITE" --flavour "$KERNEL" --out "$KERNEL_DIR" >&2
 
 if [ ! -f "$OUT/keys/ironroot.key" ]; then
     $BIN keys generate --out "$OUT/keys" >/dev/null
@@ -121,16 +135,28 @@ registry_ca=()
 [ -n "${IRONROOT_REGISTRY_CA:-}" ] && registry_ca=(--registry-ca "$IRONROOT_REGISTRY_CA")
 # gzip: the bundle is for netbooting, where the smaller file wins (measured, README: PXE reaches
 # /init ~1.2 s sooner with 8 MiB gzip than 21 MiB raw; direct boot is ~0.05–0.4 s slower).
-$BIN --output json initramfs --agent "$AGENT" --kernel target/kernel --trust "$OUT/keys/ironroot.pub" \
+$BIN --output json initramfs --agent "$AGENT" --kernel "$KERNEL_DIR" --trust "$OUT/keys/ironroot.pub" \
     "${registry_ca[@]}" --compression gzip --out "$OUT/initrd.img" >"$OUT/initrd.json"
-cp target/kernel/vmlinuz "$OUT/vmlinuz"
-cmdline="console=ttyS0 panic=-1 oops=panic ironroot.trust=/etc/ironroot/trust.pem"
+python3 - "$OUT/initrd.json" >&2 <<'PY'
+import json, sys
+b = json.load(open(sys.argv[1]))
+print(f"image: initramfs {b['bytes']} bytes ({b['uncompressed_bytes']} uncompressed), {b['flavour']} kernel "
+      f"{b['release']}: {len(b['modules'])} modules, {len(b['hardware'])} drivers loaded by modalias"
+      + (f"; not in this kernel: {' '.join(b['skipped'])}" if b['skipped'] else ""))
+PY
+cp "$KERNEL_DIR/vmlinuz" "$OUT/vmlinuz"
+# Both consoles: a BMC's serial-over-LAN (ttyS0, the last one named, is /dev/console) and a
+# screen (tty0).
+cmdline="console=tty0 console=ttyS0,115200 panic=-1 oops=panic ironroot.trust=/etc/ironroot/trust.pem"
 echo "$cmdline" >"$OUT/cmdline"
+# Relative names resolve against where the script came from: TFTP (BIOS or UEFI iPXE) or
+# http:// (UEFI HTTP boot, an iPXE chained over HTTP). initrd= lets a UEFI kernel's EFI stub
+# find the initrd when iPXE is too old to hand it over itself; BOOTIF names the NIC iPXE
+# booted from (the node runs DHCP on that one first). bootmethod=ipxe is for the eyes.
 cat >"$OUT/boot.ipxe" <<IPXE
 #!ipxe
-# Boots the ironroot bundle from the directory this script was loaded from.
-# bootmethod=ipxe is for the eyes (the console and /proc/cmdline show how the node booted).
-kernel vmlinuz $cmdline bootmethod=ipxe \${ironroot_extra}
+# Boots the ironroot bundle from the directory (TFTP or HTTP) this script was loaded from.
+kernel vmlinuz initrd=initrd.img $cmdline bootmethod=ipxe BOOTIF=01-\${netX/mac:hexhyp} \${ironroot_extra}
 initrd initrd.img
 boot
 IPXE
@@ -144,7 +170,7 @@ if [ -n "${IRONROOT_REGISTRY:-}" ]; then
     $BIN module sign "${reg_opts[@]}" "$reference" --key "$OUT/keys/ironroot.key" >/dev/null
 fi
 
-python3 - "$OUT" "$reference" <<'PY'
+KERNEL=$KERNEL KERNEL_DIR=$KERNEL_DIR python3 - "$OUT" "$reference" <<'PY'
 import hashlib, json, os, sys
 out, reference = sys.argv[1], sys.argv[2]
 def sha(p):
@@ -153,10 +179,10 @@ def sha(p):
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return 'sha256:' + h.hexdigest()
-kernel = json.load(open('target/kernel/kernel.json'))
+kernel = json.load(open(os.path.join(os.environ['KERNEL_DIR'], 'kernel.json')))
 base = json.load(open(os.path.join(out, 'base.json')))
 bundle = {
-    'kernel': {'file': 'vmlinuz', 'digest': sha('vmlinuz'), 'package': kernel['package'],
+    'kernel': {'file': 'vmlinuz', 'digest': sha('vmlinuz'), 'flavour': os.environ['KERNEL'], 'package': kernel['package'],
                'version': kernel['version'], 'release': kernel['release']},
     'initramfs': {'file': 'initrd.img', 'digest': sha('initrd.img')},
     'cmdline': open(os.path.join(out, 'cmdline')).read().strip(),

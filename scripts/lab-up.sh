@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `just lab`: a lab on 127.0.0.1 that stays up. A TLS distribution registry (lab CA in
+# `just lab [KERNEL=cloud|generic]`: a lab on 127.0.0.1 that stays up. A TLS distribution registry (lab CA in
 # target/lab/ca, naming 127.0.0.1 and the guests' 10.0.2.100), the image built, pushed and
 # signed (`just image`), the plane with the QEMU provider booting that image (trusting the
 # image's signing key and the lab CA), channel `stable` of the base module, template `base`
@@ -14,9 +14,23 @@ source scripts/lib.sh
 source scripts/registry.sh
 source scripts/lab.sh
 
+KERNEL=${KERNEL:-cloud}
+for arg in "$@"; do
+    case "$arg" in
+        KERNEL=*) KERNEL=${arg#KERNEL=} ;;
+        *) echo "lab: unknown argument $arg (KERNEL=cloud|generic)" >&2; exit 2 ;;
+    esac
+done
+case "$KERNEL" in
+    cloud) default_image=target/image ;;
+    # The generic kernel's bundle: nodes with e1000e or igb NICs, NVMe or SATA disks
+    # (`node provision NAME --nic igb --disk 4G --disk-bus nvme`).
+    generic) default_image=target/image-generic ;;
+    *) echo "lab: KERNEL=$KERNEL is neither cloud nor generic" >&2; exit 2 ;;
+esac
 mkdir -p target/lab
 LAB=$(cd target/lab && pwd)
-IMAGE=$(mkdir -p "${IRONROOT_IMAGE:-target/image}" && cd "${IRONROOT_IMAGE:-target/image}" && pwd)
+IMAGE=$(mkdir -p "${IRONROOT_IMAGE:-$default_image}" && cd "${IRONROOT_IMAGE:-$default_image}" && pwd)
 
 if lab_running "$LAB/registry.pid" && lab_running "$LAB/plane.pid"; then
     step "already up: $LAB/env"
@@ -35,7 +49,7 @@ REGISTRY_TLS="$LAB/ca/registry.pem:$LAB/ca/registry.key" start_registry "$LAB/re
 lab_record "$LAB/registry.pid" "$REG_PID"
 
 step "just image (pushes and signs the base module)"
-IRONROOT_IMAGE=$IMAGE IRONROOT_REGISTRY="127.0.0.1:$REG_PORT/ironroot/base" IRONROOT_REGISTRY_CA="$LAB/ca/ca.pem" \
+KERNEL=$KERNEL IRONROOT_IMAGE=$IMAGE IRONROOT_REGISTRY="127.0.0.1:$REG_PORT/ironroot/base" IRONROOT_REGISTRY_CA="$LAB/ca/ca.pem" \
     bash scripts/image.sh >"$LAB/bundle.json"
 digest=$(sed -n 's/.*"reference": "[^"]*@\(sha256:[0-9a-f]*\)".*/\1/p' "$LAB/bundle.json")
 [ -n "$digest" ] || { echo "lab: no pushed base module in $LAB/bundle.json" >&2; exit 1; }

@@ -168,6 +168,8 @@ async fn dispatch(command: Command) -> Exit {
                 limits: Limits::standard(),
                 access,
                 early_phases_ms: std::collections::BTreeMap::new(),
+                hardware: None,
+                network: None,
             };
             match boot::run(&opts).await {
                 Ok(record) => {

@@ -25,6 +25,7 @@ pub const KEYS: &[&str] = &[
     "ironroot.verity",
     "ironroot.metadata",
     "ironroot.heartbeat",
+    "ironroot.nic",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -24,6 +24,8 @@ pub enum Exit {
     Store = 23,
     Mount = 24,
     HandOff = 25,
+    /// A NIC of the node has no driver in the initramfs.
+    Hardware = 26,
     /// `serve`: boot.json cannot be read, is not a record of a known schema, or carries an
     /// invalid setting. The initramfs wrote it once; restarting reads the same file.
     BootRecord = 30,

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod digest;
 pub mod keys;
+pub mod kmod;
 pub mod manifest;
 pub mod media;
 pub mod pack;

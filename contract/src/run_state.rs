@@ -78,6 +78,13 @@ pub struct BootRecord {
     /// back); absent from netbooted roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trial: Option<TrialRecord>,
+    /// What the initramfs agent's coldplug loaded and found unclaimed; absent from roots
+    /// booted otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware: Option<HardwareRecord>,
+    /// The NIC the boot ran DHCP on, why that one, and what the others did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRecord>,
 }
 
 /// A root entered by soft reboot: the transaction that staged it and what decides its fate.
@@ -170,4 +177,75 @@ pub struct RootRecord {
     pub verity: bool,
     pub layers: Vec<PathBuf>,
     pub upper: PathBuf,
+}
+
+/// The initramfs's hardware-driven module loading (docs/interfaces/initramfs.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HardwareRecord {
+    /// Drivers loaded because a device's modalias asked for them (names, in load order).
+    pub drivers: Vec<String>,
+    /// Modules that did not load, and why.
+    pub failed: Vec<ModuleFailure>,
+    /// NICs and disk controllers left without a driver.
+    pub unclaimed: Vec<UnclaimedDevice>,
+    /// Scan-and-load rounds that loaded something.
+    pub rounds: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ModuleFailure {
+    pub module: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnclaimedDevice {
+    /// Bus and name: `pci 0000:00:02.0`.
+    pub device: String,
+    pub modalias: String,
+    /// `nic` or `storage`.
+    pub kind: String,
+    /// The kernel's driver for it that the initramfs does not carry, when one is known.
+    pub missing_driver: Option<String>,
+}
+
+impl UnclaimedDevice {
+    /// The console's line for it: the device, its modalias and the driver it lacks.
+    pub fn describe(&self) -> String {
+        let (kind, device, alias) = (&self.kind, &self.device, &self.modalias);
+        match &self.missing_driver {
+            Some(m) => format!(
+                "{kind} {device} (modalias {alias}) has no driver: the kernel's {m} is not in this initramfs (ironroot-build initramfs --modules-add {m})"
+            ),
+            None => format!(
+                "{kind} {device} (modalias {alias}) has no driver: no module of this initramfs or of the kernel's NIC and disk drivers claims it"
+            ),
+        }
+    }
+}
+
+/// The boot NIC: which interface got the lease, and why it was tried first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkRecord {
+    pub interface: String,
+    pub mac: String,
+    pub driver: Option<String>,
+    pub address: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub router: Option<std::net::Ipv4Addr>,
+    /// `BOOTIF=…`, `ironroot.nic=…`, or the first NIC with link that answered DHCP.
+    pub reason: String,
+    /// Every Ethernet NIC, in the order tried, with what happened.
+    pub candidates: Vec<NicAttempt>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NicAttempt {
+    pub interface: String,
+    pub mac: String,
+    pub driver: Option<String>,
+    /// Whether the link came up within the wait.
+    pub carrier: bool,
+    /// `lease`, `not tried`, or the error.
+    pub outcome: String,
 }

@@ -52,10 +52,17 @@ impl VmLab {
 
     /// [`VmLab::start`] with more `ironroot-plane serve` flags (`--cert-ttl 90s`).
     pub fn start_with(plane_flags: &[&str]) -> Self {
+        Self::start_on("target/kernel", plane_flags)
+    }
+
+    /// A lab whose bundle boots the kernel `kernel fetch` put in `kernel_dir` (under the
+    /// workspace): `target/kernel` (cloud) or `target/kernel-generic`.
+    pub fn start_on(kernel_dir: &str, plane_flags: &[&str]) -> Self {
         crate::tools::require_root();
+        let kernel = workspace().join(kernel_dir);
         let image = workspace().join("target/image");
         let agent = workspace().join("target/release/ironroot-agent");
-        for needed in [image.join("vmlinuz"), image.join("base/index.json"), agent.clone()] {
+        for needed in [kernel.join("vmlinuz"), image.join("base/index.json"), agent.clone()] {
             assert!(needed.exists(), "{} is missing: run `just image` first (`just test` does)", needed.display());
         }
         let registry = TestRegistry::start_with(Auth::Tls);
@@ -67,7 +74,7 @@ impl VmLab {
 
         let bundle = work.path().join("bundle");
         std::fs::create_dir_all(&bundle).expect("bundle dir");
-        std::fs::copy(image.join("vmlinuz"), bundle.join("vmlinuz")).expect("vmlinuz");
+        std::fs::copy(kernel.join("vmlinuz"), bundle.join("vmlinuz")).expect("vmlinuz");
         let cmdline = std::fs::read_to_string(image.join("cmdline")).expect("cmdline");
         std::fs::write(bundle.join("cmdline"), format!("{} ironroot.heartbeat=3\n", cmdline.trim())).expect("cmdline");
         std::fs::copy(image.join("boot.ipxe"), bundle.join("boot.ipxe")).expect("boot.ipxe");
@@ -76,7 +83,7 @@ impl VmLab {
             "--agent",
             &s(&agent),
             "--kernel",
-            &s(&workspace().join("target/kernel")),
+            &s(&kernel),
             "--trust",
             &s(&work.path().join("keys/ironroot.pub")),
             "--registry-ca",
@@ -85,6 +92,7 @@ impl VmLab {
             &s(&bundle.join("initrd.img")),
         ])
         .ok();
+        std::fs::write(work.path().join("kernel-dir"), s(&kernel)).expect("kernel-dir");
         // The plane boots nodes itself from this bundle (`node provision`); machines it started
         // are powered off when the lab ends (VmLab's drop), and by their lifetime at the latest.
         let port = registry.host().rsplit(':').next().expect("registry port").to_owned();
@@ -111,6 +119,25 @@ impl VmLab {
         lab.guest_reference = guest;
         lab.digest = digest;
         lab
+    }
+
+    /// Another bundle beside the lab's, `bundle-NAME`: the same kernel, command line and
+    /// boot.ipxe, an initramfs built with `initramfs_args` too (`--modules-from FILE`).
+    pub fn variant(&self, name: &str, initramfs_args: &[&str]) -> PathBuf {
+        let dir = self.work.path().join(format!("bundle-{name}"));
+        std::fs::create_dir_all(&dir).expect("variant dir");
+        for f in ["vmlinuz", "cmdline", "boot.ipxe"] {
+            std::fs::copy(self.bundle.join(f), dir.join(f)).expect("bundle file");
+        }
+        let kernel = std::fs::read_to_string(self.work.path().join("kernel-dir")).expect("kernel-dir");
+        let agent = s(&workspace().join("target/release/ironroot-agent"));
+        let ca = s(&self.registry.ca_pem.clone().expect("TLS registry CA"));
+        let (trust, out) = (s(&self.work.path().join("keys/ironroot.pub")), s(&dir.join("initrd.img")));
+        let mut args = vec!["initramfs", "--agent", &agent, "--kernel", &kernel, "--trust", &trust];
+        args.extend(["--registry-ca", &ca, "--out", &out]);
+        args.extend_from_slice(initramfs_args);
+        build_cmd(&args).ok();
+        dir
     }
 
     /// Copies `layout`, signs its module with `keys_dir`'s key, pushes it as repository `repo`;
@@ -169,6 +196,20 @@ impl VmLab {
     /// [`VmLab::boot`] with more qemu/boot.sh options (`--disk FILE`, `--append STR`); each
     /// boot gets its own console log and QEMU stderr file.
     pub fn boot_with(&self, node: &str, token: &str, via: IdentityVia, pxe: bool, extra: &[&str]) -> Vm {
+        self.boot_bundle(&self.bundle, node, token, (via, &[]), pxe, extra)
+    }
+
+    /// [`VmLab::boot_with`] from another bundle ([`VmLab::variant`]), with more keys in the
+    /// fw_cfg identity document (`("store", "disk:/dev/nvme0n1")`: a PXE boot has no --append).
+    pub fn boot_bundle(
+        &self,
+        bundle: &Path,
+        node: &str,
+        token: &str,
+        (via, doc_extra): (IdentityVia, &[(&str, &str)]),
+        pxe: bool,
+        extra: &[&str],
+    ) -> Vm {
         let plane = format!("https://10.0.2.100:{}", self.plane_port());
         let ca_path = self.plane.dir().join("ca.pem");
         let mut args: Vec<String> = vec!["--timeout".into(), "900".into()];
@@ -177,10 +218,13 @@ impl VmLab {
         let mut arg = |a: &[&str]| args.extend(a.iter().map(|&x| x.to_owned()));
         match via {
             IdentityVia::FwCfg => {
-                let doc = serde_json::json!({
+                let mut doc = serde_json::json!({
                     "plane": plane, "token": token, "node": node,
                     "plane_ca": std::fs::read_to_string(&ca_path).expect("plane CA"),
                 });
+                for (k, v) in doc_extra {
+                    doc[*k] = serde_json::json!(v);
+                }
                 let path = self.work.path().join(format!("identity-{node}.json"));
                 std::fs::write(&path, doc.to_string()).expect("identity doc");
                 arg(&["--identity", &s(&path)]);
@@ -201,20 +245,25 @@ impl VmLab {
             arg(&["--pxe"]);
         }
         arg(extra);
-        args.push(s(&self.bundle));
+        args.push(s(bundle));
         Vm::spawn(self.work.path(), node, args)
     }
 
     /// `ironroot-plane node provision NODE --template TEMPLATE` after creating the template with
     /// `guest_references` (floor serial 1 each): the plane boots the node's QEMU itself.
     pub fn provision(&self, node: &str, template: &str, guest_references: &[&str]) {
+        self.provision_with(node, template, guest_references, &[]);
+    }
+
+    /// [`VmLab::provision`] with more `node provision` flags (`--nic igb --disk 2G`).
+    pub fn provision_with(&self, node: &str, template: &str, guest_references: &[&str], flags: &[&str]) {
         let mut args = vec!["template", "create", template];
         let modules: Vec<String> = guest_references.iter().map(|r| format!("{r},serial=1")).collect();
         for m in &modules {
             args.extend(["--module", m.as_str()]);
         }
         self.plane.op(&args).ok();
-        self.plane.op(&["node", "provision", node, "--template", template]).ok();
+        self.plane.op(&[&["node", "provision", node, "--template", template][..], flags].concat()).ok();
     }
 
     /// The plane's view of a provisioned `node` once `done` holds for it, or a panic with its

@@ -20,7 +20,9 @@ use std::time::Instant;
 
 use ironroot_oci::{Limits, RegistryAccess};
 
-use ironroot_contract::run_state::{BootRecord, RUN_STATE_SCHEMA, RootRecord, StoreRecord};
+use ironroot_contract::run_state::{
+    BootRecord, HardwareRecord, NetworkRecord, RUN_STATE_SCHEMA, RootRecord, StoreRecord,
+};
 
 use crate::backoff::Backoff;
 use crate::exit::Exit;
@@ -109,7 +111,17 @@ pub struct BootOptions {
     /// Timings measured before the pipeline started (the initramfs agent's kernel, modules
     /// and network), carried into boot.json and the handshake.
     pub early_phases_ms: BTreeMap<String, u64>,
+    /// What the initramfs agent's coldplug did: a NIC it left without a driver fails the
+    /// boot once the node has enrolled over another (so the plane hears why).
+    pub hardware: Option<HardwareRecord>,
+    /// The boot NIC and why.
+    pub network: Option<NetworkRecord>,
 }
+
+/// NICs of the node that no driver of the initramfs claimed.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct UnsupportedNics(pub Vec<String>);
 
 impl BootOptions {
     /// `/run/ironroot` under the root.
@@ -177,6 +189,12 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
     timer.lap(Phase::Enroll);
 
     let boot_id = boot_id(&opts.root);
+    let nics: Vec<String> =
+        opts.hardware.iter().flat_map(|h| &h.unclaimed).filter(|u| u.kind == "nic").map(|u| u.describe()).collect();
+    if !nics.is_empty() {
+        let e = UnsupportedNics(nics);
+        return Err(BootError::new(Phase::Hardware, Exit::Hardware, e).reported_to(&enrolled, &boot_id, &timer));
+    }
     let assignment = fetch::fetch(&enrolled, &settings, &opts.backoff)
         .await
         .map_err(|e| BootError::new(Phase::Fetch, Exit::Fetch, e).reported_to(&enrolled, &boot_id, &timer))?;
@@ -243,6 +261,8 @@ pub async fn run_configured(opts: &BootOptions, configured: Configured) -> Resul
         trust: Some(trust),
         registry_ca,
         trial: None,
+        hardware: opts.hardware.clone(),
+        network: opts.network.clone(),
     };
     run_state::write(&opts.run_dir(), &record).map_err(|e| {
         BootError::new(Phase::HandOff, Exit::HandOff, e).reported_to(&enrolled, &record.boot_id, &timer)

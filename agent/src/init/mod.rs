@@ -1,7 +1,8 @@
 //! The agent as PID 1 of the native initramfs (`/init`):
 //!
-//! 1. mount proc, sys, devtmpfs and /run; load the kernel modules the image builder listed;
-//! 2. bring the network up (DHCP, [`net`]);
+//! 1. mount proc, sys, devtmpfs and /run; load the drivers the hardware asks for
+//!    ([`coldplug`]), then the fixed set the image builder listed;
+//! 2. bring the network up on the boot NIC ([`nic`], DHCP in [`net`]);
 //! 3. run the boot pipeline ([`crate::boot::run`]) with the root `/` and target `/sysroot`;
 //! 4. switch root into the module's `/sbin/init`, `/run/ironroot/boot.json` carried across.
 //!
@@ -11,7 +12,9 @@
 //! boot settings, that and `ironroot.debug` come from the kernel command line alone; from then
 //! on from the settings, i.e. from any identity source (docs/interfaces/kernel-cmdline.md).
 
+pub mod coldplug;
 pub mod net;
+pub mod nic;
 pub mod sys;
 
 use std::collections::BTreeMap;
@@ -67,21 +70,9 @@ pub fn main() -> ! {
     // The cmdline's word until the settings are made, theirs after.
     let mut on_failure = early.on_failure;
     let lap = Instant::now();
-    match sys::load_modules(Path::new("/etc/ironroot/modules.load")) {
-        Ok(l) => {
-            tracing::info!(
-                loaded = l.loaded.len(),
-                already = l.already.len(),
-                failed = l.failed.len(),
-                "kernel modules"
-            );
-            for (path, err) in &l.failed {
-                tracing::warn!(module = %path, error = %err, "kernel module not loaded");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "no module list at /etc/ironroot/modules.load"),
-    }
+    let hardware = load_drivers();
     early_phases.insert("modules".to_owned(), lap.elapsed().as_millis() as u64);
+    let wanted = boot_nic(on_failure);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => fail_early(&format!("starting the runtime: {e}"), on_failure),
@@ -89,8 +80,13 @@ pub fn main() -> ! {
     // A panic must not end PID 1 (the kernel would panic too): it becomes a failed boot.
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(async {
         let lap = Instant::now();
-        let lease = net::up(NIC_WAIT).await.map_err(|e| format!("network: {}", crate::exit::describe(&e)))?;
-        tracing::info!(interface = %lease.interface, address = %lease.address, prefix = lease.prefix, router = ?lease.router, "network up");
+        let (lease, network) = net::up(NIC_WAIT, wanted.as_ref()).await.map_err(|e| {
+            let unclaimed: Vec<String> =
+                hardware.unclaimed.iter().filter(|u| u.kind == "nic").map(|u| u.describe()).collect();
+            let also = if unclaimed.is_empty() { String::new() } else { format!(" ({})", unclaimed.join("; ")) };
+            format!("network: {}{also}", crate::exit::describe(&e))
+        })?;
+        tracing::info!(interface = %lease.interface, mac = %lease.mac, driver = network.driver.as_deref().unwrap_or("-"), address = %lease.address, prefix = lease.prefix, router = ?lease.router, because = %network.reason, "network up");
         early_phases.insert("network".to_owned(), lap.elapsed().as_millis() as u64);
         let opts = BootOptions {
             root: PathBuf::from("/"),
@@ -101,6 +97,8 @@ pub fn main() -> ! {
             limits: Limits::standard(),
             access: registry_access(),
             early_phases_ms: early_phases.clone(),
+            hardware: Some(hardware.clone()),
+            network: Some(network),
         };
         let configured = match boot::configure(&opts).await {
             Ok(configured) => configured,
@@ -137,6 +135,51 @@ pub fn main() -> ! {
             fail_early(&format!("switch root: {err}"), on_failure)
         }
         Err(why) => fail_early(&why, on_failure),
+    }
+}
+
+/// Loads the drivers the devices ask for, then the fixed set; reports what did not load and
+/// every NIC or disk controller left without a driver.
+fn load_drivers() -> ironroot_contract::run_state::HardwareRecord {
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy().into_owned();
+    let hardware = coldplug::run(Path::new("/"), &release);
+    tracing::info!(drivers = ?hardware.drivers, rounds = hardware.rounds, "hardware drivers loaded by modalias");
+    for f in &hardware.failed {
+        tracing::warn!(module = %f.module, error = %f.error, "kernel module not loaded");
+    }
+    for u in &hardware.unclaimed {
+        console(&format!("ironroot: {}", u.describe()));
+    }
+    match sys::load_modules(Path::new("/etc/ironroot/modules.load")) {
+        Ok(l) => {
+            tracing::info!(
+                loaded = l.loaded.len(),
+                already = l.already.len(),
+                failed = l.failed.len(),
+                "fixed modules"
+            );
+            for (path, err) in &l.failed {
+                tracing::warn!(module = %path, error = %err, "kernel module not loaded");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "no module list at /etc/ironroot/modules.load"),
+    }
+    hardware
+}
+
+/// The NIC the boot named (`ironroot.nic=`, `BOOTIF=`). A BOOTIF the firmware wrote wrong is
+/// ignored with a warning; an `ironroot.nic` that is not a MAC fails the boot.
+fn boot_nic(on_failure: OnFailure) -> Option<nic::Wanted> {
+    let raw = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmd = cmdline::read_cmdline(Path::new("/")).ok();
+    match nic::wanted(&raw, cmd.as_ref().and_then(|c| c.get("ironroot.nic"))) {
+        Ok(w) => w,
+        Err(e @ nic::NicError::BootIf(_)) => {
+            tracing::warn!(error = %e, "BOOTIF ignored");
+            None
+        }
+        Err(e) => fail_early(&e.to_string(), on_failure),
     }
 }
 

@@ -1,7 +1,8 @@
-//! The network in the initramfs: loopback up, then DHCPv4 on the first Ethernet interface
-//! (DISCOVER → OFFER → REQUEST → ACK, messages by `dhcproto`), and the lease applied with
-//! rtnetlink (address, default route). The lease is not renewed here: the real root's own
-//! network stack takes over after switch-root.
+//! The network in the initramfs: loopback up, then DHCPv4 on the boot NIC ([`super::nic`]
+//! picks the order: the NIC the boot named, else each in slot order), each NIC given a bounded
+//! wait for link; DISCOVER → OFFER → REQUEST → ACK, messages by `dhcproto`, and the lease
+//! applied with rtnetlink (address, default route). The lease is not renewed here: the real
+//! root's own network stack takes over after switch-root.
 //!
 //! The client uses a UDP socket bound to the interface with the broadcast flag set, so replies
 //! come back as broadcasts, which reach a socket on an interface without an address.
@@ -12,13 +13,24 @@ use std::time::{Duration, Instant};
 use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable as _, Encodable as _};
 use futures_util::TryStreamExt as _;
+use ironroot_contract::run_state::{NetworkRecord, NicAttempt};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkLayerType};
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
+use super::nic::{self, Nic, Wanted};
+
+/// How long a NIC gets to report link after it is set up.
+const LINK_WAIT: Duration = Duration::from_secs(10);
+
+/// How long the boot waits for the NIC it named once another has appeared.
+const WANTED_WAIT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("no Ethernet interface appeared within {0:?} (is virtio_net loaded?)")]
+    #[error("no Ethernet interface appeared within {0:?} (no NIC driver bound: see the hardware lines above)")]
     NoInterface(Duration),
+    #[error("no NIC got a DHCP lease: {0}")]
+    NoLease(String),
     #[error("netlink: {0}")]
     Netlink(#[from] rtnetlink::Error),
     #[error("netlink socket: {0}")]
@@ -43,22 +55,85 @@ pub struct Lease {
     pub lease_s: Option<u32>,
 }
 
-/// Brings the network up and returns the lease.
-pub async fn up(wait: Duration) -> Result<Lease, NetError> {
+/// Brings the network up on the first NIC (in [`nic::order`]) with link that gets a lease;
+/// returns the lease and the record of the choice.
+pub async fn up(wait: Duration, wanted: Option<&Wanted>) -> Result<(Lease, NetworkRecord), NetError> {
     let (connection, handle, _) = rtnetlink::new_connection().map_err(NetError::Socket)?;
     tokio::spawn(connection);
     if let Some(index) = link_index(&handle, "lo").await? {
         handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await?;
     }
-    let (index, iface, mac) = first_ethernet(&handle, wait).await?;
-    handle.link().set(LinkUnspec::new_with_index(index).up().build()).execute().await?;
-    let lease = dhcp(&iface, &mac).await?;
-    handle.address().add(index, lease.address.into(), lease.prefix).execute().await?;
-    if let Some(router) = lease.router {
-        let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(router).output_interface(index).build();
-        handle.route().add(route).execute().await?;
+    let nics = ethernet(&handle, wait, wanted).await?;
+    let (ordered, reason) = nic::order(&nics, wanted);
+    // Every link up at once: their carriers come up while the first is tried.
+    for n in &ordered {
+        handle.link().set(LinkUnspec::new_with_index(n.index).up().build()).execute().await?;
     }
-    Ok(Lease { mac: mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"), ..lease })
+    let mut attempts: Vec<NicAttempt> = Vec::new();
+    for (i, n) in ordered.iter().enumerate() {
+        let carrier = carrier(&n.name, LINK_WAIT).await;
+        let attempt = |outcome: String| NicAttempt {
+            interface: n.name.clone(),
+            mac: n.mac.clone(),
+            driver: n.driver.clone(),
+            carrier,
+            outcome,
+        };
+        if !carrier {
+            tracing::warn!(interface = %n.name, mac = %n.mac, waited = ?LINK_WAIT, "no link; trying the next NIC");
+            attempts.push(attempt(format!("no link within {LINK_WAIT:?}")));
+            continue;
+        }
+        let lease = match dhcp(&n.name, &mac_bytes(&n.mac)).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(interface = %n.name, mac = %n.mac, error = %e, "no lease; trying the next NIC");
+                attempts.push(attempt(e.to_string()));
+                continue;
+            }
+        };
+        handle.address().add(n.index, lease.address.into(), lease.prefix).execute().await?;
+        if let Some(router) = lease.router {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(router).output_interface(n.index).build();
+            handle.route().add(route).execute().await?;
+        }
+        attempts.push(attempt("lease".to_owned()));
+        attempts.extend(ordered[i + 1..].iter().map(nic::not_tried));
+        let reason = if i == 0 { reason } else { format!("{reason}; the NICs before it did not get a lease") };
+        let lease = Lease { mac: n.mac.clone(), ..lease };
+        let record = NetworkRecord {
+            interface: n.name.clone(),
+            mac: n.mac.clone(),
+            driver: n.driver.clone(),
+            address: lease.address,
+            prefix: lease.prefix,
+            router: lease.router,
+            reason,
+            candidates: attempts,
+        };
+        return Ok((lease, record));
+    }
+    let tried: Vec<String> = attempts.iter().map(|a| format!("{} ({}): {}", a.interface, a.mac, a.outcome)).collect();
+    Err(NetError::NoLease(tried.join("; ")))
+}
+
+fn mac_bytes(mac: &str) -> Vec<u8> {
+    mac.split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect()
+}
+
+/// Whether `iface` reports link within `wait` (`/sys/class/net/IFACE/carrier`).
+async fn carrier(iface: &str, wait: Duration) -> bool {
+    let path = format!("/sys/class/net/{iface}/carrier");
+    let start = Instant::now();
+    loop {
+        if std::fs::read_to_string(&path).is_ok_and(|c| c.trim() == "1") {
+            return true;
+        }
+        if start.elapsed() > wait {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>, NetError> {
@@ -71,9 +146,11 @@ async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32
     }
 }
 
-/// The first non-loopback Ethernet link, waiting for the driver to create it.
-async fn first_ethernet(handle: &rtnetlink::Handle, wait: Duration) -> Result<(u32, String, Vec<u8>), NetError> {
+/// Every non-loopback Ethernet link, waiting for a driver to create one (and a little longer
+/// for the one the boot named).
+async fn ethernet(handle: &rtnetlink::Handle, wait: Duration, wanted: Option<&Wanted>) -> Result<Vec<Nic>, NetError> {
     let start = Instant::now();
+    let mut first_seen: Option<Instant> = None;
     loop {
         let mut links = handle.link().get().execute();
         let mut found = Vec::new();
@@ -91,14 +168,26 @@ async fn first_ethernet(handle: &rtnetlink::Handle, wait: Duration) -> Result<(u
                 }
             }
             if let (Some(name), Some(mac)) = (name, mac) {
-                found.push((m.header.index, name, mac));
+                let device = std::fs::canonicalize(format!("/sys/class/net/{name}/device")).ok();
+                let driver = std::fs::read_link(format!("/sys/class/net/{name}/device/driver"))
+                    .ok()
+                    .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()));
+                found.push(Nic {
+                    index: m.header.index,
+                    mac: mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
+                    driver,
+                    slot: device.map_or_else(|| name.clone(), |d| d.display().to_string()),
+                    name,
+                });
             }
         }
-        found.sort();
-        if let Some(first) = found.into_iter().next() {
-            return Ok(first);
-        }
-        if start.elapsed() > wait {
+        if !found.is_empty() {
+            let seen = *first_seen.get_or_insert_with(Instant::now);
+            let have_wanted = wanted.is_none_or(|w| found.iter().any(|n| n.mac == w.mac));
+            if have_wanted || seen.elapsed() > WANTED_WAIT || start.elapsed() > wait {
+                return Ok(found);
+            }
+        } else if start.elapsed() > wait {
             return Err(NetError::NoInterface(wait));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

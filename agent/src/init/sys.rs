@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{Mode, OFlags};
 use rustix::mount::{MountFlags, mount, mount_move};
@@ -38,25 +38,33 @@ pub struct Loaded {
     pub failed: Vec<(String, String)>,
 }
 
-/// Loads every module listed in `list` (see [`waves`]), a wave at a time, the modules of a wave
-/// in parallel (their init functions probe devices; TCG guests have two vCPUs to spare).
+/// Loads every module listed in `list` (see [`waves`]), a wave at a time.
 pub fn load_modules(list: &Path) -> io::Result<Loaded> {
-    let mut out = Loaded::default();
     let text = std::fs::read_to_string(list)?;
-    for wave in waves(&text) {
+    let waves: Vec<Vec<PathBuf>> =
+        waves(&text).into_iter().map(|w| w.into_iter().map(PathBuf::from).collect()).collect();
+    Ok(load_waves(&waves))
+}
+
+/// Loads `waves` in order, the modules of a wave in parallel (their init functions probe
+/// devices; TCG guests have two vCPUs to spare). A module already loaded counts as `already`.
+pub fn load_waves(waves: &[Vec<PathBuf>]) -> Loaded {
+    let mut out = Loaded::default();
+    for wave in waves {
         let results: Vec<_> = std::thread::scope(|s| {
             let threads: Vec<_> = wave.iter().map(|path| s.spawn(move || load_one(path))).collect();
             threads.into_iter().map(|t| t.join().unwrap_or(Err(rustix::io::Errno::INTR))).collect()
         });
         for (path, result) in wave.iter().zip(results) {
+            let path = path.display().to_string();
             match result {
-                Ok(()) => out.loaded.push((*path).to_owned()),
-                Err(rustix::io::Errno::EXIST) => out.already.push((*path).to_owned()),
-                Err(e) => out.failed.push(((*path).to_owned(), e.to_string())),
+                Ok(()) => out.loaded.push(path),
+                Err(rustix::io::Errno::EXIST) => out.already.push(path),
+                Err(e) => out.failed.push((path, e.to_string())),
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// modules.load: one wave per line, its module paths separated by spaces. A wave's modules
@@ -66,11 +74,11 @@ fn waves(text: &str) -> Vec<Vec<&str>> {
     text.lines().map(|line| line.split_whitespace().collect::<Vec<_>>()).filter(|wave| !wave.is_empty()).collect()
 }
 
-fn load_one(path: &str) -> rustix::io::Result<()> {
+fn load_one(path: &Path) -> rustix::io::Result<()> {
     let fd = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
     // Distribution modules are compressed (the kernel decompresses them); a kernel built
     // from source may ship them plain, which the compressed flag would refuse.
-    let compressed = [".xz", ".gz", ".zst"].iter().any(|ext| path.ends_with(ext));
+    let compressed = path.extension().is_some_and(|e| e == "xz" || e == "gz" || e == "zst");
     rustix::system::finit_module(&fd, c"", if compressed { MODULE_INIT_COMPRESSED_FILE } else { 0 })
 }
 

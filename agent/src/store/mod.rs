@@ -146,6 +146,7 @@ pub fn prepare(kind: &StoreKind, policy: VerityPolicy, paths: &StorePaths) -> Re
         }
         StoreKind::Disk(dev) => {
             let dev = paths.devices.join(dev.strip_prefix("/").unwrap_or(dev));
+            wait_for_device(&dev, DISK_WAIT);
             let persist = paths.root.join("persist");
             if is_blank(&dev)? {
                 tracing::info!(device = %dev.display(), "blank disk; formatting ext4 with verity");
@@ -174,6 +175,21 @@ pub fn prepare(kind: &StoreKind, policy: VerityPolicy, paths: &StorePaths) -> Re
     let objects = if verity { ObjectStore::open_sealed(&store_dir) } else { ObjectStore::open(&store_dir) }
         .map_err(io("opening the object store in", &store_dir))?;
     Ok(PreparedStore { kind, objects, state_dir, overlay_dir, verity, persistent: persist.is_some(), device })
+}
+
+/// How long a disk store's device gets to appear: NVMe namespaces and SATA disks behind AHCI
+/// show up after their controller's asynchronous probe, not when its driver has loaded.
+const DISK_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Waits until `dev` exists or `wait` has passed (then what follows names the missing device).
+fn wait_for_device(dev: &Path, wait: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while !dev.exists() && start.elapsed() < wait {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if start.elapsed() >= std::time::Duration::from_millis(100) {
+        tracing::info!(device = %dev.display(), waited_ms = start.elapsed().as_millis() as u64, found = dev.exists(), "waited for the store's disk");
+    }
 }
 
 impl PreparedStore {

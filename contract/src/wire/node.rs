@@ -131,6 +131,8 @@ impl FromStr for NodeState {
 /// A phase of the boot pipeline, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum BootPhase {
+    /// The initramfs's drivers: a NIC no driver claimed (reported once another NIC enrolled).
+    Hardware,
     Discover,
     Enroll,
     Fetch,
@@ -140,7 +142,8 @@ pub enum BootPhase {
     HandOff,
 }
 
-const PHASE_NAMES: [(BootPhase, &str); 7] = [
+const PHASE_NAMES: [(BootPhase, &str); 8] = [
+    (BootPhase::Hardware, "hardware"),
     (BootPhase::Discover, "discover"),
     (BootPhase::Enroll, "enroll"),
     (BootPhase::Fetch, "fetch"),

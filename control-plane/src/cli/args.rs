@@ -195,6 +195,16 @@ pub enum NodeCommand {
         /// A disk for the node's store, like 8G (1G-1T; default: none, the store is in RAM).
         #[arg(long, value_name = "SIZE")]
         disk: Option<String>,
+        /// A NIC, in slot order (repeatable, at most 4; default one virtio). e1000e and igb
+        /// need the generic kernel (`just lab KERNEL=generic`).
+        #[arg(long = "nic", value_enum)]
+        nics: Vec<crate::provider::qemu::NicModel>,
+        /// The disk's bus: virtio (/dev/vda, default), nvme (/dev/nvme0n1) or ahci (/dev/sda).
+        #[arg(long, value_enum, requires = "disk")]
+        disk_bus: Option<crate::provider::qemu::DiskBus>,
+        /// Boot through UEFI firmware (OVMF) instead of SeaBIOS.
+        #[arg(long)]
+        uefi: bool,
     },
     /// Power off a node's machine (only the QEMU this plane started, by its PID) and revoke it.
     Terminate {

@@ -40,8 +40,11 @@ pub async fn run(client: &OperatorClient, command: Command) -> anyhow::Result<()
 
 async fn node(client: &OperatorClient, cmd: NodeCommand) -> anyhow::Result<()> {
     match cmd {
-        NodeCommand::Provision { name, template, memory, disk } => {
-            let body = json!({"name": name, "template": template, "memory_mib": memory, "disk": disk});
+        NodeCommand::Provision { name, template, memory, disk, nics, disk_bus, uefi } => {
+            let body = json!({
+                "name": name, "template": template, "memory_mib": memory, "disk": disk,
+                "nics": nics, "disk_bus": disk_bus, "uefi": uefi,
+            });
             let v: Value = client.post("/v1/operator/nodes", &body).await?;
             let id = v["node_id"].as_str().unwrap_or("");
             match v["pid"].as_u64() {

@@ -41,6 +41,12 @@ struct ProvisionRequest {
     template: Option<String>,
     memory_mib: Option<u32>,
     disk: Option<String>,
+    #[serde(default)]
+    nics: Vec<super::qemu::NicModel>,
+    #[serde(default)]
+    disk_bus: Option<super::qemu::DiskBus>,
+    #[serde(default)]
+    uefi: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,13 +80,17 @@ async fn provision(Extension(plane): P, Extension(conn): C, raw: Body) -> ApiRes
     let actor = operator(&plane, &conn, what)?;
     let req: ProvisionRequest = body(&plane, &conn, what, raw).await?;
     plane.provider.setup().map_err(|r| refuse(&plane, &conn, what, r))?;
-    let req = MachineRequest::check(&req.name, req.template, req.memory_mib, req.disk.as_deref())
+    let hardware = super::Hardware { nics: req.nics, disk_bus: req.disk_bus, uefi: req.uefi };
+    let req = MachineRequest::check(&req.name, req.template, req.memory_mib, req.disk.as_deref(), hardware)
         .map_err(|r| refuse(&plane, &conn, what, r))?;
     let reservation = plane.provider.machines.reserve(&req.name).map_err(|r| refuse(&plane, &conn, what, r))?;
     let name = req.name.clone();
     let (node, launch) = run(&plane, &conn, what, move |p| {
         let setup = p.provider.setup()?;
-        let shape = serde_json::json!({"memory_mib": req.memory_mib, "disk_bytes": req.disk_bytes});
+        let shape = serde_json::json!({
+            "memory_mib": req.memory_mib, "disk_bytes": req.disk_bytes, "nics": req.hardware.nics,
+            "disk_bus": req.hardware.disk_bus, "uefi": req.hardware.uefi,
+        });
         let node = p.store.provision_node(&req.name, req.template.as_deref(), &shape, &actor)?;
         match prepare(setup, &req, &node.token) {
             Ok(launch) => Ok((node, launch)),

@@ -25,7 +25,7 @@ pub use api::router;
 pub use records::ProvisionedNode;
 
 use self::machines::Machines;
-use self::qemu::{GUEST_HOST, Launch, Tools};
+use self::qemu::{DiskBus, GUEST_HOST, Launch, NicModel, Tools};
 use crate::store::Refusal;
 
 /// The journal's actor for what the provider does by itself (exits, relaunches).
@@ -102,7 +102,12 @@ impl Provider {
         qemu::check_path("--state", &dir)?;
         let tools = match config.kind {
             ProviderKind::Qemu => qemu::find_tools(&config.qemu)?,
-            _ => Tools { qemu: config.qemu.clone(), nc: "nc".into(), timeout: "timeout".into() },
+            _ => Tools {
+                qemu: config.qemu.clone(),
+                nc: "nc".into(),
+                timeout: "timeout".into(),
+                ovmf: Some(qemu::OVMF.into()),
+            },
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let bundle = std::path::absolute(&config.bundle).context("--bundle")?;
@@ -148,7 +153,27 @@ pub struct MachineRequest {
     pub template: Option<String>,
     pub memory_mib: u32,
     pub disk_bytes: Option<u64>,
+    #[serde(flatten)]
+    pub hardware: Hardware,
 }
+
+/// The hardware a provisioned machine emulates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hardware {
+    /// One to [`MAX_NICS`] NICs (default one virtio).
+    #[serde(default)]
+    pub nics: Vec<NicModel>,
+    /// The disk's bus (only with a disk).
+    #[serde(default)]
+    pub disk_bus: Option<DiskBus>,
+    /// UEFI firmware (OVMF) instead of SeaBIOS.
+    #[serde(default)]
+    pub uefi: bool,
+}
+
+/// Most NICs a machine gets.
+pub const MAX_NICS: usize = 4;
 
 fn bad(message: String) -> Refusal {
     Refusal::new(400, "bad_machine", message)
@@ -161,6 +186,7 @@ impl MachineRequest {
         template: Option<String>,
         memory_mib: Option<u32>,
         disk: Option<&str>,
+        hardware: Hardware,
     ) -> Result<Self, Refusal> {
         let b = name.as_bytes();
         let name_ok = (1..=63).contains(&b.len())
@@ -180,7 +206,19 @@ impl MachineRequest {
             )));
         }
         let disk_bytes = disk.map(parse_disk_size).transpose()?;
-        Ok(Self { name: name.to_owned(), template, memory_mib, disk_bytes })
+        let mut hardware = hardware;
+        if hardware.nics.is_empty() {
+            hardware.nics.push(NicModel::Virtio);
+        }
+        if hardware.nics.len() > MAX_NICS {
+            return Err(bad(format!("{} NICs asked for; a machine has at most {MAX_NICS}", hardware.nics.len())));
+        }
+        if let Some(bus) = hardware.disk_bus
+            && disk_bytes.is_none()
+        {
+            return Err(bad(format!("a disk bus ({bus:?}) without a disk: give the disk's size too")));
+        }
+        Ok(Self { name: name.to_owned(), template, memory_mib, disk_bytes, hardware })
     }
 }
 
@@ -228,6 +266,9 @@ fn prepare(setup: &Setup, req: &MachineRequest, token: &str) -> anyhow::Result<L
         }
         None => None,
     };
+    if req.hardware.uefi && setup.tools.ovmf.is_none() {
+        anyhow::bail!("UEFI asked for, but this host has no {} (apt-get install ovmf)", qemu::OVMF);
+    }
     let cmdline_path = setup.bundle.join("cmdline");
     let cmdline =
         std::fs::read_to_string(&cmdline_path).with_context(|| format!("reading {}", cmdline_path.display()))?;
@@ -236,6 +277,9 @@ fn prepare(setup: &Setup, req: &MachineRequest, token: &str) -> anyhow::Result<L
         cmdline,
         memory_mib: req.memory_mib,
         disk,
+        disk_bus: req.hardware.disk_bus.unwrap_or_default(),
+        nics: req.hardware.nics.clone(),
+        uefi: req.hardware.uefi,
         identity,
         console,
         forwards: setup.forwards.clone(),
@@ -261,9 +305,17 @@ mod tests {
 
     #[test]
     fn requests_are_checked_before_anything_is_created() {
-        let ok = MachineRequest::check("lab-1", None, Some(1024), Some("8G")).unwrap();
+        let hw = Hardware::default;
+        let ok = MachineRequest::check("lab-1", None, Some(1024), Some("8G"), hw()).unwrap();
         assert_eq!((ok.memory_mib, ok.disk_bytes), (1024, Some(8 << 30)));
-        assert_eq!(MachineRequest::check("n", None, None, None).unwrap().memory_mib, DEFAULT_MEMORY_MIB);
+        assert_eq!(ok.hardware.nics, [NicModel::Virtio], "one virtio NIC by default");
+        assert_eq!(MachineRequest::check("n", None, None, None, hw()).unwrap().memory_mib, DEFAULT_MEMORY_MIB);
+        let five = Hardware { nics: vec![NicModel::Igb; 5], ..hw() };
+        let r = MachineRequest::check("n", None, None, None, five).unwrap_err();
+        assert!(r.message.contains("5 NICs asked for"), "{}", r.message);
+        let bus_only = Hardware { disk_bus: Some(DiskBus::Nvme), ..hw() };
+        let r = MachineRequest::check("n", None, None, None, bus_only).unwrap_err();
+        assert!(r.message.contains("a disk bus (Nvme) without a disk"), "{}", r.message);
         let refused: &[(&str, Option<u32>, Option<&str>, &str)] = &[
             ("", None, None, "name"),
             ("-a", None, None, "name"),
@@ -278,7 +330,7 @@ mod tests {
             ("n", None, Some("99999999999999999999G"), "disk"),
         ];
         for (name, memory, disk, needle) in refused {
-            let r = MachineRequest::check(name, None, *memory, *disk).unwrap_err();
+            let r = MachineRequest::check(name, None, *memory, *disk, hw()).unwrap_err();
             assert_eq!((r.status, r.code), (400, "bad_machine"), "{name:?} {memory:?} {disk:?}");
             assert!(r.message.contains(needle), "{}", r.message);
         }

@@ -26,12 +26,63 @@ const KILL_AFTER: Duration = Duration::from_secs(10);
 /// The oldest QEMU the provider starts: 7.2 (bookworm's) crashes 6.12 guests under TCG.
 const MIN_QEMU_MAJOR: u32 = 10;
 
+/// Debian's OVMF (package `ovmf`): UEFI firmware with its variables in the image.
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
 /// Absolute paths of the host tools a machine's command line names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tools {
     pub qemu: PathBuf,
     pub nc: PathBuf,
     pub timeout: PathBuf,
+    /// UEFI firmware, when the host has it.
+    pub ovmf: Option<PathBuf>,
+}
+
+/// The NICs a machine can have: virtio, and the Intel server NICs QEMU emulates (82574L,
+/// 82576), whose drivers only the generic kernel has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    Virtio,
+    E1000e,
+    Igb,
+}
+
+impl NicModel {
+    fn device(self) -> &'static str {
+        match self {
+            Self::Virtio => "virtio-net-pci",
+            Self::E1000e => "e1000e",
+            Self::Igb => "igb",
+        }
+    }
+}
+
+/// The bus of a machine's disk, and the device node the node's store names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    Nvme,
+    /// q35's built-in SATA controller.
+    Ahci,
+}
+
+impl DiskBus {
+    pub fn device_node(self) -> &'static str {
+        match self {
+            Self::Virtio => "/dev/vda",
+            Self::Nvme => "/dev/nvme0n1",
+            Self::Ahci => "/dev/sda",
+        }
+    }
+}
+
+/// The MAC of a machine's NIC `i`: QEMU's default prefix, `…:56` for the first as QEMU's own.
+pub fn mac(i: usize) -> String {
+    format!("52:54:00:12:34:{:02x}", 0x56 + i)
 }
 
 /// One machine's boot: everything its command line depends on.
@@ -42,8 +93,13 @@ pub struct Launch {
     /// The bundle's kernel command line (its `cmdline` file, read at provisioning).
     pub cmdline: String,
     pub memory_mib: u32,
-    /// A raw disk for `/persist` (`ironroot.store=disk:/dev/vda`), if the machine has one.
+    /// A raw disk for `/persist` (`ironroot.store=disk:DEV`), if the machine has one.
     pub disk: Option<PathBuf>,
+    pub disk_bus: DiskBus,
+    /// At least one; each reaches the forwarded ports.
+    pub nics: Vec<NicModel>,
+    /// Boot through UEFI firmware (OVMF) instead of SeaBIOS.
+    pub uefi: bool,
     /// The identity document (plane, token, node name, plane CA) the guest reads over fw_cfg.
     pub identity: PathBuf,
     /// The serial console log.
@@ -61,13 +117,9 @@ fn path(p: &Path) -> String {
 impl Launch {
     /// The argv, `timeout` first: `timeout --kill-after=10s LIFETIME qemu-system-x86_64 …`.
     pub fn argv(&self, tools: &Tools) -> Vec<String> {
-        let mut netdev = "user,id=n0,restrict=on".to_owned();
-        for port in &self.forwards {
-            netdev.push_str(&format!(",guestfwd=tcp:{GUEST_HOST}:{port}-cmd:{} 127.0.0.1 {port}", path(&tools.nc)));
-        }
         let mut append = self.cmdline.trim().to_owned();
         if self.disk.is_some() {
-            append.push_str(" ironroot.store=disk:/dev/vda");
+            append.push_str(&format!(" ironroot.store=disk:{}", self.disk_bus.device_node()));
         }
         let mut argv: Vec<String> = vec![
             path(&tools.timeout),
@@ -79,12 +131,37 @@ impl Launch {
         arg(&["-accel", "tcg", "-M", "q35", "-cpu", "max", "-smp", "2"]);
         arg(&["-m", &self.memory_mib.to_string(), "-no-reboot", "-display", "none", "-monitor", "none"]);
         arg(&["-serial", &format!("file:{}", path(&self.console)), "-device", "virtio-rng-pci"]);
+        if self.uefi
+            && let Some(ovmf) = &tools.ovmf
+        {
+            arg(&["-bios", &path(ovmf)]);
+        }
         arg(&["-kernel", &path(&self.bundle.join("vmlinuz")), "-initrd", &path(&self.bundle.join("initrd.img"))]);
         arg(&["-append", &append]);
-        arg(&["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"]);
+        for (i, model) in self.nics.iter().enumerate() {
+            let mut netdev = format!("user,id=n{i},restrict=on");
+            for port in &self.forwards {
+                netdev.push_str(&format!(",guestfwd=tcp:{GUEST_HOST}:{port}-cmd:{} 127.0.0.1 {port}", path(&tools.nc)));
+            }
+            arg(&["-netdev", &netdev, "-device", &format!("{},netdev=n{i},mac={}", model.device(), mac(i))]);
+        }
         arg(&["-fw_cfg", &format!("name={FW_CFG_IDENTITY},file={}", path(&self.identity))]);
         if let Some(disk) = &self.disk {
-            arg(&["-drive", &format!("file={},if=virtio,format=raw", path(disk))]);
+            match self.disk_bus {
+                DiskBus::Virtio => arg(&["-drive", &format!("file={},if=virtio,format=raw", path(disk))]),
+                DiskBus::Nvme => arg(&[
+                    "-drive",
+                    &format!("file={},if=none,id=d0,format=raw", path(disk)),
+                    "-device",
+                    "nvme,drive=d0,serial=ironroot0",
+                ]),
+                DiskBus::Ahci => arg(&[
+                    "-drive",
+                    &format!("file={},if=none,id=d0,format=raw", path(disk)),
+                    "-device",
+                    "ide-hd,drive=d0,bus=ide.0",
+                ]),
+            }
         }
         argv
     }
@@ -130,7 +207,8 @@ pub fn parse_qemu_major(version: &str) -> Option<u32> {
 
 /// Finds the tools and checks QEMU's version (`--qemu`: a path or a name on $PATH).
 pub fn find_tools(qemu: &Path) -> anyhow::Result<Tools> {
-    let tools = Tools { qemu: find(qemu)?, nc: find(Path::new("nc"))?, timeout: find(Path::new("timeout"))? };
+    let ovmf = Path::new(OVMF).is_file().then(|| PathBuf::from(OVMF));
+    let tools = Tools { qemu: find(qemu)?, nc: find(Path::new("nc"))?, timeout: find(Path::new("timeout"))?, ovmf };
     let out = std::process::Command::new(&tools.qemu)
         .arg("--version")
         .output()
@@ -156,6 +234,9 @@ mod tests {
             cmdline: "console=ttyS0 panic=-1\n".into(),
             memory_mib: 1536,
             disk: disk.then(|| "/s/vms/n1/disk.img".into()),
+            disk_bus: DiskBus::Virtio,
+            nics: vec![NicModel::Virtio],
+            uefi: false,
             identity: "/s/vms/n1/identity.json".into(),
             console: "/s/vms/n1/console.log".into(),
             forwards: vec![8443, 5000],
@@ -168,6 +249,7 @@ mod tests {
             qemu: "/usr/bin/qemu-system-x86_64".into(),
             nc: "/usr/bin/nc".into(),
             timeout: "/usr/bin/timeout".into(),
+            ovmf: Some("/usr/share/ovmf/OVMF.fd".into()),
         }
     }
 
@@ -192,6 +274,36 @@ mod tests {
         );
         assert_eq!(after(&argv, "-serial"), ["file:/s/vms/n1/console.log"]);
         assert!(after(&argv, "-drive").is_empty());
+        assert_eq!(after(&argv, "-device"), ["virtio-rng-pci", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"]);
+        assert!(after(&argv, "-bios").is_empty(), "SeaBIOS unless UEFI is asked for");
+    }
+
+    #[test]
+    fn the_hardware_asked_for_is_what_qemu_emulates() {
+        let mut l = launch(true);
+        l.nics = vec![NicModel::Igb, NicModel::E1000e];
+        l.disk_bus = DiskBus::Nvme;
+        l.uefi = true;
+        let argv = l.argv(&tools());
+        assert_eq!(after(&argv, "-bios"), ["/usr/share/ovmf/OVMF.fd"]);
+        assert_eq!(
+            after(&argv, "-device"),
+            [
+                "virtio-rng-pci",
+                "igb,netdev=n0,mac=52:54:00:12:34:56",
+                "e1000e,netdev=n1,mac=52:54:00:12:34:57",
+                "nvme,drive=d0,serial=ironroot0"
+            ]
+        );
+        let netdevs = after(&argv, "-netdev");
+        assert_eq!(netdevs.len(), 2);
+        assert!(netdevs.iter().all(|n| n.contains("guestfwd=tcp:10.0.2.100:8443")), "every NIC reaches the plane");
+        assert_eq!(after(&argv, "-drive"), ["file=/s/vms/n1/disk.img,if=none,id=d0,format=raw"]);
+        assert!(after(&argv, "-append")[0].ends_with(" ironroot.store=disk:/dev/nvme0n1"));
+        l.disk_bus = DiskBus::Ahci;
+        let argv = l.argv(&tools());
+        assert!(argv.contains(&"ide-hd,drive=d0,bus=ide.0".to_owned()));
+        assert!(after(&argv, "-append")[0].ends_with(" ironroot.store=disk:/dev/sda"));
     }
 
     #[test]

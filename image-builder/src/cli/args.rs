@@ -53,9 +53,18 @@ pub struct InitramfsOpts {
     /// The output of `kernel fetch`.
     #[arg(long, default_value = "target/kernel")]
     pub(super) kernel: PathBuf,
-    /// Kernel modules to include (with their dependencies) [default: what a node needs].
+    /// The fixed set: modules loaded on every boot, after the hardware's (with their
+    /// dependencies) [default: the root's and the store's filesystems, dmi_sysfs].
     #[arg(long, value_delimiter = ',')]
     pub(super) modules: Vec<String>,
+    /// More hardware drivers, loaded when a device's modalias asks for them (comma-separated;
+    /// each must be in the kernel).
+    #[arg(long, value_delimiter = ',')]
+    pub(super) modules_add: Vec<String>,
+    /// The hardware drivers, one name per line, instead of the kernel flavour's default (cloud:
+    /// virtio; generic: server NICs, NVMe, SATA, SAS and virtio).
+    #[arg(long, value_name = "FILE")]
+    pub(super) modules_from: Option<PathBuf>,
     /// Trusted module-signing public keys (PEM), repeatable.
     #[arg(long, required = true)]
     pub(super) trust: Vec<PathBuf>,
@@ -104,9 +113,14 @@ pub enum KernelCommand {
         /// The Debian suite to take the kernel from (the base module's suite by default).
         #[arg(long, default_value = "trixie")]
         suite: String,
-        /// The metapackage that names the kernel's versioned image package.
-        #[arg(long, default_value = "linux-image-cloud-amd64")]
-        package: String,
+        /// Which Debian kernel: `cloud` (linux-image-cloud-amd64: virtual hardware, small) or
+        /// `generic` (linux-image-amd64: bare-metal NICs and disks).
+        #[arg(long, value_enum, default_value_t = crate::kernel::fetch::Flavour::Cloud)]
+        flavour: crate::kernel::fetch::Flavour,
+        /// The metapackage that names the kernel's versioned image package [default: the
+        /// flavour's].
+        #[arg(long)]
+        package: Option<String>,
         /// Debian archive address [default: the system's own mirror, from /etc/apt].
         #[arg(long)]
         mirror: Option<String>,

@@ -167,7 +167,8 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
                 anyhow::bail!("{} lacks {} required kernel options", config.display(), missing.len());
             }
         }
-        Command::Kernel(KernelCommand::Fetch { out, suite, package, mirror, apt_dir }) => {
+        Command::Kernel(KernelCommand::Fetch { out, suite, flavour, package, mirror, apt_dir }) => {
+            let package = package.unwrap_or_else(|| flavour.metapackage().to_owned());
             let apt_dir = apt_dir.unwrap_or_else(|| crate::cache_dir().join(format!("apt-{suite}")));
             let args = crate::kernel::fetch::FetchArgs { suite, package, out: out.clone(), apt_dir, mirror };
             progress.phase(&format!("fetching {} from {}", args.package, args.suite));
@@ -180,14 +181,22 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
         }
         Command::Initramfs(o) => {
             let modules = if o.modules.is_empty() {
-                crate::initramfs::DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect()
+                crate::initramfs::FIXED_MODULES.iter().map(|m| (*m).to_owned()).collect()
             } else {
                 o.modules
+            };
+            let hardware = match &o.modules_from {
+                Some(file) => crate::initramfs::Hardware::Listed {
+                    names: crate::initramfs::modules::read_list(file)?,
+                    add: o.modules_add.clone(),
+                },
+                None => crate::initramfs::Hardware::Default { add: o.modules_add.clone() },
             };
             let args = crate::initramfs::InitramfsArgs {
                 agent: o.agent,
                 kernel: o.kernel,
                 modules,
+                hardware,
                 trust: o.trust,
                 plane_ca: o.plane_ca,
                 registry_ca: o.registry_ca,
@@ -201,13 +210,20 @@ async fn dispatch(command: Command, output: Output, progress: &Progress) -> anyh
             let built = crate::initramfs::build(&args)?;
             emit(output, &built, |b| {
                 format!(
-                    "{} {} bytes ({} uncompressed), {} entries, {} modules for {}",
+                    "{} {} bytes ({} uncompressed), {} entries, {} modules for {} ({} kernel; {} drivers by modalias{})",
                     b.path.display(),
                     b.bytes,
                     b.uncompressed_bytes,
                     b.entries,
                     b.modules.len(),
-                    b.release
+                    b.release,
+                    b.flavour,
+                    b.hardware.len(),
+                    if b.skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", not in this kernel: {}", b.skipped.join(" "))
+                    }
                 )
             });
         }

@@ -2,10 +2,10 @@
 //!
 //! - `/init`: the agent, which runs as PID 1 (`ironroot-agent` detects it);
 //! - the shared libraries it links, from the ELF's own needed entries, and its loader;
-//! - the kernel modules a node needs with their dependencies (from `modules.dep`), stored
-//!   decompressed (`.ko.xz` → `.ko`: no decompression in the kernel at boot), and
-//!   `/etc/ironroot/modules.load`, the order to load them in (one wave of modules that may
-//!   load in parallel per line);
+//! - the kernel modules a node needs with their dependencies, stored decompressed (`.ko.xz` →
+//!   `.ko`: no decompression in the kernel at boot): the hardware drivers the agent loads by
+//!   device `modalias` (with `modules.alias` and `modules.dep`) and the fixed set it always
+//!   loads, in `/etc/ironroot/modules.load` ([`modules`]);
 //! - the trust roots (`/etc/ironroot/trust.pem`) and, when given, the plane CA
 //!   (`/etc/ironroot/plane-ca.pem`);
 //! - mke2fs as /sbin/mkfs.ext4 (the agent formats its zram or disk store), and any further
@@ -20,6 +20,7 @@
 pub mod cpio;
 pub mod elf;
 pub mod kmod;
+pub mod modules;
 
 use std::path::{Path, PathBuf};
 
@@ -29,21 +30,7 @@ use sha2::{Digest as _, Sha256};
 
 use self::cpio::{Archive, Entry};
 
-/// The modules every node loads (built-in ones are skipped): the virtual hardware, identity,
-/// and the filesystems of the composefs root and its store.
-pub const DEFAULT_MODULES: &[&str] = &[
-    "virtio_pci",
-    "virtio_net",
-    "virtio_blk",
-    "virtio_rng",
-    "qemu_fw_cfg",
-    "dmi_sysfs",
-    "erofs",
-    "overlay",
-    "loop",
-    "zram",
-    "ext4",
-];
+pub use self::modules::{FIXED_MODULES, Hardware};
 
 /// Programs the agent runs in the initramfs (host path → path in the image): mke2fs formats
 /// the zram and disk stores.
@@ -61,7 +48,10 @@ pub struct InitramfsArgs {
     pub agent: PathBuf,
     /// The output of `kernel fetch` (modules/lib/modules/REL, kernel.json).
     pub kernel: PathBuf,
+    /// The fixed set, loaded on every boot ([`FIXED_MODULES`] by default).
     pub modules: Vec<String>,
+    /// The drivers loaded when a device asks for them.
+    pub hardware: Hardware,
     pub trust: Vec<PathBuf>,
     pub plane_ca: Option<PathBuf>,
     /// The CA of a registry with a private certificate (/etc/ironroot/registry-ca.pem).
@@ -85,8 +75,13 @@ pub struct Built {
     pub compression: Compression,
     pub entries: usize,
     pub release: String,
+    pub flavour: &'static str,
     pub modules: Vec<String>,
     pub builtin: Vec<String>,
+    /// Drivers loaded by modalias.
+    pub hardware: Vec<String>,
+    /// Default drivers the kernel does not have.
+    pub skipped: Vec<String>,
     pub libraries: Vec<String>,
 }
 
@@ -115,7 +110,7 @@ pub fn build(args: &InitramfsArgs) -> anyhow::Result<Built> {
         archive.add(image_path, Entry::File { mode: 0o755, data: read(host)? })?;
     }
 
-    let (release, modules, builtin) = add_modules(&mut archive, args)?;
+    let selected = modules::add(&mut archive, &args.kernel, &args.modules, &args.hardware)?;
 
     let trust = args.trust.iter().map(|p| read_text(p)).collect::<anyhow::Result<Vec<_>>>()?.concat();
     if !trust.contains("-----BEGIN PUBLIC KEY-----") {
@@ -156,45 +151,14 @@ pub fn build(args: &InitramfsArgs) -> anyhow::Result<Built> {
         uncompressed_bytes,
         compression: args.compression,
         entries: archive.len(),
-        release,
-        modules,
-        builtin,
+        release: selected.release,
+        flavour: selected.flavour,
+        modules: selected.modules,
+        builtin: selected.builtin,
+        hardware: selected.hardware,
+        skipped: selected.skipped,
         libraries: libraries.into_keys().collect(),
     })
-}
-
-/// Adds the module closure under lib/modules/REL and the load order; returns (REL, loaded, built in).
-fn add_modules(archive: &mut Archive, args: &InitramfsArgs) -> anyhow::Result<(String, Vec<String>, Vec<String>)> {
-    let base = args.kernel.join("modules/lib/modules");
-    let release = std::fs::read_dir(&base)
-        .with_context(|| format!("{} has no modules (run `ironroot-build kernel fetch`)", base.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .next()
-        .with_context(|| format!("{} is empty", base.display()))?;
-    let dir = base.join(&release);
-    let index = kmod::ModuleIndex::parse(
-        &read_text(&dir.join("modules.dep"))?,
-        &std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default(),
-    )?;
-    let names: Vec<&str> = args.modules.iter().map(String::as_str).collect();
-    let (order, builtin) = index.closure(&names)?;
-    // One wave per line, its modules separated by spaces (they load in parallel); a list of
-    // one module per line is plain sequential loading.
-    let mut load = String::new();
-    for wave in index.waves(&order) {
-        let mut paths = Vec::new();
-        for rel in &wave {
-            let (rel, data) = kmod::decompressed(rel, read(&dir.join(rel))?)?;
-            let image_path = format!("lib/modules/{release}/{rel}");
-            archive.add(&image_path, Entry::File { mode: 0o644, data })?;
-            paths.push(format!("/{image_path}"));
-        }
-        load.push_str(&paths.join(" "));
-        load.push('\n');
-    }
-    archive.add("etc/ironroot/modules.load", Entry::File { mode: 0o644, data: load.into_bytes() })?;
-    Ok((release, order.iter().map(|p| kmod::module_name(p)).collect(), builtin))
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {

@@ -1,6 +1,8 @@
-//! `ironroot-build kernel fetch`: the default node kernel, Debian's `linux-image-cloud-amd64`
-//! from trixie (the suite the base module is debootstrapped from; any suite can be asked for),
-//! resolved through the metapackage to the versioned image package.
+//! `ironroot-build kernel fetch`: the node kernel, Debian's `linux-image-cloud-amd64` (flavour
+//! `cloud`, the default: virtual hardware) or `linux-image-amd64` (`generic`: bare metal), from
+//! trixie (the suite the base module is debootstrapped from; any suite can be asked for),
+//! resolved through the metapackage to the versioned image package. Both flavours must carry
+//! every option of `kernel-configs/required`.
 //!
 //! apt does the downloading and the signature checks (the archive keyring), with a private
 //! source list and list state under the cache directory, so the system's apt configuration is
@@ -34,6 +36,24 @@ impl ArchiveError {
         match self {
             Self::Unreachable { .. } => Exit::Transport,
             Self::Signature { .. } => Exit::Signature,
+        }
+    }
+}
+
+/// The Debian kernel flavours a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flavour {
+    /// Virtual hardware only (virtio, the clouds' NICs); the smaller kernel and initramfs.
+    Cloud,
+    /// The distribution's full kernel: physical NICs, NVMe, SATA, SAS, UEFI platforms.
+    Generic,
+}
+
+impl Flavour {
+    pub fn metapackage(self) -> &'static str {
+        match self {
+            Self::Cloud => "linux-image-cloud-amd64",
+            Self::Generic => "linux-image-amd64",
         }
     }
 }
