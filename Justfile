@@ -52,6 +52,7 @@ bench: deps
     cargo build --release --locked -p ironroot-build -p ironroot-agent -p ironroot-plane
     cargo build --release --locked -p ironroot-tests --bins
     bash scripts/image.sh >/dev/null
+    target/release/ironroot-build kernel fetch --flavour generic --out target/kernel-generic >/dev/null
     bash scripts/bench.sh
     bash scripts/bench-boot.sh
 

@@ -20,6 +20,10 @@
 #               attached, then updated to a second version (the store holds the first): from
 #               `channel promote` to the committed receipt at the plane, and the node's own parts
 #               (receipt steps_ms: verify with its download, stage, swap, health gate, commit)
+#   generic     cold and warm again, with Debian's generic kernel (target/kernel-generic: the
+#               bare-metal flavour, its initramfs carrying the server NIC and disk drivers) around
+#               the same agent and base module; with both initramfs sizes (as booted, and gzip
+#               as `just image` ships them). Only measured when target/kernel-generic exists.
 #   idle        (run 1) the warm node's agent service with nothing to do for 120 s
 #               (BENCH_IDLE_SECONDS), heartbeating at its default 30 s: its resident memory and
 #               CPU time as its own reports carry them (node show: agent_rss_kib, agent_cpu_ms).
@@ -79,19 +83,29 @@ lab_start "$WORK/lab" "$WORK/ca" --trust "$IMAGE/keys/ironroot.pub"
 guest_ref=$(lab_push "$IMAGE/base" "$IMAGE/keys/ironroot.key" ironroot/base)
 lab_op template create base --module "$guest_ref,serial=1" >/dev/null
 
-# bundle DIR INIT: the image's kernel and command line with an initramfs around INIT; the node
-# and the bare bundle differ only in /init.
+# bundle DIR INIT [KERNEL_DIR]: the kernel (target/kernel's by default) and the image's command
+# line with an initramfs around INIT; the node and the bare bundle differ only in /init.
 bundle() {
+    local kernel=${3:-target/kernel}
     mkdir -p "$1"
-    cp "$IMAGE/vmlinuz" "$1/vmlinuz"
+    cp "$kernel/vmlinuz" "$1/vmlinuz"
     # The agent's default heartbeat (30 s), as in production: the idle figures depend on it.
     cat "$IMAGE/cmdline" >"$1/cmdline"
-    $BUILD initramfs --agent "$2" --kernel target/kernel --trust "$IMAGE/keys/ironroot.pub" \
+    $BUILD initramfs --agent "$2" --kernel "$kernel" --trust "$IMAGE/keys/ironroot.pub" \
         --registry-ca "$WORK/ca/ca.pem" --out "$1/initrd.img" >/dev/null
 }
 step "initramfs: the agent, and the bare init"
 bundle "$WORK/node" target/release/ironroot-agent
 bundle "$WORK/bare" target/release/ironroot-bare-init
+GENERIC=
+if [ -f target/kernel-generic/kernel.json ]; then
+    GENERIC=1
+    bundle "$WORK/node-generic" target/release/ironroot-agent target/kernel-generic
+fi
+# initrd_size KIND DIR: the initramfs as booted and as gzip (what `just image` ships).
+initrd_size() {
+    echo "$1 $(stat -c %s "$2/initrd.img") {\"gzip\": $(gzip -6 -c "$2/initrd.img" | wc -c)}" >>"$WORK/results"
+}
 
 # bare_boot N: records the ms from QEMU start to QEMU exit.
 bare_boot() {
@@ -139,8 +153,8 @@ node_boot() {
     before=$(view "$node" boot_id | head -n1)
     t0=$(now_ms)
     qemu/boot.sh --identity "$WORK/$node.json" --forward "$PLANE_PORT" --forward "$REG_PORT" \
-        --disk "$disk" --append "ironroot.store=disk:/dev/vda ${BENCH_BOOT_APPEND:-}" --timeout $((TIMEOUT + 60)) --log "$log" "$WORK/node" \
-        >/dev/null 2>&1 &
+        --disk "$disk" --append "ironroot.store=disk:/dev/vda ${BENCH_BOOT_APPEND:-}" --timeout $((TIMEOUT + 60)) --log "$log" \
+        "${BUNDLE:-$WORK/node}" >/dev/null 2>&1 &
     QEMU_PID=$!
     while :; do
         { read -r boot; read -r phase; } < <(view "$node" boot_id phase)
@@ -281,6 +295,8 @@ for r in json.load(sys.stdin):
 }
 
 : >"$WORK/results"
+initrd_size size-cloud "$WORK/node"
+[ -z "$GENERIC" ] || initrd_size size-generic "$WORK/node-generic"
 for i in $(seq "$RUNS"); do
     step "run $i/$RUNS: bare"
     bare_boot "$i"
@@ -305,6 +321,15 @@ for i in $(seq "$RUNS"); do
         node_boot warm "$node" "$WORK/$node.disk"
     fi
     rm -f "$WORK/$node.disk"
+    if [ -n "$GENERIC" ]; then
+        node="bench-generic-$i"
+        lab_identity "$WORK/$node.json" "$node" base
+        truncate -s 4G "$WORK/$node.disk"
+        step "run $i/$RUNS: generic kernel, cold and warm store"
+        BUNDLE=$WORK/node-generic node_boot generic-cold "$node" "$WORK/$node.disk"
+        BUNDLE=$WORK/node-generic node_boot generic-warm "$node" "$WORK/$node.disk"
+        rm -f "$WORK/$node.disk"
+    fi
 done
 
 python3 - "$WORK/results" "$RUNS" <<'PY'
@@ -321,10 +346,23 @@ print(f"\nboot to ready (QEMU TCG, 2 vCPUs; best of {sys.argv[2]} runs; seconds)
 print(f"{'':6} {'ready':>7} " + " ".join(f"{p:>8}" for p in phases))
 s = lambda ms: f"{ms / 1000:.2f}"
 print(f"{'bare':6} {s(bare):>7}   (QEMU start to power-off with a trivial /init)")
-for kind in ("cold", "warm"):
+for kind in ("cold", "warm", "generic-cold", "generic-warm"):
+    if kind not in best:
+        continue
     ms, t = best[kind]
-    print(f"{kind:6} {s(ms):>7} " + " ".join(f"{s(t[p]) if p in t else '-':>8}" for p in phases))
+    label = kind.replace("generic-", "g-")
+    print(f"{label:6} {s(ms):>7} " + " ".join(f"{s(t[p]) if p in t else '-':>8}" for p in phases))
 print()
+if "size-generic" in best:
+    (cloud, cz), (generic, gz) = best["size-cloud"], best["size-generic"]
+    mib = lambda b: f"{b / 1048576:.1f} MiB"
+    print(f"initramfs: cloud {mib(cloud)} ({mib(cz['gzip'])} gzip), generic {mib(generic)} ({mib(gz['gzip'])} gzip) "
+          f"= {generic / cloud:.2f}x ({gz['gzip'] / cz['gzip']:.2f}x gzip)")
+    for kind in ("cold", "warm"):
+        c, g = best[kind], best[f"generic-{kind}"]
+        print(f"generic vs cloud kernel, {kind} boot to ready: {s(g[0])} s / {s(c[0])} s = {g[0] / c[0]:.2f}x; "
+              f"modules {s(g[1].get('modules', 0))} s vs {s(c[1].get('modules', 0))} s")
+    print()
 for kind in ("cold", "warm"):
     ms, t = best[kind]
     own = sum(t.get(p, 0) for p in agent)

@@ -148,8 +148,15 @@ fn load_drivers() -> ironroot_contract::run_state::HardwareRecord {
     for f in &hardware.failed {
         tracing::warn!(module = %f.module, error = %f.error, "kernel module not loaded");
     }
+    // A NIC without a driver fails the boot: the console says which. A disk controller
+    // without one matters only if the store is on it (the store phase then names the device);
+    // q35's SATA controller, unused by a virtio node, is one.
     for u in &hardware.unclaimed {
-        console(&format!("ironroot: {}", u.describe()));
+        if u.kind == "nic" {
+            console(&format!("ironroot: {}", u.describe()));
+        } else {
+            tracing::info!("{}", u.describe());
+        }
     }
     match sys::load_modules(Path::new("/etc/ironroot/modules.load")) {
         Ok(l) => {

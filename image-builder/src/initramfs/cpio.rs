@@ -68,6 +68,14 @@ impl Archive {
         normalise(path).is_ok_and(|p| self.entries.contains_key(&p))
     }
 
+    /// The contents of the file at `path`, if there is one.
+    pub fn file(&self, path: &str) -> Option<&[u8]> {
+        match self.entries.get(&normalise(path).ok()?)? {
+            Entry::File { data, .. } => Some(data),
+            _ => None,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
