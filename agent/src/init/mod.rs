@@ -86,7 +86,7 @@ pub fn main() -> ! {
             let also = if unclaimed.is_empty() { String::new() } else { format!(" ({})", unclaimed.join("; ")) };
             format!("network: {}{also}", crate::exit::describe(&e))
         })?;
-        tracing::info!(interface = %lease.interface, mac = %lease.mac, driver = network.driver.as_deref().unwrap_or("-"), address = %lease.address, prefix = lease.prefix, router = ?lease.router, because = %network.reason, "network up");
+        tracing::info!(interface = %lease.interface, mac = %lease.mac, driver = %network.driver.as_deref().unwrap_or("-"), address = %lease.address, prefix = lease.prefix, router = ?lease.router, because = %network.reason, "network up");
         early_phases.insert("network".to_owned(), lap.elapsed().as_millis() as u64);
         let opts = BootOptions {
             root: PathBuf::from("/"),

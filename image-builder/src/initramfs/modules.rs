@@ -121,8 +121,16 @@ pub fn add(archive: &mut Archive, kernel: &Path, fixed: &[String], hardware: &Ha
         .next()
         .with_context(|| format!("{} is empty", base.display()))?;
     let dir = base.join(&release);
+    let aliases = Aliases::parse(&std::fs::read_to_string(dir.join("modules.alias")).unwrap_or_default())?;
+    let plain = ModuleIndex::parse(&read_text(&dir.join("modules.dep"))?, "")?;
+    let soft = softdeps(
+        &std::fs::read_to_string(dir.join("modules.softdep")).unwrap_or_default(),
+        &std::fs::read(dir.join("modules.builtin.modinfo")).unwrap_or_default(),
+        &aliases,
+        &plain,
+    );
     let index = ModuleIndex::parse(
-        &read_text(&dir.join("modules.dep"))?,
+        &with_softdeps(&read_text(&dir.join("modules.dep"))?, &soft, &plain),
         &std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default(),
     )?;
     let flavour = flavour(kernel);
@@ -150,7 +158,16 @@ pub fn add(archive: &mut Archive, kernel: &Path, fixed: &[String], hardware: &Ha
         }
     }
 
-    let fixed_names: Vec<&str> = fixed.iter().map(String::as_str).collect();
+    // A built-in module of the fixed set (ext4 in the generic kernel) still needs its softdeps
+    // (crc32c) as modules: they join the fixed set.
+    let mut fixed_names: Vec<String> = fixed.iter().map(|n| kmod::module_name(n)).collect();
+    let builtin_soft: Vec<String> = fixed_names
+        .iter()
+        .filter(|n| index.entry(n).is_none())
+        .flat_map(|n| soft.get(n).cloned().unwrap_or_default())
+        .collect();
+    fixed_names.extend(builtin_soft);
+    let fixed_names: Vec<&str> = fixed_names.iter().map(String::as_str).collect();
     let (fixed_order, mut builtin) = index.closure(&fixed_names)?;
     let hw_names: Vec<&str> = hw.iter().map(String::as_str).collect();
     let (hw_order, hw_builtin) = index.closure(&hw_names)?;
@@ -178,7 +195,6 @@ pub fn add(archive: &mut Archive, kernel: &Path, fixed: &[String], hardware: &Ha
     }
     archive.add(&format!("lib/modules/{release}/modules.dep"), Entry::File { mode: 0o644, data: dep.into_bytes() })?;
 
-    let aliases = Aliases::parse(&std::fs::read_to_string(dir.join("modules.alias")).unwrap_or_default())?;
     let names: BTreeSet<String> = stored.iter().map(|p| kmod::module_name(p)).collect();
     let present = aliases.filtered(|_, m| names.contains(m));
     archive.add(
@@ -211,6 +227,77 @@ pub fn add(archive: &mut Archive, kernel: &Path, fixed: &[String], hardware: &Ha
     Ok(selected)
 }
 
+/// The modules each module wants loaded before it (`softdep NAME pre: …` in modules.softdep, and
+/// `NAME.softdep=pre: …` in modules.builtin.modinfo for built-in ones: ext4 and libcrc32c want
+/// crc32c), their names resolved through the aliases (`crc32c` → crc32c_generic, crc32c_intel)
+/// to the modules the kernel has as files. `post:` softdeps are not needed to boot.
+pub fn softdeps(
+    softdep: &str,
+    builtin_modinfo: &[u8],
+    aliases: &Aliases,
+    index: &ModuleIndex,
+) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut lines: Vec<(String, String)> = softdep
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("softdep "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(m, rest)| (kmod::module_name(m), rest.to_owned()))
+        .collect();
+    for entry in builtin_modinfo.split(|&b| b == 0) {
+        let entry = String::from_utf8_lossy(entry);
+        if let Some((m, rest)) = entry.split_once(".softdep=") {
+            lines.push((kmod::module_name(m), rest.to_owned()));
+        }
+    }
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for (module, rest) in lines {
+        let mut pre = false;
+        for word in rest.split_whitespace() {
+            match word {
+                "pre:" => pre = true,
+                "post:" => pre = false,
+                name if pre => {
+                    let direct = index.entry(name).is_some().then(|| kmod::module_name(name));
+                    let resolved = direct.into_iter().chain(aliases.matching(name).into_iter().map(str::to_owned));
+                    let wanted = out.entry(module.clone()).or_default();
+                    for m in resolved.filter(|m| index.entry(m).is_some() && *m != module) {
+                        if !wanted.contains(&m) {
+                            wanted.push(m);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out.retain(|_, v| !v.is_empty());
+    out
+}
+
+/// modules.dep with each module's softdeps (and what they need) added to what it needs.
+fn with_softdeps(dep: &str, soft: &std::collections::BTreeMap<String, Vec<String>>, index: &ModuleIndex) -> String {
+    let mut out = String::new();
+    for line in dep.lines() {
+        let Some((path, deps)) = line.split_once(':') else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let mut all: Vec<String> = deps.split_whitespace().map(str::to_owned).collect();
+        for pre in soft.get(&kmod::module_name(path)).into_iter().flatten() {
+            if let Some((pre_path, pre_deps)) = index.entry(pre) {
+                for p in pre_deps.iter().map(String::as_str).chain([pre_path]) {
+                    if p != path && !all.iter().any(|a| a == p) {
+                        all.push(p.to_owned());
+                    }
+                }
+            }
+        }
+        out.push_str(&format!("{path}:{}{}\n", if all.is_empty() { "" } else { " " }, all.join(" ")));
+    }
+    out
+}
+
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -236,8 +323,10 @@ mod tests {
             ("kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko", ""),
             ("kernel/drivers/net/ethernet/intel/igb/igb.ko", ""),
             ("kernel/drivers/gpu/drm/bochs.ko", ""),
-            ("kernel/fs/erofs/erofs.ko", ""),
+            ("kernel/fs/erofs/erofs.ko", "kernel/lib/libcrc32c.ko"),
             ("kernel/fs/overlayfs/overlay.ko", ""),
+            ("kernel/lib/libcrc32c.ko", ""),
+            ("kernel/crypto/crc32c_generic.ko", ""),
         ];
         let mut dep = String::new();
         for (path, deps) in modules {
@@ -247,6 +336,9 @@ mod tests {
         }
         std::fs::write(base.join("modules.dep"), dep).unwrap();
         std::fs::write(base.join("modules.builtin"), "kernel/fs/ext4/ext4.ko\n").unwrap();
+        std::fs::write(base.join("modules.softdep"), "# Soft dependencies\nsoftdep libcrc32c pre: crc32c\n").unwrap();
+        std::fs::write(base.join("modules.builtin.modinfo"), b"ext4.softdep=pre: crypto-crc32c\0ext4.license=GPL\0")
+            .unwrap();
         std::fs::write(
             base.join("modules.alias"),
             "# Aliases extracted from modules themselves.\n\
@@ -255,7 +347,9 @@ mod tests {
              alias pci:v00008086d000010D3sv*sd*bc*sc*i* e1000e\n\
              alias pci:v00008086d000010C9sv*sd*bc*sc*i* igb\n\
              alias pci:v00001234d00001111sv*sd*bc03sc*i* bochs\n\
-             alias fs-erofs erofs\n",
+             alias fs-erofs erofs\n\
+             alias crypto-crc32c crc32c_generic\n\
+             alias crc32c crc32c_generic\n",
         )
         .unwrap();
         std::fs::write(dir.path().join("kernel.json"), format!(r#"{{"metapackage": "{metapackage}"}}"#)).unwrap();
@@ -275,14 +369,19 @@ mod tests {
         assert_eq!(got.flavour, "cloud");
         assert_eq!(got.hardware, ["virtio_pci", "virtio_net"]);
         assert_eq!(got.skipped, ["virtio_blk", "virtio_rng", "qemu_fw_cfg"], "defaults this kernel lacks");
-        assert_eq!(got.modules, ["erofs", "failover", "overlay", "virtio_net", "virtio_pci"]);
+        // crc32c_generic: libcrc32c's softdep and the built-in ext4's.
+        assert_eq!(
+            got.modules,
+            ["crc32c_generic", "erofs", "failover", "libcrc32c", "overlay", "virtio_net", "virtio_pci"]
+        );
         assert_eq!(got.builtin, ["ext4"]);
         let dir = format!("lib/modules/{REL}");
         assert!(a.contains(&format!("{dir}/kernel/drivers/net/virtio_net.ko")));
         assert!(!a.contains(&format!("{dir}/kernel/drivers/net/ethernet/intel/e1000e/e1000e.ko")));
         assert_eq!(
             text(&a, &format!("{dir}/modules.alias")),
-            "alias virtio:d00000001v* virtio_net\nalias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci\nalias fs-erofs erofs\n"
+            "alias virtio:d00000001v* virtio_net\nalias pci:v00001AF4d*sv*sd*bc*sc*i* virtio_pci\nalias fs-erofs erofs\n\
+             alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\n"
         );
         // Only NIC and disk drivers' PCI patterns: bochs (a GPU) is not named.
         assert_eq!(
@@ -292,9 +391,13 @@ mod tests {
         let dep = text(&a, &format!("{dir}/modules.dep"));
         assert!(dep.contains("kernel/drivers/net/virtio_net.ko: kernel/net/core/failover.ko\n"), "{dep}");
         assert!(!dep.contains("e1000e"), "{dep}");
+        assert!(dep.contains("kernel/lib/libcrc32c.ko: kernel/crypto/crc32c_generic.ko\n"), "softdep as a dep: {dep}");
         assert_eq!(
             text(&a, "etc/ironroot/modules.load"),
-            format!("/{dir}/kernel/fs/erofs/erofs.ko /{dir}/kernel/fs/overlayfs/overlay.ko\n")
+            format!(
+                "/{dir}/kernel/crypto/crc32c_generic.ko /{dir}/kernel/fs/overlayfs/overlay.ko\n\
+                 /{dir}/kernel/lib/libcrc32c.ko\n/{dir}/kernel/fs/erofs/erofs.ko\n"
+            )
         );
     }
 
