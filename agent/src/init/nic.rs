@@ -40,7 +40,7 @@ pub fn wanted(proc_cmdline: &str, ironroot_nic: Option<&str>) -> Result<Option<W
         let mac = mac(value, ':').ok_or_else(|| NicError::Nic(value.to_owned()))?;
         return Ok(Some(Wanted { mac, source: format!("ironroot.nic={value}") }));
     }
-    let Some(value) = proc_cmdline.split_whitespace().filter_map(|w| w.strip_prefix("BOOTIF=")).last() else {
+    let Some(value) = proc_cmdline.split_whitespace().filter_map(|w| w.strip_prefix("BOOTIF=")).next_back() else {
         return Ok(None);
     };
     let bad = || NicError::BootIf(value.chars().take(64).collect());
