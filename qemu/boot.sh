@@ -13,6 +13,8 @@
 #                         (its own slirp network reaching nothing: no forwards), boot (the NIC
 #                         --pxe boots from; default the first that is not isolated)
 #     --pxe               true PXE: the boot NIC's iPXE loads boot.ipxe over slirp TFTP
+#     --pxe-url URL       the same over HTTP: DHCP names URL (http://10.0.2.100:PORT/boot.ipxe,
+#                         PORT forwarded) as the boot file, iPXE fetches it and the files it names
 #     --uefi              UEFI firmware (OVMF, Debian's ovmf) instead of SeaBIOS
 #     --disk FILE         a disk (e.g. /persist), on --disk-bus virtio (/dev/vda, default),
 #                         nvme (/dev/nvme0n1) or ahci (/dev/sda)
@@ -24,7 +26,7 @@
 # Exit: QEMU's status (0 after the guest powered off or rebooted, -no-reboot), 124 on timeout.
 set -euo pipefail
 
-identity="" uuid="" serial="" pxe=0 uefi=0 disk="" disk_bus=virtio append="" timeout=600 log="" memory=2048
+identity="" uuid="" serial="" pxe=0 pxe_url="" uefi=0 disk="" disk_bus=virtio append="" timeout=600 log="" memory=2048
 forwards=() oem=() nics=()
 while [ $# -gt 1 ]; do
     case "$1" in
@@ -35,6 +37,7 @@ while [ $# -gt 1 ]; do
         --forward) forwards+=("$2"); shift 2 ;;
         --nic) nics+=("$2"); shift 2 ;;
         --pxe) pxe=1; shift ;;
+        --pxe-url) pxe=1; pxe_url=$2; shift 2 ;;
         --uefi) uefi=1; shift ;;
         --disk) disk=$2; shift 2 ;;
         --disk-bus) disk_bus=$2; shift 2 ;;
@@ -96,7 +99,11 @@ for i in "${!nics[@]}"; do
     fi
     nic_opts=""
     if [ "$i" = $boot_nic ] && [ $pxe = 1 ]; then
-        netdev+=",tftp=$bundle,bootfile=boot.ipxe"
+        if [ -n "$pxe_url" ]; then
+            netdev+=",bootfile=$pxe_url"
+        else
+            netdev+=",tftp=$bundle,bootfile=boot.ipxe"
+        fi
         nic_opts=",bootindex=1"
     fi
     args+=(-netdev "$netdev" -device "$device,netdev=n$i,mac=$mac$nic_opts")

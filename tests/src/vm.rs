@@ -140,6 +140,22 @@ impl VmLab {
         dir
     }
 
+    /// Serves `bundle`'s files over HTTP on 127.0.0.1 (for `qemu/boot.sh --pxe-url`); returns
+    /// the server (its requests, e.g. `GET /vmlinuz`) and its port.
+    pub fn serve_bundle(bundle: &Path) -> (crate::http::Server, u16) {
+        let dir = bundle.to_path_buf();
+        let server = crate::http::Server::start(move |req, conn| {
+            let name = req.path.trim_start_matches('/');
+            let file = ["boot.ipxe", "vmlinuz", "initrd.img"].contains(&name).then(|| std::fs::read(dir.join(name)));
+            match file {
+                Some(Ok(body)) => crate::http::respond(conn, "200 OK", "application/octet-stream", &body),
+                _ => crate::http::respond(conn, "404 Not Found", "text/plain", b"not found\n"),
+            }
+        });
+        let port = server.addr().rsplit(':').next().and_then(|p| p.parse().ok()).expect("server port");
+        (server, port)
+    }
+
     /// Copies `layout`, signs its module with `keys_dir`'s key, pushes it as repository `repo`;
     /// returns the guest's reference and the digest.
     pub fn publish(&self, layout: &Path, keys_dir: &str, repo: &str) -> (String, String) {

@@ -44,16 +44,27 @@ fn a_node_the_plane_provisions_boots_direct_with_fw_cfg_identity_reaches_running
     assert!(lab.plane.journal("provider.exited").is_empty(), "the machine did not end by itself");
 }
 
+/// PXE under SeaBIOS with the boot files over HTTP: DHCP names `http://…/boot.ipxe`, and the
+/// script's relative names resolve against it (the UEFI PXE of tests/tests/vm_hardware.rs takes
+/// the same script over TFTP).
 #[test]
 fn a_node_boots_over_pxe_with_smbios_identity_and_reaches_running() {
     let lab = VmLab::start();
     let token = lab.token("vm-pxe", "base", &lab.guest_reference);
-    let mut vm = lab.boot("vm-pxe", &token, IdentityVia::Smbios, true);
+    let (http, port) = VmLab::serve_bundle(&lab.bundle);
+    let url = format!("http://10.0.2.100:{port}/boot.ipxe");
+    let port = port.to_string();
+    let extra = ["--pxe-url", url.as_str(), "--forward", port.as_str()];
+    let mut vm = lab.boot_with("vm-pxe", &token, IdentityVia::Smbios, false, &extra);
     let view = lab.wait_for(&mut vm, "vm-pxe", BOOT, running_with_heartbeats);
     assert_eq!(view["module_digests"], serde_json::json!([lab.digest]), "{view}");
     let console = vm.console();
-    // No -kernel was given; the command line is the one boot.ipxe (over TFTP) passed.
+    // No -kernel was given; the command line is the one boot.ipxe (over HTTP) passed.
     assert!(console.contains("bootmethod=ipxe"), "not a PXE boot:\n{}", vm.console_tail(40));
+    let fetched = http.requests();
+    for file in ["GET /boot.ipxe", "GET /vmlinuz", "GET /initrd.img"] {
+        assert!(fetched.iter().any(|r| r == file), "{file} not over HTTP: {fetched:?}");
+    }
     // Plane, token and name came from SMBIOS type 11; the CA from fw_cfg.
     assert!(console.contains("smbios_uuid: Some(\"5c3f1e0a-8d2b-4c1e-9f3a-0123456789ab\")"), "{}", vm.console_tail(40));
 }

@@ -3,7 +3,9 @@
 //! its drivers claim it, `modules.dep` what each needs. Matching drivers load in parallel
 //! waves; the buses are scanned again after each round, since a driver makes devices of its
 //! own (virtio-pci the virtio devices, ahci the SCSI disks), until a scan finds nothing new
-//! and once more after a short settle for drivers that probe asynchronously.
+//! and once more after a short settle (100 ms) for drivers that probe asynchronously past
+//! their module's init (`finit_module` itself waits for the async work a module's init
+//! scheduled: libata's port probes, the SCSI scan).
 //!
 //! A module that fails to load is reported with its name and error and is not fatal by
 //! itself. A NIC or disk controller that no driver claimed is listed with its modalias and,
@@ -23,7 +25,7 @@ use crate::external::{self, Links};
 const MAX_ROUNDS: usize = 8;
 
 /// How long a round that found nothing new waits before the last scan.
-const SETTLE: Duration = Duration::from_millis(250);
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// Largest index file read from the initramfs.
 const MAX_INDEX: u64 = 8 << 20;

@@ -138,9 +138,11 @@ pub fn main() -> ! {
     }
 }
 
-/// Loads the drivers the devices ask for, then the fixed set; reports what did not load and
-/// every NIC or disk controller left without a driver.
+/// Loads the drivers the devices ask for and, at the same time (they need nothing of each
+/// other), the fixed set; reports what did not load and every NIC or disk controller left
+/// without a driver.
 fn load_drivers() -> ironroot_contract::run_state::HardwareRecord {
+    let fixed = std::thread::spawn(|| sys::load_modules(Path::new("/etc/ironroot/modules.load")));
     let uname = rustix::system::uname();
     let release = uname.release().to_string_lossy().into_owned();
     let hardware = coldplug::run(Path::new("/"), &release);
@@ -158,8 +160,8 @@ fn load_drivers() -> ironroot_contract::run_state::HardwareRecord {
             tracing::info!("{}", u.describe());
         }
     }
-    match sys::load_modules(Path::new("/etc/ironroot/modules.load")) {
-        Ok(l) => {
+    match fixed.join() {
+        Ok(Ok(l)) => {
             tracing::info!(
                 loaded = l.loaded.len(),
                 already = l.already.len(),
@@ -170,7 +172,8 @@ fn load_drivers() -> ironroot_contract::run_state::HardwareRecord {
                 tracing::warn!(module = %path, error = %err, "kernel module not loaded");
             }
         }
-        Err(e) => tracing::warn!(error = %e, "no module list at /etc/ironroot/modules.load"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "no module list at /etc/ironroot/modules.load"),
+        Err(_) => tracing::warn!("loading the fixed modules panicked"),
     }
     hardware
 }
