@@ -29,3 +29,4 @@ pub mod runtime;
 pub mod tools;
 pub mod tree;
 pub mod vm;
+pub mod vm_process;

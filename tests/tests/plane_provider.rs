@@ -138,6 +138,37 @@ fn a_disabled_provider_refuses_provisioning_with_a_clear_error() {
     p.op(&["node", "console", "n1"]).refused(3, "unknown_node");
 }
 
+/// The hardware asked for (NICs in slot order, the disk's bus, UEFI) is the command line the
+/// recorder journals, and the store names the disk where that bus puts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hardware_asked_for_is_the_machine_s_command_line() {
+    let work = tempfile::tempdir().unwrap();
+    let p = plane("recorder", work.path());
+    let flags = ["--nic", "igb", "--nic", "e1000e", "--disk", "2G", "--disk-bus", "nvme", "--uefi"];
+    p.op(&[&["node", "provision", "hw-1", "--template", "base"][..], &flags].concat()).ok();
+    let records = journal(&p).await;
+    let started = of_kind(&records, "provider.start");
+    let argv = started[0]["data"]["argv"].as_array().unwrap();
+    assert_eq!(after(argv, "-bios"), ["/usr/share/ovmf/OVMF.fd"]);
+    let devices = after(argv, "-device");
+    assert_eq!(
+        devices,
+        [
+            "virtio-rng-pci",
+            "igb,netdev=n0,mac=52:54:00:12:34:56",
+            "e1000e,netdev=n1,mac=52:54:00:12:34:57",
+            "nvme,drive=d0,serial=ironroot0"
+        ]
+    );
+    assert_eq!(after(argv, "-netdev").len(), 2, "a slirp network per NIC: {argv:?}");
+    assert!(after(argv, "-append")[0].ends_with(" ironroot.store=disk:/dev/nvme0n1"), "{argv:?}");
+    let node = show(&p, "hw-1");
+    assert_eq!(node["state"], "provisioning", "{node}");
+    // The CLI refuses a bus without a disk before asking the plane.
+    let out = p.op(&["node", "provision", "hw-2", "--disk-bus", "ahci"]);
+    assert_ne!(out.code, 0, "{out:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_are_refused_and_create_nothing() {
     let work = tempfile::tempdir().unwrap();
@@ -155,6 +186,9 @@ async fn bad_requests_are_refused_and_create_nothing() {
         (json!({"name": "n2", "disk": "0G"}), 400, "bad_machine"),
         (json!({"name": "N_2"}), 400, "bad_machine"),
         (json!({"name": "n2", "cpus": 4}), 400, "bad_json"),
+        (json!({"name": "n2", "nics": ["virtio", "igb", "igb", "e1000e", "virtio"]}), 400, "bad_machine"),
+        (json!({"name": "n2", "nics": ["rtl8139"]}), 400, "bad_json"),
+        (json!({"name": "n2", "disk_bus": "nvme"}), 400, "bad_machine"),
         // A name in use is a conflict with what exists, not a malformed request.
         (json!({"name": "dup-1"}), 409, "machine_exists"),
         (json!({"name": "dup-2"}), 409, "node_exists"),
