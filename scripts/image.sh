@@ -21,19 +21,8 @@ set -euo pipefail
 STEP_PREFIX=image
 source "$(dirname "$0")/lib.sh"
 
-KERNEL=${KERNEL:-cloud}
-for arg in "$@"; do
-    case "$arg" in
-        KERNEL=*) KERNEL=${arg#KERNEL=} ;;
-        *) echo "image: unknown argument $arg (KERNEL=cloud|generic)" >&2; exit 2 ;;
-    esac
-done
-case "$KERNEL" in
-    cloud) KERNEL_DIR=target/kernel default_out=target/image ;;
-    generic) KERNEL_DIR=target/kernel-generic default_out=target/image-generic ;;
-    *) echo "image: KERNEL=$KERNEL is neither cloud nor generic" >&2; exit 2 ;;
-esac
-OUT=${IRONROOT_IMAGE:-$default_out}
+kernel_flavour "$@"
+OUT=${IRONROOT_IMAGE:-$KERNEL_IMAGE}
 # trixie for systemd >= 254 (SoftReboot); the kernel comes from the same suite. Beyond minbase:
 # dbus for the system bus the agent drives systemd over (systemd only recommends one, and
 # debootstrap installs no recommends); e2fsprogs, no longer Priority: required in trixie

@@ -14,23 +14,12 @@ source scripts/lib.sh
 source scripts/registry.sh
 source scripts/lab.sh
 
-KERNEL=${KERNEL:-cloud}
-for arg in "$@"; do
-    case "$arg" in
-        KERNEL=*) KERNEL=${arg#KERNEL=} ;;
-        *) echo "lab: unknown argument $arg (KERNEL=cloud|generic)" >&2; exit 2 ;;
-    esac
-done
-case "$KERNEL" in
-    cloud) default_image=target/image ;;
-    # The generic kernel's bundle: nodes with e1000e or igb NICs, NVMe or SATA disks
-    # (`node provision NAME --nic igb --disk 4G --disk-bus nvme`).
-    generic) default_image=target/image-generic ;;
-    *) echo "lab: KERNEL=$KERNEL is neither cloud nor generic" >&2; exit 2 ;;
-esac
+# KERNEL=generic: the generic kernel's bundle, for nodes with e1000e or igb NICs, NVMe or SATA
+# disks (`node provision NAME --nic igb --disk 4G --disk-bus nvme`).
+kernel_flavour "$@"
 mkdir -p target/lab
 LAB=$(cd target/lab && pwd)
-IMAGE=$(mkdir -p "${IRONROOT_IMAGE:-$default_image}" && cd "${IRONROOT_IMAGE:-$default_image}" && pwd)
+IMAGE=$(mkdir -p "${IRONROOT_IMAGE:-$KERNEL_IMAGE}" && cd "${IRONROOT_IMAGE:-$KERNEL_IMAGE}" && pwd)
 
 if lab_running "$LAB/registry.pid" && lab_running "$LAB/plane.pid"; then
     step "already up: $LAB/env"

@@ -14,3 +14,22 @@ debian_mirror() {
     printf '%s' "$uri"
 }
 
+
+# kernel_flavour ARGS...: reads KERNEL=cloud|generic from the arguments (or the environment;
+# default cloud) and sets KERNEL, KERNEL_DIR (what `kernel fetch` writes) and KERNEL_IMAGE (the
+# bundle `just image` writes for it).
+kernel_flavour() {
+    KERNEL=${KERNEL:-cloud}
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            KERNEL=*) KERNEL=${arg#KERNEL=} ;;
+            *) echo "${STEP_PREFIX:-ironroot}: unknown argument $arg (KERNEL=cloud|generic)" >&2; exit 2 ;;
+        esac
+    done
+    case "$KERNEL" in
+        cloud) KERNEL_DIR=target/kernel KERNEL_IMAGE=target/image ;;
+        generic) KERNEL_DIR=target/kernel-generic KERNEL_IMAGE=target/image-generic ;;
+        *) echo "${STEP_PREFIX:-ironroot}: KERNEL=$KERNEL is neither cloud nor generic" >&2; exit 2 ;;
+    esac
+}

@@ -22,6 +22,7 @@ use anyhow::{Context as _, bail};
 
 use super::cpio::{Archive, Entry};
 use super::kmod::{self, Aliases, ModuleIndex};
+use super::{read, read_text};
 
 /// Loaded on every boot, after the hardware: the filesystems of the composefs root and its
 /// store, and DMI (identity from SMBIOS; no device to match it by).
@@ -296,14 +297,6 @@ fn with_softdeps(dep: &str, soft: &std::collections::BTreeMap<String, Vec<String
         out.push_str(&format!("{path}:{}{}\n", if all.is_empty() { "" } else { " " }, all.join(" ")));
     }
     out
-}
-
-fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
-}
-
-fn read_text(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
 #[cfg(test)]
